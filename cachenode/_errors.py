@@ -1,0 +1,85 @@
+"""The one error hierarchy of cachenode.
+
+    CacheError                      base; never raised itself
+    ├── InvalidArgument             malformed request: empty/oversized key, huge value, bad id
+    ├── FailedPrecondition          the request is valid but the data forbids it (incr on text)
+    ├── NotFound                    unknown shard or node
+    ├── NotLeader                   this replica does not lead the shard (carries a leader hint)
+    ├── EpochMismatch               the request named an outdated shard epoch
+    ├── Overloaded                  command queue full; retry later
+    ├── Unavailable                 no leader / no quorum; the write was NOT applied
+    ├── OutcomeUnknown              proposed, but the deadline passed before the outcome was known
+    └── Internal                    a bug; the message says where
+
+Every error has a ``kind`` (a stable snake_case name sent to clients in the
+``cachenode-error`` trailing metadata) and maps to one gRPC status code in
+:data:`GRPC_STATUS` (see ``cachenode.server.status``).  Messages say what was
+wrong and what to do next.
+"""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    kind = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CacheError):
+    kind = "invalid_argument"
+
+
+class FailedPrecondition(CacheError):
+    kind = "failed_precondition"
+
+
+class NotFound(CacheError):
+    kind = "not_found"
+
+
+class NotLeader(CacheError):
+    kind = "not_leader"
+
+    def __init__(self, message: str, leader_id: str | None = None, leader_address: str | None = None) -> None:
+        super().__init__(message)
+        self.leader_id = leader_id
+        self.leader_address = leader_address
+
+
+class EpochMismatch(CacheError):
+    kind = "epoch_mismatch"
+
+
+class Overloaded(CacheError):
+    kind = "overloaded"
+
+
+class Unavailable(CacheError):
+    kind = "unavailable"
+
+
+class OutcomeUnknown(CacheError):
+    kind = "outcome_unknown"
+
+
+class Internal(CacheError):
+    kind = "internal"
+
+
+ALL_KINDS: dict[str, type[CacheError]] = {
+    c.kind: c
+    for c in (
+        InvalidArgument,
+        FailedPrecondition,
+        NotFound,
+        NotLeader,
+        EpochMismatch,
+        Overloaded,
+        Unavailable,
+        OutcomeUnknown,
+        Internal,
+    )
+}

@@ -1,0 +1,142 @@
+"""Values shared by every layer: ids, shard descriptors, the cluster map.
+
+Pure data and pure functions only; imports nothing of ours.  Safe to use from
+any thread (all values are frozen).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import xxhash
+
+NodeId = str
+ShardId = int
+
+HASH_SPACE = 1 << 64
+META_GROUP_ID = 0xFFFF_FFFF
+"""Group id of the cluster-metadata Raft group (shard ids are 0..2**32-2)."""
+
+
+def key_hash(key: bytes) -> int:
+    """The xxh3_64 hash that places ``key`` in the hash space."""
+    return xxhash.xxh3_64_intdigest(key)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeInfo:
+    id: NodeId
+    address: str  # client gRPC host:port
+    raft_address: str  # Raft peer host:port
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardDescriptor:
+    """A shard owns the inclusive hash range [range_start, range_end]."""
+
+    id: ShardId
+    range_start: int
+    range_end: int
+    epoch: int
+    replicas: tuple[NodeId, ...]
+
+    def owns(self, h: int) -> bool:
+        return self.range_start <= h <= self.range_end
+
+
+def split_ranges(shards: int) -> list[tuple[int, int]]:
+    """Split the 64-bit hash space into ``shards`` contiguous, equal ranges."""
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
+    bounds = [i * HASH_SPACE // shards for i in range(shards + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(shards)]
+
+
+def initial_placement(
+    node_ids: Sequence[NodeId], shards: int, replication: int
+) -> list[ShardDescriptor]:
+    """Deterministic round-robin placement used once, at bootstrap.
+
+    Shard i gets nodes i, i+1, ... (mod N), so replicas and first replicas
+    (the preferred leaders) are spread evenly.
+    """
+    nodes = sorted(node_ids)
+    if not nodes:
+        raise ValueError("no nodes")
+    rf = min(replication, len(nodes))
+    out = []
+    for i, (lo, hi) in enumerate(split_ranges(shards)):
+        replicas = tuple(nodes[(i + j) % len(nodes)] for j in range(rf))
+        out.append(ShardDescriptor(i, lo, hi, 1, replicas))
+    return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterMap:
+    """The agreed cluster layout.  ``version`` grows with every change."""
+
+    version: int
+    nodes: tuple[NodeInfo, ...]
+    shards: tuple[ShardDescriptor, ...]
+
+    def __post_init__(self) -> None:
+        starts = [s.range_start for s in self.shards]
+        if starts != sorted(starts):
+            raise ValueError("shards must be sorted by range_start")
+
+    def node(self, node_id: NodeId) -> NodeInfo | None:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        return None
+
+    def shard(self, shard_id: ShardId) -> ShardDescriptor | None:
+        for s in self.shards:
+            if s.id == shard_id:
+                return s
+        return None
+
+    def shard_for_hash(self, h: int) -> ShardDescriptor:
+        starts = [s.range_start for s in self.shards]
+        i = bisect.bisect_right(starts, h) - 1
+        s = self.shards[i]
+        if not s.owns(h):  # pragma: no cover - a gap would be a bug in the map
+            raise LookupError(f"no shard owns hash {h}")
+        return s
+
+    def shard_for_key(self, key: bytes) -> ShardDescriptor:
+        return self.shard_for_hash(key_hash(key))
+
+    def shards_on(self, node_id: NodeId) -> list[ShardDescriptor]:
+        return [s for s in self.shards if node_id in s.replicas]
+
+    @staticmethod
+    def bootstrap(
+        nodes: Iterable[NodeInfo], shards: int, replication: int
+    ) -> ClusterMap:
+        ns = tuple(sorted(nodes, key=lambda n: n.id))
+        return ClusterMap(
+            1, ns, tuple(initial_placement([n.id for n in ns], shards, replication))
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "nodes": [dataclasses.asdict(n) for n in self.nodes],
+            "shards": [
+                {**dataclasses.asdict(s), "replicas": list(s.replicas)} for s in self.shards
+            ],
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, object]) -> ClusterMap:
+        nodes = tuple(NodeInfo(**n) for n in d["nodes"])  # type: ignore[attr-defined]
+        shards = tuple(
+            ShardDescriptor(
+                s["id"], s["range_start"], s["range_end"], s["epoch"], tuple(s["replicas"])
+            )
+            for s in d["shards"]  # type: ignore[attr-defined]
+        )
+        return ClusterMap(int(d["version"]), nodes, shards)  # type: ignore[call-overload]

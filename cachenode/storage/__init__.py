@@ -1,0 +1,1 @@
+"""Storage layer: the contract (:mod:`.base`) and its implementations."""
