@@ -1,0 +1,62 @@
+# cachenode: two commands matter. `make run` starts a local 3-node cluster;
+# `make test` runs the test suite. Both install everything first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO  := proto/cachenode/v1/cache.proto
+GEN    := cachenode/v1/cache_pb2.py
+RUN_DIR ?= .cluster
+NODES  ?= 3
+SHARDS ?= 16
+
+.PHONY: install proto run test test-fast check jepsen bench bench-vs clean system-deps
+
+install: $(STAMP) $(GEN)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Stubs are generated, never edited, never committed (cachenode/v1 is ignored).
+proto $(GEN): $(PROTO) $(STAMP)
+	mkdir -p cachenode/v1
+	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m grpc_tools.protoc -Iproto \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO)
+	touch cachenode/v1/__init__.py
+
+# iptables/iproute2 for jepsen-lite's network faults (namespaces + drops) when root.
+system-deps:
+	@if [ "$$(id -u)" = "0" ] && ! command -v iptables >/dev/null 2>&1; then \
+	  echo "installing iptables + iproute2 (for jepsen-lite partitions)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null) \
+	  || echo "warning: could not install iptables; jepsen-lite falls back to the transport fault filter"; \
+	fi
+
+run: install
+	$(BIN)/cachectl local up --nodes $(NODES) --shards $(SHARDS) --dir $(RUN_DIR) --foreground
+
+test: install system-deps
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/pytest -q -m "not cluster and not jepsen"
+
+check: install
+	$(BIN)/ruff check cachenode cli jepsen-lite tests
+	$(BIN)/mypy cachenode
+
+jepsen: install system-deps
+	$(BIN)/jepsen-lite matrix --out jepsen-results --doc docs/jepsen.md
+
+bench: install
+	$(BIN)/cachectl bench --out bench/results
+
+bench-vs: install
+	$(BIN)/cachectl bench --vs etcd,redis --out bench/results
+
+clean:
+	rm -rf $(VENV) cachenode/v1 .pytest_cache .mypy_cache .ruff_cache $(RUN_DIR) *.egg-info

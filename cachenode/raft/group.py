@@ -1,0 +1,382 @@
+"""One Raft group replica: a pysyncobj ``SyncObj`` driven by the node's host.
+
+``RaftGroup`` is the only place that touches pysyncobj objects; nothing of
+pysyncobj (types, FAIL_REASON codes) leaks above this package.
+
+Threads:
+* ``propose``, ``read_barrier``, ``status`` and the properties: any thread.
+* everything else (``tick``, ``deliver``, ``flush_reads``, the pysyncobj
+  callbacks, the snapshot hooks): the driver thread of :class:`GroupHost`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.node import Node
+from pysyncobj.transport import Transport
+
+from .._errors import CacheError, NotLeader, OutcomeUnknown, Overloaded, Unavailable
+from .._types import NodeId
+from .journal import StorageJournal
+
+if TYPE_CHECKING:
+    from .host import GroupHost
+
+log = logging.getLogger(__name__)
+
+ApplyFn = Callable[[bytes, int], bytes]
+"""(payload, raft index) -> encoded result; runs on the driver thread inside the batch."""
+
+_SNAP_MAGIC = b"CNSNAP1\0"
+_U32 = struct.Struct(">I")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RaftTiming:
+    """Raft timing knobs.  Defaults keep an isolated leader's step-down and a
+    new election each within about 2 s on a busy 2-core machine."""
+
+    heartbeat_s: float = 0.05
+    election_min_s: float = 0.8
+    election_max_s: float = 1.6
+    leader_fallback_s: float = 1.5
+    log_compaction_entries: int = 20000
+    log_compaction_s: float = 600.0
+    queue_size: int = 20000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupStatus:
+    role: str  # leader | follower | candidate
+    leader: NodeId | None
+    term: int
+    commit_index: int
+    applied_index: int
+    members: tuple[NodeId, ...]
+    match_index: dict[NodeId, int]
+    has_quorum: bool
+
+
+_ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+def fail_reason_error(err: int) -> CacheError:
+    """Map a pysyncobj FAIL_REASON to our error hierarchy.
+
+    Definite failures (the command was never appended, or was overwritten)
+    are Unavailable/Overloaded; everything else is OutcomeUnknown."""
+    if err == FAIL_REASON.QUEUE_FULL:
+        return Overloaded("the shard's command queue is full; retry with backoff")
+    if err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
+        return Unavailable("the shard has no leader right now (election in progress); the write was not applied, retry")
+    if err == FAIL_REASON.DISCARDED:
+        return Unavailable("leadership changed and the entry was discarded; the write was not applied, retry")
+    if err == FAIL_REASON.REQUEST_DENIED:
+        return Unavailable("the request was denied by the Raft group; retry")
+    return OutcomeUnknown("leadership changed while the write was in flight: its outcome is unknown; retry with the same request id")
+
+
+class GroupTransport(Transport):  # type: ignore[misc]
+    """pysyncobj transport for one group, multiplexed over the node's RaftMux."""
+
+    def __init__(self, host: GroupHost, group: int, members: list[NodeId]) -> None:
+        super().__init__(None, None, None)
+        self._host = host
+        self._group = group
+        self._nodes: dict[NodeId, Node] = {}
+        for m in members:
+            self.addNode(Node(m))
+
+    def addNode(self, node: Node) -> None:
+        if node.id in self._nodes:
+            return
+        self._nodes[node.id] = node
+        self._host.want_peer(node.id)
+
+    def dropNode(self, node: Node) -> None:
+        if self._nodes.pop(node.id, None) is not None:
+            self._host.unwant_peer(node.id)
+
+    def send(self, node: Node, message: Any) -> bool:
+        return self._host.mux.send(node.id, self._group, message)
+
+    def announce_connected(self) -> None:
+        for nid, node in self._nodes.items():
+            if self._host.mux.is_up(nid):
+                self._onNodeConnected(node)
+
+    def peer_event(self, node_id: NodeId, up: bool) -> None:
+        node = self._nodes.get(node_id)
+        if node is not None:
+            (self._onNodeConnected if up else self._onNodeDisconnected)(node)
+
+    def deliver(self, node_id: NodeId, message: Any) -> None:
+        node = self._nodes.get(node_id)
+        if node is None:
+            return  # not a member (removed, or not yet added): ignore, as Raft must
+        self._onMessageReceived(node, message)
+
+    def destroy(self) -> None:
+        for node in list(self._nodes.values()):
+            self.dropNode(node)
+
+
+class _GroupSyncObj(SyncObj):  # type: ignore[misc]
+    def __init__(self, apply_fn: ApplyFn, *args: Any, **kwargs: Any) -> None:
+        self._apply_fn = apply_fn
+        super().__init__(*args, **kwargs)
+
+    @replicated  # type: ignore[misc]
+    def apply_entry(self, payload: bytes) -> bytes:
+        # pysyncobj raises raftLastApplied only after this returns, so the
+        # index of the entry being applied is raftLastApplied + 1.
+        return self._apply_fn(payload, self.raftLastApplied + 1)
+
+
+class RaftGroup:
+    def __init__(
+        self,
+        host: GroupHost,
+        group_id: int,
+        self_id: NodeId,
+        members: list[NodeId],
+        apply_fn: ApplyFn,
+        barrier_payload: Callable[[], bytes],
+        snapshot_dir: str,
+        timing: RaftTiming,
+    ) -> None:
+        """Driver thread only (builds pysyncobj state and touches the batch)."""
+        self.host = host
+        self.group_id = group_id
+        self.self_id = self_id
+        self._barrier_payload = barrier_payload
+        self._reads: list[Future[bytes]] = []
+        self._reads_lock = threading.Lock()
+        self._role = 0
+        self.destroyed = False
+        os.makedirs(snapshot_dir, exist_ok=True)
+        self.journal = StorageJournal(group_id, host.storage, host.batch)
+        others = [m for m in members if m != self_id]
+        self.transport = GroupTransport(host, group_id, others)
+        conf = SyncObjConf(
+            autoTick=False,
+            journalFile=self.journal,
+            appendEntriesUseBatch=False,
+            commandsWaitLeader=False,
+            dynamicMembershipChange=True,
+            appendEntriesPeriod=timing.heartbeat_s,
+            raftMinTimeout=timing.election_min_s,
+            raftMaxTimeout=timing.election_max_s,
+            leaderFallbackTimeout=timing.leader_fallback_s,
+            connectionTimeout=max(timing.election_max_s, 2.0),
+            logCompactionMinEntries=timing.log_compaction_entries,
+            logCompactionMinTime=timing.log_compaction_s,
+            logCompactionSplit=False,
+            commandsQueueSize=timing.queue_size,
+            fullDumpFile=os.path.join(snapshot_dir, "snapshot.bin"),
+            serializer=self._write_snapshot,
+            deserializer=self._read_snapshot,
+            useFork=False,
+            onStateChanged=self._on_state_changed,
+        )
+        self.sync = _GroupSyncObj(
+            apply_fn, Node(self_id), [Node(m) for m in others], conf,
+            transport=self.transport, nodeClass=Node,
+        )
+        self.transport.announce_connected()
+        self.snapshots_written = 0
+        self.snapshots_installed = 0
+        self.status = self._read_status()
+
+    # ---- any thread -------------------------------------------------------
+
+    def propose(self, payload: bytes) -> Future[bytes]:
+        """Append ``payload`` through Raft.  The future resolves (after the
+        host's commit) to the apply result, or to a CacheError."""
+        fut: Future[bytes] = Future()
+        if self.destroyed:
+            fut.set_exception(Unavailable("this replica is being removed; retry"))
+            return fut
+        self.sync.apply_entry(payload, callback=lambda res, err: self.host.complete(fut, res, err))
+        self.host.wake(self)
+        return fut
+
+    def read_barrier(self) -> Future[bytes]:
+        """Join the next read barrier.  Resolves to the barrier's apply result
+        once an entry proposed *after* this call has been applied here."""
+        fut: Future[bytes] = Future()
+        with self._reads_lock:
+            self._reads.append(fut)
+        self.host.wake(self)
+        return fut
+
+    @property
+    def is_leader(self) -> bool:
+        return self.status.role == "leader"
+
+    # ---- driver thread ----------------------------------------------------
+
+    def flush_reads(self) -> None:
+        if not self._reads:
+            return
+        with self._reads_lock:
+            reads, self._reads = self._reads, []
+        if self.status.role != "leader" or self.destroyed:
+            err = NotLeader("not the leader of this shard", self.status.leader)
+            for f in reads:
+                f.set_exception(err)
+            return
+
+        def done(res: Any, err: int) -> None:
+            for f in reads:
+                self.host.complete(f, res, err)
+
+        self.sync.apply_entry(self._barrier_payload(), callback=done)
+
+    def tick(self) -> None:
+        self.sync.doTick(0.0)
+        self.status = self._read_status()
+
+    def _read_status(self) -> GroupStatus:
+        s = self.sync
+        leader = s._getLeader()
+        st = s.getStatus() if self._role == 2 else None
+        match = {}
+        if st is not None:
+            for k, v in st.items():
+                if k.startswith("match_idx_server_"):
+                    match[k[len("match_idx_server_"):]] = v
+        return GroupStatus(
+            role=_ROLES.get(self._role, "follower"),
+            leader=leader.id if leader is not None else None,
+            term=s.raftCurrentTerm,
+            commit_index=s.raftCommitIndex,
+            applied_index=s.raftLastApplied,
+            members=tuple(sorted([self.self_id] + [n.id for n in s.otherNodes])),
+            match_index=match,
+            has_quorum=bool(s.hasQuorum),
+        )
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        self._role = new
+        log.info("group %s: %s -> %s (term %s)", self.group_id, _ROLES.get(old), _ROLES.get(new), self.sync.raftCurrentTerm if hasattr(self, "sync") else "?")
+
+    def add_member(self, node_id: NodeId, callback: Callable[[CacheError | None], None]) -> None:
+        def cb(res: Any, err: int) -> None:
+            callback(None if err == FAIL_REASON.SUCCESS else fail_reason_error(err))
+        self.sync.addNodeToCluster(Node(node_id), callback=cb)
+
+    def remove_member(self, node_id: NodeId, callback: Callable[[CacheError | None], None]) -> None:
+        def cb(res: Any, err: int) -> None:
+            callback(None if err == FAIL_REASON.SUCCESS else fail_reason_error(err))
+        self.sync.removeNodeFromCluster(Node(node_id), callback=cb)
+
+    def transfer_leadership(self, node_id: NodeId | None, callback: Callable[[CacheError | None], None]) -> None:
+        def cb(res: Any, err: int) -> None:
+            callback(None if err == FAIL_REASON.SUCCESS else fail_reason_error(err))
+        self.sync.transferLeadership(Node(node_id) if node_id else None, callback=cb)
+
+    def force_compaction(self) -> None:
+        self.sync.forceLogCompaction()
+
+    def destroy(self) -> None:
+        self.destroyed = True
+        with self._reads_lock:
+            reads, self._reads = self._reads, []
+        for f in reads:
+            f.set_exception(Unavailable("replica removed"))
+        self.journal.flush_meta()
+        self.transport.destroy()
+        self.sync._doDestroy()
+
+    # ---- snapshots (pysyncobj serializer hooks, driver thread) -----------
+
+    def _write_snapshot(self, filename: str, data: tuple[Any, Any, Any]) -> None:
+        """Stream this group's LMDB state to ``filename``: header, state, CRC."""
+        last, prev, cluster = data
+        header = pickle.dumps((last, prev, sorted(n.id for n in cluster)))
+        state = self.host.batch().state(self.group_id)
+        with open(filename, "wb") as f:
+            w = _CrcWriter(f)
+            w.write(_SNAP_MAGIC + _U32.pack(len(header)) + header)
+            state.dump(w)  # type: ignore[arg-type]
+            f.write(_U32.pack(w.crc))
+            f.flush()
+            os.fsync(f.fileno())
+        self.snapshots_written += 1
+        log.info("group %s: snapshot at index %s written", self.group_id, last[1])
+
+    def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
+        """Load a snapshot (local restart, or one received from the leader).
+
+        Replaces the LMDB state only when the snapshot is newer than what LMDB
+        already holds; verifies the CRC over the whole file first, so a torn
+        or corrupt file never leaves a half-loaded state."""
+        size = os.path.getsize(filename)
+        crc = 0
+        with open(filename, "rb") as f:
+            remaining = size - 4
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                crc = zlib.crc32(chunk, crc)
+                remaining -= len(chunk)
+            (stored,) = _U32.unpack(f.read(4))
+        if stored != crc:
+            raise ValueError(f"snapshot {filename} is corrupt (crc mismatch)")
+        with open(filename, "rb") as f:
+            if f.read(len(_SNAP_MAGIC)) != _SNAP_MAGIC:
+                raise ValueError(f"{filename} is not a cachenode snapshot")
+            (hlen,) = _U32.unpack(f.read(4))
+            last, prev, cluster = pickle.loads(f.read(hlen))
+            state = self.host.batch().state(self.group_id)
+            if last[1] > state.applied_index():
+                state.load(_LimitedReader(f, size - 4 - f.tell()))  # type: ignore[arg-type]
+                self.snapshots_installed += 1
+                log.info("group %s: installed snapshot at index %s", self.group_id, last[1])
+        self.journal.align_to(prev)
+        return last, prev, cluster
+
+
+class _CrcWriter:
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.crc = 0
+
+    def write(self, b: bytes) -> int:
+        self.crc = zlib.crc32(b, self.crc)
+        return int(self._f.write(b))
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+class _LimitedReader:
+    def __init__(self, f: Any, limit: int) -> None:
+        self._f = f
+        self._left = limit
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._left:
+            n = self._left
+        b = bytes(self._f.read(n))
+        self._left -= len(b)
+        return b
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)

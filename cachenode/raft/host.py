@@ -1,0 +1,260 @@
+"""GroupHost: every Raft group replica of this node, driven by ONE thread.
+
+The driver loop, per iteration::
+
+    poll the Raft port (deliver inbound frames to their groups)
+    run calls scheduled from other threads (create/remove groups, admin ops)
+    propose one read barrier per group with waiting reads
+    tick the groups that have work (all of them every ``tick_interval``)
+    commit the storage batch         <- the one fsync for everything above
+    flush outbound frames            <- only now may peers see acks and votes
+    resolve client futures           <- only now may clients see results
+
+That order is what makes the journal durable before any acknowledgement and
+turns many writes into one fsync (group commit).
+
+Threads: ``wake``, ``call``, ``complete`` (pysyncobj callback path, driver
+thread) and ``group``/``groups`` are safe from any thread; everything else
+runs on the driver thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from pysyncobj.config import FAIL_REASON
+
+from .._types import NodeId
+from ..storage.base import Batch, Storage, StorageFault
+from . import journal
+from .group import ApplyFn, RaftGroup, RaftTiming, fail_reason_error
+from .mux import RaftMux
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class GroupHost:
+    def __init__(
+        self,
+        node_id: NodeId,
+        storage: Storage,
+        raft_listen: str,
+        secret: bytes,
+        data_dir: str,
+        timing: RaftTiming | None = None,
+        tick_interval: float = 0.01,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        journal.install()
+        self.node_id = node_id
+        self.storage = storage
+        self.timing = timing or RaftTiming()
+        self.data_dir = data_dir
+        self.tick_interval = tick_interval
+        self._on_fatal = on_fatal or _default_fatal
+        self.mux = RaftMux(node_id, raft_listen, secret, self._deliver, self._peer_event)
+        self._groups: dict[int, RaftGroup] = {}
+        self._batch: Batch | None = None
+        self._completions: list[tuple[Future[Any], Any, Any]] = []
+        self._dirty: set[RaftGroup] = set()
+        self._dirty_lock = threading.Lock()
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._peer_refs: collections.Counter[NodeId] = collections.Counter()
+        self._periodic: list[tuple[float, float, Callable[[], None]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.iterations = 0
+        self.commits = 0
+
+    # ---- any thread -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="raft-driver", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.mux.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self, group: RaftGroup | None = None) -> None:
+        if group is not None:
+            with self._dirty_lock:
+                self._dirty.add(group)
+        self.mux.wake()
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the driver thread; the future holds its result."""
+        fut: Future[T] = Future()
+        if threading.current_thread() is self._thread:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+            return fut
+        self._calls.append((fn, fut))
+        self.mux.wake()
+        return fut
+
+    def group(self, group_id: int) -> RaftGroup | None:
+        return self._groups.get(group_id)
+
+    def groups(self) -> dict[int, RaftGroup]:
+        return dict(self._groups)
+
+    def every(self, period_s: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the driver thread every ``period_s`` seconds."""
+        self.call(lambda: self._periodic.append((period_s, time.monotonic() + period_s, fn)))
+
+    # ---- driver thread: group lifecycle -----------------------------------
+
+    def batch(self) -> Batch:
+        """The batch of the current iteration, opened on first use."""
+        if self._batch is None:
+            self._batch = self.storage.begin()
+        return self._batch
+
+    def create_group(
+        self,
+        group_id: int,
+        members: list[NodeId],
+        apply_fn: ApplyFn,
+        barrier_payload: Callable[[], bytes],
+    ) -> RaftGroup:
+        if group_id in self._groups:
+            return self._groups[group_id]
+        g = RaftGroup(
+            self, group_id, self.node_id, members, apply_fn, barrier_payload,
+            os.path.join(self.data_dir, "snapshots", str(group_id)), self.timing,
+        )
+        self._groups[group_id] = g
+        return g
+
+    def remove_group(self, group_id: int, delete_data: bool) -> None:
+        g = self._groups.pop(group_id, None)
+        if g is not None:
+            g.destroy()
+        if delete_data:
+            b = self.batch()
+            b.state(group_id).clear()
+            b.log.clear(group_id)
+            snap = os.path.join(self.data_dir, "snapshots", str(group_id), "snapshot.bin")
+            if os.path.exists(snap):
+                os.unlink(snap)
+
+    def want_peer(self, node: NodeId) -> None:
+        self._peer_refs[node] += 1
+        self.mux.want_peer(node)
+
+    def unwant_peer(self, node: NodeId) -> None:
+        self._peer_refs[node] -= 1
+        if self._peer_refs[node] <= 0:
+            del self._peer_refs[node]
+            self.mux.unwant_peer(node)
+
+    def complete(self, fut: Future[Any], res: Any, err: Any) -> None:
+        """pysyncobj callback (driver thread): resolve ``fut`` after commit."""
+        self._completions.append((fut, res, err))
+
+    # ---- driver thread: the loop ------------------------------------------
+
+    def _deliver(self, node: NodeId, group_id: int, message: Any) -> None:
+        g = self._groups.get(group_id)
+        if g is None:
+            return
+        g.transport.deliver(node, message)
+        self._dirty.add(g)
+
+    def _peer_event(self, node: NodeId, up: bool) -> None:
+        for g in self._groups.values():
+            g.transport.peer_event(node, up)
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                with self._dirty_lock:
+                    pending = bool(self._dirty)
+                timeout = 0.0 if (pending or self._calls) else max(0.0, next_tick - time.monotonic())
+                self.mux.poll(timeout)
+                while self._calls:
+                    fn, fut = self._calls.popleft()
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except StorageFault:
+                            raise
+                        except BaseException as e:  # noqa: BLE001 - handed to the caller
+                            fut.set_exception(e)
+                now = time.monotonic()
+                with self._dirty_lock:
+                    dirty, self._dirty = self._dirty, set()
+                if now >= next_tick:
+                    todo = list(self._groups.values())
+                    next_tick = now + self.tick_interval
+                    self._run_periodic(now)
+                else:
+                    todo = [g for g in dirty if not g.destroyed]
+                for g in todo:
+                    g.flush_reads()
+                    g.tick()
+                self._finish_iteration()
+        except BaseException as e:  # noqa: BLE001 - fail-stop, never diverge
+            log.critical("raft driver failed: %r", e, exc_info=True)
+            self._on_fatal(e)
+            return
+        finally:
+            self._shutdown()
+
+    def _run_periodic(self, now: float) -> None:
+        for i, (period, due, fn) in enumerate(self._periodic):
+            if now >= due:
+                self._periodic[i] = (period, now + period, fn)
+                try:
+                    fn()
+                except StorageFault:
+                    raise
+                except Exception:
+                    log.exception("periodic task failed")
+
+    def _finish_iteration(self) -> None:
+        self.iterations += 1
+        if self._batch is not None:
+            b, self._batch = self._batch, None
+            b.commit()
+            self.commits += 1
+        self.mux.flush()
+        if self._completions:
+            done, self._completions = self._completions, []
+            for fut, res, err in done:
+                if fut.done():
+                    continue
+                if err == FAIL_REASON.SUCCESS:
+                    fut.set_result(res)
+                else:
+                    fut.set_exception(fail_reason_error(err))
+
+    def _shutdown(self) -> None:
+        try:
+            for g in list(self._groups.values()):
+                g.journal.flush_meta()
+            if self._batch is not None:
+                self._batch.commit()
+                self._batch = None
+        except Exception:
+            log.exception("final commit failed")
+        self.mux.close()
+
+
+def _default_fatal(e: BaseException) -> None:
+    log.critical("stopping the node to protect the data: %r", e)
+    os._exit(70)

@@ -1,0 +1,1 @@
+"""The node process: gRPC services, replica management, composition root."""

@@ -1,0 +1,93 @@
+"""The composition root: builds one node's whole object graph from a config.
+
+Every seam (clock, storage) is a constructor argument so tests can pass
+their own; nothing else in the code base constructs these objects.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from .._clock import SystemClock
+from ..raft.host import GroupHost
+from ..storage.base import Storage
+from ..storage.lmdb_store import LmdbStorage
+from ..v1 import cache_pb2_grpc
+from .admin_service import AdminService
+from .cache_service import CacheService
+from .config import NodeConfig
+from .forwarding import Forwarder
+from .replicas import ReplicaManager
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class NodeStartError(Exception):
+    """The node could not start (port taken, data dir locked...)."""
+
+
+class Node:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        clock: SystemClock | None = None,
+        storage: Storage | None = None,
+        fault_injection: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(cfg.data_dir, "LOCK"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise NodeStartError(f"data directory {cfg.data_dir} is in use by another cachenode process") from None
+        self.clock = clock or SystemClock()
+        fsync = cfg.fsync and not cfg.unsafe.skip_fsync
+        self.storage = storage or LmdbStorage(os.path.join(cfg.data_dir, "db"), map_size=cfg.map_size, fsync=fsync)
+        try:
+            self.host = GroupHost(
+                cfg.node_id, self.storage, cfg.raft_listen, cfg.secret, cfg.data_dir,
+                timing=cfg.timing, tick_interval=cfg.tick_interval_s,
+            )
+        except OSError as e:
+            raise NodeStartError(f"cannot listen for Raft peers on {cfg.raft_listen}: {e.strerror}") from None
+        self.replicas = ReplicaManager(cfg, self.host, self.storage, self.clock)
+        self.forwarder = Forwarder(cfg.me().address)
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
+            options=GRPC_OPTIONS,
+            maximum_concurrent_rpcs=cfg.grpc_workers * 16,
+        )
+        cache_pb2_grpc.add_CacheServicer_to_server(CacheService(cfg, self.replicas, self.forwarder, self.clock), self.server)
+        cache_pb2_grpc.add_AdminServicer_to_server(AdminService(cfg, self.replicas, self.clock, fault_injection), self.server)
+        try:
+            self.port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self.host.mux.close()
+            raise NodeStartError(f"cannot listen for clients on {cfg.listen} (address in use?)")
+
+    def start(self) -> None:
+        self.server.start()
+        self.host.start()
+        self.replicas.start()
+        log.info("node %s serving clients on %s, raft on %s", self.cfg.node_id, self.cfg.listen, self.host.mux.listen_address)
+
+    def stop(self) -> None:
+        self.server.stop(grace=1.0).wait(3)
+        self.host.stop()
+        self.forwarder.close()
+        self.storage.close()
+        os.close(self._lock_fd)

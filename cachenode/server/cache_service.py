@@ -1,0 +1,328 @@
+"""The Cache gRPC service: thin handlers over ReplicaManager.
+
+Each handler validates, finds the shard, and either serves it here (this node
+leads it, or the read is STALE and a local replica exists) or forwards it.
+All errors leave through :func:`status.abort`.  Runs on gRPC worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from .._clock import Clock
+from .._errors import (
+    CacheError,
+    EpochMismatch,
+    Internal,
+    InvalidArgument,
+    NotLeader,
+)
+from .._types import ShardDescriptor
+from ..fsm import commands as C
+from ..fsm.machine import read_get, ttl_remaining_ms
+from ..raft.group import RaftGroup
+from ..v1 import cache_pb2 as pb
+from ..v1 import cache_pb2_grpc
+from . import validation as V
+from .config import NodeConfig
+from .forwarding import ForwardedError, Forwarder, error_from_kind
+from .replicas import ReplicaManager
+from .status import abort
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+def _raise_error_result(res: C.Result) -> None:
+    if isinstance(res, C.ErrorResult):
+        raise error_from_kind(res.kind, res.message)
+
+
+class CacheService(cache_pb2_grpc.CacheServicer):
+    def __init__(self, cfg: NodeConfig, replicas: ReplicaManager, forwarder: Forwarder, clock: Clock) -> None:
+        self.cfg = cfg
+        self.r = replicas
+        self.fwd = forwarder
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fanout")
+
+    # ---- plumbing -------------------------------------------------------------
+
+    def _deadline(self, ctx: grpc.ServicerContext) -> float:
+        remaining = ctx.time_remaining()
+        if remaining is None or remaining > self.cfg.default_deadline_s * 4:
+            remaining = self.cfg.default_deadline_s
+        return time.monotonic() + remaining
+
+    def _serve(self, ctx: grpc.ServicerContext, fn: Callable[[float], R]) -> R:
+        try:
+            return fn(self._deadline(ctx))
+        except CacheError as e:
+            abort(ctx, e)
+        except ForwardedError as e:
+            ctx.set_trailing_metadata(e.metadata)
+            ctx.abort(e.code, e.details)
+        except Exception as e:  # a bug: report it precisely, never a hung call
+            log.exception("internal error")
+            abort(ctx, Internal(f"internal error: {type(e).__name__}: {e}"))
+        raise AssertionError("unreachable")
+
+    def _shard(self, key: bytes, header: pb.RequestHeader) -> ShardDescriptor:
+        s = self.r.shard_for_key(key)
+        if header.shard_epoch and header.shard_epoch != s.epoch:
+            raise EpochMismatch(
+                f"shard {s.id} is at epoch {s.epoch}, the request named {header.shard_epoch}; refresh the cluster map"
+            )
+        return s
+
+    def _now(self, gid: int) -> int:
+        return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.cluster_now(gid)
+
+    def _on_leader(
+        self, method: str, req: Any, shard: ShardDescriptor, deadline: float, write: bool,
+        fn: Callable[[RaftGroup], Any],
+    ) -> Any:
+        """Run ``fn`` on the local leader replica, or forward ``req`` to the leader."""
+        try:
+            g = self.r.leader_group(shard.id)
+        except NotLeader as e:
+            if req.header.no_forward:
+                raise
+            m = self.r.cluster_map()
+            targets = [e.leader_address] if e.leader_address else []
+            for nid in shard.replicas:
+                n = m.node(nid)
+                if n is not None:
+                    targets.append(n.address)
+            return self.fwd.forward(method, req, targets, deadline, write)
+        return fn(g)
+
+    def _read_point(self, shard: ShardDescriptor, g: RaftGroup | None, consistency: str, deadline: float) -> int:
+        """Cluster time at which this read is judged (after the barrier, if linearizable)."""
+        if consistency == V.LINEARIZABLE:
+            assert g is not None
+            clock = self.r.read_clock(g, deadline)
+        else:
+            clock = self.r.reader(shard.id).clock_ms()
+        return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else clock
+
+    def _read(
+        self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
+        fn: Callable[[int], Any],
+    ) -> Any:
+        consistency = V.consistency(req.header)
+        local = self.r.local_group(shard.id)
+        if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local is not None:
+            consistency = V.STALE  # UNSAFE: no barrier, no forwarding
+        if consistency == V.STALE and local is not None:
+            return fn(self._read_point(shard, local, V.STALE, deadline))
+        return self._on_leader(
+            method, req, shard, deadline, False,
+            lambda g: fn(self._read_point(shard, g, V.LINEARIZABLE, deadline)),
+        )
+
+    def _meta(self, shard: ShardDescriptor) -> pb.ReadMeta:
+        return pb.ReadMeta(
+            shard_id=shard.id,
+            applied_index=self.r.reader(shard.id).applied_index(),
+            served_by=self.cfg.node_id,
+        )
+
+    # ---- reads -----------------------------------------------------------------
+
+    def Get(self, req: pb.GetRequest, ctx: grpc.ServicerContext) -> pb.GetResponse:
+        def run(deadline: float) -> pb.GetResponse:
+            key = V.check_key(req.key, self.cfg.max_key_bytes)
+            shard = self._shard(key, req.header)
+
+            def at(clock: int) -> pb.GetResponse:
+                meta = self._meta(shard)
+                rec = read_get(self.r.reader(shard.id), key, clock)
+                if rec is None:
+                    return pb.GetResponse(found=False, ttl_ms=-1, meta=meta)
+                return pb.GetResponse(
+                    found=True, value=rec.value, version=rec.version,
+                    ttl_ms=ttl_remaining_ms(rec, clock), meta=meta,
+                )
+
+            return self._read("Get", req, shard, deadline, at)  # type: ignore[no-any-return]
+
+        return self._serve(ctx, run)
+
+    def Ttl(self, req: pb.TtlRequest, ctx: grpc.ServicerContext) -> pb.TtlResponse:
+        def run(deadline: float) -> pb.TtlResponse:
+            key = V.check_key(req.key, self.cfg.max_key_bytes)
+            shard = self._shard(key, req.header)
+
+            def at(clock: int) -> pb.TtlResponse:
+                meta = self._meta(shard)
+                rec = read_get(self.r.reader(shard.id), key, clock)
+                if rec is None:
+                    return pb.TtlResponse(found=False, ttl_ms=-1, meta=meta)
+                return pb.TtlResponse(found=True, ttl_ms=ttl_remaining_ms(rec, clock), meta=meta)
+
+            return self._read("Ttl", req, shard, deadline, at)  # type: ignore[no-any-return]
+
+        return self._serve(ctx, run)
+
+    def MGet(self, req: pb.MGetRequest, ctx: grpc.ServicerContext) -> pb.MGetResponse:
+        def run(deadline: float) -> pb.MGetResponse:
+            V.check_batch(len(req.keys), self.cfg.max_batch_keys)
+            keys = [V.check_key(k, self.cfg.max_key_bytes) for k in req.keys]
+            V.consistency(req.header)
+            by_shard: dict[int, tuple[ShardDescriptor, list[bytes]]] = {}
+            for k in keys:
+                s = self._shard(k, req.header)
+                by_shard.setdefault(s.id, (s, []))[1].append(k)
+
+            def one(shard: ShardDescriptor, ks: list[bytes]) -> dict[bytes, pb.MGetItem]:
+                sub = pb.MGetRequest(header=req.header, keys=ks)
+
+                def at(clock: int) -> pb.MGetResponse:
+                    reader = self.r.reader(shard.id)
+                    items = []
+                    for k in ks:
+                        rec = read_get(reader, k, clock)
+                        if rec is None:
+                            items.append(pb.MGetItem(key=k, found=False, ttl_ms=-1))
+                        else:
+                            items.append(pb.MGetItem(key=k, found=True, value=rec.value, version=rec.version, ttl_ms=ttl_remaining_ms(rec, clock)))
+                    return pb.MGetResponse(items=items)
+
+                resp = self._read("MGet", sub, shard, deadline, at)
+                return {it.key: it for it in resp.items}
+
+            results = self._fan_out([(s, ks) for s, ks in by_shard.values()], one)
+            merged: dict[bytes, pb.MGetItem] = {}
+            for r in results:
+                merged.update(r)
+            return pb.MGetResponse(items=[merged[k] for k in keys])
+
+        return self._serve(ctx, run)
+
+    def _fan_out(self, parts: list[tuple[ShardDescriptor, list[Any]]], fn: Callable[[ShardDescriptor, list[Any]], R]) -> list[R]:
+        if len(parts) == 1:
+            return [fn(*parts[0])]
+        futs = [self._pool.submit(fn, s, items) for s, items in parts]
+        return [f.result() for f in futs]
+
+    # ---- writes ----------------------------------------------------------------
+
+    def _write(self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
+               make: Callable[[int], C.Command]) -> C.Result:
+        def on_leader(g: RaftGroup) -> C.Result:
+            res = self.r.propose(g, make(self._now(shard.id)), deadline)
+            _raise_error_result(res)
+            return res
+        return self._on_leader(method, req, shard, deadline, True, on_leader)  # type: ignore[no-any-return]
+
+    def Set(self, req: pb.SetRequest, ctx: grpc.ServicerContext) -> pb.SetResponse:
+        def run(deadline: float) -> pb.SetResponse:
+            key = V.check_key(req.key, self.cfg.max_key_bytes)
+            value = V.check_value(req.value, self.cfg.max_value_bytes)
+            ttl = V.check_ttl(req.ttl_ms)
+            if req.condition not in (pb.ALWAYS, pb.IF_ABSENT, pb.IF_PRESENT):
+                raise InvalidArgument(f"unknown set condition {req.condition}")
+            rid = V.request_id(req.header)
+            shard = self._shard(key, req.header)
+            res = self._write("Set", req, shard, deadline, lambda now: C.Set(
+                key=key, value=value, expires_at_ms=now + ttl if ttl else 0,
+                condition=int(req.condition), now_ms=now, rid=rid))
+            if isinstance(res, pb.SetResponse):
+                return res
+            assert isinstance(res, C.SetResult), res
+            return pb.SetResponse(applied=res.applied, version=res.version)
+
+        return self._serve(ctx, run)
+
+    def Delete(self, req: pb.DeleteRequest, ctx: grpc.ServicerContext) -> pb.DeleteResponse:
+        def run(deadline: float) -> pb.DeleteResponse:
+            key = V.check_key(req.key, self.cfg.max_key_bytes)
+            rid = V.request_id(req.header)
+            shard = self._shard(key, req.header)
+            res = self._write("Delete", req, shard, deadline, lambda now: C.Delete(key=key, now_ms=now, rid=rid))
+            if isinstance(res, pb.DeleteResponse):
+                return res
+            assert isinstance(res, C.DeleteResult), res
+            return pb.DeleteResponse(deleted=res.deleted, version=res.version)
+
+        return self._serve(ctx, run)
+
+    def CompareAndSet(self, req: pb.CompareAndSetRequest, ctx: grpc.ServicerContext) -> pb.CompareAndSetResponse:
+        def run(deadline: float) -> pb.CompareAndSetResponse:
+            key = V.check_key(req.key, self.cfg.max_key_bytes)
+            new = V.check_value(req.new_value, self.cfg.max_value_bytes)
+            ttl = V.check_ttl(req.ttl_ms)
+            which = req.WhichOneof("expected")
+            ev: bytes | None = None
+            ever: int | None = None
+            absent = False
+            if which == "expected_value":
+                ev = V.check_value(req.expected_value, self.cfg.max_value_bytes)
+            elif which == "expected_version":
+                ever = int(req.expected_version)
+            elif req.expect_absent:
+                absent = True
+            else:
+                raise InvalidArgument("compare-and-set needs expected_value, expected_version or expect_absent")
+            rid = V.request_id(req.header)
+            shard = self._shard(key, req.header)
+            res = self._write("CompareAndSet", req, shard, deadline, lambda now: C.CompareAndSet(
+                key=key, expected_value=ev, expected_version=ever, expect_absent=absent,
+                new_value=new, expires_at_ms=now + ttl if ttl else 0, now_ms=now, rid=rid))
+            if isinstance(res, pb.CompareAndSetResponse):
+                return res
+            assert isinstance(res, C.CasResult), res
+            return pb.CompareAndSetResponse(
+                succeeded=res.succeeded, version=res.version, current_found=res.current_found,
+                current_value=res.current_value or b"", current_version=res.current_version,
+            )
+
+        return self._serve(ctx, run)
+
+    def Incr(self, req: pb.IncrRequest, ctx: grpc.ServicerContext) -> pb.IncrResponse:
+        def run(deadline: float) -> pb.IncrResponse:
+            key = V.check_key(req.key, self.cfg.max_key_bytes)
+            rid = V.request_id(req.header)
+            shard = self._shard(key, req.header)
+            res = self._write("Incr", req, shard, deadline, lambda now: C.Incr(key=key, delta=int(req.delta), now_ms=now, rid=rid))
+            if isinstance(res, pb.IncrResponse):
+                return res
+            assert isinstance(res, C.IncrResult), res
+            return pb.IncrResponse(value=res.value, version=res.version)
+
+        return self._serve(ctx, run)
+
+    def MSet(self, req: pb.MSetRequest, ctx: grpc.ServicerContext) -> pb.MSetResponse:
+        def run(deadline: float) -> pb.MSetResponse:
+            V.check_batch(len(req.items), self.cfg.max_batch_keys)
+            items = []
+            for it in req.items:
+                items.append((V.check_key(it.key, self.cfg.max_key_bytes),
+                              V.check_value(it.value, self.cfg.max_value_bytes),
+                              V.check_ttl(it.ttl_ms)))
+            rid = V.request_id(req.header)
+            by_shard: dict[int, tuple[ShardDescriptor, list[tuple[bytes, bytes, int]]]] = {}
+            for k, v, t in items:
+                s = self._shard(k, req.header)
+                by_shard.setdefault(s.id, (s, []))[1].append((k, v, t))
+
+            def one(shard: ShardDescriptor, its: list[tuple[bytes, bytes, int]]) -> tuple[int, int]:
+                sub = pb.MSetRequest(header=req.header, items=[pb.KeyValue(key=k, value=v, ttl_ms=t) for k, v, t in its])
+                res = self._write("MSet", sub, shard, deadline, lambda now: C.MSet(
+                    items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid))
+                if isinstance(res, pb.MSetResponse):
+                    return int(res.count), int(res.versions[0]) if res.versions else 0
+                assert isinstance(res, C.MSetResult), res
+                return res.count, res.version
+
+            results = self._fan_out(list(by_shard.values()), one)
+            return pb.MSetResponse(count=sum(c for c, _ in results), versions=[v for _, v in results])
+
+        return self._serve(ctx, run)

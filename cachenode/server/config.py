@@ -1,0 +1,52 @@
+"""Node configuration: one frozen value built from flags and/or a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .._types import NodeInfo
+from ..raft.group import RaftTiming
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Unsafe:
+    """TESTING ONLY switches that break a guarantee on purpose, so that
+    jepsen-lite can prove it notices.  Each logs a loud warning at start."""
+
+    local_reads: bool = False  # linearizable reads served locally, no barrier, no forwarding
+    dup_incr: bool = False  # a retried incr with a known request id is applied again
+    local_ttl: bool = False  # reads judge TTL by the local wall clock instead of cluster time
+    skip_fsync: bool = False  # never fsync (acknowledged writes can be lost on power loss)
+
+    def enabled(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    data_dir: str
+    listen: str
+    raft_listen: str
+    initial_cluster: tuple[NodeInfo, ...]
+    secret: bytes
+    shards: int = 16
+    replication: int = 3
+    fsync: bool = True
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1024 * 1024
+    max_batch_keys: int = 10_000
+    default_deadline_s: float = 5.0
+    grpc_workers: int = 64
+    expiry_interval_s: float = 1.0
+    expiry_batch: int = 256
+    tick_interval_s: float = 0.01
+    timing: RaftTiming = RaftTiming()
+    unsafe: Unsafe = Unsafe()
+    map_size: int = 64 << 30
+
+    def me(self) -> NodeInfo:
+        for n in self.initial_cluster:
+            if n.id == self.node_id:
+                return n
+        raise ValueError(f"node {self.node_id} is not in --initial-cluster")

@@ -1,0 +1,218 @@
+"""``cachenode serve``: run one node in the foreground.
+
+Exit codes: 0 clean stop (SIGTERM/SIGINT), 2 bad configuration, 3 could not
+start (port in use, data dir locked), 70 stopped to protect data (disk fault).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import tomllib
+from collections.abc import Sequence
+
+from .._types import NodeInfo
+from ..raft.group import RaftTiming
+from .config import NodeConfig, Unsafe
+
+log = logging.getLogger("cachenode")
+
+
+class ConfigError(Exception):
+    pass
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        d = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k in ("node",):
+            if hasattr(record, k):
+                d[k] = getattr(record, k)
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d)
+
+
+def parse_cluster(spec: str) -> tuple[NodeInfo, ...]:
+    """``n1=HOST:CPORT/HOST:RPORT,n2=...`` -> NodeInfo tuple."""
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nid, addrs = part.split("=", 1)
+            client, raft = addrs.split("/", 1)
+            for a in (client, raft):
+                host, port = a.rsplit(":", 1)
+                if not host or not 0 < int(port) < 65536:
+                    raise ValueError
+        except ValueError:
+            raise ConfigError(f"bad --initial-cluster entry {part!r}; expected ID=HOST:CLIENTPORT/HOST:RAFTPORT") from None
+        out.append(NodeInfo(nid.strip(), client.strip(), raft.strip()))
+    if not out:
+        raise ConfigError("--initial-cluster is empty")
+    if len({n.id for n in out}) != len(out):
+        raise ConfigError("--initial-cluster names a node id twice")
+    return tuple(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachenode", description="cachenode: a linearizable, durable, sharded cache node")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run a node in the foreground")
+    s.add_argument("--config", help="TOML file with any of the options below (flags win)")
+    s.add_argument("--node-id", help="this node's id (must appear in --initial-cluster)")
+    s.add_argument("--data-dir", help="directory for the LMDB store and snapshots")
+    s.add_argument("--listen", help="client gRPC address HOST:PORT (default: from --initial-cluster)")
+    s.add_argument("--raft-listen", help="Raft peer address HOST:PORT (default: from --initial-cluster)")
+    s.add_argument("--initial-cluster", help="ID=HOST:CLIENTPORT/HOST:RAFTPORT,... (same on every node)")
+    s.add_argument("--shards", type=int, help="number of shards at bootstrap (default 16)")
+    s.add_argument("--replication", type=int, help="replicas per shard (default 3, or N when N < 3)")
+    s.add_argument("--secret-file", help="file holding the cluster secret (or env CACHENODE_SECRET)")
+    s.add_argument("--fsync", choices=["always", "never"], help="always (default): fsync before acknowledging; never: benchmarks only, acknowledged writes can be lost on power loss")
+    s.add_argument("--max-key-bytes", type=int)
+    s.add_argument("--max-value-bytes", type=int)
+    s.add_argument("--log-compaction-entries", type=int, help="snapshot a shard after this many log entries (default 20000)")
+    s.add_argument("--tick-ms", type=float, help="driver loop tick (default 10)")
+    s.add_argument("--log-format", choices=["text", "json"], default=None)
+    s.add_argument("--log-level", default=None)
+    s.add_argument("--enable-fault-injection", action="store_true", default=None, help="TESTING: allow admin clock offsets and Raft fault filters")
+    for name, why in (
+        ("local-reads", "serve linearizable reads locally without a read barrier"),
+        ("dup-incr", "apply a retried incr twice"),
+        ("local-ttl", "judge TTL by the local wall clock"),
+        ("skip-fsync", "never fsync"),
+    ):
+        s.add_argument(f"--unsafe-{name}", action="store_true", default=None, help=f"TESTING ONLY, breaks guarantees: {why}")
+    return p
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConfig, bool, str, str]:
+    file_cfg: dict[str, object] = {}
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                file_cfg = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config file {args.config}: {e}") from None
+
+    def opt(name: str, default: object = None) -> object:
+        v = getattr(args, name, None)
+        if v is not None:
+            return v
+        return file_cfg.get(name, default)
+
+    node_id = opt("node_id")
+    if not node_id:
+        raise ConfigError("--node-id is required")
+    cluster_spec = opt("initial_cluster")
+    if not cluster_spec:
+        raise ConfigError("--initial-cluster is required")
+    cluster = parse_cluster(str(cluster_spec))
+    me = next((n for n in cluster if n.id == node_id), None)
+    if me is None:
+        raise ConfigError(f"node id {node_id!r} is not in --initial-cluster ({', '.join(n.id for n in cluster)})")
+    data_dir = opt("data_dir")
+    if not data_dir:
+        raise ConfigError("--data-dir is required")
+    secret: bytes | None = None
+    secret_file = opt("secret_file")
+    if secret_file:
+        try:
+            with open(str(secret_file), "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read --secret-file {secret_file}: {e.strerror}") from None
+    elif env.get("CACHENODE_SECRET"):
+        secret = env["CACHENODE_SECRET"].encode()
+    if not secret:
+        raise ConfigError("no cluster secret: pass --secret-file FILE or set CACHENODE_SECRET (the same on every node)")
+    unsafe = Unsafe(
+        local_reads=bool(opt("unsafe_local_reads", False)),
+        dup_incr=bool(opt("unsafe_dup_incr", False)),
+        local_ttl=bool(opt("unsafe_local_ttl", False)),
+        skip_fsync=bool(opt("unsafe_skip_fsync", False)),
+    )
+    fsync = str(opt("fsync", "always"))
+    if fsync not in ("always", "never"):
+        raise ConfigError("--fsync must be always or never")
+    shards = int(opt("shards", 16))  # type: ignore[call-overload]
+    if not 1 <= shards <= 4096:
+        raise ConfigError("--shards must be 1..4096")
+    rep = int(opt("replication", 3))  # type: ignore[call-overload]
+    if rep < 1:
+        raise ConfigError("--replication must be >= 1")
+    timing = RaftTiming(log_compaction_entries=int(opt("log_compaction_entries", 20000)))  # type: ignore[call-overload]
+    cfg = NodeConfig(
+        node_id=str(node_id), data_dir=str(data_dir),
+        listen=str(opt("listen") or me.address), raft_listen=str(opt("raft_listen") or me.raft_address),
+        initial_cluster=cluster, secret=secret, shards=shards, replication=rep,
+        fsync=fsync == "always",
+        max_key_bytes=int(opt("max_key_bytes", 1024)),  # type: ignore[call-overload]
+        max_value_bytes=int(opt("max_value_bytes", 1 << 20)),  # type: ignore[call-overload]
+        tick_interval_s=float(opt("tick_ms", 10.0)) / 1000.0,  # type: ignore[arg-type]
+        timing=timing, unsafe=unsafe,
+    )
+    return cfg, bool(opt("enable_fault_injection", False)), str(opt("log_format", "text")), str(opt("log_level", "INFO"))
+
+
+def setup_logging(fmt: str, level: str, node_id: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {node_id} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ) if env is None else env
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, faults, fmt, level = load_config(args, env)
+    except ConfigError as e:
+        print(f"cachenode: error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(fmt, level, cfg.node_id)
+    for name in cfg.unsafe.enabled():
+        log.warning("!!! UNSAFE MODE --unsafe-%s IS ON: this node breaks cachenode's guarantees on purpose. TESTING ONLY !!!", name.replace("_", "-"))
+    if not cfg.fsync:
+        log.warning("--fsync=never: acknowledged writes can be lost on power loss (benchmarks only)")
+    from .app import Node, NodeStartError  # deferred: keeps --help fast
+
+    try:
+        node = Node(cfg, fault_injection=faults)
+    except NodeStartError as e:
+        print(f"cachenode: error: {e}", file=sys.stderr)
+        return 3
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    while not stop.wait(0.5):
+        pass
+    log.info("stopping")
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""ReplicaManager: the shard replicas and the metadata replica of this node.
+
+It keeps the set of hosted Raft groups equal to what the agreed cluster map
+says (reconcile), bootstraps the map once, proposes commands with deadlines,
+runs linearizable read barriers, keeps the per-shard *cluster clock*, and
+runs active expiry on the shards this node leads.
+
+Cluster clock (TTL time).  Every command carries ``now_ms`` stamped by the
+proposing leader.  It is not the leader's wall clock: it is the cluster time
+of the last entry the leader applied plus the leader's *monotonic* time
+elapsed since it applied it.  So cluster time never goes backwards, advances
+at real-time rate, and ignores wall-clock offsets between nodes: a new leader
+can only be behind (by at most the time since it last applied an entry,
+about one election timeout), which makes expiry late, never early.
+
+Threads: public methods are safe from gRPC worker threads; ``_reconcile``,
+``_expire`` and the apply wrappers run on the driver thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from .._clock import Clock
+from .._errors import CacheError, NotFound, NotLeader, OutcomeUnknown, Unavailable
+from .._types import META_GROUP_ID, ClusterMap, NodeId, ShardDescriptor
+from ..fsm import commands as C
+from ..fsm.codec import decode_result, encode_command
+from ..fsm.machine import ShardStateMachine
+from ..fsm.meta_machine import MetaStateMachine, barrier_command, bootstrap_command, current_map
+from ..raft.group import RaftGroup
+from ..raft.host import GroupHost
+from ..storage.base import StateReader, Storage
+from .config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaManager:
+    def __init__(self, cfg: NodeConfig, host: GroupHost, storage: Storage, clock: Clock) -> None:
+        self.cfg = cfg
+        self.host = host
+        self.storage = storage
+        self.clock = clock
+        self.fsm = ShardStateMachine(unsafe_dup_incr=cfg.unsafe.dup_incr)
+        self.meta_fsm = MetaStateMachine()
+        self._clock_base: dict[int, tuple[int, float]] = {}
+        self._map: ClusterMap | None = None
+        self._map_lock = threading.Lock()
+        self._expiring: dict[int, Future[bytes]] = {}
+        self._bootstrap_inflight: Future[bytes] | None = None
+        self.ready = threading.Event()
+
+    # ---- start-up (any thread) --------------------------------------------
+
+    def start(self) -> None:
+        for n in self.cfg.initial_cluster:
+            self.host.call(lambda n=n: self.host.mux.set_address(n.id, n.raft_address))
+        members = [n.id for n in self.cfg.initial_cluster]
+        self.host.call(lambda: self.host.create_group(
+            META_GROUP_ID, members, self._meta_apply, barrier_command,
+        )).result(30)
+        self.host.every(0.1, self._reconcile)
+        self.host.every(self.cfg.expiry_interval_s, self._expire)
+
+    # ---- the map ------------------------------------------------------------
+
+    def cluster_map(self) -> ClusterMap:
+        m = self._map
+        if m is None:
+            raise Unavailable("the cluster map is not known yet (cluster still bootstrapping); retry in a moment")
+        return m
+
+    def shard_for_key(self, key: bytes) -> ShardDescriptor:
+        return self.cluster_map().shard_for_key(key)
+
+    def descriptor(self, shard_id: int) -> ShardDescriptor:
+        s = self.cluster_map().shard(shard_id)
+        if s is None:
+            raise NotFound(f"unknown shard {shard_id}; run `cachectl status` to list shards")
+        return s
+
+    # ---- routing (any thread) -----------------------------------------------
+
+    def local_group(self, shard_id: int) -> RaftGroup | None:
+        return self.host.group(shard_id)
+
+    def leader_hint(self, shard_id: int) -> tuple[NodeId | None, str | None]:
+        g = self.host.group(shard_id)
+        leader = g.status.leader if g is not None else None
+        if leader is None:
+            return None, None
+        n = self._map.node(leader) if self._map else None
+        return leader, n.address if n else None
+
+    def leader_group(self, shard_id: int) -> RaftGroup:
+        """The local replica if it leads ``shard_id``; else NotLeader with a hint."""
+        g = self.host.group(shard_id)
+        if g is not None and g.is_leader:
+            return g
+        leader, addr = self.leader_hint(shard_id)
+        if g is None:
+            self.descriptor(shard_id)
+            raise NotLeader(f"node {self.cfg.node_id} holds no replica of shard {shard_id}", leader, addr)
+        raise NotLeader(f"node {self.cfg.node_id} does not lead shard {shard_id}", leader, addr)
+
+    # ---- proposing and reading (any thread) ---------------------------------
+
+    def cluster_now(self, gid: int) -> int:
+        base = self._clock_base.get(gid)
+        if base is None:
+            stored = self.storage.reader(gid).clock_ms()
+            base = (stored, self.clock.monotonic()) if stored else (self.clock.wall_ms(), self.clock.monotonic())
+            self._clock_base[gid] = base
+        cluster_ms, mono = base
+        return cluster_ms + int((self.clock.monotonic() - mono) * 1000)
+
+    def propose(self, group: RaftGroup, cmd: C.Command, deadline: float) -> C.Result:
+        """Propose on a leader replica and wait for the applied result."""
+        if not group.status.has_quorum:
+            raise Unavailable(f"shard {group.group_id} has lost its quorum (peers unreachable); the write was not applied")
+        fut = group.propose(encode_command(cmd))
+        return decode_result(_wait(fut, deadline, writes=True))
+
+    def read_clock(self, group: RaftGroup, deadline: float) -> int:
+        """Linearizable read point: after this returns, the local state holds
+        every write acknowledged before the call; the returned cluster time
+        judges TTLs."""
+        res = decode_result(_wait(group.read_barrier(), deadline, writes=False))
+        if isinstance(res, C.BarrierResult):
+            return res.clock_ms
+        raise Unavailable(f"read barrier failed on shard {group.group_id}: {res}")
+
+    def reader(self, gid: int) -> StateReader:
+        return self.storage.reader(gid)
+
+    # ---- driver thread --------------------------------------------------------
+
+    def _shard_apply(self, gid: int) -> Callable[[bytes, int], bytes]:
+        fsm = self.fsm
+        batch = self.host.batch
+        bases = self._clock_base
+        mono = self.clock.monotonic
+
+        def apply(payload: bytes, index: int) -> bytes:
+            w = batch().state(gid)
+            res = fsm.apply(payload, index, w)
+            bases[gid] = (w.clock_ms(), mono())
+            return res
+
+        return apply
+
+    def _meta_apply(self, payload: bytes, index: int) -> bytes:
+        return self.meta_fsm.apply(payload, index, self.host.batch().state(META_GROUP_ID))
+
+    def _reconcile(self) -> None:
+        meta = self.host.group(META_GROUP_ID)
+        m = current_map(self.storage.reader(META_GROUP_ID))
+        if m is None:
+            if meta is not None and meta.is_leader and (self._bootstrap_inflight is None or self._bootstrap_inflight.done()):
+                boot = ClusterMap.bootstrap(self.cfg.initial_cluster, self.cfg.shards, self.cfg.replication)
+                log.info("bootstrapping cluster map: %d nodes, %d shards, rf %d", len(boot.nodes), len(boot.shards), self.cfg.replication)
+                self._bootstrap_inflight = meta.propose(bootstrap_command(boot))
+            return
+        if self._map is not None and m.version == self._map.version:
+            return
+        for n in m.nodes:
+            self.host.mux.set_address(n.id, n.raft_address)
+        for s in m.shards_on(self.cfg.node_id):
+            if self.host.group(s.id) is None:
+                self.host.create_group(s.id, list(s.replicas), self._shard_apply(s.id), self._barrier_payload(s.id))
+        with self._map_lock:
+            self._map = m
+        log.info("cluster map version %d: hosting %d shard replicas", m.version, len(m.shards_on(self.cfg.node_id)))
+        self.ready.set()
+
+    def _barrier_payload(self, gid: int) -> Callable[[], bytes]:
+        return lambda: encode_command(C.Barrier(now_ms=self.cluster_now(gid)))
+
+    def _expire(self) -> None:
+        """Active expiry: each shard leader proposes deletions of expired keys."""
+        for gid, g in self.host.groups().items():
+            if gid == META_GROUP_ID or not g.is_leader:
+                continue
+            inflight = self._expiring.get(gid)
+            if inflight is not None and not inflight.done():
+                continue
+            now = self.cluster_now(gid)
+            keys = self.storage.reader(gid).expired(now, self.cfg.expiry_batch)
+            if keys:
+                self._expiring[gid] = g.propose(encode_command(C.Expire(keys=tuple(keys), now_ms=now)))
+
+
+def _wait(fut: Future[bytes], deadline: float, writes: bool) -> bytes:
+    remaining = deadline - time.monotonic()
+    try:
+        return fut.result(timeout=max(0.0, remaining))
+    except FutureTimeout:
+        if writes:
+            raise OutcomeUnknown(
+                "the deadline passed before the write's outcome was known: it may or may not "
+                "have been applied; retry with the same request id to apply it exactly once"
+            ) from None
+        raise Unavailable("no quorum confirmed this read before the deadline; retry") from None
+    except CacheError:
+        raise

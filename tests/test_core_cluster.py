@@ -1,0 +1,262 @@
+"""The replicated core under real failures: real processes, sockets, LMDB files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cachenode.v1 import cache_pb2 as pb
+
+from ._nodes import LocalCluster, local_cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def rid(client: bytes, seq: int) -> pb.RequestHeader:
+    return pb.RequestHeader(request_id=pb.RequestId(client_id=client, seq=seq))
+
+
+def on_real_disk(path: Path) -> None:
+    out = subprocess.run(["df", "--output=fstype", str(path)], capture_output=True, text=True).stdout
+    assert "tmpfs" not in out, f"{path} is on tmpfs; durability tests need a real disk"
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    on_real_disk(tmp_path)
+    return tmp_path
+
+
+class Writers:
+    """N client threads writing unique keys through every node; records acks."""
+
+    def __init__(self, cluster: LocalCluster, n: int, prefix: str) -> None:
+        self.cluster = cluster
+        self.acked: dict[bytes, bytes] = {}
+        self.ack_times: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i, prefix), daemon=True) for i in range(n)]
+
+    def _run(self, i: int, prefix: str) -> None:
+        nodes = self.cluster.node_ids
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            key = f"{prefix}/{i}/{seq}".encode()
+            val = f"v{seq}".encode()
+            node = nodes[seq % len(nodes)]
+            try:
+                self.cluster.cache(node).Set(pb.SetRequest(key=key, value=val), timeout=2)
+            except grpc.RpcError:
+                with self._lock:
+                    self.errors += 1
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                self.acked[key] = val
+                self.ack_times.append(time.monotonic())
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+
+def read_all(cluster: LocalCluster, expected: dict[bytes, bytes], via: str) -> list[bytes]:
+    """Linearizable reads of every key through ``via``; returns the keys that are wrong."""
+    bad = []
+    stub = cluster.cache(via)
+    for k, v in expected.items():
+        r = stub.Get(pb.GetRequest(key=k), timeout=5)
+        if not r.found or r.value != v:
+            bad.append(k)
+    return bad
+
+
+def test_leader_kill_loses_no_acknowledged_write(data_root: Path) -> None:
+    with local_cluster(data_root / "c", nodes=3, shards=2) as c:
+        writers = Writers(c, 4, "lk")
+        writers.start()
+        wait_for(lambda: len(writers.acked) > 200, 30, "200 acknowledged writes")
+        victim = c.leader_of(0)
+        assert victim is not None
+        killed_at = time.monotonic()
+        c.kill9(victim)
+        # writes resume: an ack for a key of shard 0 after the kill, within 5 s
+        def shard0_write_after_kill() -> bool:
+            k = f"probe/{time.monotonic_ns()}".encode()
+            if c.shard_of(k) != 0:
+                return False
+            survivor = next(n for n in c.node_ids if n != victim)
+            try:
+                c.cache(survivor).Set(pb.SetRequest(key=k, value=b"x"), timeout=1)
+            except grpc.RpcError:
+                return False
+            return True
+        wait_for(shard0_write_after_kill, 5.0, "a write on the killed leader's shard", interval=0.02)
+        resumed = time.monotonic() - killed_at
+        wait_for(lambda: len(writers.acked) > 400, 30, "more writes after failover")
+        writers.stop()
+        survivor = next(n for n in c.node_ids if n != victim)
+        bad = read_all(c, dict(writers.acked), survivor)
+        assert bad == [], f"{len(bad)} acknowledged writes lost, e.g. {bad[:3]}"
+        print(f"\nleader kill: shard 0 accepted writes again after {resumed:.2f}s; {len(writers.acked)} acked writes all readable")
+        # the killed node comes back and serves everything too
+        c.start_node(victim)
+        c.wait_all_leaders()
+        wait_for(lambda: read_all(c, dict(list(writers.acked.items())[:200]), victim) == [], 30, "restarted node to serve")
+
+
+def test_kill_every_node_and_restart_keeps_acknowledged_writes(data_root: Path) -> None:
+    with local_cluster(data_root / "c", nodes=3, shards=4) as c:
+        writers = Writers(c, 4, "ka")
+        writers.start()
+        wait_for(lambda: len(writers.acked) > 500, 60, "500 acknowledged writes")
+        # kill -9 every node while writes are in flight
+        for nid in c.node_ids:
+            c.kill9(nid)
+        writers.stop()
+        acked = dict(writers.acked)
+        for nid in c.node_ids:
+            c.start_node(nid)
+        c.wait_all_leaders(timeout=60)
+        bad = wait_for(lambda: read_all(c, acked, c.node_ids[0]) == [] or None, 60, "every acked write readable")
+        assert bad
+        print(f"\nkill-all: {len(acked)} acknowledged writes survived kill -9 of every node")
+
+
+def test_follower_catches_up_by_snapshot(data_root: Path) -> None:
+    extra = ["--log-compaction-entries=2000"]
+    with local_cluster(data_root / "c", nodes=3, shards=1, extra=extra) as c:
+        leader = c.leader_of(0)
+        follower = next(n for n in c.node_ids if n != leader)
+        c.stop_node(follower)
+        stub = c.cache(leader)  # type: ignore[arg-type]
+        values = {f"snap/{i}".encode(): os.urandom(16).hex().encode() for i in range(20000)}
+        keys = list(values)
+
+        def write(part: int) -> None:
+            for k in keys[part::8]:
+                stub.Set(pb.SetRequest(key=k, value=values[k]), timeout=10)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        c.start_node(follower)
+        applied = lambda n: c.replica_status(n)[0].applied_index  # noqa: E731
+        wait_for(lambda: applied(follower) >= applied(leader) - 1 and applied(follower) > 5000, 90, "follower to catch up")
+        log = Path(c.node(follower)["log"]).read_text()
+        assert "installed snapshot" in log, "the follower caught up without a snapshot (log not compacted?)"
+        # stop everything and compare the real LMDB files
+        c.down()
+        from cachenode.storage.lmdb_store import LmdbStorage
+
+        def content(nid: str) -> list[tuple[bytes, Any]]:
+            s = LmdbStorage(os.path.join(c.node(nid)["data_dir"], "db"))
+            try:
+                return [(k, (r.value, r.version, r.expires_at_ms)) for k, r in s.reader(0).items()]
+            finally:
+                s.close()
+
+        lead, fol = content(leader), content(follower)  # type: ignore[arg-type]
+        assert len(lead) == 20000
+        assert fol == lead
+
+
+def test_retried_incr_applies_once_across_leader_change(data_root: Path) -> None:
+    with local_cluster(data_root / "c", nodes=3, shards=1, extra=["--enable-fault-injection"]) as c:
+        leader = c.leader_of(0)
+        assert leader
+        stub = c.cache(leader)
+        r1 = stub.Incr(pb.IncrRequest(header=rid(b"cli-1", 1), key=b"ctr", delta=5), timeout=5)
+        # same request id again at the same leader: cached answer
+        r2 = stub.Incr(pb.IncrRequest(header=rid(b"cli-1", 1), key=b"ctr", delta=5), timeout=5)
+        assert (r1.value, r1.version) == (5, r2.version) and r2.value == 5
+        # move leadership, retry the same id at the new leader
+        c.admin(leader).TransferLeader(pb.TransferLeaderRequest(shard_id=0), timeout=5)
+        new = wait_for(lambda: (lambda x: x if x and x != leader else None)(c.leader_of(0)), 15, "new leader")
+        r3 = c.cache(new).Incr(pb.IncrRequest(header=rid(b"cli-1", 1), key=b"ctr", delta=5), timeout=5)
+        assert r3.value == 5 and r3.version == r1.version
+        # a new id applies
+        r4 = c.cache(new).Incr(pb.IncrRequest(header=rid(b"cli-1", 2), key=b"ctr", delta=5), timeout=5)
+        assert r4.value == 10
+        for nid in c.node_ids:
+            g = c.cache(nid).Get(pb.GetRequest(key=b"ctr"), timeout=5)
+            assert g.value == b"10"
+
+
+def test_ttl_key_gone_on_every_replica_also_across_leader_change(data_root: Path) -> None:
+    with local_cluster(data_root / "c", nodes=3, shards=1) as c:
+        leader = c.leader_of(0)
+        assert leader
+        stub = c.cache(leader)
+        stub.Set(pb.SetRequest(key=b"t1", value=b"v", ttl_ms=1500), timeout=5)
+        stub.Set(pb.SetRequest(key=b"t2", value=b"v", ttl_ms=3000), timeout=5)
+        stub.Set(pb.SetRequest(key=b"keep", value=b"v"), timeout=5)
+        g = stub.Get(pb.GetRequest(key=b"t2"), timeout=5)
+        assert g.found and 0 < g.ttl_ms <= 3000
+        # never early: right after the set the key is there on the leader
+        assert stub.Get(pb.GetRequest(key=b"t1"), timeout=5).found
+        c.admin(leader).TransferLeader(pb.TransferLeaderRequest(shard_id=0), timeout=5)
+        wait_for(lambda: (lambda x: x if x and x != leader else None)(c.leader_of(0)), 15, "new leader")
+
+        def gone_everywhere() -> bool:
+            for nid in c.node_ids:
+                st = c.cache(nid)
+                stale = pb.RequestHeader(consistency=pb.STALE)
+                for k in (b"t1", b"t2"):
+                    if st.Get(pb.GetRequest(key=k, header=stale), timeout=2).found:
+                        return False
+                    if st.Get(pb.GetRequest(key=k), timeout=2).found:
+                        return False
+            return True
+
+        wait_for(gone_everywhere, 15, "expired keys to vanish from every replica")
+        # active expiry deleted them physically: the key count dropped to 1 on every replica
+        wait_for(lambda: all(c.replica_status(n)[0].keys == 1 for n in c.node_ids), 15, "physical deletion")
+        assert c.cache(c.node_ids[0]).Get(pb.GetRequest(key=b"keep"), timeout=5).found
+
+
+def test_raft_port_rejects_unauthenticated_pickle(data_root: Path) -> None:
+    with local_cluster(data_root / "c", nodes=3, shards=1) as c:
+        marker = data_root / "pwned"
+
+        class Pwn:
+            def __reduce__(self) -> tuple[Any, ...]:
+                return (open, (str(marker), "w"))
+
+        payload = pickle.dumps(Pwn())
+        n = c.node_ids[0]
+        host, port = c.node(n)["raft_address"].rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.settimeout(10)
+        s.sendall(len(payload).to_bytes(4, "big") + payload)
+        closed = False
+        try:
+            closed = s.recv(1024) == b""
+        except ConnectionResetError:
+            closed = True
+        s.close()
+        assert closed
+        assert not marker.exists()
+        log = Path(c.node(n)["log"]).read_text()
+        assert "closing connection" in log
+        # and the cluster is unharmed
+        c.cache(n).Set(pb.SetRequest(key=b"after", value=b"ok"), timeout=5)
