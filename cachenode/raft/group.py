@@ -96,6 +96,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self._host = host
         self._group = group
         self._nodes: dict[NodeId, Node] = {}
+        self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
+        self.trimmed = 0
         for m in members:
             self.addNode(Node(m))
 
@@ -110,7 +112,49 @@ class GroupTransport(Transport):  # type: ignore[misc]
             self._host.unwant_peer(node.id)
 
     def send(self, node: Node, message: Any) -> bool:
-        return self._host.mux.send(node.id, self._group, message)
+        if message.get("type") == "append_entries":
+            message = self._trim_resend(node.id, message)
+        ok = self._host.mux.send(node.id, self._group, message)
+        if not ok:
+            self._sent.pop(node.id, None)
+        return ok
+
+    def _trim_resend(self, nid: NodeId, m: dict[str, Any]) -> dict[str, Any]:
+        """Drop entries this connection already carried to ``nid``.
+
+        pysyncobj's leader sets nextIndex from every successful ack, so with
+        pipelined appends a lagging ack moves nextIndex *back* and the next
+        append resends entries the follower already has; the follower then
+        truncates and re-appends acknowledged entries (a window in which an
+        acknowledged entry is missing from its durable log).  Our links are
+        ordered, so an entry sent once in this term on a live link reaches the
+        follower before anything sent later: we send only what is new, with
+        prevLogIdx/prevLogTerm of the last entry sent.  Safe by Raft's own
+        check: a follower that did not keep that entry rejects the append
+        and asks for a reset, which clears this record (see ``deliver``)."""
+        term = m["term"]
+        if "prevLogIdx" not in m or "transmission" in m:
+            self._sent.pop(nid, None)
+            return m
+        sent = self._sent.get(nid)
+        entries = m.get("entries") or []
+        if sent is not None and sent[0] == term and m["prevLogIdx"] < sent[1]:
+            last_idx, last_term = sent[1], sent[2]
+            keep = [e for e in entries if e[1] > last_idx]
+            if not keep or keep[0][1] == last_idx + 1:
+                m = dict(m)
+                m["entries"] = keep
+                m["prevLogIdx"] = last_idx
+                m["prevLogTerm"] = last_term
+                entries = keep
+                self.trimmed += 1
+            else:
+                sent = None
+        if entries:
+            self._sent[nid] = (term, entries[-1][1], entries[-1][2])
+        elif sent is None or sent[0] != term or m["prevLogIdx"] > sent[1]:
+            self._sent[nid] = (term, m["prevLogIdx"], m["prevLogTerm"])
+        return m
 
     def announce_connected(self) -> None:
         for nid, node in self._nodes.items():
@@ -118,6 +162,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 self._onNodeConnected(node)
 
     def peer_event(self, node_id: NodeId, up: bool) -> None:
+        self._sent.pop(node_id, None)
         node = self._nodes.get(node_id)
         if node is not None:
             (self._onNodeConnected if up else self._onNodeDisconnected)(node)
@@ -126,6 +171,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
         node = self._nodes.get(node_id)
         if node is None:
             return  # not a member (removed, or not yet added): ignore, as Raft must
+        if message.get("type") == "next_node_idx" and message.get("reset"):
+            self._sent.pop(node_id, None)  # the follower wants a resend from an earlier point
         self._onMessageReceived(node, message)
 
     def destroy(self) -> None:

@@ -1,0 +1,85 @@
+"""GroupTransport: resend trimming that keeps followers from truncating acked entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cachenode.raft.group import GroupTransport
+from pysyncobj.node import Node
+
+
+class FakeMux:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, Any]] = []
+        self.up = True
+
+    def send(self, node: str, group: int, message: Any) -> bool:
+        if not self.up:
+            return False
+        self.sent.append((node, group, message))
+        return True
+
+    def is_up(self, node: str) -> bool:
+        return self.up
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.mux = FakeMux()
+
+    def want_peer(self, node: str) -> None:
+        pass
+
+    def unwant_peer(self, node: str) -> None:
+        pass
+
+
+def ae(prev: int, entries: list[tuple[bytes, int, int]], term: int = 1) -> dict[str, Any]:
+    return {"type": "append_entries", "term": term, "commit_index": 0, "entries": entries,
+            "prevLogIdx": prev, "prevLogTerm": 1}
+
+
+def e(i: int, t: int = 1) -> tuple[bytes, int, int]:
+    return (b"c%d" % i, i, t)
+
+
+def test_lagging_ack_resend_is_trimmed_to_new_entries() -> None:
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    t.send(n2, ae(9, [e(10)]))
+    t.send(n2, ae(10, [e(11)]))
+    # a lagging ack moved pysyncobj's nextIndex back to 11: it resends 11..12
+    t.send(n2, ae(10, [e(11), e(12)]))
+    last = h.mux.sent[-1][2]
+    assert last["prevLogIdx"] == 11 and last["prevLogTerm"] == 1
+    assert last["entries"] == [e(12)]
+    assert t.trimmed == 1
+    # a pure duplicate becomes a heartbeat at the last sent entry
+    t.send(n2, ae(10, [e(11), e(12)]))
+    hb = h.mux.sent[-1][2]
+    assert hb["entries"] == [] and hb["prevLogIdx"] == 12
+
+
+def test_reset_and_disconnect_disable_trimming() -> None:
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    t.send(n2, ae(9, [e(10), e(11)]))
+    # the follower rejects and asks for a resend from 5: must go out untouched
+    t.deliver("n2", {"type": "next_node_idx", "reset": True, "next_node_idx": 5, "success": False})
+    t.send(n2, ae(4, [e(5), e(6)]))
+    assert h.mux.sent[-1][2]["prevLogIdx"] == 4
+    t.send(n2, ae(6, [e(7)]))
+    t.peer_event("n2", False)
+    t.send(n2, ae(4, [e(5), e(6), e(7)]))
+    assert h.mux.sent[-1][2]["prevLogIdx"] == 4  # the link broke: resend everything
+
+
+def test_new_term_is_not_trimmed() -> None:
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    t.send(n2, ae(9, [e(10), e(11)], term=1))
+    t.send(n2, ae(9, [e(10, 2)], term=2))
+    assert h.mux.sent[-1][2]["prevLogIdx"] == 9
