@@ -69,13 +69,14 @@ class LocalCluster:
         self.dir = directory
         self._channels: dict[str, grpc.Channel] = {}
         self._all_pids: set[int] = set()
+        self._map: pb.ClusterMap | None = None
 
     # ---- lifecycle ----------------------------------------------------------
 
     def up(self, nodes: int = 3, shards: int = 4, extra: list[str] | None = None) -> None:
         args = ["local", "up", "--nodes", str(nodes), "--shards", str(shards), "--dir", str(self.dir)]
         for e in extra or []:
-            args += ["--node-arg", e]
+            args.append(f"--node-arg={e}")
         r = cachectl(*args)
         self._remember_pids()
         assert r.returncode == 0, f"local up failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
@@ -165,8 +166,20 @@ class LocalCluster:
                 best = (r.term, nid)
         return best[1] if best else None
 
+    def cluster_map(self) -> pb.ClusterMap:
+        """The map as any reachable node reports it (cached: tests do not reshard)."""
+        if self._map is None:
+            for nid in self.node_ids:
+                try:
+                    self._map = self.admin(nid).GetClusterMap(pb.ClusterMapRequest(), timeout=2)
+                    break
+                except grpc.RpcError:
+                    continue
+        assert self._map is not None, "no node answered GetClusterMap"
+        return self._map
+
     def shard_of(self, key: bytes) -> int:
-        m = self.admin(self.node_ids[0]).GetClusterMap(pb.ClusterMapRequest(), timeout=2)
+        m = self.cluster_map()
         from cachenode._types import key_hash
 
         h = key_hash(key)
@@ -176,7 +189,7 @@ class LocalCluster:
         raise AssertionError("no shard owns the key")
 
     def wait_all_leaders(self, timeout: float = 30.0, exclude: set[str] | None = None) -> None:
-        m = wait_for(lambda: self.admin(self.node_ids[0]).GetClusterMap(pb.ClusterMapRequest(), timeout=2), timeout, "cluster map")
+        m = wait_for(self.cluster_map, timeout, "cluster map")
         for s in m.shards:
             wait_for(lambda s=s: self.leader_of(s.id, exclude), timeout, f"a leader for shard {s.id}")
 

@@ -12,7 +12,7 @@ import pytest
 
 from cachenode.v1 import cache_pb2 as pb
 
-from ._nodes import LocalCluster, cachectl, local_cluster, wait_for
+from _nodes import LocalCluster, cachectl, local_cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -122,15 +122,27 @@ def test_no_quorum_is_unavailable_and_not_applied(tmp_path: Path) -> None:
         others = [n for n in c.node_ids if n != leader]
         for n in others:
             c.kill9(n)
-        # the leader steps down within ~2 s once it hears from nobody
+        refused_keys: list[bytes] = []
+        attempt = iter(range(10_000))
+
+        # Attempts before the leader notices may be appended (outcome unknown);
+        # once it answers "unavailable" the write must never apply.
         def refused() -> bool:
-            code, details, md = status_of(c.cache(leader).Set, pb.SetRequest(key=b"nq", value=b"v"))
-            return code == grpc.StatusCode.UNAVAILABLE and md.get("cachenode-error") == "unavailable"
+            key = b"nq%d" % next(attempt)
+            code, details, md = status_of(c.cache(leader).Set, pb.SetRequest(key=key, value=b"v"))
+            if code == grpc.StatusCode.UNAVAILABLE and md.get("cachenode-error") == "unavailable":
+                refused_keys.append(key)
+                return True
+            return False
+
         wait_for(refused, 10, "UNAVAILABLE without quorum")
+        for _ in range(5):
+            assert refused()
         for n in others:
             c.start_node(n)
         c.wait_all_leaders()
-        assert not c.cache(leader).Get(pb.GetRequest(key=b"nq"), timeout=5).found
+        r = c.cache(leader).MGet(pb.MGetRequest(keys=refused_keys), timeout=5)
+        assert not any(it.found for it in r.items), "a write answered UNAVAILABLE was applied"
 
 
 def test_stuck_quorum_gives_deadline_exceeded_outcome_unknown(tmp_path: Path) -> None:

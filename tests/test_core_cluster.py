@@ -16,7 +16,7 @@ import pytest
 
 from cachenode.v1 import cache_pb2 as pb
 
-from ._nodes import LocalCluster, local_cluster, wait_for
+from _nodes import LocalCluster, local_cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cachenode.raft.group import GroupTransport
 from pysyncobj.node import Node
+
+from cachenode.raft.group import GroupTransport
 
 
 class FakeMux:

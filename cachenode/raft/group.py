@@ -185,7 +185,7 @@ class _GroupSyncObj(SyncObj):  # type: ignore[misc]
         self._apply_fn = apply_fn
         super().__init__(*args, **kwargs)
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, payload: bytes) -> bytes:
         # pysyncobj raises raftLastApplied only after this returns, so the
         # index of the entry being applied is raftLastApplied + 1.

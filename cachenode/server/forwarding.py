@@ -74,7 +74,9 @@ class Forwarder:
                 return getattr(self._stub(addr), method)(fwd, timeout=remaining)
             except grpc.RpcError as e:
                 code = e.code()
-                md = tuple((k, v) for k, v in (e.trailing_metadata() or ()) if isinstance(v, str))
+                md: tuple[tuple[str, str], ...] = tuple(
+                    (str(m.key), str(m.value)) for m in (e.trailing_metadata() or ()) if isinstance(m.value, str)
+                )
                 kinds = dict(md)
                 kind = kinds.get(ERROR_KEY)
                 if kind == NotLeader.kind:

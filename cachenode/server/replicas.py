@@ -59,8 +59,11 @@ class ReplicaManager:
     # ---- start-up (any thread) --------------------------------------------
 
     def start(self) -> None:
-        for n in self.cfg.initial_cluster:
-            self.host.call(lambda n=n: self.host.mux.set_address(n.id, n.raft_address))
+        def set_addresses() -> None:
+            for n in self.cfg.initial_cluster:
+                self.host.mux.set_address(n.id, n.raft_address)
+
+        self.host.call(set_addresses)
         members = [n.id for n in self.cfg.initial_cluster]
         self.host.call(lambda: self.host.create_group(
             META_GROUP_ID, members, self._meta_apply, barrier_command,

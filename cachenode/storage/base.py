@@ -9,11 +9,22 @@ applies, term/vote updates of many groups: group commit).
 Threads:
 * ``Storage.begin`` and everything on a ``Batch`` (its ``state`` writers and
   ``log`` writer): the Raft driver thread only, one open batch at a time.
+  A writer or log writer must not be used after its batch's ``commit`` or
+  ``abort``.
 * ``Storage.reader`` and everything on a ``StateReader``: any thread, any time;
-  readers see committed data only, never a batch in progress.
-* ``load_log``/``load_log_meta``: at group start-up, driver thread.
+  readers see committed data only, never a batch in progress, and never block
+  on (or are blocked by) the batch in progress.
+* ``load_log``/``load_log_meta``/``groups``: at group start-up, driver thread.
 
-Keys are opaque bytes.  Group ids are ints (shard id, or META_GROUP_ID).
+Keys are opaque bytes of at most :data:`MAX_KEY_BYTES`.  Group ids are ints
+in 0..2**32-1 (shard id, or META_GROUP_ID).  Versions, expiry times, clocks,
+indices and sequence numbers are unsigned 64-bit ints.
+
+Everything returned (``bytes``, ``Record``, lists) belongs to the caller.
+
+Errors: :class:`StorageFault` when the disk refuses (fatal for the node);
+``ValueError`` for a caller bug that the storage detects before writing
+(oversized key or client id) and for a malformed dump passed to ``load``.
 """
 
 from __future__ import annotations
@@ -21,6 +32,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
+
+MAX_KEY_BYTES = 4096
+"""Longest key every storage accepts (the ceiling for ``--max-key-bytes``).
+LMDB's own key limit is 511 bytes: keys longer than 480 bytes are stored
+under their first 480 bytes + a digest, with the full key kept in the record
+(see :mod:`cachenode.storage.lmdb_store`), which callers never see except in
+the order described at :meth:`StateReader.items`.  The state machine rejects
+empty or longer keys as invalid arguments, so a client cannot make a replica
+fault."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,20 +56,53 @@ class StorageFault(Exception):
 
 
 class StateReader(Protocol):
-    """Committed state of one group.  Any thread."""
+    """Committed state of one group.  Any thread.
+
+    The storage does not judge expiry: a record whose ``expires_at_ms`` has
+    passed is still returned (and counted) until a command deletes it; the
+    state machine decides what is live, at its own clock.
+    """
 
     def get(self, key: bytes) -> Record | None: ...
-    def applied_index(self) -> int: ...
-    def clock_ms(self) -> int: ...
+    def applied_index(self) -> int:
+        """Raft index of the last applied command (0 if none)."""
+        ...
+
+    def clock_ms(self) -> int:
+        """The group's clock as of that command (0 if none)."""
+        ...
+
     def expired(self, now_ms: int, limit: int) -> list[tuple[bytes, int]]:
-        """Up to ``limit`` (key, expires_at_ms) with 0 < expires_at_ms <= now_ms, oldest first."""
+        """Up to ``limit`` (key, expires_at_ms) with 0 < expires_at_ms <= now_ms,
+        ordered by (expires_at_ms, key), keys in the order of :meth:`items`."""
         ...
-    def count(self) -> int: ...
+
+    def count(self) -> int:
+        """Number of stored records (O(1))."""
+        ...
+
     def size_bytes(self) -> int:
-        """Sum of len(key) + len(value) of live records (as maintained by put/delete)."""
+        """Sum of len(key) + len(value) of stored records (as maintained by put/delete; O(1))."""
         ...
+
     def items(self) -> Iterator[tuple[bytes, Record]]:
-        """Every record in key order (snapshot-consistent)."""
+        """Every record in key order (snapshot-consistent).  On LMDB the
+        iterator holds a read transaction open until it is exhausted or
+        closed: do not park it.
+
+        Key order is byte order, with one exception every storage shares:
+        keys longer than 480 bytes that have the same first 480 bytes are
+        ordered among themselves by a digest of the whole key, not by their
+        remaining bytes (exactly: byte order of
+        :func:`cachenode.storage.lmdb_store.stored_key`)."""
+        ...
+
+    def dump(self, out: BinaryIO) -> None:
+        """Stream everything of this group (data, expiry index, dedup, applied
+        index, clock, counters) to ``out`` in the storage-independent dump
+        format, from one consistent view.  Never builds it all in memory.
+        On a reader this dumps committed state and may run on any thread
+        (a snapshot taken off the driver thread)."""
         ...
 
 
@@ -58,61 +111,111 @@ class StateWriter(StateReader, Protocol):
 
     Reads through a writer see the batch's own uncommitted writes.
     ``put``/``delete`` maintain the expiry index, ``count`` and ``size_bytes``.
+    ``dump`` on a writer includes the batch's uncommitted writes.
     """
 
-    def put(self, key: bytes, record: Record) -> None: ...
-    def delete(self, key: bytes) -> bool: ...
-    def set_applied(self, index: int, clock_ms: int) -> None: ...
+    def put(self, key: bytes, record: Record) -> None:
+        """Insert or replace; ``ValueError`` if ``len(key) > MAX_KEY_BYTES``.
+
+        Two different keys longer than 480 bytes whose 128-bit blake2b
+        digests and first 480 bytes both collide (not known to be possible)
+        share one slot: the key put last replaces the other's record, which
+        then reads as absent.  Deterministic, so replicas stay identical."""
+        ...
+
+    def delete(self, key: bytes) -> bool:
+        """Remove the record; False if there was none."""
+        ...
+
+    def set_applied(self, index: int, clock_ms: int) -> None:
+        """Record the applied index and clock; committed atomically with the
+        data writes of the same batch."""
+        ...
+
     def dedup_get(self, client_id: bytes, seq: int) -> bytes | None: ...
-    def dedup_put(self, client_id: bytes, seq: int, result: bytes, now_ms: int) -> None: ...
+    def dedup_put(self, client_id: bytes, seq: int, result: bytes, now_ms: int) -> None:
+        """Remember ``result`` for (client_id, seq), stored at ``now_ms``;
+        replaces an existing entry.  ``ValueError`` unless 1 <= len(client_id) <= 255."""
+        ...
+
     def dedup_prune(self, older_than_ms: int, limit: int) -> int:
-        """Forget up to ``limit`` dedup entries stored at now_ms < older_than_ms."""
+        """Forget up to ``limit`` dedup entries stored at now_ms < older_than_ms,
+        oldest first, ties in (len(client_id), client_id, seq) order, so every
+        storage prunes the same entries.  Returns how many were forgotten."""
         ...
-    def dump(self, out: BinaryIO) -> None:
-        """Stream everything of this group (data, expiry index, dedup, applied
-        index, clock, counters) to ``out``.  Never builds it all in memory."""
-        ...
+
     def load(self, inp: BinaryIO) -> None:
-        """Replace everything of this group with what ``dump`` wrote."""
+        """Replace everything of this group with what ``dump`` wrote (by any
+        storage).  Reads one dump from ``inp`` and stops after its end record.
+
+        Atomic within the batch: on a truncated or corrupt stream it raises
+        ``ValueError`` and the group is as it was before the call."""
         ...
+
     def clear(self) -> None:
-        """Remove everything of this group (replica deleted)."""
+        """Remove everything of this group's state (replica deleted).  The
+        journal is separate: see :meth:`LogWriter.clear`/:meth:`LogWriter.clear_meta`."""
         ...
 
 
 class LogWriter(Protocol):
     """Raft journal writes for any group, inside the current batch."""
 
-    def append(self, group: int, index: int, term: int, command: bytes) -> None: ...
+    def append(self, group: int, index: int, term: int, command: bytes) -> None:
+        """Store an entry (replacing any entry at the same index)."""
+        ...
+
     def delete_from(self, group: int, index: int) -> None:
         """Delete entries with index >= ``index``."""
         ...
+
     def delete_before(self, group: int, index: int) -> None:
         """Delete entries with index < ``index``."""
         ...
-    def clear(self, group: int) -> None: ...
+
+    def clear(self, group: int) -> None:
+        """Delete every entry of ``group``; its meta (term, vote) stays."""
+        ...
+
     def set_meta(self, group: int, name: str, value: bytes) -> None: ...
+    def clear_meta(self, group: int) -> None:
+        """Delete every meta value of ``group`` (replica deleted)."""
+        ...
 
 
 class Batch(Protocol):
-    def state(self, group: int) -> StateWriter: ...
+    def state(self, group: int) -> StateWriter:
+        """The writer of ``group`` in this batch (the same object on every call)."""
+        ...
+
     @property
     def log(self) -> LogWriter: ...
     def commit(self) -> None:
         """Make every write of the batch durable (per the storage's fsync
-        mode) and visible to readers, atomically."""
+        mode) and visible to readers, atomically.  ``StorageFault`` if the
+        disk refuses; the batch is closed either way."""
         ...
-    def abort(self) -> None: ...
+
+    def abort(self) -> None:
+        """Discard every write of the batch."""
+        ...
 
 
 class Storage(Protocol):
-    def begin(self) -> Batch: ...
+    def begin(self) -> Batch:
+        """Open the batch (``RuntimeError`` if one is already open)."""
+        ...
+
     def reader(self, group: int) -> StateReader: ...
     def load_log(self, group: int) -> list[tuple[bytes, int, int]]:
         """Committed journal of ``group`` as (command, index, term), index ascending."""
         ...
+
     def load_log_meta(self, group: int) -> dict[str, bytes]: ...
     def groups(self) -> set[int]:
         """Groups with any state or journal on disk."""
         ...
-    def close(self) -> None: ...
+
+    def close(self) -> None:
+        """Abort an open batch and release the storage."""
+        ...

@@ -1,0 +1,488 @@
+"""The blocking smart client.
+
+:class:`CacheClient` routes every key straight to its shard leader, keeps one
+gRPC channel per node address, and retries only what is safe (see
+:mod:`cachenode.client._core` for the rules).
+
+Thread-safety: every public method may be called from any number of threads
+at once; the channels, the route table and the request-id counter are shared
+and guarded.  :meth:`CacheClient.close` may be called from any thread; calls
+started after it raise :class:`~cachenode._errors.Unavailable`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from cachenode._errors import CacheError, Unavailable
+from cachenode._types import ClusterMap, NodeId, ShardId
+from cachenode.client._convert import (
+    KeyLike,
+    check_ttl,
+    get_result,
+    mget_item,
+    mset_items,
+    node_status_from_wire,
+    partial_failure,
+    to_bytes,
+    to_key,
+)
+from cachenode.client._core import (
+    CHANNEL_OPTIONS,
+    ClientCore,
+    Consistency,
+    Op,
+    Regroup,
+    Routing,
+    parse_consistency,
+)
+from cachenode.client._results import CasResult, GetResult, NodeStatus
+from cachenode.client._status import classify, reason
+from cachenode.client.route_table import RouteTable
+from cachenode.v1 import cache_pb2 as pb
+from cachenode.v1 import cache_pb2_grpc as pb_grpc
+
+__all__ = ["CacheClient"]
+
+K = TypeVar("K", bound=str | bytes)
+X = TypeVar("X")
+
+MAX_REGROUPS = 3
+MAX_FANOUT_THREADS = 8
+
+
+class _Group(Generic[X]):
+    """One per-shard slice of a fan-out and, once done, its response."""
+
+    def __init__(self, items: list[X]) -> None:
+        self.items = items
+        self.response: Any = None
+
+
+class CacheClient:
+    """A blocking client for a cachenode cluster.
+
+    ``endpoints``: one or more ``host:port`` client addresses (a list, or a
+    comma-separated string); any one that answers is enough to learn the
+    cluster map, which happens lazily on the first call.
+
+    ``timeout`` (seconds) bounds each user call as a whole, across all its
+    attempts; ``max_attempts`` bounds the attempts of one call (per shard for
+    ``mget``/``mset``).  ``client_id`` (1..64 bytes) names this client in
+    request ids; a random one is chosen when omitted.  Two clients must never
+    share a client id.
+
+    ``routing="smart"`` (the default) sends each request to the shard leader
+    and asks nodes not to forward it.  ``routing="proxy"`` sends everything to
+    the first reachable endpoint and lets that node forward (what ``cachectl
+    --forward`` uses; handy to read one node's replica with ``stale``).
+
+    Keys and values are ``str`` (encoded as UTF-8) or ``bytes``.  Errors are
+    the classes of :mod:`cachenode._errors`; an argument the client can judge
+    itself raises :class:`~cachenode._errors.InvalidArgument` before anything
+    is sent.  A write that timed out raises
+    :class:`~cachenode._errors.OutcomeUnknown`: it may or may not have been
+    applied, never twice.
+
+    Thread-safe (see the module docstring).  Use it as a context manager or
+    call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        *,
+        timeout: float = 2.0,
+        max_attempts: int = 4,
+        client_id: str | bytes | None = None,
+        routing: Routing = "smart",
+    ) -> None:
+        self._core = ClientCore(
+            endpoints,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            client_id=client_id,
+            routing=routing,
+        )
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # ---- properties ------------------------------------------------------
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self._core.endpoints
+
+    @property
+    def timeout(self) -> float:
+        return self._core.timeout
+
+    @property
+    def client_id(self) -> bytes:
+        return self._core.client_id
+
+    @property
+    def route_table(self) -> RouteTable | None:
+        """The live (thread-safe) route table, or ``None`` before the first map."""
+        return self._core.table
+
+    # ---- single-key operations --------------------------------------------
+
+    def get(self, key: KeyLike, *, consistency: Consistency = "linearizable") -> GetResult | None:
+        """The value of ``key``, or ``None`` when absent.
+
+        ``consistency="linearizable"`` (default) reflects every write
+        acknowledged before the call; ``"stale"`` may lag and says how far in
+        the result's ``applied_index``.
+        """
+        op = self._core.get_op(to_key(key), parse_consistency(consistency))
+        resp: pb.GetResponse = self._run(op)
+        return get_result(resp)
+
+    def set(
+        self,
+        key: KeyLike,
+        value: KeyLike,
+        *,
+        ttl_ms: int | None = None,
+        if_absent: bool = False,
+        if_present: bool = False,
+    ) -> bool:
+        """Write ``value``; True when applied (False when the condition did not hold).
+
+        ``ttl_ms``: expire after this many milliseconds (``None``: never).
+        ``if_absent`` (NX) / ``if_present`` (XX): write only if the key is absent / present.
+        """
+        op = self._core.set_op(to_key(key), to_bytes(value, "value"), ttl_ms, if_absent, if_present)
+        resp: pb.SetResponse = self._run(op)
+        return resp.applied
+
+    def delete(self, key: KeyLike) -> bool:
+        """Delete ``key``; True when it existed."""
+        resp: pb.DeleteResponse = self._run(self._core.delete_op(to_key(key)))
+        return resp.deleted
+
+    def cas(
+        self,
+        key: KeyLike,
+        new: KeyLike,
+        *,
+        expected: KeyLike | None = None,
+        expected_version: int | None = None,
+        absent: bool = False,
+        ttl_ms: int | None = None,
+    ) -> CasResult:
+        """Set ``key`` to ``new`` only if it holds ``expected`` (value), or is at
+        ``expected_version``, or (``absent=True`` or ``expected_version=0``) does
+        not exist.  Give exactly one of the three.  A retried cas applies once.
+        """
+        op = self._core.cas_op(
+            to_key(key),
+            to_bytes(new, "new value"),
+            None if expected is None else to_bytes(expected, "expected value"),
+            expected_version,
+            absent,
+            ttl_ms,
+        )
+        resp: pb.CompareAndSetResponse = self._run(op)
+        return CasResult(
+            succeeded=resp.succeeded,
+            version=resp.version,
+            current_value=resp.current_value if resp.current_found else None,
+            current_version=resp.current_version,
+        )
+
+    def incr(self, key: KeyLike, delta: int = 1) -> int:
+        """Add ``delta`` to the integer at ``key`` (absent counts as 0); returns the new value.
+
+        A retried incr applies once.  Raises
+        :class:`~cachenode._errors.FailedPrecondition` when the value is not an integer.
+        """
+        resp: pb.IncrResponse = self._run(self._core.incr_op(to_key(key), delta))
+        return resp.value
+
+    def ttl(self, key: KeyLike) -> int | None:
+        """Remaining time to live in ms; ``-1`` when the key never expires; ``None`` when absent."""
+        resp: pb.TtlResponse = self._run(self._core.ttl_op(to_key(key)))
+        if not resp.found:
+            return None
+        return resp.ttl_ms if resp.ttl_ms >= 0 else -1
+
+    # ---- multi-key operations --------------------------------------------
+
+    def mget(self, keys: Iterable[K]) -> dict[K, GetResult | None]:
+        """Read many keys at once: one linearizable ``MGet`` per shard, in parallel.
+
+        Returns a dict keyed by the keys as given, ``None`` for absent ones.
+        Each shard's slice is read atomically; different shards are read
+        independently (not one snapshot of the whole cluster).
+        """
+        pairs = [(k, to_key(k)) for k in keys]
+        if not pairs:
+            return {}
+        deadline = self._core.deadline()
+        table = self._ensure_table(deadline)
+        groups = [_Group(ks) for ks in table.group_keys([b for _, b in pairs]).values()]
+        done = self._fan_out(
+            groups, self._core.mget_op, table.group_keys, deadline, "mget", write=False
+        )
+        found: dict[bytes, GetResult | None] = {}
+        for group in done:
+            shard_id = table.shard_for_key(group.items[0]).id
+            resp: pb.MGetResponse = group.response
+            for key, item in zip(group.items, resp.items, strict=False):
+                found[key] = mget_item(item, shard_id)
+        return {k: found.get(b) for k, b in pairs}
+
+    def mset(
+        self,
+        mapping_or_items: Mapping[Any, KeyLike] | Iterable[tuple[KeyLike, KeyLike]],
+        ttl_ms: int | None = None,
+    ) -> int:
+        """Write many keys; returns how many were written.
+
+        Atomic per shard only: the keys of one shard are written by one Raft
+        entry (all or none), keys on different shards are independent writes
+        sent in parallel.  If one shard fails, the others may still have been
+        written; the error says how many shards failed.  A repeated key keeps
+        its last value.
+        """
+        items = mset_items(mapping_or_items)
+        if not items:
+            return 0
+        ttl = check_ttl(ttl_ms)
+        deadline = self._core.deadline()
+        table = self._ensure_table(deadline)
+        groups = [_Group(kvs) for kvs in table.group_items(items).values()]
+        done = self._fan_out(
+            groups,
+            lambda kvs: self._core.mset_op(kvs, ttl),
+            table.group_items,
+            deadline,
+            "mset",
+            write=True,
+        )
+        total = 0
+        for group in done:
+            resp: pb.MSetResponse = group.response
+            total += resp.count
+        return total
+
+    # ---- cluster information ----------------------------------------------
+
+    def cluster_map(self, *, refresh: bool = True) -> ClusterMap:
+        """The cluster map; fetched from any reachable node when ``refresh`` (or not known yet)."""
+        deadline = self._core.deadline()
+        if refresh or self._core.table is None:
+            self._refresh_map(deadline)
+        return self._ensure_table(deadline).cluster_map
+
+    def leaders(self) -> dict[ShardId, NodeId]:
+        """Shard id -> leader node id as currently known (see :meth:`cluster_map`)."""
+        table = self._core.table
+        return table.leaders() if table is not None else {}
+
+    def node_status(self, node: str) -> NodeStatus:
+        """``Admin.GetNodeStatus`` of one node, given its id (from the map) or address.
+
+        One attempt with the client's timeout; an unreachable node raises
+        :class:`~cachenode._errors.Unavailable`.
+        """
+        address = node
+        table = self._core.table
+        if table is not None and table.address_of(node) is not None:
+            address = table.address_of(node) or node
+        try:
+            resp = self._admin_stub(address).GetNodeStatus(
+                pb.NodeStatusRequest(), timeout=self._core.timeout
+            )
+        except grpc.RpcError as err:
+            raise classify(err, what="node status", target=f"node at {address}").error from None
+        return node_status_from_wire(resp)
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every channel and the fan-out threads.  Idempotent; thread-safe."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            channels = list(self._channels.values())
+            self._channels.clear()
+            pool, self._pool = self._pool, None
+        for channel in channels:
+            channel.close()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheClient(endpoints={list(self._core.endpoints)!r}, routing={self._core.routing!r})"
+        )
+
+    # ---- internals -------------------------------------------------------
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the client is closed; create a new CacheClient")
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+                self._channels[address] = channel
+            return channel
+
+    def _cache_stub(self, address: str) -> pb_grpc.CacheStub:
+        return pb_grpc.CacheStub(self._channel(address))
+
+    def _admin_stub(self, address: str) -> pb_grpc.AdminStub:
+        return pb_grpc.AdminStub(self._channel(address))
+
+    def _refresh_map(self, deadline: float) -> RouteTable:
+        """Fetch the map from the first node that answers; raises Unavailable if none does."""
+        candidates = self._core.map_candidates()
+        errors: list[str] = []
+        for i, address in enumerate(candidates):
+            remaining = deadline - self._core.clock()
+            if remaining <= 0:
+                errors.append(f"{address}: not tried, out of time")
+                continue
+            try:
+                resp = self._admin_stub(address).GetClusterMap(
+                    pb.ClusterMapRequest(), timeout=remaining / (len(candidates) - i)
+                )
+            except grpc.RpcError as err:
+                self._core.mark_down(address)
+                errors.append(f"{address}: {reason(err)}")
+                continue
+            self._core.mark_up(address)
+            return self._core.apply_map(resp)
+        raise Unavailable(
+            f"could not fetch the cluster map from any of {', '.join(candidates)} "
+            f"({'; '.join(errors)}); check that the nodes are running and that the "
+            "endpoints are right"
+        )
+
+    def _ensure_table(self, deadline: float) -> RouteTable:
+        table = self._core.table
+        if table is not None:
+            return table
+        last: CacheError | None = None
+        for attempt in range(self._core.max_attempts):
+            try:
+                return self._refresh_map(deadline)
+            except Unavailable as err:
+                last = err
+            if deadline - self._core.clock() <= 0:
+                break
+            time.sleep(
+                min(self._core.backoff(attempt), max(0.0, deadline - self._core.clock()) / 2)
+            )
+        assert last is not None
+        raise last
+
+    def _run(self, op: Op, deadline: float | None = None) -> Any:
+        """Run one single-shard op with routing and retries; returns the response message."""
+        state = self._core.begin(op, deadline)
+        while True:
+            delay = 0.0
+            if state.need_map():
+                try:
+                    self._refresh_map(state.deadline)
+                    state.map_refreshed()
+                except Unavailable as err:
+                    delay = state.map_failed(err)
+                if delay > 0:
+                    time.sleep(delay)
+                continue
+            target = state.target()
+            call = getattr(self._cache_stub(target.address), op.method)
+            try:
+                return call(op.build(state.header(target)), timeout=state.attempt_timeout())
+            except grpc.RpcError as err:
+                if self._closed:
+                    raise Unavailable(
+                        f"{op.display}: the client was closed during the call"
+                    ) from None
+                delay = state.failed(err, target)
+            if delay > 0:
+                time.sleep(delay)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the client is closed; create a new CacheClient")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=MAX_FANOUT_THREADS, thread_name_prefix="cachenode-client"
+                )
+            return self._pool
+
+    def _fan_out(
+        self,
+        groups: list[_Group[X]],
+        make_op: Callable[[list[X]], Op],
+        regroup: Callable[[list[X]], dict[ShardId, list[X]]],
+        deadline: float,
+        what: str,
+        *,
+        write: bool,
+    ) -> list[_Group[X]]:
+        """Run one op per group in parallel; re-split groups whose keys moved shards."""
+        total = len(groups)
+        done: list[_Group[X]] = []
+        pending = groups
+        for _ in range(MAX_REGROUPS + 1):
+            if not pending:
+                break
+            outcomes: list[tuple[_Group[X], Future[Any] | None, Any]] = []
+            if len(pending) == 1:
+                group = pending[0]
+                try:
+                    outcomes.append((group, None, self._run(make_op(group.items), deadline)))
+                except (CacheError, Regroup) as err:
+                    outcomes.append((group, None, err))
+            else:
+                pool = self._executor()
+                futures = [(g, pool.submit(self._run, make_op(g.items), deadline)) for g in pending]
+                for group, fut in futures:
+                    try:
+                        outcomes.append((group, fut, fut.result()))
+                    except (CacheError, Regroup) as err:
+                        outcomes.append((group, fut, err))
+            pending = []
+            errors: list[CacheError] = []
+            for group, _, result in outcomes:
+                if isinstance(result, Regroup):
+                    pending += [_Group(items) for items in regroup(group.items).values()]
+                elif isinstance(result, CacheError):
+                    errors.append(result)
+                else:
+                    group.response = result
+                    done.append(group)
+            if errors:
+                raise partial_failure(errors[0], what, len(errors), total, write) from None
+        if pending:
+            raise Unavailable(f"{what}: the shard layout kept changing; retry")
+        return done

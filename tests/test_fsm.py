@@ -1,0 +1,773 @@
+"""ShardStateMachine: command semantics, idempotency, dedup, determinism, replay, snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cachenode.fsm import (
+    Barrier,
+    BarrierResult,
+    CasResult,
+    Command,
+    CompareAndSet,
+    Condition,
+    Delete,
+    DeleteResult,
+    ErrorResult,
+    Expire,
+    ExpireResult,
+    Incr,
+    IncrResult,
+    MSet,
+    MSetResult,
+    Replayed,
+    RequestId,
+    Result,
+    Set,
+    SetResult,
+    ShardStateMachine,
+    decode_command,
+    decode_result,
+    encode_command,
+    encode_result,
+    read_get,
+    ttl_remaining_ms,
+)
+from cachenode.storage.base import MAX_KEY_BYTES, Record, StateWriter, Storage, StorageFault
+from cachenode.storage.lmdb_store import LmdbStorage
+from cachenode.storage.memory_store import MemoryStorage
+
+G = 1
+I64_MAX = (1 << 63) - 1
+I64_MIN = -(1 << 63)
+
+
+class Node:
+    """One replica's view for tests: a storage, a state machine, an index counter."""
+
+    def __init__(self, storage: Storage, sm: ShardStateMachine | None = None) -> None:
+        self.s = storage
+        self.sm = sm or ShardStateMachine()
+        self.index = 0
+
+    def apply_raw(self, payload: bytes, index: int | None = None) -> bytes:
+        if index is None:
+            self.index += 1
+            index = self.index
+        b = self.s.begin()
+        try:
+            out = self.sm.apply(payload, index, b.state(G))
+        except BaseException:
+            b.abort()
+            raise
+        b.commit()
+        return out
+
+    def apply(self, cmd: Command, index: int | None = None) -> Result:
+        return decode_result(self.apply_raw(encode_command(cmd), index))
+
+    def get(self, key: bytes, clock: int | None = None) -> Record | None:
+        r = self.s.reader(G)
+        return read_get(r, key, r.clock_ms() if clock is None else clock)
+
+    def state(self) -> bytes:
+        out = io.BytesIO()
+        self.s.reader(G).dump(out)
+        return out.getvalue()
+
+
+@pytest.fixture(params=["lmdb", "memory"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    s: Storage = (
+        LmdbStorage(tmp_path / "db", fsync=False) if request.param == "lmdb" else MemoryStorage()
+    )
+    yield Node(s)
+    s.close()
+
+
+def rid(seq: int, client: bytes = b"client") -> RequestId:
+    return RequestId(client, seq)
+
+
+# -- command semantics -------------------------------------------------------
+
+
+def test_set_conditions(node: Node) -> None:
+    assert node.apply(Set(b"k", b"v1", 0, Condition.ALWAYS, 1000)) == SetResult(True, 1)
+    assert node.apply(Set(b"k", b"v2", 0, Condition.IF_ABSENT, 1000)) == SetResult(False, 1)
+    assert node.apply(Set(b"k", b"v3", 0, Condition.IF_PRESENT, 1000)) == SetResult(True, 3)
+    assert node.apply(Set(b"other", b"x", 0, Condition.IF_PRESENT, 1000)) == SetResult(False, 0)
+    assert node.apply(Set(b"other", b"x", 0, Condition.IF_ABSENT, 1000)) == SetResult(True, 5)
+    assert node.get(b"k") == Record(b"v3", 3, 0)
+    assert node.get(b"other") == Record(b"x", 5, 0)
+    r = node.s.reader(G)
+    assert (r.applied_index(), r.clock_ms(), r.count()) == (5, 1000, 2)
+
+
+def test_ttl_expired_behaves_as_absent(node: Node) -> None:
+    node.apply(Set(b"k", b"v", 2000, Condition.ALWAYS, 1000))
+    assert node.get(b"k", 1999) == Record(b"v", 1, 2000)
+    assert node.get(b"k", 2000) is None  # due at exactly expires_at_ms
+    rec = node.get(b"k", 1500)
+    assert rec is not None and ttl_remaining_ms(rec, 1500) == 500
+    assert ttl_remaining_ms(Record(b"", 1, 0), 1500) == -1
+    # Once the clock passes the expiry, every command sees the key as absent.
+    assert node.apply(Set(b"k", b"new", 0, Condition.IF_PRESENT, 2000)) == SetResult(False, 0)
+    assert node.apply(Incr(b"k", 1, 2000)) == IncrResult(1, 3)  # started from 0
+    assert node.get(b"k") == Record(b"1", 3, 0)  # a fresh record without the old expiry
+
+
+def test_expired_record_invisible_to_if_absent_and_delete(node: Node) -> None:
+    node.apply(Set(b"k", b"v", 1500, Condition.ALWAYS, 1000))
+    node.apply(Barrier(1600))
+    assert node.s.reader(G).get(b"k") is not None  # still stored...
+    assert node.apply(Delete(b"k", 1600)) == DeleteResult(False, 3)  # ...but not live
+    assert node.s.reader(G).get(b"k") is None  # and dropped by the delete
+    node.apply(Set(b"j", b"v", 1700, Condition.ALWAYS, 1600))
+    assert node.apply(Set(b"j", b"w", 0, Condition.IF_ABSENT, 1800)) == SetResult(True, 5)
+
+
+def test_clock_is_monotonic_across_skewed_leaders(node: Node) -> None:
+    node.apply(Set(b"k", b"v", 1500, Condition.ALWAYS, 1000))
+    assert node.apply(Barrier(2000)) == BarrierResult(2, 2000)
+    # A new leader whose clock is behind: the group clock does not go back,
+    # so the key stays expired.
+    assert node.apply(Barrier(1200)) == BarrierResult(3, 2000)
+    assert node.apply(Set(b"k", b"x", 0, Condition.IF_PRESENT, 1200)) == SetResult(False, 0)
+    assert node.s.reader(G).clock_ms() == 2000
+
+
+def test_set_with_past_expiry_stores_nothing(node: Node) -> None:
+    node.apply(Set(b"k", b"v", 0, Condition.ALWAYS, 1000))
+    assert node.apply(Set(b"k", b"gone", 900, Condition.ALWAYS, 1000)) == SetResult(True, 2)
+    assert node.s.reader(G).get(b"k") is None
+    assert node.s.reader(G).count() == 0
+
+
+def test_delete(node: Node) -> None:
+    node.apply(Set(b"k", b"v", 0, Condition.ALWAYS, 1))
+    assert node.apply(Delete(b"k", 1)) == DeleteResult(True, 2)
+    assert node.apply(Delete(b"k", 1)) == DeleteResult(False, 3)
+    assert node.get(b"k") is None
+
+
+def test_cas_on_value_version_and_absence(node: Node) -> None:
+    def cas(
+        ev: bytes | None = None, ever: int | None = None, absent: bool = False, new: bytes = b"n"
+    ) -> Result:
+        return node.apply(CompareAndSet(b"k", ev, ever, absent, new, 0, 10))
+
+    assert cas(ev=b"x") == CasResult(False, 0, False, None, 0)
+    assert cas(ever=5) == CasResult(False, 0, False, None, 0)
+    assert cas(absent=True, new=b"a") == CasResult(True, 3, False, None, 0)
+    assert cas(absent=True) == CasResult(False, 0, True, b"a", 3)
+    assert cas(ever=0) == CasResult(False, 0, True, b"a", 3)  # version 0 = must be absent
+    assert cas(ev=b"wrong") == CasResult(False, 0, True, b"a", 3)
+    assert cas(ev=b"a", new=b"b") == CasResult(True, 7, False, None, 0)
+    assert cas(ever=3) == CasResult(False, 0, True, b"b", 7)
+    assert cas(ever=7, new=b"c") == CasResult(True, 9, False, None, 0)
+    assert node.get(b"k") == Record(b"c", 9, 0)
+    node.apply(Delete(b"k", 10))
+    assert cas(ever=0, new=b"d") == CasResult(True, 11, False, None, 0)
+
+
+def test_cas_sets_expiry_and_sees_expired_as_absent(node: Node) -> None:
+    node.apply(CompareAndSet(b"k", None, None, True, b"v", 50, 10))
+    assert node.get(b"k") == Record(b"v", 1, 50)
+    assert node.apply(CompareAndSet(b"k", b"v", None, False, b"w", 0, 60)) == CasResult(
+        False, 0, False, None, 0
+    )
+    assert node.apply(CompareAndSet(b"k", None, None, True, b"w", 0, 60)) == CasResult(
+        True, 3, False, None, 0
+    )
+
+
+def test_incr(node: Node) -> None:
+    assert node.apply(Incr(b"n", 5, 1)) == IncrResult(5, 1)
+    assert node.apply(Incr(b"n", -7, 1)) == IncrResult(-2, 2)
+    assert node.get(b"n") == Record(b"-2", 2, 0)
+    node.apply(Set(b"m", b"41", 500, Condition.ALWAYS, 1))
+    assert node.apply(Incr(b"m", 1, 2)) == IncrResult(42, 4)
+    assert node.get(b"m") == Record(b"42", 4, 500)  # keeps the expiry
+    node.apply(Set(b"big", str(I64_MAX - 1).encode(), 0, Condition.ALWAYS, 2))
+    assert node.apply(Incr(b"big", 1, 2)) == IncrResult(I64_MAX, 6)
+    node.apply(Set(b"small", str(I64_MIN).encode(), 0, Condition.ALWAYS, 2))
+    assert node.apply(Incr(b"small", 0, 2)) == IncrResult(I64_MIN, 8)
+
+
+@pytest.mark.parametrize(
+    "stored, delta, why",
+    [
+        (b"abc", 1, "not an integer"),
+        (b"1.5", 1, "not an integer"),
+        (b" 1", 1, "not an integer"),
+        (b"+1", 1, "not an integer"),
+        (b"007", 1, "not an integer"),
+        (b"-0", 1, "not an integer"),
+        (b"", 1, "not an integer"),
+        (b"99999999999999999999", 1, "not an integer"),
+        (str(I64_MAX + 1).encode(), 0, "not an integer"),
+        (str(I64_MAX).encode(), 1, "overflow"),
+        (str(I64_MIN).encode(), -1, "overflow"),
+    ],
+)
+def test_incr_errors_change_nothing(node: Node, stored: bytes, delta: int, why: str) -> None:
+    node.apply(Set(b"k", stored, 0, Condition.ALWAYS, 1))
+    before = node.s.reader(G).get(b"k")
+    res = node.apply(Incr(b"k", delta, 1))
+    assert isinstance(res, ErrorResult) and res.kind == "failed_precondition"
+    assert why in res.message
+    assert node.s.reader(G).get(b"k") == before
+    assert node.s.reader(G).applied_index() == 2  # the group moves on
+
+
+def test_mset_all_in_one_version(node: Node) -> None:
+    node.apply(Set(b"b", b"old", 0, Condition.ALWAYS, 1))
+    items = ((b"a", b"1", 0), (b"b", b"2", 100), (b"a", b"3", 0), (b"gone", b"x", 1))
+    assert node.apply(MSet(items, 5)) == MSetResult(4, 2)
+    assert node.get(b"a") == Record(b"3", 2, 0)  # last one wins
+    assert node.get(b"b") == Record(b"2", 2, 100)
+    assert node.s.reader(G).get(b"gone") is None  # already due when written
+    assert node.apply(MSet((), 5)) == MSetResult(0, 3)
+
+
+def test_expire_deletes_only_the_record_the_leader_saw(node: Node) -> None:
+    node.apply(Set(b"due", b"v", 100, Condition.ALWAYS, 1))
+    node.apply(Set(b"reset", b"v", 100, Condition.ALWAYS, 1))
+    node.apply(Set(b"notyet", b"v", 500, Condition.ALWAYS, 1))
+    node.apply(Set(b"forever", b"v", 0, Condition.ALWAYS, 1))
+    node.apply(Barrier(200))
+    keys = node.s.reader(G).expired(200, 10)
+    assert keys == [(b"due", 100), (b"reset", 100)]
+    node.apply(Set(b"reset", b"new", 1000, Condition.ALWAYS, 200))  # re-set after the scan
+    expire = Expire((*keys, (b"due", 100), (b"notyet", 500), (b"forever", 0), (b"missing", 1)), 200)
+    assert node.apply(expire) == ExpireResult(1)
+    r = node.s.reader(G)
+    assert r.get(b"due") is None
+    assert r.get(b"reset") == Record(b"new", 6, 1000)
+    assert r.get(b"notyet") is not None and r.get(b"forever") is not None
+    assert node.apply(Expire(((b"notyet", 500),), 500)) == ExpireResult(1)
+
+
+def test_barrier_changes_no_data(node: Node) -> None:
+    node.apply(Set(b"k", b"v", 0, Condition.ALWAYS, 10))
+    items = list(node.s.reader(G).items())
+    assert node.apply(Barrier(20)) == BarrierResult(2, 20)
+    assert list(node.s.reader(G).items()) == items
+    assert node.s.reader(G).applied_index() == 2
+
+
+def test_key_limits(node: Node) -> None:
+    assert node.apply(Set(b"k" * MAX_KEY_BYTES, b"v", 0, Condition.ALWAYS, 1)) == SetResult(True, 1)
+    for key in (b"", b"k" * (MAX_KEY_BYTES + 1)):
+        with pytest.raises(ValueError):
+            encode_command(Set(key, b"v", 0, Condition.ALWAYS, 1))
+        # Forged past the encoder, it is still refused, not a storage fault.
+        raw = bytes((1, 1)) + msgpack.packb([key, b"v", 0, 0, 1])
+        res = decode_result(node.apply_raw(raw))
+        assert isinstance(res, ErrorResult) and res.kind == "invalid_argument"
+
+
+# -- idempotency and exactly-once ---------------------------------------------
+
+
+def test_same_index_twice_is_a_replay(node: Node) -> None:
+    payload = encode_command(Incr(b"n", 1, 10))
+    assert decode_result(node.apply_raw(payload, 1)) == IncrResult(1, 1)
+    state = node.state()
+    assert decode_result(node.apply_raw(payload, 1)) == Replayed(1)
+    assert decode_result(node.apply_raw(encode_command(Set(b"x", b"", 0, 0, 99)), 1)) == Replayed(1)
+    assert node.state() == state
+
+
+def test_retry_with_same_request_id_returns_cached_result(node: Node) -> None:
+    first = node.apply_raw(encode_command(Incr(b"n", 5, 10, rid(1))))
+    node.apply(Set(b"other", b"v", 0, Condition.ALWAYS, 11))
+    # The retry lands at a new index: same bytes back, counter unchanged.
+    again = node.apply_raw(encode_command(Incr(b"n", 5, 12, rid(1))))
+    assert again == first and decode_result(again) == IncrResult(5, 1)
+    assert node.get(b"n") == Record(b"5", 1, 0)
+    r = node.s.reader(G)
+    assert (r.applied_index(), r.clock_ms()) == (3, 12)
+    assert node.apply(Incr(b"n", 5, 13, rid(2))) == IncrResult(10, 4)  # next seq applies
+    assert node.apply(Incr(b"n", 5, 13, rid(1, b"other-client"))) == IncrResult(15, 5)
+    # Errors are remembered too: the retry gets the same answer.
+    node.apply(Set(b"t", b"text", 0, Condition.ALWAYS, 14))
+    e1 = node.apply_raw(encode_command(Incr(b"t", 1, 15, rid(3))))
+    node.apply(Set(b"t", b"1", 0, Condition.ALWAYS, 16))
+    assert node.apply_raw(encode_command(Incr(b"t", 1, 17, rid(3)))) == e1
+
+
+def test_unsafe_dup_incr_applies_retries_again(tmp_path: Path) -> None:
+    node = Node(MemoryStorage(), ShardStateMachine(unsafe_dup_incr=True))
+    assert node.apply(Incr(b"n", 5, 10, rid(1))) == IncrResult(5, 1)
+    assert node.apply(Incr(b"n", 5, 11, rid(1))) == IncrResult(10, 2)  # the bug, on purpose
+    assert node.get(b"n") == Record(b"10", 2, 0)
+    # Only Incr is affected.
+    assert node.apply(Set(b"s", b"a", 0, Condition.IF_ABSENT, 12, rid(2))) == SetResult(True, 3)
+    assert node.apply(Set(b"s", b"a", 0, Condition.IF_ABSENT, 13, rid(2))) == SetResult(True, 3)
+
+
+def test_dedup_entries_expire_after_the_window(node: Node) -> None:
+    node.sm = ShardStateMachine(dedup_window_ms=1000)
+    assert node.apply(Incr(b"n", 1, 10_000, rid(1))) == IncrResult(1, 1)
+    assert node.apply(Incr(b"n", 1, 10_999, rid(1))) == IncrResult(1, 1)  # inside the window
+    node.apply(Barrier(11_001))  # prunes entries stored before 10_001
+    assert node.apply(Incr(b"n", 1, 11_002, rid(1))) == IncrResult(2, 4)
+
+
+def test_dedup_prune_is_bounded_per_apply(node: Node) -> None:
+    node.sm = ShardStateMachine(dedup_window_ms=10)
+    for seq in range(1, 101):
+        node.apply(Delete(b"k", 0, rid(seq)))
+    node.apply(Barrier(1000))
+    b = node.s.begin()
+    w = b.state(G)
+    remaining = sum(w.dedup_get(b"client", s) is not None for s in range(1, 101))
+    b.abort()
+    assert remaining == 100 - 64
+
+
+# -- never raises ---------------------------------------------------------------
+
+
+def _check_garbage_applied(node: Node, payload: bytes) -> None:
+    before = node.s.reader(G).applied_index()
+    out = node.apply_raw(payload)
+    res = decode_result(out)  # always a well-formed result
+    assert not isinstance(res, Replayed)
+    assert node.s.reader(G).applied_index() == before + 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_never_raise(payload: bytes) -> None:
+    _check_garbage_applied(Node(MemoryStorage()), payload)
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.binary(max_size=8)
+    | st.text(max_size=4)
+    | st.floats(),
+    lambda inner: (
+        st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10), st.lists(msgpack_values, max_size=10))
+def test_well_framed_garbage_never_raises(tag: int, fields: list[Any]) -> None:
+    # Right version byte and a plausible tag: exercises the field checks.
+    _check_garbage_applied(Node(MemoryStorage()), bytes((1, tag)) + msgpack.packb(fields))
+
+
+class _FaultyWriter:
+    """Delegates to a real writer; ``fail`` names the method that raises ``exc``."""
+
+    def __init__(self, w: StateWriter, fail: str, exc: Exception) -> None:
+        self._w, self._fail, self._exc = w, fail, exc
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._fail:
+
+            def boom(*a: Any, **k: Any) -> Any:
+                raise self._exc
+
+            return boom
+        return getattr(self._w, name)
+
+
+def test_storage_fault_propagates() -> None:
+    s = MemoryStorage()
+    b = s.begin()
+    w = _FaultyWriter(b.state(G), "put", StorageFault("disk full"))
+    with pytest.raises(StorageFault):
+        ShardStateMachine().apply(encode_command(Set(b"k", b"v", 0, 0, 1)), 1, w)
+    b.abort()
+
+
+def test_storage_misbehaving_mid_write_is_a_fault() -> None:
+    s = MemoryStorage()
+    b = s.begin()
+    w = _FaultyWriter(b.state(G), "dedup_put", RuntimeError("bug"))
+    with pytest.raises(StorageFault):
+        ShardStateMachine().apply(encode_command(Set(b"k", b"v", 0, 0, 1, rid(1))), 1, w)
+    b.abort()
+
+
+def test_logic_failure_is_an_internal_error_and_changes_no_data() -> None:
+    s = MemoryStorage()
+    b = s.begin()
+    w = _FaultyWriter(b.state(G), "get", RuntimeError("bug while planning"))
+    out = ShardStateMachine().apply(encode_command(Set(b"k", b"v", 0, 0, 7)), 1, w)
+    res = decode_result(out)
+    assert isinstance(res, ErrorResult) and res.kind == "internal" and "RuntimeError" in res.message
+    b.commit()
+    r = s.reader(G)
+    assert (r.applied_index(), r.clock_ms(), r.count()) == (1, 7, 0)
+
+
+# -- codec ------------------------------------------------------------------------
+
+keys = st.sampled_from([b"a", b"b", b"c", b"n"])
+u64 = st.integers(0, 2**64 - 1)
+rids = st.none() | st.builds(RequestId, st.binary(min_size=1, max_size=255), u64)
+
+
+def cas_commands() -> st.SearchStrategy[CompareAndSet]:
+    return st.one_of(
+        st.builds(
+            CompareAndSet,
+            keys,
+            st.binary(max_size=4),
+            st.none(),
+            st.just(False),
+            st.binary(max_size=4),
+            u64,
+            u64,
+            rids,
+        ),
+        st.builds(
+            CompareAndSet,
+            keys,
+            st.none(),
+            u64,
+            st.just(False),
+            st.binary(max_size=4),
+            u64,
+            u64,
+            rids,
+        ),
+        st.builds(
+            CompareAndSet,
+            keys,
+            st.none(),
+            st.none(),
+            st.just(True),
+            st.binary(max_size=4),
+            u64,
+            u64,
+            rids,
+        ),
+    )
+
+
+any_commands: st.SearchStrategy[Command] = st.one_of(
+    st.builds(
+        Set,
+        st.binary(min_size=1, max_size=MAX_KEY_BYTES),
+        st.binary(),
+        u64,
+        st.sampled_from(list(Condition)),
+        u64,
+        rids,
+    ),
+    st.builds(Delete, keys, u64, rids),
+    cas_commands(),
+    st.builds(Incr, keys, st.integers(I64_MIN, I64_MAX), u64, rids),
+    st.builds(
+        MSet,
+        st.lists(st.tuples(keys, st.binary(max_size=4), u64), max_size=4).map(tuple),
+        u64,
+        rids,
+    ),
+    st.builds(Expire, st.lists(st.tuples(keys, u64), max_size=4).map(tuple), u64),
+    st.builds(Barrier, u64),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_commands)
+def test_command_codec_round_trip(cmd: Command) -> None:
+    assert decode_command(encode_command(cmd)) == cmd
+
+
+any_results: st.SearchStrategy[Result] = st.one_of(
+    st.builds(SetResult, st.booleans(), u64),
+    st.builds(DeleteResult, st.booleans(), u64),
+    st.builds(CasResult, st.booleans(), u64, st.booleans(), st.none() | st.binary(), u64),
+    st.builds(IncrResult, st.integers(I64_MIN, I64_MAX), u64),
+    st.builds(MSetResult, u64, u64),
+    st.builds(ExpireResult, u64),
+    st.builds(BarrierResult, u64, u64),
+    st.builds(ErrorResult, st.text(), st.text()),
+    st.builds(Replayed, u64),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(any_results)
+def test_result_codec_round_trip(r: Result) -> None:
+    assert decode_result(encode_result(r)) == r
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        CompareAndSet(b"k", b"v", 1, False, b"n", 0, 1),
+        CompareAndSet(b"k", None, None, False, b"n", 0, 1),
+        CompareAndSet(b"k", b"v", None, True, b"n", 0, 1),
+        Set(b"k", b"v", -1, 0, 1),
+        Set(b"k", b"v", 0, 3, 1),
+        Set(b"k", b"v", 0, 0, True),
+        Set(b"k", "text", 0, 0, 1),  # type: ignore[arg-type]
+        Incr(b"k", I64_MAX + 1, 1),
+        Delete(b"k", 2**64),
+        Delete(b"k", 1, RequestId(b"", 1)),
+        Delete(b"k", 1, RequestId(b"x" * 256, 1)),
+        Delete(b"k", 1, RequestId(b"c", -1)),
+        MSet([(b"k", b"v", 0)], 1),  # type: ignore[arg-type]
+        Expire(((b"k",),), 1),  # type: ignore[arg-type]
+    ],
+)
+def test_encoder_refuses_malformed_commands(cmd: Command) -> None:
+    with pytest.raises(ValueError):
+        encode_command(cmd)
+
+
+def test_command_encoding_is_compact() -> None:
+    assert len(encode_command(Barrier(1_700_000_000_000))) <= 12
+    small_set = Set(
+        b"k" * 16, b"v" * 100, 0, Condition.ALWAYS, 1_700_000_000_000, RequestId(b"c" * 16, 12345)
+    )
+    assert len(encode_command(small_set)) <= 16 + 100 + 16 + 24
+
+
+def test_error_result_maps_to_error_hierarchy() -> None:
+    from cachenode._errors import FailedPrecondition, Internal
+
+    assert isinstance(ErrorResult("failed_precondition", "m").to_error(), FailedPrecondition)
+    assert isinstance(ErrorResult("no_such_kind", "m").to_error(), Internal)
+
+
+# -- determinism, replay, snapshots (hypothesis) -----------------------------------
+
+small_keys = st.sampled_from([b"a", b"b", b"c", b"n"])
+values = st.sampled_from([b"", b"x", b"0", b"1", b"-5", b"41", b"9223372036854775807", b"abc"])
+ttls = st.sampled_from([0, 0, 50, 100, 200, 400])  # relative to the leader clock; 0 = none
+small_rids = st.none() | st.builds(RequestId, st.sampled_from([b"c1", b"c2"]), st.integers(1, 3))
+T = 0  # now_ms and expiry placeholders, filled in by _timed
+
+
+def _cas(
+    key: bytes, mode: int, v: bytes, ver: int, new: bytes, ttl: int, r: RequestId | None
+) -> CompareAndSet:
+    if mode == 0:
+        return CompareAndSet(key, v, None, False, new, ttl, T, r)
+    if mode == 1:
+        return CompareAndSet(key, None, ver, False, new, ttl, T, r)
+    return CompareAndSet(key, None, None, True, new, ttl, T, r)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpireScan:
+    """Placeholder: the leader's expiry loop proposes what its scan found
+    ``lag`` entries ago (commands may have re-set those keys since)."""
+
+    lag: int
+
+
+commands: st.SearchStrategy[Command | ExpireScan] = st.one_of(
+    st.builds(
+        Set, small_keys, values, ttls, st.sampled_from(list(Condition)), st.just(T), small_rids
+    ),
+    st.builds(Delete, small_keys, st.just(T), small_rids),
+    st.builds(
+        _cas, small_keys, st.integers(0, 2), values, st.integers(0, 6), values, ttls, small_rids
+    ),
+    st.builds(
+        Incr, small_keys, st.sampled_from([1, -1, 7, I64_MAX, I64_MIN]), st.just(T), small_rids
+    ),
+    st.builds(
+        MSet,
+        st.lists(st.tuples(small_keys, values, ttls), max_size=3).map(tuple),
+        st.just(T),
+        small_rids,
+    ),
+    st.builds(
+        Expire,
+        st.lists(st.tuples(small_keys, st.integers(0, 3000)), max_size=2).map(tuple),
+        st.just(T),
+    ),
+    st.builds(ExpireScan, st.sampled_from([0, 0, 1, 3])),
+    st.builds(ExpireScan, st.just(0)),
+    st.builds(Barrier, st.just(T)),
+)
+
+
+def _stamp(cmd: Command, now: int) -> Command:
+    def exp(ttl: int) -> int:
+        return now + ttl if ttl else 0
+
+    if isinstance(cmd, Set | CompareAndSet):
+        return dataclasses.replace(cmd, expires_at_ms=exp(cmd.expires_at_ms), now_ms=now)
+    if isinstance(cmd, MSet):
+        return dataclasses.replace(
+            cmd, items=tuple((k, v, exp(t)) for k, v, t in cmd.items), now_ms=now
+        )
+    return dataclasses.replace(cmd, now_ms=now)
+
+
+def _timed(steps: list[tuple[Command | ExpireScan | bytes, int]]) -> list[bytes]:
+    """Turn drawn steps into log entries the way a leader would.
+
+    The leader clock mostly advances (by up to 300 ms) and sometimes steps
+    back (a new leader with a slower clock); TTLs become absolute expiry
+    times; ExpireScan becomes the Expire a leader would propose from its own
+    (slightly stale) scan, found by applying the entries to a reference
+    replica.  Garbage payloads stay as they are."""
+    ref = Node(MemoryStorage(), ShardStateMachine(dedup_window_ms=700))
+    out: list[bytes] = []
+    scans: list[tuple[tuple[bytes, int], ...]] = []
+    now = 0
+    for cmd, step in steps:
+        now = max(0, now + step)
+        if isinstance(cmd, bytes):
+            entry = cmd
+        elif isinstance(cmd, ExpireScan):
+            if cmd.lag == 0:
+                r = ref.s.reader(G)
+                found = tuple(r.expired(max(now, r.clock_ms()), 10))
+            else:
+                found = scans[-cmd.lag] if len(scans) >= cmd.lag else ()
+            entry = encode_command(Expire(found, now))
+        else:
+            entry = encode_command(_stamp(cmd, now))
+        out.append(entry)
+        ref.apply_raw(entry)
+        r = ref.s.reader(G)
+        scans.append(tuple(r.expired(max(now, r.clock_ms()), 10)))
+    return out
+
+
+# Mostly real commands, some garbage: the log may hold anything.
+payloads = st.lists(
+    st.tuples(st.one_of(commands, commands, st.binary(max_size=6)), st.integers(-100, 300)),
+    max_size=40,
+).map(_timed)
+batch_cuts = st.lists(st.booleans(), min_size=40, max_size=40)
+
+
+def run(
+    s: Storage, sm: ShardStateMachine, entries: list[bytes], cuts: list[bool], start: int = 1
+) -> list[bytes]:
+    """Apply entries[start-1:] at indices start.. in batches ending where ``cuts`` says."""
+    out = []
+    b = s.begin()
+    for i in range(start, len(entries) + 1):
+        out.append(sm.apply(entries[i - 1], i, b.state(G)))
+        if cuts[i % len(cuts)]:
+            b.commit()
+            b = s.begin()
+    b.commit()
+    return out
+
+
+def snapshot(s: Storage) -> tuple[list[tuple[bytes, Record]], int, int, int, int, bytes]:
+    r = s.reader(G)
+    out = io.BytesIO()
+    r.dump(out)
+    return (
+        list(r.items()),
+        r.applied_index(),
+        r.clock_ms(),
+        r.count(),
+        r.size_bytes(),
+        out.getvalue(),
+    )
+
+
+StorageMaker = Callable[[], Storage]
+
+
+@pytest.fixture
+def lmdb_maker(tmp_path: Path) -> Iterator[StorageMaker]:
+    opened: list[Storage] = []
+
+    def make() -> Storage:
+        s = LmdbStorage(tempfile.mkdtemp(dir=tmp_path), map_size=1 << 26, fsync=False)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+hyp = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@hyp
+@given(payloads, batch_cuts)
+def test_lmdb_and_memory_agree(
+    lmdb_maker: StorageMaker, entries: list[bytes], cuts: list[bool]
+) -> None:
+    sm = ShardStateMachine(dedup_window_ms=700)
+    a, b = lmdb_maker(), MemoryStorage()
+    ra = run(a, sm, entries, cuts)
+    rb = run(b, sm, entries, [not c for c in cuts])  # batching must not matter either
+    assert ra == rb
+    assert snapshot(a) == snapshot(b)
+    for r in ra:
+        decode_result(r)
+
+
+@hyp
+@given(payloads, batch_cuts, st.data())
+def test_replay_after_restart_changes_nothing(
+    lmdb_maker: StorageMaker, entries: list[bytes], cuts: list[bool], data: st.DataObject
+) -> None:
+    sm = ShardStateMachine(dedup_window_ms=700)
+    k = data.draw(st.integers(0, len(entries)))
+    single = lmdb_maker()
+    expected = run(single, sm, entries, cuts)
+    restarted = lmdb_maker()
+    run(restarted, sm, entries[:k], cuts)
+    # pysyncobj after a restart: the whole journal again from index 1.
+    again = run(restarted, sm, entries, cuts)
+    assert again[:k] == [encode_result(Replayed(i)) for i in range(1, k + 1)]
+    assert again[k:] == expected[k:]
+    assert snapshot(restarted) == snapshot(single)
+
+
+@hyp
+@given(payloads, batch_cuts, st.data(), st.booleans())
+def test_snapshot_then_rest_equals_all(
+    lmdb_maker: StorageMaker,
+    entries: list[bytes],
+    cuts: list[bool],
+    data: st.DataObject,
+    to_memory: bool,
+) -> None:
+    sm = ShardStateMachine(dedup_window_ms=700)
+    k = data.draw(st.integers(0, len(entries)))
+    full = lmdb_maker()
+    expected = run(full, sm, entries, cuts)
+    leader = lmdb_maker()
+    run(leader, sm, entries[:k], cuts)
+    blob = io.BytesIO()
+    leader.reader(G).dump(blob)
+    fresh: Storage = MemoryStorage() if to_memory else lmdb_maker()
+    b = fresh.begin()
+    b.state(G).load(io.BytesIO(blob.getvalue()))
+    b.commit()
+    rest = run(fresh, sm, entries, cuts, start=k + 1)
+    assert rest == expected[k:]
+    assert snapshot(fresh) == snapshot(full)
