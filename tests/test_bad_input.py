@@ -9,10 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from _nodes import LocalCluster, cachectl, local_cluster, wait_for
 
 from cachenode.v1 import cache_pb2 as pb
-
-from _nodes import LocalCluster, cachectl, local_cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 IA = grpc.StatusCode.INVALID_ARGUMENT

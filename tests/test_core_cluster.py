@@ -13,10 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
+from _nodes import LocalCluster, local_cluster, wait_for
 
 from cachenode.v1 import cache_pb2 as pb
-
-from _nodes import LocalCluster, local_cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 

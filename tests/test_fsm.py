@@ -268,6 +268,7 @@ def test_barrier_changes_no_data(node: Node) -> None:
 
 
 def test_key_limits(node: Node) -> None:
+    assert MAX_KEY_BYTES == 4096
     assert node.apply(Set(b"k" * MAX_KEY_BYTES, b"v", 0, Condition.ALWAYS, 1)) == SetResult(True, 1)
     for key in (b"", b"k" * (MAX_KEY_BYTES + 1)):
         with pytest.raises(ValueError):
@@ -276,6 +277,86 @@ def test_key_limits(node: Node) -> None:
         raw = bytes((1, 1)) + msgpack.packb([key, b"v", 0, 0, 1])
         res = decode_result(node.apply_raw(raw))
         assert isinstance(res, ErrorResult) and res.kind == "invalid_argument"
+
+
+def _forged(key: bytes) -> list[tuple[Command, bytes]]:
+    """Every keyed command with ``key``, and its payload built without the
+    encoder's checks (tag + msgpack fields, as codec.encode_command lays them out)."""
+    cmds: list[tuple[Command, int, list[Any]]] = [
+        (Set(key, b"v", 0, Condition.ALWAYS, 5), 1, [key, b"v", 0, 0, 5]),
+        (Delete(key, 5), 2, [key, 5]),
+        (
+            CompareAndSet(key, None, None, True, b"v", 0, 5),
+            3,
+            [key, None, None, True, b"v", 0, 5],
+        ),
+        (Incr(key, 1, 5, rid(9)), 4, [key, 1, 5, b"client", 9]),
+        (MSet(((b"ok", b"v", 0), (key, b"v", 0)), 5), 5, [[[b"ok", b"v", 0], [key, b"v", 0]], 5]),
+        (Expire(((key, 3),), 5), 6, [[[key, 3]], 5]),
+    ]
+    return [(c, bytes((1, tag)) + msgpack.packb(f, use_bin_type=True)) for c, tag, f in cmds]
+
+
+@pytest.mark.parametrize("n", [MAX_KEY_BYTES + 1, 2 * MAX_KEY_BYTES])
+def test_every_command_refuses_keys_over_the_limit(node: Node, n: int) -> None:
+    key = (b"%d:" % n).ljust(n, b"k")
+    node.apply(Set(key[:MAX_KEY_BYTES], b"neighbour", 0, Condition.ALWAYS, 1))
+    before = list(node.s.reader(G).items())
+    for cmd, raw in _forged(key):
+        with pytest.raises(ValueError):
+            encode_command(cmd)
+        res = decode_result(node.apply_raw(raw))
+        assert isinstance(res, ErrorResult) and res.kind == "invalid_argument", cmd
+        assert str(MAX_KEY_BYTES) in res.message
+    assert list(node.s.reader(G).items()) == before
+    assert node.s.reader(G).applied_index() == 1 + len(_forged(key))
+
+
+@pytest.mark.parametrize("n", [1024, MAX_KEY_BYTES])
+def test_long_keys_work_in_every_command(node: Node, n: int) -> None:
+    k = (b"%d:" % n).ljust(n, b"k")
+    k2 = k[:-1] + b"2"  # differs only in its last byte
+    k3 = k[:-1] + b"3"
+    # The forged payloads of the limit test are exactly what the encoder makes.
+    assert [encode_command(c) for c, _ in _forged(k)] == [raw for _, raw in _forged(k)]
+
+    assert node.apply(Set(k, b"v1", 0, Condition.ALWAYS, 10)) == SetResult(True, 1)
+    assert node.apply(Set(k, b"no", 0, Condition.IF_ABSENT, 10)) == SetResult(False, 1)
+    assert node.get(k) == Record(b"v1", 1, 0) and node.get(k2) is None
+
+    assert node.apply(Incr(k2, 5, 10, rid(1))) == IncrResult(5, 3)
+    assert node.apply(Incr(k2, 5, 11, rid(1))) == IncrResult(5, 3)  # retry: deduplicated
+    assert node.apply(Incr(k2, -2, 11)) == IncrResult(3, 5)
+
+    assert node.apply(CompareAndSet(k, b"v1", None, False, b"v2", 0, 12)) == CasResult(
+        True, 6, False, None, 0
+    )
+    assert node.apply(CompareAndSet(k, None, 1, False, b"x", 0, 12)) == CasResult(
+        False, 0, True, b"v2", 6
+    )
+    assert node.apply(CompareAndSet(k, None, 6, False, b"v3", 500, 12)) == CasResult(
+        True, 8, False, None, 0
+    )
+    assert node.apply(CompareAndSet(k3, None, None, True, b"c", 0, 12)) == CasResult(
+        True, 9, False, None, 0
+    )
+
+    items = ((k, b"m1", 100), (k2, b"m2", 0), (k3, b"m3", 200))
+    assert node.apply(MSet(items, 50)) == MSetResult(3, 10)
+    assert node.get(k) == Record(b"m1", 10, 100)
+    assert node.get(k3) == Record(b"m3", 10, 200)
+
+    node.apply(Barrier(150))
+    found = node.s.reader(G).expired(150, 10)
+    assert found == [(k, 100)]  # the full key comes back from the expiry index
+    assert node.apply(Expire(tuple(found), 150)) == ExpireResult(1)
+    assert node.s.reader(G).get(k) is None
+    assert node.apply(Expire(((k3, 200),), 250)) == ExpireResult(1)
+
+    assert node.apply(Delete(k2, 300)) == DeleteResult(True, 14)
+    assert node.apply(Delete(k2, 300)) == DeleteResult(False, 15)
+    r = node.s.reader(G)
+    assert (r.count(), r.size_bytes(), list(r.items())) == (0, 0, [])
 
 
 # -- idempotency and exactly-once ---------------------------------------------
@@ -557,7 +638,10 @@ def test_error_result_maps_to_error_hierarchy() -> None:
 
 # -- determinism, replay, snapshots (hypothesis) -----------------------------------
 
-small_keys = st.sampled_from([b"a", b"b", b"c", b"n"])
+# Two long keys (LMDB stores them under a digest) that share their first 480 bytes.
+small_keys = st.sampled_from(
+    [b"a", b"b", b"c", b"n", b"L" * 480 + b"1", b"L" * 480 + b"2" * (MAX_KEY_BYTES - 480)]
+)
 values = st.sampled_from([b"", b"x", b"0", b"1", b"-5", b"41", b"9223372036854775807", b"abc"])
 ttls = st.sampled_from([0, 0, 50, 100, 200, 400])  # relative to the leader clock; 0 = none
 small_rids = st.none() | st.builds(RequestId, st.sampled_from([b"c1", b"c2"]), st.integers(1, 3))

@@ -34,6 +34,15 @@ class FakeHost:
     def unwant_peer(self, node: str) -> None:
         pass
 
+    def mark_unflushed(self, transport: Any) -> None:
+        pass
+
+
+def send(t: GroupTransport, node: Node, m: dict[str, Any]) -> None:
+    """One message per driver iteration: send, then flush."""
+    assert t.send(node, m)
+    t.flush()
+
 
 def ae(prev: int, entries: list[tuple[bytes, int, int]], term: int = 1) -> dict[str, Any]:
     return {"type": "append_entries", "term": term, "commit_index": 0, "entries": entries,
@@ -48,16 +57,16 @@ def test_lagging_ack_resend_is_trimmed_to_new_entries() -> None:
     h = FakeHost()
     t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
     n2 = Node("n2")
-    t.send(n2, ae(9, [e(10)]))
-    t.send(n2, ae(10, [e(11)]))
+    send(t, n2, ae(9, [e(10)]))
+    send(t, n2, ae(10, [e(11)]))
     # a lagging ack moved pysyncobj's nextIndex back to 11: it resends 11..12
-    t.send(n2, ae(10, [e(11), e(12)]))
+    send(t, n2, ae(10, [e(11), e(12)]))
     last = h.mux.sent[-1][2]
     assert last["prevLogIdx"] == 11 and last["prevLogTerm"] == 1
     assert last["entries"] == [e(12)]
     assert t.trimmed == 1
     # a pure duplicate becomes a heartbeat at the last sent entry
-    t.send(n2, ae(10, [e(11), e(12)]))
+    send(t, n2, ae(10, [e(11), e(12)]))
     hb = h.mux.sent[-1][2]
     assert hb["entries"] == [] and hb["prevLogIdx"] == 12
 
@@ -66,14 +75,14 @@ def test_reset_and_disconnect_disable_trimming() -> None:
     h = FakeHost()
     t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
     n2 = Node("n2")
-    t.send(n2, ae(9, [e(10), e(11)]))
+    send(t, n2, ae(9, [e(10), e(11)]))
     # the follower rejects and asks for a resend from 5: must go out untouched
     t.deliver("n2", {"type": "next_node_idx", "reset": True, "next_node_idx": 5, "success": False})
-    t.send(n2, ae(4, [e(5), e(6)]))
+    send(t, n2, ae(4, [e(5), e(6)]))
     assert h.mux.sent[-1][2]["prevLogIdx"] == 4
-    t.send(n2, ae(6, [e(7)]))
+    send(t, n2, ae(6, [e(7)]))
     t.peer_event("n2", False)
-    t.send(n2, ae(4, [e(5), e(6), e(7)]))
+    send(t, n2, ae(4, [e(5), e(6), e(7)]))
     assert h.mux.sent[-1][2]["prevLogIdx"] == 4  # the link broke: resend everything
 
 
@@ -81,6 +90,25 @@ def test_new_term_is_not_trimmed() -> None:
     h = FakeHost()
     t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
     n2 = Node("n2")
-    t.send(n2, ae(9, [e(10), e(11)], term=1))
-    t.send(n2, ae(9, [e(10, 2)], term=2))
+    send(t, n2, ae(9, [e(10), e(11)], term=1))
+    send(t, n2, ae(9, [e(10, 2)], term=2))
     assert h.mux.sent[-1][2]["prevLogIdx"] == 9
+
+
+def test_appends_in_one_iteration_merge_into_one_message() -> None:
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    for i in range(10, 20):
+        m = ae(i - 1, [e(i)])
+        m["commit_index"] = i - 5
+        t.send(n2, m)
+    t.send(n2, {"type": "append_entries", "term": 1, "commit_index": 15, "entries": [], "prevLogIdx": 19, "prevLogTerm": 1})
+    t.send(n2, {"type": "request_vote", "term": 2})
+    t.send(n2, ae(19, [e(20)]))
+    assert h.mux.sent == []  # nothing leaves before the end of the iteration
+    t.flush()
+    msgs = [m[2] for m in h.mux.sent]
+    assert [m["type"] for m in msgs] == ["append_entries", "request_vote", "append_entries"]
+    assert [x[1] for x in msgs[0]["entries"]] == list(range(10, 20))
+    assert msgs[0]["prevLogIdx"] == 9 and msgs[0]["commit_index"] == 15

@@ -7,6 +7,7 @@ test double.  LMDB-only behaviour (reopen, map full) is tested below it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from collections.abc import Callable, Iterator
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from cachenode._types import META_GROUP_ID
+from cachenode.storage import lmdb_store
 from cachenode.storage.base import MAX_KEY_BYTES, Batch, Record, Storage, StorageFault
-from cachenode.storage.lmdb_store import LmdbStorage
+from cachenode.storage.lmdb_store import INLINE_KEY_BYTES, DumpWriter, LmdbStorage, stored_key
 from cachenode.storage.memory_store import MemoryStorage
 
 Factory = Callable[[], Storage]
@@ -80,6 +82,72 @@ def populate(s: Storage, group: int) -> None:
     w.dedup_put(b"b", 7, b"r", 150)
     w.set_applied(77, 5000)
     b.commit()
+
+
+# Long keys: LMDB stores keys of more than INLINE_KEY_BYTES (480) bytes under
+# their first 480 bytes + a digest.  P480 makes keys that share those bytes.
+P400 = b"p" * 400
+P480 = b"s" * INLINE_KEY_BYTES
+
+
+def lkey(n: int, tag: bytes = b"", prefix: bytes = b"") -> bytes:
+    """A distinct key of exactly ``n`` bytes: ``prefix``, then ``tag``, then filler."""
+    assert len(prefix + tag) <= n
+    return (prefix + tag + b"#%d#" % n)[:n].ljust(n, b"k")
+
+
+LONG_LENGTHS = [401, 480, 481, 500, 1024, 4095, MAX_KEY_BYTES]
+
+
+def populate_long(s: Storage, group: int) -> dict[bytes, Record]:
+    """Short and long keys, with and without expiry, after overwrites and deletes.
+    Returns what should be stored."""
+    want: dict[bytes, Record] = {}
+    b = s.begin()
+    w = b.state(group)
+    for i, n in enumerate(LONG_LENGTHS):
+        for prefix in (b"", P400, P480):
+            if len(prefix) >= n:
+                continue
+            k = lkey(n, b"%d" % i, prefix)
+            want[k] = rec(b"v%d" % n * (i + 1), i + 1, 0 if i % 2 else 1000 + n)
+            w.put(k, want[k])
+    gone = lkey(4000, b"gone", P480)
+    w.put(gone, rec(b"deleted again", 1, 5))
+    assert w.delete(gone)
+    moved = lkey(2000, b"moved", P480)
+    w.put(moved, rec(b"first", 1, 7))
+    want[moved] = rec(b"second", 2, 9)
+    w.put(moved, want[moved])
+    for i in range(5):
+        want[b"short%d" % i] = rec(b"s", 1, 500 + i if i % 2 else 0)
+        w.put(b"short%d" % i, want[b"short%d" % i])
+    w.put(P480, rec(b"exactly 480", 1, 1000))  # a short key that prefixes long ones
+    want[P480] = rec(b"exactly 480", 1, 1000)
+    w.dedup_put(b"client-a", 1, b"r1", 100)
+    w.set_applied(42, 4200)
+    b.commit()
+    return want
+
+
+def collision_free_pair() -> tuple[bytes, bytes]:
+    """Two long keys sharing the first 480 bytes whose digest order is the
+    reverse of their byte order."""
+    for i in range(1000):
+        x, y = P480 + b"%03d" % i, P480 + b"%03d" % (i + 1)
+        if stored_key(x) > stored_key(y):
+            return x, y
+    raise AssertionError("no inverted pair found")
+
+
+class _ConstantDigest:
+    """Stands in for hashlib.blake2b: every key has the same digest."""
+
+    def __init__(self, data: bytes, digest_size: int) -> None:
+        self.size = digest_size
+
+    def digest(self) -> bytes:
+        return b"\x00" * self.size
 
 
 class TestConformance:
@@ -561,6 +629,255 @@ class TestConformance:
         b.commit()
         assert storage.reader(1).expired(5, 1) == [(b"k" * MAX_KEY_BYTES, 5)]
 
+    def test_oversized_key_is_absent_for_get_and_delete(self, storage: Storage) -> None:
+        too_long = lkey(MAX_KEY_BYTES + 1)
+        b = storage.begin()
+        w = b.state(1)
+        assert w.get(too_long) is None and w.get(too_long * 3) is None
+        assert w.delete(too_long) is False
+        b.commit()
+        assert storage.reader(1).get(too_long) is None
+
+    # -- keys longer than INLINE_KEY_BYTES --------------------------------------
+
+    @pytest.mark.parametrize("n", LONG_LENGTHS)
+    def test_long_key_put_get_overwrite_delete(self, storage: Storage, n: int) -> None:
+        k = lkey(n, b"a", P400)
+        near = lkey(n, b"b", P400)  # same length, same first 400 bytes
+        b = storage.begin()
+        w = b.state(1)
+        w.put(k, rec(b"v1", 1, 99))
+        assert w.get(k) == rec(b"v1", 1, 99)
+        assert w.get(near) is None and w.get(k + b"x") is None and w.get(k[:-1]) is None
+        w.put(k, rec(b"v2", 2))  # overwrite: new value, expiry dropped
+        assert w.get(k) == rec(b"v2", 2)
+        assert (w.count(), w.size_bytes()) == (1, n + 2)
+        assert w.expired(10**6, 10) == []
+        b.commit()
+        r = storage.reader(1)
+        assert r.get(k) == rec(b"v2", 2)
+        assert r.get(near) is None
+        assert list(r.items()) == [(k, rec(b"v2", 2))]
+        b = storage.begin()
+        w = b.state(1)
+        assert w.delete(near) is False
+        assert w.delete(k) is True
+        assert w.delete(k) is False
+        assert w.get(k) is None
+        assert (w.count(), w.size_bytes()) == (0, 0)
+        b.commit()
+        assert r.get(k) is None and list(r.items()) == [] and r.count() == 0
+
+    def test_long_keys_sharing_a_prefix_stay_distinct(self, storage: Storage) -> None:
+        keys = [
+            P400 + b"a" * 100,
+            P400 + b"b" * 100,
+            P480 + b"a",
+            P480 + b"b",
+            P480 + b"a" * 2,
+            P480 + b"a" * (MAX_KEY_BYTES - INLINE_KEY_BYTES),
+            P480 + b"a" * (MAX_KEY_BYTES - INLINE_KEY_BYTES - 1) + b"b",
+            P480,  # short: 480 bytes
+            P480[:-1],  # short
+        ]
+        put_all(storage, 1, {k: rec(b"%d" % len(k), i + 1, 1000 + i) for i, k in enumerate(keys)})
+        r = storage.reader(1)
+        for i, k in enumerate(keys):
+            assert r.get(k) == rec(b"%d" % len(k), i + 1, 1000 + i)
+        assert r.count() == len(keys)
+        assert r.size_bytes() == sum(len(k) + len(b"%d" % len(k)) for k in keys)
+        assert r.expired(10**6, 100) == [(k, 1000 + i) for i, k in enumerate(keys)]
+        b = storage.begin()
+        w = b.state(1)
+        assert w.delete(keys[5]) is True
+        assert w.get(keys[6]) == rec(b"4096", 7, 1006)  # its neighbour is untouched
+        assert w.delete(keys[5]) is False
+        b.commit()
+        assert [k for k, _ in r.items()] == sorted(
+            (k for i, k in enumerate(keys) if i != 5), key=stored_key
+        )
+
+    def test_items_order_with_long_keys(self, storage: Storage) -> None:
+        x, y = collision_free_pair()  # byte order x < y, digest order y < x
+        keys = [
+            b"a",
+            b"b" * 600,
+            b"b" * 480,
+            b"b" * 479 + b"c",
+            P400 + b"z" * 200,
+            P400 + b"y" * 1000,
+            x,
+            y,
+            P480,
+            P480 + b"\x00",
+            b"\xff" * 4096,
+            b"\xff" * 10,
+        ]
+        put_all(storage, 1, {k: rec(k[:8]) for k in keys})
+        order = [k for k, _ in storage.reader(1).items()]
+        assert order == sorted(keys, key=stored_key)
+        # Byte order, except among long keys with the same first 480 bytes.
+        for i, a in enumerate(order):
+            for c in order[i + 1 :]:
+                same_slot_prefix = (
+                    len(a) > INLINE_KEY_BYTES
+                    and len(c) > INLINE_KEY_BYTES
+                    and a[:INLINE_KEY_BYTES] == c[:INLINE_KEY_BYTES]
+                )
+                assert a < c or same_slot_prefix, (a[:20], c[:20])
+        assert order.index(y) < order.index(x)  # the documented exception
+        b = storage.begin()
+        assert [k for k, _ in b.state(1).items()] == order
+        b.abort()
+
+    def test_long_key_ttl_and_expired(self, storage: Storage) -> None:
+        x, y = collision_free_pair()
+        a, c = lkey(4096, b"a", P480), lkey(700, b"c")
+        put_all(
+            storage,
+            1,
+            {
+                a: rec(b"", 1, 300),
+                x: rec(b"", 1, 200),
+                y: rec(b"", 1, 200),  # same time: stored-key order, so y first
+                c: rec(b"", 1, 100),
+                b"short": rec(b"", 1, 200),
+                lkey(900, b"never"): rec(b"", 1, 0),
+            },
+        )
+        r = storage.reader(1)
+        want = [(c, 100), (b"short", 200), (y, 200), (x, 200), (a, 300)]
+        assert r.expired(1000, 10) == want
+        assert r.expired(1000, 3) == want[:3]
+        assert r.expired(299, 10) == want[:4]
+        b = storage.begin()
+        w = b.state(1)
+        w.put(a, rec(b"x", 2, 50))  # moved earlier
+        w.put(x, rec(b"x", 2, 0))  # no longer expires
+        w.delete(y)
+        w.put(c, rec(b"new", 2, 100))  # same expiry, new value: one index entry
+        assert w.expired(1000, 10) == [(a, 50), (c, 100), (b"short", 200)]
+        b.commit()
+        assert r.expired(1000, 10) == [(a, 50), (c, 100), (b"short", 200)]
+
+    def test_long_key_counters(self, storage: Storage) -> None:
+        a, c = lkey(1000, b"a"), lkey(4096, b"c", P480)
+        b = storage.begin()
+        w = b.state(1)
+        w.put(a, rec(b"12345"))
+        w.put(c, rec(b"1"))
+        w.put(b"s", rec(b"12"))
+        assert (w.count(), w.size_bytes()) == (3, 1000 + 5 + 4096 + 1 + 1 + 2)
+        w.put(a, rec(b"1", 2))  # overwrite shrinks
+        w.put(c, rec(b"123456789", 2))  # and grows
+        assert (w.count(), w.size_bytes()) == (3, 1000 + 1 + 4096 + 9 + 3)
+        w.delete(c)
+        w.delete(lkey(4096, b"missing", P480))
+        assert (w.count(), w.size_bytes()) == (2, 1001 + 3)
+        b.commit()
+        r = storage.reader(1)
+        assert (r.count(), r.size_bytes()) == (2, 1004)
+
+    def test_long_key_dump_load_round_trip(self, make_storage: Factory) -> None:
+        src = make_storage()
+        want = populate_long(src, 1)
+        o = src.reader(1)
+        assert dict(o.items()) == want
+        assert [k for k, _ in o.items()] == sorted(want, key=stored_key)
+        blob = dump_bytes(src, 1)
+        for dst, gid in [(src, 9), (make_storage(), 1), (make_storage(), META_GROUP_ID)]:
+            b = dst.begin()
+            w = b.state(gid)
+            w.put(lkey(3000, b"stale", P480), rec(b"replaced by the load", 1, 3))
+            w.load(io.BytesIO(blob))
+            assert w.get(lkey(3000, b"stale", P480)) is None
+            b.commit()
+            r = dst.reader(gid)
+            assert list(r.items()) == list(o.items())
+            assert (r.applied_index(), r.clock_ms()) == (42, 4200)
+            assert (
+                (r.count(), r.size_bytes())
+                == (o.count(), o.size_bytes())
+                == (
+                    len(want),
+                    sum(len(k) + len(v.value) for k, v in want.items()),
+                )
+            )
+            assert r.expired(10**6, 1000) == o.expired(10**6, 1000)
+            assert len(r.expired(10**6, 1000)) == sum(1 for v in want.values() if v.expires_at_ms)
+            for k, v in want.items():
+                assert r.get(k) == v
+            assert dump_bytes(dst, gid) == blob
+            b = dst.begin()  # the loaded long keys behave like written ones
+            w = b.state(gid)
+            k = next(k for k in want if len(k) == MAX_KEY_BYTES and k.startswith(P480))
+            assert w.delete(k) is True and w.get(k) is None
+            assert w.count() == len(want) - 1
+            b.abort()
+
+    def test_corrupt_long_key_dump_is_rejected(self, storage: Storage) -> None:
+        src = MemoryStorage()
+        populate_long(src, 1)
+        blob = dump_bytes(src, 1)
+        populate(storage, 2)
+        before = dump_bytes(storage, 2)
+        bad = [blob[:n] for n in range(0, len(blob), 97)]
+        bad += [blob[:i] + bytes([blob[i] ^ 0x41]) + blob[i + 1 :] for i in range(9, len(blob), 89)]
+        # Long keys in byte order instead of stored-key order.
+        x, y = collision_free_pair()
+        out = io.BytesIO()
+        dw = DumpWriter(out, 1, 1)
+        dw.data(x, rec_bytes(rec(b"x")))
+        dw.data(y, rec_bytes(rec(b"y")))
+        dw.finish()
+        bad.append(out.getvalue())
+        for data in bad:
+            b = storage.begin()
+            w = b.state(2)
+            with pytest.raises(ValueError):
+                w.load(io.BytesIO(data))
+            assert w.count() == 49 and w.applied_index() == 77
+            b.abort()
+        assert dump_bytes(storage, 2) == before
+
+    def test_digest_collision(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        a, c = P480 + b"a" * 10, P480 + b"c" * 600  # same first 480 bytes
+        # A dump with both, written while their digests differ...
+        good = MemoryStorage()
+        put_all(good, 1, {a: rec(b"A"), c: rec(b"C")})
+        blob = dump_bytes(good, 1)
+        monkeypatch.setattr(lmdb_store, "_blake2b", _ConstantDigest)
+        assert stored_key(a) == stored_key(c)
+        # ...cannot be loaded where they collide (atomically refused).
+        b = storage.begin()
+        w = b.state(1)
+        with pytest.raises(ValueError):
+            w.load(io.BytesIO(blob))
+        assert w.count() == 0
+        # The key written last owns the slot; the other reads as absent.
+        w.put(a, rec(b"A", 1, 100))
+        w.put(b"short", rec(b"s"))
+        w.put(c, rec(b"C" * 3, 2, 0))
+        assert w.get(a) is None and w.get(c) == rec(b"CCC", 2)
+        assert w.delete(a) is False
+        assert (w.count(), w.size_bytes()) == (2, len(c) + 3 + 5 + 1)
+        assert w.expired(10**6, 10) == []
+        b.commit()
+        r = storage.reader(1)
+        assert r.get(a) is None and r.get(c) == rec(b"CCC", 2)
+        assert list(r.items()) == [(b"short", rec(b"s")), (c, rec(b"CCC", 2))]
+        b = storage.begin()
+        w = b.state(1)
+        w.put(a, rec(b"AA", 3, 70))
+        assert w.get(c) is None and w.get(a) == rec(b"AA", 3, 70)
+        assert w.expired(10**6, 10) == [(a, 70)]
+        assert (w.count(), w.size_bytes()) == (2, len(a) + 2 + 5 + 1)
+        assert w.delete(c) is False
+        assert w.delete(a) is True
+        assert (w.count(), w.size_bytes()) == (1, 6)
+        b.commit()
+        assert r.get(a) is None and r.get(c) is None and r.expired(10**6, 10) == []
+
     def test_batch_closed_after_commit(self, storage: Storage) -> None:
         b = storage.begin()
         b.state(1).put(b"k", rec(b"v"))
@@ -572,7 +889,93 @@ class TestConformance:
         b.abort()  # harmless
 
 
+def rec_bytes(r: Record) -> bytes:
+    return r.version.to_bytes(8, "big") + r.expires_at_ms.to_bytes(8, "big") + r.value
+
+
+def test_long_key_dumps_are_storage_independent(tmp_path: Path) -> None:
+    lm = LmdbStorage(tmp_path / "x", fsync=False)
+    mem = MemoryStorage()
+    try:
+        assert populate_long(lm, 3) == populate_long(mem, 3)
+        assert dump_bytes(lm, 3) == dump_bytes(mem, 3)
+        for s in (lm, mem):
+            r = s.reader(3)
+            assert [k for k, _ in r.items()] == [k for k, _ in mem.reader(3).items()]
+            assert r.expired(10**6, 1000) == mem.reader(3).expired(10**6, 1000)
+        b: Batch = mem.begin()
+        b.state(4).load(io.BytesIO(dump_bytes(lm, 3)))
+        b.commit()
+        b = lm.begin()
+        b.state(4).load(io.BytesIO(dump_bytes(mem, 3)))
+        b.commit()
+        assert dump_bytes(lm, 4) == dump_bytes(mem, 4) == dump_bytes(lm, 3)
+    finally:
+        lm.close()
+
+
+def test_digest_collision_same_on_both_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lmdb_store, "_blake2b", _ConstantDigest)
+    lm = LmdbStorage(tmp_path / "x", fsync=False)
+    mem = MemoryStorage()
+    try:
+        for s in (lm, mem):
+            b = s.begin()
+            w = b.state(1)
+            w.put(P480 + b"1", rec(b"one", 1, 10))
+            w.put(P480 + b"2" * 100, rec(b"two", 2, 20))
+            w.put(P400 + b"3" * 100, rec(b"three", 3, 30))
+            w.put(P480 + b"4" * 1000, rec(b"four", 4))
+            w.delete(P480 + b"2" * 100)
+            w.set_applied(4, 4)
+            b.commit()
+        assert dump_bytes(lm, 1) == dump_bytes(mem, 1)
+        assert list(lm.reader(1).items()) == list(mem.reader(1).items())
+        assert lm.reader(1).size_bytes() == mem.reader(1).size_bytes()
+    finally:
+        lm.close()
+
+
 # -- LMDB only -------------------------------------------------------------------
+
+
+def test_lmdb_key_layout(tmp_path: Path) -> None:
+    """Pins the on-disk encoding: short keys exactly as before long keys
+    existed, long keys as first 480 bytes + blake2b-128 with the rest in the value."""
+    path = tmp_path / "layout"
+    short, edge = b"k", b"e" * INLINE_KEY_BYTES
+    long = lkey(1024, b"long", P480)
+    s = LmdbStorage(path, fsync=False)
+    put_all(s, 7, {short: rec(b"v", 1, 5), edge: rec(b"w", 2), long: rec(b"x", 3, 6)})
+    s.close()
+    s = LmdbStorage(path, fsync=False)
+    try:
+        g = (7).to_bytes(4, "big")
+        k_long = long[:480] + hashlib.blake2b(long, digest_size=16).digest()
+        with s._env.begin() as txn:
+            data = dict(txn.cursor(db=s._dbs.data).iternext())
+            expiry = dict(txn.cursor(db=s._dbs.expiry).iternext())
+        assert data == {
+            g + short: rec_bytes(rec(b"v", 1, 5)),
+            g + edge: rec_bytes(rec(b"w", 2)),
+            g + k_long: rec_bytes(rec(b"", 3, 6))
+            + (1024 - 480).to_bytes(2, "big")
+            + long[480:]
+            + b"x",
+        }
+        assert len(g + k_long) == 500
+        assert expiry == {
+            g + (5).to_bytes(8, "big") + short: b"",
+            g + (6).to_bytes(8, "big") + k_long: b"",
+        }
+        assert max(len(k) for k in expiry) <= 511
+        r = s.reader(7)
+        assert r.get(long) == rec(b"x", 3, 6)
+        assert r.expired(10, 10) == [(short, 5), (long, 6)]
+    finally:
+        s.close()
 
 
 def test_lmdb_reopen_finds_committed_not_aborted(tmp_path: Path) -> None:

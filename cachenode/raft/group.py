@@ -65,7 +65,6 @@ class GroupStatus:
     commit_index: int
     applied_index: int
     members: tuple[NodeId, ...]
-    match_index: dict[NodeId, int]
     has_quorum: bool
 
 
@@ -97,6 +96,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self._group = group
         self._nodes: dict[NodeId, Node] = {}
         self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
+        self._queue: dict[NodeId, list[dict[str, Any]]] = {}
         self.trimmed = 0
         for m in members:
             self.addNode(Node(m))
@@ -112,12 +112,51 @@ class GroupTransport(Transport):  # type: ignore[misc]
             self._host.unwant_peer(node.id)
 
     def send(self, node: Node, message: Any) -> bool:
+        """Queue ``message`` for ``node``; :meth:`flush` hands it to the mux.
+
+        Messages wait in the transport until the end of the driver iteration
+        anyway (they may leave only after the storage commit), so consecutive
+        appends to one follower are merged into one message there: the
+        batching of pysyncobj's batch mode without its up-to-one-period delay."""
+        nid = node.id
+        if not self._host.mux.is_up(nid):
+            self._sent.pop(nid, None)
+            return False
         if message.get("type") == "append_entries":
-            message = self._trim_resend(node.id, message)
-        ok = self._host.mux.send(node.id, self._group, message)
-        if not ok:
-            self._sent.pop(node.id, None)
-        return ok
+            message = self._trim_resend(nid, message)
+            q = self._queue.get(nid)
+            if q and self._merge(q[-1], message):
+                return True
+        self._queue.setdefault(nid, []).append(message)
+        self._host.mark_unflushed(self)
+        return True
+
+    @staticmethod
+    def _merge(prev: dict[str, Any], m: dict[str, Any]) -> bool:
+        """Fold append ``m`` into the queued append ``prev`` when it simply continues it."""
+        if prev.get("type") != "append_entries" or prev["term"] != m["term"]:
+            return False
+        if "prevLogIdx" not in prev or "prevLogIdx" not in m or "transmission" in prev or "transmission" in m:
+            return False
+        pe = prev.get("entries") or []
+        last = pe[-1][1] if pe else prev["prevLogIdx"]
+        if m["prevLogIdx"] != last:
+            return False
+        me = m.get("entries") or []
+        if me:
+            prev["entries"] = list(pe) + list(me)
+        prev["commit_index"] = max(prev["commit_index"], m["commit_index"])
+        return True
+
+    def flush(self) -> None:
+        """Hand queued messages to the mux (driver thread, end of iteration)."""
+        queue, self._queue = self._queue, {}
+        mux = self._host.mux
+        for nid, msgs in queue.items():
+            for m in msgs:
+                if not mux.send(nid, self._group, m):
+                    self._sent.pop(nid, None)
+                    break
 
     def _trim_resend(self, nid: NodeId, m: dict[str, Any]) -> dict[str, Any]:
         """Drop entries this connection already carried to ``nid``.
@@ -163,6 +202,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
 
     def peer_event(self, node_id: NodeId, up: bool) -> None:
         self._sent.pop(node_id, None)
+        self._queue.pop(node_id, None)
         node = self._nodes.get(node_id)
         if node is not None:
             (self._onNodeConnected if up else self._onNodeDisconnected)(node)
@@ -296,15 +336,16 @@ class RaftGroup:
         self.sync.doTick(0.0)
         self.status = self._read_status()
 
+    def match_index(self) -> dict[NodeId, int]:
+        """Followers' match indexes as the leader sees them (driver thread)."""
+        if self._role != 2:
+            return {}
+        prefix = "match_idx_server_"
+        return {k[len(prefix):]: v for k, v in self.sync.getStatus().items() if k.startswith(prefix)}
+
     def _read_status(self) -> GroupStatus:
         s = self.sync
         leader = s._getLeader()
-        st = s.getStatus() if self._role == 2 else None
-        match = {}
-        if st is not None:
-            for k, v in st.items():
-                if k.startswith("match_idx_server_"):
-                    match[k[len("match_idx_server_"):]] = v
         return GroupStatus(
             role=_ROLES.get(self._role, "follower"),
             leader=leader.id if leader is not None else None,
@@ -312,7 +353,6 @@ class RaftGroup:
             commit_index=s.raftCommitIndex,
             applied_index=s.raftLastApplied,
             members=tuple(sorted([self.self_id] + [n.id for n in s.otherNodes])),
-            match_index=match,
             has_quorum=bool(s.hasQuorum),
         )
 

@@ -65,6 +65,7 @@ class GroupHost:
         self._batch: Batch | None = None
         self._completions: list[tuple[Future[Any], Any, Any]] = []
         self._dirty: set[RaftGroup] = set()
+        self._unflushed: set[Any] = set()
         self._dirty_lock = threading.Lock()
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._peer_refs: collections.Counter[NodeId] = collections.Counter()
@@ -161,6 +162,10 @@ class GroupHost:
             del self._peer_refs[node]
             self.mux.unwant_peer(node)
 
+    def mark_unflushed(self, transport: Any) -> None:
+        """A group transport queued messages this iteration (driver thread)."""
+        self._unflushed.add(transport)
+
     def complete(self, fut: Future[Any], res: Any, err: Any) -> None:
         """pysyncobj callback (driver thread): resolve ``fut`` after commit."""
         self._completions.append((fut, res, err))
@@ -232,6 +237,10 @@ class GroupHost:
             b, self._batch = self._batch, None
             b.commit()
             self.commits += 1
+        if self._unflushed:
+            pending, self._unflushed = self._unflushed, set()
+            for t in pending:
+                t.flush()
         self.mux.flush()
         if self._completions:
             done, self._completions = self._completions, []

@@ -41,6 +41,7 @@ class NodeConfig:
     expiry_interval_s: float = 1.0
     expiry_batch: int = 256
     tick_interval_s: float = 0.01
+    leader_balance_s: float = 5.0  # 0 disables preferred-leader balancing
     timing: RaftTiming = RaftTiming()
     unsafe: Unsafe = Unsafe()
     map_size: int = 64 << 30

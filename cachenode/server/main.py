@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-value-bytes", type=int)
     s.add_argument("--log-compaction-entries", type=int, help="snapshot a shard after this many log entries (default 20000)")
     s.add_argument("--tick-ms", type=float, help="driver loop tick (default 10)")
+    s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 5; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
     s.add_argument("--log-level", default=None)
     s.add_argument("--enable-fault-injection", action="store_true", default=None, help="TESTING: allow admin clock offsets and Raft fault filters")
@@ -163,6 +164,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         max_value_bytes=int(opt("max_value_bytes", 1 << 20)),  # type: ignore[call-overload]
         tick_interval_s=float(opt("tick_ms", 10.0)) / 1000.0,  # type: ignore[arg-type]
         timing=timing, unsafe=unsafe,
+        leader_balance_s=float(opt("leader_balance_s", 5.0)),  # type: ignore[arg-type]
     )
     return cfg, bool(opt("enable_fault_injection", False)), str(opt("log_format", "text")), str(opt("log_level", "INFO"))
 

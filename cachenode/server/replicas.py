@@ -70,6 +70,8 @@ class ReplicaManager:
         )).result(30)
         self.host.every(0.1, self._reconcile)
         self.host.every(self.cfg.expiry_interval_s, self._expire)
+        if self.cfg.leader_balance_s > 0:
+            self.host.every(self.cfg.leader_balance_s, self._prefer_leaders)
 
     # ---- the map ------------------------------------------------------------
 
@@ -181,6 +183,24 @@ class ReplicaManager:
             self._map = m
         log.info("cluster map version %d: hosting %d shard replicas", m.version, len(m.shards_on(self.cfg.node_id)))
         self.ready.set()
+
+    def _prefer_leaders(self) -> None:
+        """Hand leadership to each shard's preferred replica (the first in its
+        descriptor) when that node is connected and fully caught up.
+
+        Placement spreads first replicas evenly, so this spreads leaders
+        evenly after bootstrap, restarts and failovers.  pysyncobj refuses a
+        transfer to a lagging target; we simply try again next period."""
+        m = self._map
+        if m is None:
+            return
+        for s in m.shards:
+            g = self.host.group(s.id)
+            if g is None or not g.is_leader or not s.replicas:
+                continue
+            preferred = s.replicas[0]
+            if preferred != self.cfg.node_id and self.host.mux.is_up(preferred):
+                g.transfer_leadership(preferred, lambda err: None)
 
     def _barrier_payload(self, gid: int) -> Callable[[], bytes]:
         return lambda: encode_command(C.Barrier(now_ms=self.cluster_now(gid)))

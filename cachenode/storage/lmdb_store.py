@@ -45,9 +45,9 @@ Keys up to 4096 bytes (``MAX_KEY_BYTES``) while LMDB's own key limit is
 * Order: LMDB orders by ``K``, and so does every storage (the contract's
   "key order" is :func:`stored_key` order).  It equals byte order of the
   full keys except among long keys that share their first 480 bytes, which
-  are ordered by their digest.  (A short key never sits between long keys
-  in a way byte order would not: a short key either differs from the long
-  key within its first 480 bytes or is a prefix of it, and sorts first.)
+  are ordered by their digest.  Between a short and a long key the order
+  is always byte order: the short key either differs from the long one
+  within its first 480 bytes or is a prefix of it (and sorts first).
 * Digest collision (two different long keys with the same first 480 bytes
   and the same 128-bit digest, only by breaking blake2b): the slot belongs
   to whichever key was written last.  ``get``/``delete`` of the other key
