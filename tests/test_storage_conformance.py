@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -613,6 +614,11 @@ class TestConformance:
             threading.Thread(target=one_read).start()
             assert done.wait(5), "reader blocked by an open batch"
             assert result == [rec(b"199", 200)]
+            # On a loaded machine the reader thread may not have run yet: give
+            # it time to observe the last commit (the batch is still open).
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.001)
             b.abort()
         finally:
             stop.set()

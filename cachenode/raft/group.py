@@ -328,7 +328,7 @@ class RaftGroup:
 
         def done(res: Any, err: int) -> None:
             for f in reads:
-                self.host.complete(f, res, err)
+                self.host.complete(f, res, err, read=True)
 
         self.sync.apply_entry(self._barrier_payload(), callback=done)
 

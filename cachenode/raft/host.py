@@ -52,6 +52,7 @@ class GroupHost:
         timing: RaftTiming | None = None,
         tick_interval: float = 0.01,
         on_fatal: Callable[[BaseException], None] | None = None,
+        unsafe_lazy_commit_s: float = 0.0,
     ) -> None:
         journal.install()
         self.node_id = node_id
@@ -63,7 +64,10 @@ class GroupHost:
         self.mux = RaftMux(node_id, raft_listen, secret, self._deliver, self._peer_event)
         self._groups: dict[int, RaftGroup] = {}
         self._batch: Batch | None = None
-        self._completions: list[tuple[Future[Any], Any, Any]] = []
+        self._completions: list[tuple[Future[Any], Any, Any, bool]] = []
+        self._held: list[tuple[Future[Any], Any, Any, bool]] = []
+        self._last_commit = time.monotonic()
+        self.unsafe_lazy_commit_s = unsafe_lazy_commit_s
         self._dirty: set[RaftGroup] = set()
         self._unflushed: set[Any] = set()
         self._dirty_lock = threading.Lock()
@@ -166,9 +170,11 @@ class GroupHost:
         """A group transport queued messages this iteration (driver thread)."""
         self._unflushed.add(transport)
 
-    def complete(self, fut: Future[Any], res: Any, err: Any) -> None:
-        """pysyncobj callback (driver thread): resolve ``fut`` after commit."""
-        self._completions.append((fut, res, err))
+    def complete(self, fut: Future[Any], res: Any, err: Any, read: bool = False) -> None:
+        """pysyncobj callback (driver thread): resolve ``fut`` after commit.
+
+        ``read`` marks a read-barrier result (matters only in unsafe mode)."""
+        self._completions.append((fut, res, err, read))
 
     # ---- driver thread: the loop ------------------------------------------
 
@@ -233,24 +239,51 @@ class GroupHost:
 
     def _finish_iteration(self) -> None:
         self.iterations += 1
+        if self.unsafe_lazy_commit_s:
+            self._finish_iteration_unsafe()
+            return
         if self._batch is not None:
             b, self._batch = self._batch, None
             b.commit()
             self.commits += 1
+        self._flush_network()
+        if self._completions:
+            done, self._completions = self._completions, []
+            _resolve(done)
+
+    def _flush_network(self) -> None:
         if self._unflushed:
             pending, self._unflushed = self._unflushed, set()
             for t in pending:
                 t.flush()
         self.mux.flush()
-        if self._completions:
-            done, self._completions = self._completions, []
-            for fut, res, err in done:
-                if fut.done():
-                    continue
-                if err == FAIL_REASON.SUCCESS:
-                    fut.set_result(res)
-                else:
-                    fut.set_exception(fail_reason_error(err))
+
+    def _finish_iteration_unsafe(self) -> None:
+        """--unsafe-skip-fsync: acknowledge BEFORE the batch is durable.
+
+        Raft acks, votes and write results leave at once; the storage batch
+        stays open and is committed only every ``unsafe_lazy_commit_s``
+        seconds, so a crash loses acknowledged writes, exactly like a node
+        that skips fsync and loses its page cache.  Read results still wait
+        for the commit (readers see committed data only), so the only
+        violation this mode causes is lost acknowledged writes."""
+        self._flush_network()
+        now = time.monotonic()
+        due = self._batch is not None and now - self._last_commit >= self.unsafe_lazy_commit_s
+        if due:
+            assert self._batch is not None
+            b, self._batch = self._batch, None
+            b.commit()
+            self.commits += 1
+            self._last_commit = now
+        done, self._completions = self._completions, []
+        if due or self._batch is None:
+            done, self._held = self._held + done, []
+            _resolve(done)
+            return
+        writes = [c for c in done if not c[3]]
+        self._held.extend(c for c in done if c[3])
+        _resolve(writes)
 
     def _shutdown(self) -> None:
         try:
@@ -262,6 +295,16 @@ class GroupHost:
         except Exception:
             log.exception("final commit failed")
         self.mux.close()
+
+
+def _resolve(done: list[tuple[Future[Any], Any, Any, bool]]) -> None:
+    for fut, res, err, _read in done:
+        if fut.done():
+            continue
+        if err == FAIL_REASON.SUCCESS:
+            fut.set_result(res)
+        else:
+            fut.set_exception(fail_reason_error(err))
 
 
 def _default_fatal(e: BaseException) -> None:

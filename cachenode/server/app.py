@@ -59,6 +59,7 @@ class Node:
             self.host = GroupHost(
                 cfg.node_id, self.storage, cfg.raft_listen, cfg.secret, cfg.data_dir,
                 timing=cfg.timing, tick_interval=cfg.tick_interval_s,
+                unsafe_lazy_commit_s=1.0 if cfg.unsafe.skip_fsync else 0.0,
             )
         except OSError as e:
             raise NodeStartError(f"cannot listen for Raft peers on {cfg.raft_listen}: {e.strerror}") from None

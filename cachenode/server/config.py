@@ -16,7 +16,7 @@ class Unsafe:
     local_reads: bool = False  # linearizable reads served locally, no barrier, no forwarding
     dup_incr: bool = False  # a retried incr with a known request id is applied again
     local_ttl: bool = False  # reads judge TTL by the local wall clock instead of cluster time
-    skip_fsync: bool = False  # never fsync (acknowledged writes can be lost on power loss)
+    skip_fsync: bool = False  # acknowledge before the journal is durable (commit once a second): a crash loses acked writes
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from .._types import NodeInfo
 from ..raft.group import RaftTiming
+from ..storage.base import MAX_KEY_BYTES
 from .config import NodeConfig, Unsafe
 
 log = logging.getLogger("cachenode")
@@ -154,14 +155,20 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
     rep = int(opt("replication", 3))  # type: ignore[call-overload]
     if rep < 1:
         raise ConfigError("--replication must be >= 1")
+    max_key = int(opt("max_key_bytes", 1024))  # type: ignore[call-overload]
+    if not 1 <= max_key <= MAX_KEY_BYTES:
+        raise ConfigError(f"--max-key-bytes must be 1..{MAX_KEY_BYTES} (the storage limit)")
+    max_value = int(opt("max_value_bytes", 1 << 20))  # type: ignore[call-overload]
+    if not 1 <= max_value <= 64 << 20:
+        raise ConfigError("--max-value-bytes must be 1..67108864 (64 MiB)")
     timing = RaftTiming(log_compaction_entries=int(opt("log_compaction_entries", 20000)))  # type: ignore[call-overload]
     cfg = NodeConfig(
         node_id=str(node_id), data_dir=str(data_dir),
         listen=str(opt("listen") or me.address), raft_listen=str(opt("raft_listen") or me.raft_address),
         initial_cluster=cluster, secret=secret, shards=shards, replication=rep,
         fsync=fsync == "always",
-        max_key_bytes=int(opt("max_key_bytes", 1024)),  # type: ignore[call-overload]
-        max_value_bytes=int(opt("max_value_bytes", 1 << 20)),  # type: ignore[call-overload]
+        max_key_bytes=max_key,
+        max_value_bytes=max_value,
         tick_interval_s=float(opt("tick_ms", 10.0)) / 1000.0,  # type: ignore[arg-type]
         timing=timing, unsafe=unsafe,
         leader_balance_s=float(opt("leader_balance_s", 5.0)),  # type: ignore[arg-type]
