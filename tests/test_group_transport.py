@@ -112,3 +112,19 @@ def test_appends_in_one_iteration_merge_into_one_message() -> None:
     assert [m["type"] for m in msgs] == ["append_entries", "request_vote", "append_entries"]
     assert [x[1] for x in msgs[0]["entries"]] == list(range(10, 20))
     assert msgs[0]["prevLogIdx"] == 9 and msgs[0]["commit_index"] == 15
+
+
+def test_pysyncobj_internals_we_lean_on() -> None:
+    """Fails loudly if a pysyncobj upgrade moves the seams we use."""
+    import pysyncobj
+    import pysyncobj.syncobj as so
+
+    from cachenode.raft import journal
+
+    assert pysyncobj.__name__ and hasattr(so, "createJournal") and hasattr(so, "PIPE_NOTIFIER_ENABLED")
+    journal.install()
+    assert so.createJournal is journal._create_journal
+    assert so.PIPE_NOTIFIER_ENABLED is False
+    for name in ("_getLeader", "raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "hasQuorum",
+                 "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus"):
+        assert hasattr(so.SyncObj, name), name

@@ -138,5 +138,10 @@ def _create_journal(journalFile: Any = None) -> Any:
 
 
 def install() -> None:
-    """Route pysyncobj's journal factory to :class:`StorageJournal` (idempotent)."""
+    """Route pysyncobj's journal factory to :class:`StorageJournal` (idempotent).
+
+    Also switches off pysyncobj's per-group wake-up pipe: every proposal
+    would write a byte to it, while our driver is already woken by the host
+    (one shared wake-up for all groups)."""
     _syncobj_module.createJournal = _create_journal
+    _syncobj_module.PIPE_NOTIFIER_ENABLED = False

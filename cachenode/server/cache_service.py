@@ -1,8 +1,16 @@
 """The Cache gRPC service: thin handlers over ReplicaManager.
 
-Each handler validates, finds the shard, and either serves it here (this node
-leads it, or the read is STALE and a local replica exists) or forwards it.
-All errors leave through :func:`status.abort`.  Runs on gRPC worker threads.
+Every single-key operation is split in two phases:
+
+* ``start``: validate, find the shard, and either begin the work here (this
+  node leads the shard: propose the command, or join the read barrier) or
+  hand the request to the forwarder;
+* ``finish`` (the returned thunk): wait for the outcome and build the reply.
+
+A unary call runs both phases back to back.  ``Batch`` starts every op
+first and only then waits, so one Raft round trip (and one fsync) serves
+the whole batch.  All errors leave through :func:`status.abort` (unary) or
+an ``OpError`` (batch).  Runs on gRPC worker threads.
 """
 
 from __future__ import annotations
@@ -10,33 +18,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 
 from .._clock import Clock
-from .._errors import (
-    CacheError,
-    EpochMismatch,
-    Internal,
-    InvalidArgument,
-    NotLeader,
-)
+from .._errors import CacheError, EpochMismatch, Internal, InvalidArgument, NotLeader
 from .._types import ShardDescriptor
 from ..fsm import commands as C
+from ..fsm.codec import decode_result, encode_command
 from ..fsm.machine import read_get, ttl_remaining_ms
-from ..raft.group import RaftGroup
 from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
 from . import validation as V
 from .config import NodeConfig
 from .forwarding import ForwardedError, Forwarder, error_from_kind
-from .replicas import ReplicaManager
-from .status import abort
+from .replicas import ReplicaManager, wait_future
+from .status import abort, error_metadata, status_code
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+Finish = Callable[[], Any]
 
 
 def _raise_error_result(res: C.Result) -> None:
@@ -75,6 +78,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             abort(ctx, Internal(f"internal error: {type(e).__name__}: {e}"))
         raise AssertionError("unreachable")
 
+    def _unary(self, ctx: grpc.ServicerContext, start: Callable[[Any, float], Finish], req: Any) -> Any:
+        return self._serve(ctx, lambda deadline: start(req, deadline)())
+
     def _shard(self, key: bytes, header: pb.RequestHeader) -> ShardDescriptor:
         s = self.r.shard_for_key(key)
         if header.shard_epoch and header.shard_epoch != s.epoch:
@@ -86,48 +92,45 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     def _now(self, gid: int) -> int:
         return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.cluster_now(gid)
 
-    def _on_leader(
-        self, method: str, req: Any, shard: ShardDescriptor, deadline: float, write: bool,
-        fn: Callable[[RaftGroup], Any],
-    ) -> Any:
-        """Run ``fn`` on the local leader replica, or forward ``req`` to the leader."""
-        try:
-            g = self.r.leader_group(shard.id)
-        except NotLeader as e:
-            if req.header.no_forward:
-                raise
-            m = self.r.cluster_map()
-            targets = [e.leader_address] if e.leader_address else []
-            for nid in shard.replicas:
-                n = m.node(nid)
-                if n is not None:
-                    targets.append(n.address)
-            return self.fwd.forward(method, req, targets, deadline, write)
-        return fn(g)
+    def _forward(self, method: str, req: Any, shard: ShardDescriptor, hint: NotLeader, deadline: float, write: bool) -> Finish:
+        if req.header.no_forward:
+            raise hint
+        m = self.r.cluster_map()
+        targets = [hint.leader_address] if hint.leader_address else []
+        for nid in shard.replicas:
+            n = m.node(nid)
+            if n is not None:
+                targets.append(n.address)
+        fut = self._pool.submit(self.fwd.forward, method, req, targets, deadline, write)
+        return fut.result
 
-    def _read_point(self, shard: ShardDescriptor, g: RaftGroup | None, consistency: str, deadline: float) -> int:
-        """Cluster time at which this read is judged (after the barrier, if linearizable)."""
-        if consistency == V.LINEARIZABLE:
-            assert g is not None
-            clock = self.r.read_clock(g, deadline)
-        else:
-            clock = self.r.reader(shard.id).clock_ms()
-        return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else clock
+    # ---- phase 1 of reads -----------------------------------------------------------
 
-    def _read(
-        self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
-        fn: Callable[[int], Any],
-    ) -> Any:
+    def _start_read(self, method: str, req: Any, key: bytes, deadline: float,
+                    build: Callable[[ShardDescriptor, int], Any]) -> Finish:
+        """Begin a read of ``key``; ``build(shard, clock)`` makes the reply."""
+        key = V.check_key(key, self.cfg.max_key_bytes)
+        shard = self._shard(key, req.header)
         consistency = V.consistency(req.header)
         local = self.r.local_group(shard.id)
         if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local is not None:
             consistency = V.STALE  # UNSAFE: no barrier, no forwarding
         if consistency == V.STALE and local is not None:
-            return fn(self._read_point(shard, local, V.STALE, deadline))
-        return self._on_leader(
-            method, req, shard, deadline, False,
-            lambda g: fn(self._read_point(shard, g, V.LINEARIZABLE, deadline)),
-        )
+            clock = self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.reader(shard.id).clock_ms()
+            return lambda: build(shard, clock)
+        try:
+            g = self.r.leader_group(shard.id)
+        except NotLeader as e:
+            return self._forward(method, req, shard, e, deadline, write=False)
+        fut = g.read_barrier()
+
+        def finish() -> Any:
+            clock = self.r.barrier_clock(g, fut, deadline)
+            if self.cfg.unsafe.local_ttl:
+                clock = self.clock.wall_ms()
+            return build(shard, clock)
+
+        return finish
 
     def _meta(self, shard: ShardDescriptor) -> pb.ReadMeta:
         return pb.ReadMeta(
@@ -136,42 +139,174 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             served_by=self.cfg.node_id,
         )
 
-    # ---- reads -----------------------------------------------------------------
+    def _start_get(self, req: pb.GetRequest, deadline: float) -> Finish:
+        def build(shard: ShardDescriptor, clock: int) -> pb.GetResponse:
+            meta = self._meta(shard)
+            rec = read_get(self.r.reader(shard.id), req.key, clock)
+            if rec is None:
+                return pb.GetResponse(found=False, ttl_ms=-1, meta=meta)
+            return pb.GetResponse(found=True, value=rec.value, version=rec.version,
+                                  ttl_ms=ttl_remaining_ms(rec, clock), meta=meta)
+
+        return self._start_read("Get", req, req.key, deadline, build)
+
+    def _start_ttl(self, req: pb.TtlRequest, deadline: float) -> Finish:
+        def build(shard: ShardDescriptor, clock: int) -> pb.TtlResponse:
+            meta = self._meta(shard)
+            rec = read_get(self.r.reader(shard.id), req.key, clock)
+            if rec is None:
+                return pb.TtlResponse(found=False, ttl_ms=-1, meta=meta)
+            return pb.TtlResponse(found=True, ttl_ms=ttl_remaining_ms(rec, clock), meta=meta)
+
+        return self._start_read("Ttl", req, req.key, deadline, build)
+
+    # ---- phase 1 of writes ------------------------------------------------------------
+
+    def _start_write(self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
+                     make: Callable[[int], C.Command], reply: Callable[[C.Result], Any]) -> Finish:
+        try:
+            g = self.r.leader_group(shard.id)
+        except NotLeader as e:
+            return self._forward(method, req, shard, e, deadline, write=True)
+        fut = self.r.start_proposal(g, encode_command(make(self._now(shard.id))))
+
+        def finish() -> Any:
+            res = decode_result(wait_future(fut, deadline, writes=True))
+            _raise_error_result(res)
+            return reply(res)
+
+        return finish
+
+    def _start_set(self, req: pb.SetRequest, deadline: float) -> Finish:
+        key = V.check_key(req.key, self.cfg.max_key_bytes)
+        value = V.check_value(req.value, self.cfg.max_value_bytes)
+        ttl = V.check_ttl(req.ttl_ms)
+        if req.condition not in (pb.ALWAYS, pb.IF_ABSENT, pb.IF_PRESENT):
+            raise InvalidArgument(f"unknown set condition {req.condition}")
+        rid = V.request_id(req.header)
+        shard = self._shard(key, req.header)
+
+        def reply(res: C.Result) -> pb.SetResponse:
+            assert isinstance(res, C.SetResult), res
+            return pb.SetResponse(applied=res.applied, version=res.version)
+
+        return self._start_write("Set", req, shard, deadline, lambda now: C.Set(
+            key=key, value=value, expires_at_ms=now + ttl if ttl else 0,
+            condition=int(req.condition), now_ms=now, rid=rid), reply)
+
+    def _start_delete(self, req: pb.DeleteRequest, deadline: float) -> Finish:
+        key = V.check_key(req.key, self.cfg.max_key_bytes)
+        rid = V.request_id(req.header)
+        shard = self._shard(key, req.header)
+
+        def reply(res: C.Result) -> pb.DeleteResponse:
+            assert isinstance(res, C.DeleteResult), res
+            return pb.DeleteResponse(deleted=res.deleted, version=res.version)
+
+        return self._start_write("Delete", req, shard, deadline, lambda now: C.Delete(key=key, now_ms=now, rid=rid), reply)
+
+    def _start_cas(self, req: pb.CompareAndSetRequest, deadline: float) -> Finish:
+        key = V.check_key(req.key, self.cfg.max_key_bytes)
+        new = V.check_value(req.new_value, self.cfg.max_value_bytes)
+        ttl = V.check_ttl(req.ttl_ms)
+        which = req.WhichOneof("expected")
+        ev: bytes | None = None
+        ever: int | None = None
+        absent = False
+        if which == "expected_value":
+            ev = V.check_value(req.expected_value, self.cfg.max_value_bytes)
+        elif which == "expected_version":
+            ever = int(req.expected_version)
+        elif req.expect_absent:
+            absent = True
+        else:
+            raise InvalidArgument("compare-and-set needs expected_value, expected_version or expect_absent")
+        rid = V.request_id(req.header)
+        shard = self._shard(key, req.header)
+
+        def reply(res: C.Result) -> pb.CompareAndSetResponse:
+            assert isinstance(res, C.CasResult), res
+            return pb.CompareAndSetResponse(
+                succeeded=res.succeeded, version=res.version, current_found=res.current_found,
+                current_value=res.current_value or b"", current_version=res.current_version,
+            )
+
+        return self._start_write("CompareAndSet", req, shard, deadline, lambda now: C.CompareAndSet(
+            key=key, expected_value=ev, expected_version=ever, expect_absent=absent,
+            new_value=new, expires_at_ms=now + ttl if ttl else 0, now_ms=now, rid=rid), reply)
+
+    def _start_incr(self, req: pb.IncrRequest, deadline: float) -> Finish:
+        key = V.check_key(req.key, self.cfg.max_key_bytes)
+        rid = V.request_id(req.header)
+        shard = self._shard(key, req.header)
+
+        def reply(res: C.Result) -> pb.IncrResponse:
+            assert isinstance(res, C.IncrResult), res
+            return pb.IncrResponse(value=res.value, version=res.version)
+
+        return self._start_write("Incr", req, shard, deadline,
+                                 lambda now: C.Incr(key=key, delta=int(req.delta), now_ms=now, rid=rid), reply)
+
+    # ---- unary RPCs ---------------------------------------------------------------------
 
     def Get(self, req: pb.GetRequest, ctx: grpc.ServicerContext) -> pb.GetResponse:
-        def run(deadline: float) -> pb.GetResponse:
-            key = V.check_key(req.key, self.cfg.max_key_bytes)
-            shard = self._shard(key, req.header)
-
-            def at(clock: int) -> pb.GetResponse:
-                meta = self._meta(shard)
-                rec = read_get(self.r.reader(shard.id), key, clock)
-                if rec is None:
-                    return pb.GetResponse(found=False, ttl_ms=-1, meta=meta)
-                return pb.GetResponse(
-                    found=True, value=rec.value, version=rec.version,
-                    ttl_ms=ttl_remaining_ms(rec, clock), meta=meta,
-                )
-
-            return self._read("Get", req, shard, deadline, at)  # type: ignore[no-any-return]
-
-        return self._serve(ctx, run)
+        return self._unary(ctx, self._start_get, req)  # type: ignore[no-any-return]
 
     def Ttl(self, req: pb.TtlRequest, ctx: grpc.ServicerContext) -> pb.TtlResponse:
-        def run(deadline: float) -> pb.TtlResponse:
-            key = V.check_key(req.key, self.cfg.max_key_bytes)
-            shard = self._shard(key, req.header)
+        return self._unary(ctx, self._start_ttl, req)  # type: ignore[no-any-return]
 
-            def at(clock: int) -> pb.TtlResponse:
-                meta = self._meta(shard)
-                rec = read_get(self.r.reader(shard.id), key, clock)
-                if rec is None:
-                    return pb.TtlResponse(found=False, ttl_ms=-1, meta=meta)
-                return pb.TtlResponse(found=True, ttl_ms=ttl_remaining_ms(rec, clock), meta=meta)
+    def Set(self, req: pb.SetRequest, ctx: grpc.ServicerContext) -> pb.SetResponse:
+        return self._unary(ctx, self._start_set, req)  # type: ignore[no-any-return]
 
-            return self._read("Ttl", req, shard, deadline, at)  # type: ignore[no-any-return]
+    def Delete(self, req: pb.DeleteRequest, ctx: grpc.ServicerContext) -> pb.DeleteResponse:
+        return self._unary(ctx, self._start_delete, req)  # type: ignore[no-any-return]
+
+    def CompareAndSet(self, req: pb.CompareAndSetRequest, ctx: grpc.ServicerContext) -> pb.CompareAndSetResponse:
+        return self._unary(ctx, self._start_cas, req)  # type: ignore[no-any-return]
+
+    def Incr(self, req: pb.IncrRequest, ctx: grpc.ServicerContext) -> pb.IncrResponse:
+        return self._unary(ctx, self._start_incr, req)  # type: ignore[no-any-return]
+
+    # ---- Batch ------------------------------------------------------------------------------
+
+    _BATCH_START = {
+        "get": "_start_get", "set": "_start_set", "delete": "_start_delete",
+        "cas": "_start_cas", "incr": "_start_incr", "ttl": "_start_ttl",
+    }
+
+    def Batch(self, req: pb.BatchRequest, ctx: grpc.ServicerContext) -> pb.BatchResponse:
+        def run(deadline: float) -> pb.BatchResponse:
+            V.check_batch(len(req.ops), self.cfg.max_batch_keys)
+            started: list[tuple[str, Finish | CacheError | ForwardedError]] = []
+            for op in req.ops:
+                which: str | None = op.WhichOneof("op")
+                if which is None:
+                    started.append(("", InvalidArgument("batch op names no operation")))
+                    continue
+                try:
+                    started.append((which, getattr(self, self._BATCH_START[which])(getattr(op, which), deadline)))
+                except (CacheError, ForwardedError) as e:
+                    started.append((which, e))
+            results = []
+            for which, item in started:
+                if not callable(item):
+                    results.append(pb.BatchResult(error=_op_error(item)))
+                    continue
+                try:
+                    results.append(pb.BatchResult(**{str(which): item()}))
+                except (CacheError, ForwardedError) as e:
+                    results.append(pb.BatchResult(error=_op_error(e)))
+            return pb.BatchResponse(results=results)
 
         return self._serve(ctx, run)
+
+    # ---- multi-key ---------------------------------------------------------------------------
+
+    def _fan_out(self, parts: list[tuple[ShardDescriptor, list[Any]]], fn: Callable[[ShardDescriptor, list[Any]], R]) -> list[R]:
+        if len(parts) == 1:
+            return [fn(*parts[0])]
+        futs = [self._pool.submit(fn, s, items) for s, items in parts]
+        return [f.result() for f in futs]
 
     def MGet(self, req: pb.MGetRequest, ctx: grpc.ServicerContext) -> pb.MGetResponse:
         def run(deadline: float) -> pb.MGetResponse:
@@ -186,7 +321,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             def one(shard: ShardDescriptor, ks: list[bytes]) -> dict[bytes, pb.MGetItem]:
                 sub = pb.MGetRequest(header=req.header, keys=ks)
 
-                def at(clock: int) -> pb.MGetResponse:
+                def build(shard: ShardDescriptor, clock: int) -> pb.MGetResponse:
                     reader = self.r.reader(shard.id)
                     items = []
                     for k in ks:
@@ -194,10 +329,11 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                         if rec is None:
                             items.append(pb.MGetItem(key=k, found=False, ttl_ms=-1))
                         else:
-                            items.append(pb.MGetItem(key=k, found=True, value=rec.value, version=rec.version, ttl_ms=ttl_remaining_ms(rec, clock)))
+                            items.append(pb.MGetItem(key=k, found=True, value=rec.value, version=rec.version,
+                                                     ttl_ms=ttl_remaining_ms(rec, clock)))
                     return pb.MGetResponse(items=items)
 
-                resp = self._read("MGet", sub, shard, deadline, at)
+                resp = self._start_read("MGet", sub, ks[0], deadline, build)()
                 return {it.key: it for it in resp.items}
 
             results = self._fan_out([(s, ks) for s, ks in by_shard.values()], one)
@@ -205,99 +341,6 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             for r in results:
                 merged.update(r)
             return pb.MGetResponse(items=[merged[k] for k in keys])
-
-        return self._serve(ctx, run)
-
-    def _fan_out(self, parts: list[tuple[ShardDescriptor, list[Any]]], fn: Callable[[ShardDescriptor, list[Any]], R]) -> list[R]:
-        if len(parts) == 1:
-            return [fn(*parts[0])]
-        futs = [self._pool.submit(fn, s, items) for s, items in parts]
-        return [f.result() for f in futs]
-
-    # ---- writes ----------------------------------------------------------------
-
-    def _write(self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
-               make: Callable[[int], C.Command]) -> C.Result:
-        def on_leader(g: RaftGroup) -> C.Result:
-            res = self.r.propose(g, make(self._now(shard.id)), deadline)
-            _raise_error_result(res)
-            return res
-        return self._on_leader(method, req, shard, deadline, True, on_leader)  # type: ignore[no-any-return]
-
-    def Set(self, req: pb.SetRequest, ctx: grpc.ServicerContext) -> pb.SetResponse:
-        def run(deadline: float) -> pb.SetResponse:
-            key = V.check_key(req.key, self.cfg.max_key_bytes)
-            value = V.check_value(req.value, self.cfg.max_value_bytes)
-            ttl = V.check_ttl(req.ttl_ms)
-            if req.condition not in (pb.ALWAYS, pb.IF_ABSENT, pb.IF_PRESENT):
-                raise InvalidArgument(f"unknown set condition {req.condition}")
-            rid = V.request_id(req.header)
-            shard = self._shard(key, req.header)
-            res = self._write("Set", req, shard, deadline, lambda now: C.Set(
-                key=key, value=value, expires_at_ms=now + ttl if ttl else 0,
-                condition=int(req.condition), now_ms=now, rid=rid))
-            if isinstance(res, pb.SetResponse):
-                return res
-            assert isinstance(res, C.SetResult), res
-            return pb.SetResponse(applied=res.applied, version=res.version)
-
-        return self._serve(ctx, run)
-
-    def Delete(self, req: pb.DeleteRequest, ctx: grpc.ServicerContext) -> pb.DeleteResponse:
-        def run(deadline: float) -> pb.DeleteResponse:
-            key = V.check_key(req.key, self.cfg.max_key_bytes)
-            rid = V.request_id(req.header)
-            shard = self._shard(key, req.header)
-            res = self._write("Delete", req, shard, deadline, lambda now: C.Delete(key=key, now_ms=now, rid=rid))
-            if isinstance(res, pb.DeleteResponse):
-                return res
-            assert isinstance(res, C.DeleteResult), res
-            return pb.DeleteResponse(deleted=res.deleted, version=res.version)
-
-        return self._serve(ctx, run)
-
-    def CompareAndSet(self, req: pb.CompareAndSetRequest, ctx: grpc.ServicerContext) -> pb.CompareAndSetResponse:
-        def run(deadline: float) -> pb.CompareAndSetResponse:
-            key = V.check_key(req.key, self.cfg.max_key_bytes)
-            new = V.check_value(req.new_value, self.cfg.max_value_bytes)
-            ttl = V.check_ttl(req.ttl_ms)
-            which = req.WhichOneof("expected")
-            ev: bytes | None = None
-            ever: int | None = None
-            absent = False
-            if which == "expected_value":
-                ev = V.check_value(req.expected_value, self.cfg.max_value_bytes)
-            elif which == "expected_version":
-                ever = int(req.expected_version)
-            elif req.expect_absent:
-                absent = True
-            else:
-                raise InvalidArgument("compare-and-set needs expected_value, expected_version or expect_absent")
-            rid = V.request_id(req.header)
-            shard = self._shard(key, req.header)
-            res = self._write("CompareAndSet", req, shard, deadline, lambda now: C.CompareAndSet(
-                key=key, expected_value=ev, expected_version=ever, expect_absent=absent,
-                new_value=new, expires_at_ms=now + ttl if ttl else 0, now_ms=now, rid=rid))
-            if isinstance(res, pb.CompareAndSetResponse):
-                return res
-            assert isinstance(res, C.CasResult), res
-            return pb.CompareAndSetResponse(
-                succeeded=res.succeeded, version=res.version, current_found=res.current_found,
-                current_value=res.current_value or b"", current_version=res.current_version,
-            )
-
-        return self._serve(ctx, run)
-
-    def Incr(self, req: pb.IncrRequest, ctx: grpc.ServicerContext) -> pb.IncrResponse:
-        def run(deadline: float) -> pb.IncrResponse:
-            key = V.check_key(req.key, self.cfg.max_key_bytes)
-            rid = V.request_id(req.header)
-            shard = self._shard(key, req.header)
-            res = self._write("Incr", req, shard, deadline, lambda now: C.Incr(key=key, delta=int(req.delta), now_ms=now, rid=rid))
-            if isinstance(res, pb.IncrResponse):
-                return res
-            assert isinstance(res, C.IncrResult), res
-            return pb.IncrResponse(value=res.value, version=res.version)
 
         return self._serve(ctx, run)
 
@@ -317,14 +360,32 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
             def one(shard: ShardDescriptor, its: list[tuple[bytes, bytes, int]]) -> tuple[int, int]:
                 sub = pb.MSetRequest(header=req.header, items=[pb.KeyValue(key=k, value=v, ttl_ms=t) for k, v, t in its])
-                res = self._write("MSet", sub, shard, deadline, lambda now: C.MSet(
-                    items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid))
-                if isinstance(res, pb.MSetResponse):
-                    return int(res.count), int(res.versions[0]) if res.versions else 0
-                assert isinstance(res, C.MSetResult), res
-                return res.count, res.version
+
+                def reply(res: C.Result) -> tuple[int, int]:
+                    assert isinstance(res, C.MSetResult), res
+                    return res.count, res.version
+
+                out = self._start_write("MSet", sub, shard, deadline, lambda now: C.MSet(
+                    items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid), reply)()
+                if isinstance(out, pb.MSetResponse):  # forwarded
+                    return int(out.count), int(out.versions[0]) if out.versions else 0
+                return out  # type: ignore[no-any-return]
 
             results = self._fan_out(list(by_shard.values()), one)
             return pb.MSetResponse(count=sum(c for c, _ in results), versions=[v for _, v in results])
 
         return self._serve(ctx, run)
+
+
+def _op_error(e: CacheError | ForwardedError) -> pb.OpError:
+    if isinstance(e, ForwardedError):
+        md = dict(e.metadata)
+        return pb.OpError(code=e.code.value[0], message=e.details, kind=md.get("cachenode-error", ""),
+                          leader=md.get("cachenode-leader", ""))
+    md = dict(error_metadata(e))
+    return pb.OpError(code=status_code(e).value[0], message=e.message, kind=e.kind,
+                      leader=md.get("cachenode-leader", ""))
+
+
+# Future is re-exported for type checkers of callers building thunks.
+__all__ = ["CacheService", "Future"]

@@ -125,18 +125,18 @@ class ReplicaManager:
         cluster_ms, mono = base
         return cluster_ms + int((self.clock.monotonic() - mono) * 1000)
 
-    def propose(self, group: RaftGroup, cmd: C.Command, deadline: float) -> C.Result:
-        """Propose on a leader replica and wait for the applied result."""
+    def start_proposal(self, group: RaftGroup, payload: bytes) -> Future[bytes]:
+        """Propose on a leader replica; the future holds the encoded result."""
         if not group.status.has_quorum:
             raise Unavailable(f"shard {group.group_id} has lost its quorum (peers unreachable); the write was not applied")
-        fut = group.propose(encode_command(cmd))
-        return decode_result(_wait(fut, deadline, writes=True))
+        return group.propose(payload)
 
-    def read_clock(self, group: RaftGroup, deadline: float) -> int:
-        """Linearizable read point: after this returns, the local state holds
-        every write acknowledged before the call; the returned cluster time
-        judges TTLs."""
-        res = decode_result(_wait(group.read_barrier(), deadline, writes=False))
+    def barrier_clock(self, group: RaftGroup, fut: Future[bytes], deadline: float) -> int:
+        """Wait for a read barrier joined with ``group.read_barrier()``.
+
+        After this returns, the local state holds every write acknowledged
+        before the barrier was joined; the returned cluster time judges TTLs."""
+        res = decode_result(wait_future(fut, deadline, writes=False))
         if isinstance(res, C.BarrierResult):
             return res.clock_ms
         raise Unavailable(f"read barrier failed on shard {group.group_id}: {res}")
@@ -219,7 +219,7 @@ class ReplicaManager:
                 self._expiring[gid] = g.propose(encode_command(C.Expire(keys=tuple(keys), now_ms=now)))
 
 
-def _wait(fut: Future[bytes], deadline: float, writes: bool) -> bytes:
+def wait_future(fut: Future[bytes], deadline: float, writes: bool) -> bytes:
     remaining = deadline - time.monotonic()
     try:
         return fut.result(timeout=max(0.0, remaining))

@@ -1,0 +1,55 @@
+"""Batch: many independent single-key ops per call, each with its own outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from _nodes import LocalCluster, local_cluster
+
+from cachenode.v1 import cache_pb2 as pb
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with local_cluster(tmp_path_factory.mktemp("batch") / "c", nodes=3, shards=4) as c:
+        yield c
+
+
+def test_mixed_batch_through_any_node(cluster: LocalCluster) -> None:
+    ops = [pb.BatchOp(set=pb.SetRequest(key=b"b%d" % i, value=b"v%d" % i)) for i in range(40)]
+    ops.append(pb.BatchOp(incr=pb.IncrRequest(key=b"bctr", delta=2)))
+    ops.append(pb.BatchOp(set=pb.SetRequest(key=b"", value=b"x")))  # invalid: its own error only
+    ops.append(pb.BatchOp())  # names no operation
+    for nid in cluster.node_ids:
+        r = cluster.cache(nid).Batch(pb.BatchRequest(ops=ops), timeout=10)
+        assert len(r.results) == len(ops)
+        assert all(x.WhichOneof("result") == "set" and x.set.applied for x in r.results[:40])
+        assert r.results[40].incr.value > 0
+        assert r.results[41].error.kind == "invalid_argument"
+        assert r.results[41].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert r.results[42].error.kind == "invalid_argument"
+    gets = [pb.BatchOp(get=pb.GetRequest(key=b"b%d" % i)) for i in range(40)]
+    r = cluster.cache(cluster.node_ids[1]).Batch(pb.BatchRequest(ops=gets), timeout=10)
+    assert [x.get.value for x in r.results] == [b"v%d" % i for i in range(40)]
+    r = cluster.cache(cluster.node_ids[2]).Batch(pb.BatchRequest(ops=[pb.BatchOp(incr=pb.IncrRequest(key=b"bctr", delta=0))]), timeout=5)
+    assert r.results[0].incr.value == 6  # three batches of +2, each applied once
+
+
+def test_no_forward_ops_report_not_leader_with_hint(cluster: LocalCluster) -> None:
+    leader = cluster.leader_of(0)
+    other = next(n for n in cluster.node_ids if n != leader)
+    key = next(b"h%d" % i for i in range(1000) if cluster.shard_of(b"h%d" % i) == 0)
+    op = pb.BatchOp(set=pb.SetRequest(key=key, value=b"v", header=pb.RequestHeader(no_forward=True)))
+    r = cluster.cache(other).Batch(pb.BatchRequest(ops=[op]), timeout=5)
+    err = r.results[0].error
+    assert err.kind == "not_leader" and err.leader == f"{leader}@{cluster.address(leader)}"  # type: ignore[arg-type]
+
+
+def test_empty_batch_is_invalid(cluster: LocalCluster) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.cache(cluster.node_ids[0]).Batch(pb.BatchRequest(), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
