@@ -111,6 +111,56 @@ class _Abort(Exception):
         self.code, self.details, self.md = code, details, md
 
 
+class _OpAbort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str, md: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(details)
+        self.code, self.details, self.md = code, details, md
+
+
+class _OpContext:
+    """A ServicerContext for one op of a fake Batch: ``abort`` raises."""
+
+    def __init__(self, outer: Any) -> None:
+        self._outer = outer
+        self.md: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, md: Any) -> None:
+        self.md = tuple(md)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _OpAbort(code, details, self.md)
+
+    def time_remaining(self) -> Any:
+        return self._outer.time_remaining()
+
+    def is_active(self) -> bool:
+        return True
+
+
+_BATCH_METHODS = {"get": "Get", "set": "Set", "delete": "Delete", "cas": "CompareAndSet", "incr": "Incr", "ttl": "Ttl"}
+
+
+def batch_via_unary(servicer: Any, request: pb.BatchRequest, context: Any) -> pb.BatchResponse:
+    """The Batch RPC of a test double: each op through the double's own unary
+    handler, its abort turned into that op's OpError, as the real node does."""
+    results = []
+    for op in request.ops:
+        which = op.WhichOneof("op")
+        if which is None:
+            results.append(pb.BatchResult(error=pb.OpError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="empty op", kind="invalid_argument")))
+            continue
+        ctx = _OpContext(context)
+        try:
+            resp = getattr(servicer, _BATCH_METHODS[which])(getattr(op, which), ctx)
+            results.append(pb.BatchResult(**{which: resp}))
+        except _OpAbort as a:
+            md = dict(a.md)
+            results.append(pb.BatchResult(error=pb.OpError(
+                code=a.code.value[0], message=a.details,
+                kind=md.get("cachenode-error", ""), leader=md.get("cachenode-leader", ""))))
+    return pb.BatchResponse(results=results)
+
+
 class FakeNode(pb_grpc.CacheServicer, pb_grpc.AdminServicer):
     """One fake node: a real gRPC server on a loopback port."""
 
@@ -133,6 +183,11 @@ class FakeNode(pb_grpc.CacheServicer, pb_grpc.AdminServicer):
     def stop(self) -> None:
         self.server.stop(grace=None).wait()
         self.up = False
+
+    def Batch(self, request: pb.BatchRequest, context: Any) -> pb.BatchResponse:
+        if not self.up:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "node down")
+        return batch_via_unary(self, request, context)
 
     # ---- plumbing --------------------------------------------------------
 

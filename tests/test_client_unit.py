@@ -35,7 +35,7 @@ from cachenode.v1 import cache_pb2 as pb
 from cachenode.v1 import cache_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cluster import FakeCluster, Fault  # noqa: E402
+from _cluster import FakeCluster, Fault, batch_via_unary  # noqa: E402
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connection refused
 
@@ -320,6 +320,9 @@ class TinyNode(pb_grpc.CacheServicer, pb_grpc.AdminServicer):
             ],
             leaders={0: "t1"},
         )
+
+    def Batch(self, request: pb.BatchRequest, context: Any) -> pb.BatchResponse:
+        return batch_via_unary(self, request, context)
 
     def Incr(self, request: pb.IncrRequest, context: Any) -> pb.IncrResponse:
         rid = (request.header.request_id.client_id, request.header.request_id.seq)

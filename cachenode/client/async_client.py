@@ -18,6 +18,7 @@ import grpc.aio
 
 from cachenode._errors import CacheError, Unavailable
 from cachenode._types import ClusterMap, NodeId, ShardId
+from cachenode.client._coalesce import BATCH_FIELD, Coalescer
 from cachenode.client._convert import (
     KeyLike,
     check_ttl,
@@ -74,7 +75,12 @@ class AsyncCacheClient:
         max_attempts: int = 4,
         client_id: str | bytes | None = None,
         routing: Routing = "smart",
+        coalesce: bool = True,
     ) -> None:
+        """``coalesce``: send concurrent single-key calls to one node as one
+        Batch RPC (see ``_coalesce``); results and errors stay per call."""
+        self._coalesce = coalesce
+        self._coalescers: dict[str, Coalescer] = {}
         self._core = ClientCore(
             endpoints,
             timeout=timeout,
@@ -344,8 +350,13 @@ class AsyncCacheClient:
                     await asyncio.sleep(delay)
                 continue
             target = state.target()
-            call = getattr(self._cache_stub(target.address), op.method)
             try:
+                if self._coalesce and op.method in BATCH_FIELD:
+                    co = self._coalescers.get(target.address)
+                    if co is None:
+                        co = self._coalescers[target.address] = Coalescer(self._cache_stub(target.address).Batch)
+                    return await co.call(op.method, op.build(state.header(target)), state.attempt_timeout())
+                call = getattr(self._cache_stub(target.address), op.method)
                 return await call(op.build(state.header(target)), timeout=state.attempt_timeout())
             except grpc.RpcError as err:
                 if self._closed:

@@ -148,10 +148,22 @@ class GroupTransport(Transport):  # type: ignore[misc]
         prev["commit_index"] = max(prev["commit_index"], m["commit_index"])
         return True
 
-    def flush(self) -> None:
-        """Hand queued messages to the mux (driver thread, end of iteration)."""
-        queue, self._queue = self._queue, {}
+    def flush(self, appends_only: bool = False) -> None:
+        """Hand queued messages to the mux (driver thread, end of iteration).
+
+        ``appends_only``: send only the leading append_entries of each
+        peer's queue (what may leave before the storage commit)."""
         mux = self._host.mux
+        if appends_only:
+            for nid, msgs in self._queue.items():
+                n = 0
+                while n < len(msgs) and msgs[n].get("type") == "append_entries":
+                    if not mux.send(nid, self._group, msgs[n]):
+                        self._sent.pop(nid, None)
+                    n += 1
+                del msgs[:n]
+            return
+        queue, self._queue = self._queue, {}
         for nid, msgs in queue.items():
             for m in msgs:
                 if not mux.send(nid, self._group, m):

@@ -242,20 +242,32 @@ class GroupHost:
         if self.unsafe_lazy_commit_s:
             self._finish_iteration_unsafe()
             return
+        # Before the commit, only what cannot depend on it may leave:
+        # * a leader's appends: the leader counts its own copy of an entry
+        #   only in a later iteration, i.e. after this commit made it durable;
+        # * write results: an entry is applied only iterations after it was
+        #   appended, so it is already durable on a majority; the apply itself
+        #   is re-derived from the journal after a crash.
+        # Votes, follower acks and read results wait for the commit.
+        done, self._completions = self._completions, []
         if self._batch is not None:
+            self._flush_network(appends_only=True)
+            _resolve([c for c in done if not c[3]])
+            done = [c for c in done if c[3]]
             b, self._batch = self._batch, None
             b.commit()
             self.commits += 1
         self._flush_network()
-        if self._completions:
-            done, self._completions = self._completions, []
+        if done:
             _resolve(done)
 
-    def _flush_network(self) -> None:
+    def _flush_network(self, appends_only: bool = False) -> None:
         if self._unflushed:
-            pending, self._unflushed = self._unflushed, set()
+            pending = self._unflushed
+            if not appends_only:
+                self._unflushed = set()
             for t in pending:
-                t.flush()
+                t.flush(appends_only)
         self.mux.flush()
 
     def _finish_iteration_unsafe(self) -> None:

@@ -1,0 +1,282 @@
+"""The benchmark tooling: the load generator against a real cluster, and the result document.
+
+Never asserts speeds: only that every number exists, has the right shape,
+and that nothing the benchmark started outlives it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _cluster import local_cluster
+from cachectl.main import main
+
+from cachenode.bench.loadgen import WORKLOADS, LatencyHistogram, bench_key
+from cachenode.bench.report import (
+    build_document,
+    evaluate_goals,
+    markdown,
+    ratios,
+    rich_tables,
+    summarize,
+)
+from cachenode.bench.runner import run_phase, run_prefill, split_inflight
+from cachenode.bench.systems import EtcdCluster, RedisServer, fs_type
+from cachenode.bench.targets import TargetSpec
+
+# ---- fast: no process started ---------------------------------------------------
+
+
+def test_histogram_percentiles_are_within_one_percent() -> None:
+    h = LatencyHistogram()
+    values = [i / 10_000 for i in range(1, 10_001)]  # 0.1 ms .. 1 s
+    for v in values:
+        h.record(v)
+    for q in (0.5, 0.99, 0.999):
+        exact = values[math.ceil(q * len(values)) - 1]
+        got = h.percentile(q)
+        assert got is not None and exact <= got <= exact * 1.0101
+    assert h.percentile(1.0) == pytest.approx(1.0)
+
+
+def test_histogram_merge_and_json_round_trip() -> None:
+    a, b = LatencyHistogram(), LatencyHistogram()
+    for v in (0.001, 0.002, 0.003):
+        a.record(v)
+    b.record(0.5)
+    a.merge(LatencyHistogram.from_json(json.loads(json.dumps(b.to_json()))))
+    assert a.count == 4
+    assert a.max_s == 0.5
+    assert LatencyHistogram().percentile(0.5) is None
+
+
+def test_split_inflight_spreads_evenly_and_never_idles_a_client() -> None:
+    assert split_inflight(32, 2) == [16, 16]
+    assert split_inflight(5, 2) == [3, 2]
+    assert split_inflight(1, 4) == [1]
+
+
+def test_keys_are_16_bytes() -> None:
+    assert len(bench_key("r:", 7)) == 16
+    assert len(bench_key("w:", 99_999)) == 16
+
+
+def _phase(
+    target: str, workload: str, ops_per_s: float, p50: float, p99: float, rnd: int = 0
+) -> dict[str, Any]:
+    return {
+        "target": target,
+        "workload": workload,
+        "round": rnd,
+        "clients": 2,
+        "inflight": 32,
+        "ops_per_s": ops_per_s,
+        "keys_per_s": ops_per_s * WORKLOADS[workload].batch,
+        "p50_s": p50,
+        "p99_s": p99,
+        "p999_s": p99,
+        "mean_s": p50,
+        "cpu_s_per_1k_ops": 0.1,
+        "server_cpu_cores": 1.0,
+        "loadgen_cpu_cores": 0.5,
+        "peak_rss_bytes": {"n1": 100},
+        "errors": {},
+    }
+
+
+def test_summary_takes_medians_and_ratios_favour_cachenode_when_higher() -> None:
+    phases = [
+        _phase("cachenode", "set", v, 0.002, 0.004, r) for r, v in enumerate((100.0, 300.0, 200.0))
+    ] + [
+        _phase("etcd", "set", 100.0, 0.004, 0.008),
+        _phase("cachenode", "write_1client", 500.0, 0.001, 0.002),
+        _phase("etcd", "write_1client", 500.0, 0.002, 0.004),
+        {"target": "etcd", "workload": "mset100", "round": 0, "failed": "boom"},
+    ]
+    results = summarize(phases)
+    assert results["set"]["cachenode"]["ops_per_s"] == 200.0
+    assert results["set"]["cachenode"]["rounds"] == 3
+    assert results["mset100"]["etcd"]["failed_rounds"] == 1
+    r = ratios(results, "etcd")
+    assert r["write"] == pytest.approx(2.0)
+    assert r["p99_write"] == pytest.approx(2.0)
+    assert r["p50_write_1client"] == pytest.approx(2.0)
+    assert "mset100" not in r  # cachenode never ran it
+    goals = {g.name: g.met for g in evaluate_goals(r, 1.5)}
+    assert goals == {
+        "write": True,
+        "read_linearizable": None,
+        "mset100": None,
+        "p50_write_1client": True,
+        "failover": True,
+    }
+
+
+def test_a_document_renders_as_markdown_and_rich_tables() -> None:
+    phases = [
+        _phase("cachenode", "set", 10.0, 0.002, 0.004),
+        _phase("etcd", "set", 5.0, 0.003, 0.009),
+    ]
+    doc = build_document(
+        kind="bench-vs",
+        command="cachectl bench --vs etcd",
+        config={"seconds": 1, "rounds": 1, "clients": 2, "inflight": 32},
+        machine={"cores": 2, "load_before": [1.0, 1.0, 1.0], "load_after": [2.0, 1.0, 1.0]},
+        systems={"cachenode": {}, "etcd": {}},
+        phases=phases,
+        failover={"failover_s": 1.0, "all_shards_s": 1.5, "trials": [{"shard_s": 1.0}]},
+        scaling=None,
+        started_at=0.0,
+        finished_at=10.0,
+    )
+    assert doc["ratios_vs_etcd"]["write"] == pytest.approx(2.0)
+    assert doc["failover_s"] == 1.0
+    text = markdown(json.loads(json.dumps(doc)))
+    assert "| set | cachenode | 10 |" in text and "| write | 2.00x |" in text
+    assert "not measured: needs the placement driver" in text
+    assert len(rich_tables(doc)) == 3
+
+
+# ---- against real processes ------------------------------------------------------
+
+
+def _cluster_pids(directory: Path) -> dict[str, int]:
+    doc = json.loads((directory / "cluster.json").read_text())
+    return {n["id"]: n["pid"] for n in doc["nodes"]}
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.cluster
+def test_load_generator_measures_a_real_cluster(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    with local_cluster(directory, nodes=3, shards=4) as endpoints:
+        spec = TargetSpec("cachenode", "cachenode", tuple(endpoints))
+        pids = _cluster_pids(directory)
+        prefill = run_prefill(spec, log_dir=tmp_path)
+        assert prefill.keys == 10_000 and not prefill.errors
+        for workload in ("set", "get_linearizable", "mget100"):
+            res = run_phase(
+                spec,
+                pids,
+                workload,
+                clients=2,
+                inflight=4,
+                seconds=1.0,
+                warmup_s=0.2,
+                log_dir=tmp_path,
+            )
+            doc = json.loads(json.dumps(res.to_json()))
+            assert doc["errors"] == {}, doc["error_sample"]
+            assert doc["ops"] > 0 and doc["clients"] == 2 and doc["inflight"] == 4
+            assert doc["keys"] == doc["ops"] * WORKLOADS[workload].batch
+            assert doc["p50_s"] <= doc["p99_s"] <= doc["p999_s"]
+            assert doc["cpu_s_per_1k_ops"] is not None and doc["cpu_s_per_1k_ops"] >= 0
+            assert set(doc["peak_rss_bytes"]) == set(pids)
+            assert all(v and v > 0 for v in doc["peak_rss_bytes"].values())
+    assert not _processes_mentioning("cachenode.bench.loadgen --spec")
+
+
+@pytest.mark.cluster
+def test_cachectl_bench_writes_the_result_document(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = [
+        "bench", "--seconds", "1", "--rounds", "1", "--workloads", "set,mget100",
+        "--clients", "1", "--inflight", "4", "--shards", "4", "--failover-trials", "1",
+        "--out", str(out), "--data-dir", str(tmp_path), "--markdown", str(tmp_path / "t.md"),
+    ]  # fmt: skip
+    code = main(argv, dict(os.environ), stdout=stdout, stderr=stderr)
+    assert code == 0, stderr.getvalue()
+    doc = json.loads((out / "latest.json").read_text())
+    assert doc["schema"] == "cachenode-bench/1" and doc["kind"] == "bench"
+    assert len(list(out.glob("bench-*.json"))) == 1
+    m = doc["machine"]
+    assert m["cores"] >= 1 and len(m["load_before"]) == 3 and len(m["load_after"]) == 3
+    assert m["versions"]["grpcio"] and m["versions"]["pysyncobj"] and m["versions"]["lmdb"]
+    assert set(doc["results"]) == {"set", "mget100"}
+    s = doc["results"]["set"]["cachenode"]
+    for field in ("ops_per_s", "p50_s", "p99_s", "p999_s", "cpu_s_per_1k_ops"):
+        assert isinstance(s[field], float), field
+    assert doc["results"]["mget100"]["cachenode"]["keys_per_s"] > 0
+    assert len(doc["phases"]) == 2
+    assert isinstance(doc["failover_s"], float)
+    assert doc["failover"]["trials"][0]["killed"] in ("n1", "n2", "n3")
+    assert doc["replica_move"].startswith("not measured")
+    assert {g["name"] for g in doc["goals"]} >= {"write", "failover"}
+    assert "| workload |" in (tmp_path / "t.md").read_text()
+    assert "cachenode bench" in stdout.getvalue()
+    # everything it started is gone, and its data directory too
+    assert not _processes_mentioning(str(tmp_path / "cachenode-bench-"))
+    assert not list(tmp_path.glob("cachenode-bench-*"))
+
+
+def test_bench_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
+    for argv, env in (
+        (["bench", "--workloads", "nope"], {}),
+        (["bench", "--vs", "mysql"], {}),
+        (["bench", "--render", str(tmp_path / "missing.json")], {}),
+        (["bench", "--out", str(tmp_path)], {"BENCH_SECONDS": "soon"}),
+    ):
+        stderr = io.StringIO()
+        code = main(argv, {**os.environ, **env}, stdout=io.StringIO(), stderr=stderr)
+        assert code == 2, (argv, stderr.getvalue())
+        assert len(stderr.getvalue().strip().splitlines()) == 1
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(
+    not (shutil.which("etcd") and shutil.which("redis-server")),
+    reason="etcd-server and redis-server are not installed (cachectl bench --vs installs them)",
+)
+def test_same_load_generator_drives_etcd_and_redis(tmp_path: Path) -> None:
+    pytest.importorskip("redis")
+    assert fs_type(tmp_path) != "unknown"
+    etcd = EtcdCluster(tmp_path / "etcd", members=3)
+    redis = RedisServer(tmp_path / "redis", "always")
+    try:
+        etcd.start()
+        redis.start()
+        targets = [
+            (
+                TargetSpec("etcd", "etcd", etcd.endpoints, {"pb2_dir": str(etcd.pb2_dir)}),
+                etcd.pids(),
+            ),
+            (TargetSpec("redis", "redis-always", (redis.endpoint,)), redis.pids()),
+        ]
+        for spec, pids in targets:
+            run_prefill(spec, log_dir=tmp_path)
+            for workload in ("incr", "mget100", "get_stale"):
+                res = run_phase(
+                    spec,
+                    pids,
+                    workload,
+                    clients=1,
+                    inflight=2,
+                    seconds=0.5,
+                    warmup_s=0.1,
+                    log_dir=tmp_path,
+                )
+                assert res.ops > 0 and not res.errors, (spec.label, workload, res.error_sample)
+    finally:
+        etcd.stop()
+        redis.stop()
+    assert not etcd.procs[0].alive() and not redis.procs[0].alive()
