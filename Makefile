@@ -13,16 +13,27 @@ SHARDS ?= 16
 
 .PHONY: install proto run test test-fast check jepsen bench bench-vs clean system-deps
 
-install: $(STAMP) $(GEN)
+install: $(STAMP)
 
-$(STAMP): pyproject.toml
+TOOLS := $(VENV)/.tools
+
+# The codegen tools come first: the package includes the generated stubs.
+$(TOOLS):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet grpcio-tools mypy-protobuf
+	touch $(TOOLS)
+
+$(STAMP): pyproject.toml $(GEN)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # Stubs are generated, never edited, never committed (cachenode/v1 is ignored).
-proto $(GEN): $(PROTO) $(STAMP)
+proto: $(TOOLS)
+	rm -f $(GEN)
+	$(MAKE) $(GEN)
+
+$(GEN): $(PROTO) $(TOOLS)
 	mkdir -p cachenode/v1
 	PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m grpc_tools.protoc -Iproto \
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO)

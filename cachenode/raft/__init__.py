@@ -1,0 +1,1 @@
+"""Raft layer: the only package that imports pysyncobj (see docs/architecture.md)."""
