@@ -165,3 +165,16 @@ def test_stuck_quorum_gives_deadline_exceeded_outcome_unknown(tmp_path: Path) ->
         finally:
             for p in pids:
                 os.kill(p, signal.SIGCONT)
+
+
+def test_malformed_request_bytes_are_invalid_argument(cluster: LocalCluster) -> None:
+    ch = cluster.channel(cluster.node_ids[0])
+    raw = ch.unary_unary("/cachenode.v1.Cache/Get", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        raw(b"\xff\xff\xff\xff garbage", timeout=5)
+    assert e.value.code() == IA
+    assert "malformed Get request" in (e.value.details() or "")
+    md = dict(e.value.trailing_metadata() or ())
+    assert md["cachenode-error"] == "invalid_argument"
+    # a well-formed request on the same channel still works
+    assert not cluster.cache(cluster.node_ids[0]).Get(pb.GetRequest(key=b"absent-key"), timeout=5).found

@@ -17,11 +17,11 @@ from .._clock import SystemClock
 from ..raft.host import GroupHost
 from ..storage.base import Storage
 from ..storage.lmdb_store import LmdbStorage
-from ..v1 import cache_pb2_grpc
 from .admin_service import AdminService
 from .cache_service import CacheService
 from .config import NodeConfig
 from .forwarding import Forwarder
+from .handlers import add_service
 from .replicas import ReplicaManager
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ class Node:
             options=GRPC_OPTIONS,
             maximum_concurrent_rpcs=cfg.grpc_workers * 16,
         )
-        cache_pb2_grpc.add_CacheServicer_to_server(CacheService(cfg, self.replicas, self.forwarder, self.clock), self.server)
-        cache_pb2_grpc.add_AdminServicer_to_server(AdminService(cfg, self.replicas, self.clock, fault_injection), self.server)
+        add_service(self.server, "Cache", CacheService(cfg, self.replicas, self.forwarder, self.clock))
+        add_service(self.server, "Admin", AdminService(cfg, self.replicas, self.clock, fault_injection))
         try:
             self.port = self.server.add_insecure_port(cfg.listen)
         except RuntimeError:
