@@ -1,6 +1,6 @@
 """Time the whole Porcupine corpus through the real CLI entry point.
 
-Usage: cd /work/main && PYTHONPATH=jepsen-lite .venv/bin/python jepsen-lite/tests/bench_corpus.py
+Usage: (from the repository root) PYTHONPATH=jepsen-lite .venv/bin/python jepsen-lite/tests/bench_corpus.py
 
 Prints one line per format and the total; the target is under 10 s on 2 cores.
 (Not a pytest module: wall time depends on the machine.)
@@ -18,7 +18,7 @@ from typing import Any
 
 from jepsen_lite.cli import main
 
-CORPUS = Path("/work/shared/testdata/porcupine")
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "porcupine"
 
 
 def run(fmt: str, files: list[Path], *extra: str) -> tuple[float, dict[str, Any]]:

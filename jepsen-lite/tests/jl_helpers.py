@@ -8,7 +8,7 @@ from typing import Any
 
 from jepsen_lite.history import Op
 
-CORPUS = Path("/work/shared/testdata/porcupine")
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "porcupine"
 
 
 def hist(*events: tuple[Any, ...], key: Hashable = None) -> list[Op]:
