@@ -855,3 +855,57 @@ def test_snapshot_then_rest_equals_all(
     rest = run(fresh, sm, entries, cuts, start=k + 1)
     assert rest == expected[k:]
     assert snapshot(fresh) == snapshot(full)
+
+
+# -- multi-command entries ------------------------------------------------------
+
+
+def test_multi_entry_applies_each_command_independently(node: Node) -> None:
+    from cachenode.fsm.codec import encode_multi, split_multi_result
+
+    node.apply(Set(b"text", b"hello", 0, Condition.ALWAYS, 1000))
+    cmds = [
+        Set(b"a", b"1", 0, Condition.ALWAYS, 1000, rid(1)),
+        Incr(b"ctr", 5, 1000, rid(2)),
+        Incr(b"ctr", 5, 1000, rid(2)),  # a retry inside the same entry: applied once
+        Incr(b"text", 1, 1000, rid(3)),  # refused, without failing its neighbours
+        Set(b"a", b"2", 0, Condition.IF_ABSENT, 1001, rid(4)),
+        Delete(b"nothing", 1002),
+    ]
+    out = node.apply_raw(encode_multi([encode_command(c) for c in cmds]))
+    res = [decode_result(r) for r in split_multi_result(out, len(cmds))]
+    assert res[0] == SetResult(True, 2)
+    assert res[1] == IncrResult(5, 2) and res[2] == IncrResult(5, 2)
+    assert isinstance(res[3], ErrorResult) and res[3].kind == "failed_precondition"
+    assert res[4] == SetResult(False, 2)
+    assert res[5] == DeleteResult(False, 2)
+    assert node.get(b"ctr") == Record(b"5", 2)
+    assert node.s.reader(G).applied_index() == 2 and node.s.reader(G).clock_ms() == 1002
+    # replay of the same index changes nothing
+    before = node.state()
+    node.apply_raw(encode_multi([encode_command(c) for c in cmds]), index=2)
+    assert node.state() == before
+
+
+def test_malformed_multi_entry_is_an_error_result_and_moves_on(node: Node) -> None:
+    from cachenode.fsm.codec import split_multi_result
+
+    out = node.apply_raw(b"\xc1\xff\x00garbage")
+    [only] = split_multi_result(out, 1)
+    r = decode_result(only)
+    assert isinstance(r, ErrorResult) and r.kind == "invalid_argument"
+    assert node.s.reader(G).applied_index() == 1
+    assert node.apply(Set(b"k", b"v", 0, Condition.ALWAYS, 5)) == SetResult(True, 2)
+
+
+def test_multi_entry_same_state_on_lmdb_and_memory(tmp_path: Path) -> None:
+    from cachenode.fsm.codec import encode_multi
+
+    a, b = Node(LmdbStorage(tmp_path / "a", fsync=False)), Node(MemoryStorage())
+    for n in (a, b):
+        for i in range(20):
+            cmds = [encode_command(Incr(b"c%d" % (j % 3), j, 100 + i, rid(i * 10 + j))) for j in range(5)]
+            cmds.append(encode_command(Set(b"s%d" % i, b"v", 150 + i, Condition.ALWAYS, 100 + i)))
+            n.apply_raw(encode_multi(cmds))
+        n.apply(Expire(((b"s0", 150),), 10_000))
+    assert a.state() == b.state()

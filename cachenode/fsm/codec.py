@@ -396,3 +396,51 @@ def decode_result(b: bytes) -> Result:
         raise
     except Exception as e:
         raise ValueError(f"malformed result: {type(e).__name__}: {e}") from None
+
+
+# -- multi-command entries ---------------------------------------------------
+
+MULTI_TAG = 0xC1
+"""First byte of a multi-command entry (and of its result).  0xC1 is never
+a valid msgpack byte, and single commands start with FORMAT_VERSION."""
+
+MAX_MULTI = 10_000
+
+
+def encode_multi(payloads: list[bytes]) -> bytes:
+    """One Raft entry carrying several independently applied commands."""
+    if not 1 <= len(payloads) <= MAX_MULTI:
+        raise ValueError(f"a multi entry holds 1..{MAX_MULTI} commands, got {len(payloads)}")
+    return bytes((MULTI_TAG,)) + _packb(list(payloads))
+
+
+def is_multi(b: bytes) -> bool:
+    return b[:1] == b"\xc1"
+
+
+def decode_multi(b: bytes) -> list[bytes]:
+    """The encoded commands of a multi entry (``is_multi(b)``); ValueError if malformed."""
+    try:
+        items = msgpack.unpackb(b[1:], raw=False, use_list=True)
+    except Exception as e:
+        raise ValueError(f"undecodable multi entry: {e}") from None
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_MULTI or not all(isinstance(x, bytes) for x in items):
+        raise ValueError("a multi entry must be a list of 1..10000 encoded commands")
+    return items
+
+
+def encode_multi_result(results: list[bytes]) -> bytes:
+    return bytes((MULTI_TAG,)) + _packb(results)
+
+
+def split_multi_result(b: bytes, n: int) -> list[bytes]:
+    """Per-command encoded results of a multi entry's result.
+
+    A non-multi result (the whole entry was replayed or undecodable) stands
+    for every command."""
+    if not is_multi(b):
+        return [b] * n
+    items = msgpack.unpackb(b[1:], raw=False, use_list=True)
+    if not isinstance(items, list) or len(items) != n:
+        raise ValueError(f"multi result holds {len(items) if isinstance(items, list) else '?'} results, expected {n}")
+    return [bytes(x) for x in items]

@@ -30,7 +30,7 @@ import re
 
 from .._errors import FailedPrecondition, Internal, InvalidArgument
 from ..storage.base import Record, StateReader, StateWriter, StorageFault
-from .codec import decode_command, encode_result
+from .codec import decode_command, decode_multi, encode_multi_result, encode_result, is_multi
 from .commands import (
     Barrier,
     BarrierResult,
@@ -136,20 +136,37 @@ class ShardStateMachine:
         then abort the batch and stop the node."""
         if index <= w.applied_index():
             return encode_result(Replayed(index))
+        if is_multi(payload):
+            # Several independent commands in one entry: each applied as if
+            # alone (own dedup, own result), all with this entry's index.
+            clock = w.clock_ms()
+            try:
+                subs = decode_multi(payload)
+            except ValueError as e:
+                err = ErrorResult(InvalidArgument.kind, f"index {index}: {e}")
+                return self._finish(w, index, clock, encode_result(err))
+            results = []
+            for sub in subs:
+                encoded, clock = self._apply_one(sub, index, w, clock)
+                results.append(encoded)
+            return self._finish(w, index, clock, encode_multi_result(results))
+        encoded, clock = self._apply_one(payload, index, w, w.clock_ms())
+        return self._finish(w, index, clock, encoded)
+
+    def _apply_one(self, payload: bytes, index: int, w: StateWriter, stored_clock: int) -> tuple[bytes, int]:
+        """Apply one command; return its encoded result and the clock after it."""
         try:
             cmd = decode_command(payload)
         except ValueError as e:
-            clock = w.clock_ms()
             err = ErrorResult(InvalidArgument.kind, f"undecodable command at index {index}: {e}")
-            return self._finish(w, index, clock, encode_result(err))
+            return encode_result(err), stored_clock
 
-        stored_clock = w.clock_ms()
         clock = cmd.now_ms if cmd.now_ms > stored_clock else stored_clock
         rid = None if isinstance(cmd, Expire | Barrier) else cmd.rid
         if rid is not None:
             cached = w.dedup_get(rid.client_id, rid.seq)
             if cached is not None and not (self.unsafe_dup_incr and isinstance(cmd, Incr)):
-                return self._finish(w, index, clock, cached)
+                return cached, clock
 
         try:
             result, writes = self._plan(cmd, index, clock, w)
@@ -179,7 +196,7 @@ class ShardStateMachine:
             # The write set is half applied: continuing would let this
             # replica diverge, so this is as fatal as a disk error.
             raise StorageFault(f"storage failed while applying index {index}: {e!r}") from e
-        return self._finish(w, index, clock, encoded)
+        return encoded, clock
 
     def _finish(self, w: StateWriter, index: int, clock: int, encoded: bytes) -> bytes:
         w.dedup_prune(clock - self.dedup_window_ms, DEDUP_PRUNE_LIMIT)

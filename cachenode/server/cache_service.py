@@ -27,8 +27,9 @@ from .._clock import Clock
 from .._errors import CacheError, EpochMismatch, Internal, InvalidArgument, NotLeader
 from .._types import ShardDescriptor
 from ..fsm import commands as C
-from ..fsm.codec import decode_result, encode_command
+from ..fsm.codec import decode_result, encode_command, encode_multi, split_multi_result
 from ..fsm.machine import read_get, ttl_remaining_ms
+from ..raft.group import RaftGroup
 from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
 from . import validation as V
@@ -45,6 +46,53 @@ Finish = Callable[[], Any]
 def _raise_error_result(res: C.Result) -> None:
     if isinstance(res, C.ErrorResult):
         raise error_from_kind(res.kind, res.message)
+
+
+class _EntryCollector:
+    """Gathers the writes of one Batch per leader group, so each group gets
+    ONE Raft entry (a multi-command entry) instead of one per op.
+
+    Used by one gRPC thread: ``add`` while starting ops, ``propose_all``
+    once, then each op's finish thunk calls the waiter ``add`` returned."""
+
+    def __init__(self, replicas: ReplicaManager) -> None:
+        self._r = replicas
+        self._groups: dict[int, _GroupEntry] = {}
+
+    def add(self, g: RaftGroup, payload: bytes) -> Callable[[float], bytes]:
+        entry = self._groups.get(g.group_id)
+        if entry is None:
+            entry = self._groups[g.group_id] = _GroupEntry(g)
+        pos = len(entry.payloads)
+        entry.payloads.append(payload)
+        return lambda deadline: entry.result(pos, deadline)
+
+    def propose_all(self) -> None:
+        for entry in self._groups.values():
+            p = entry.payloads
+            try:
+                entry.fut = self._r.start_proposal(entry.group, p[0] if len(p) == 1 else encode_multi(p))
+            except CacheError as e:
+                entry.error = e
+
+
+class _GroupEntry:
+    __slots__ = ("group", "payloads", "fut", "error", "_split")
+
+    def __init__(self, group: RaftGroup) -> None:
+        self.group = group
+        self.payloads: list[bytes] = []
+        self.fut: Future[bytes] | None = None
+        self.error: CacheError | None = None
+        self._split: list[bytes] | None = None
+
+    def result(self, pos: int, deadline: float) -> bytes:
+        if self.error is not None:
+            raise self.error
+        assert self.fut is not None, "propose_all() was not called"
+        if self._split is None:
+            self._split = split_multi_result(wait_future(self.fut, deadline, writes=True), len(self.payloads))
+        return self._split[pos]
 
 
 class CacheService(cache_pb2_grpc.CacheServicer):
@@ -163,21 +211,29 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     # ---- phase 1 of writes ------------------------------------------------------------
 
     def _start_write(self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
-                     make: Callable[[int], C.Command], reply: Callable[[C.Result], Any]) -> Finish:
+                     make: Callable[[int], C.Command], reply: Callable[[C.Result], Any],
+                     collector: _EntryCollector | None = None) -> Finish:
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
             return self._forward(method, req, shard, e, deadline, write=True)
-        fut = self.r.start_proposal(g, encode_command(make(self._now(shard.id))))
+        payload = encode_command(make(self._now(shard.id)))
+        if collector is not None:
+            wait = collector.add(g, payload)
+        else:
+            fut = self.r.start_proposal(g, payload)
+
+            def wait(deadline: float) -> bytes:
+                return wait_future(fut, deadline, writes=True)
 
         def finish() -> Any:
-            res = decode_result(wait_future(fut, deadline, writes=True))
+            res = decode_result(wait(deadline))
             _raise_error_result(res)
             return reply(res)
 
         return finish
 
-    def _start_set(self, req: pb.SetRequest, deadline: float) -> Finish:
+    def _start_set(self, req: pb.SetRequest, deadline: float, collector: _EntryCollector | None = None) -> Finish:
         key = V.check_key(req.key, self.cfg.max_key_bytes)
         value = V.check_value(req.value, self.cfg.max_value_bytes)
         ttl = V.check_ttl(req.ttl_ms)
@@ -192,9 +248,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
         return self._start_write("Set", req, shard, deadline, lambda now: C.Set(
             key=key, value=value, expires_at_ms=now + ttl if ttl else 0,
-            condition=int(req.condition), now_ms=now, rid=rid), reply)
+            condition=int(req.condition), now_ms=now, rid=rid), reply, collector)
 
-    def _start_delete(self, req: pb.DeleteRequest, deadline: float) -> Finish:
+    def _start_delete(self, req: pb.DeleteRequest, deadline: float, collector: _EntryCollector | None = None) -> Finish:
         key = V.check_key(req.key, self.cfg.max_key_bytes)
         rid = V.request_id(req.header)
         shard = self._shard(key, req.header)
@@ -203,9 +259,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             assert isinstance(res, C.DeleteResult), res
             return pb.DeleteResponse(deleted=res.deleted, version=res.version)
 
-        return self._start_write("Delete", req, shard, deadline, lambda now: C.Delete(key=key, now_ms=now, rid=rid), reply)
+        return self._start_write("Delete", req, shard, deadline, lambda now: C.Delete(key=key, now_ms=now, rid=rid), reply, collector)
 
-    def _start_cas(self, req: pb.CompareAndSetRequest, deadline: float) -> Finish:
+    def _start_cas(self, req: pb.CompareAndSetRequest, deadline: float, collector: _EntryCollector | None = None) -> Finish:
         key = V.check_key(req.key, self.cfg.max_key_bytes)
         new = V.check_value(req.new_value, self.cfg.max_value_bytes)
         ttl = V.check_ttl(req.ttl_ms)
@@ -233,9 +289,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
         return self._start_write("CompareAndSet", req, shard, deadline, lambda now: C.CompareAndSet(
             key=key, expected_value=ev, expected_version=ever, expect_absent=absent,
-            new_value=new, expires_at_ms=now + ttl if ttl else 0, now_ms=now, rid=rid), reply)
+            new_value=new, expires_at_ms=now + ttl if ttl else 0, now_ms=now, rid=rid), reply, collector)
 
-    def _start_incr(self, req: pb.IncrRequest, deadline: float) -> Finish:
+    def _start_incr(self, req: pb.IncrRequest, deadline: float, collector: _EntryCollector | None = None) -> Finish:
         key = V.check_key(req.key, self.cfg.max_key_bytes)
         rid = V.request_id(req.header)
         shard = self._shard(key, req.header)
@@ -245,7 +301,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             return pb.IncrResponse(value=res.value, version=res.version)
 
         return self._start_write("Incr", req, shard, deadline,
-                                 lambda now: C.Incr(key=key, delta=int(req.delta), now_ms=now, rid=rid), reply)
+                                 lambda now: C.Incr(key=key, delta=int(req.delta), now_ms=now, rid=rid), reply, collector)
 
     # ---- unary RPCs ---------------------------------------------------------------------
 
@@ -269,6 +325,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     # ---- Batch ------------------------------------------------------------------------------
 
+    _BATCH_WRITES = frozenset({"set", "delete", "cas", "incr"})
     _BATCH_START = {
         "get": "_start_get", "set": "_start_set", "delete": "_start_delete",
         "cas": "_start_cas", "incr": "_start_incr", "ttl": "_start_ttl",
@@ -278,15 +335,21 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         def run(deadline: float) -> pb.BatchResponse:
             V.check_batch(len(req.ops), self.cfg.max_batch_keys)
             started: list[tuple[str, Finish | CacheError | ForwardedError]] = []
+            collector = _EntryCollector(self.r)
             for op in req.ops:
                 which: str | None = op.WhichOneof("op")
                 if which is None:
                     started.append(("", InvalidArgument("batch op names no operation")))
                     continue
+                start = getattr(self, self._BATCH_START[which])
                 try:
-                    started.append((which, getattr(self, self._BATCH_START[which])(getattr(op, which), deadline)))
+                    if which in self._BATCH_WRITES:
+                        started.append((which, start(getattr(op, which), deadline, collector)))
+                    else:
+                        started.append((which, start(getattr(op, which), deadline)))
                 except (CacheError, ForwardedError) as e:
                     started.append((which, e))
+            collector.propose_all()
             results = []
             for which, item in started:
                 if not callable(item):
