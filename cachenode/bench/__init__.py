@@ -10,28 +10,38 @@ The command itself (cluster lifecycle, rounds, failover, scaling) is
 ``cli/cachectl/bench.py``.  See docs/benchmarks.md for what every number means.
 """
 
-from cachenode.bench.loadgen import WORKLOADS, LatencyHistogram, LoadResult, LoadSpec, Workload
-from cachenode.bench.report import build_document, markdown, rich_tables, summarize
-from cachenode.bench.runner import PhaseResult, run_phase, run_prefill
-from cachenode.bench.systems import BenchError, EtcdCluster, RedisServer
-from cachenode.bench.targets import Driver, TargetSpec
+from __future__ import annotations
 
-__all__ = [
-    "WORKLOADS",
-    "BenchError",
-    "Driver",
-    "EtcdCluster",
-    "LatencyHistogram",
-    "LoadResult",
-    "LoadSpec",
-    "PhaseResult",
-    "RedisServer",
-    "TargetSpec",
-    "Workload",
-    "build_document",
-    "markdown",
-    "rich_tables",
-    "run_phase",
-    "run_prefill",
-    "summarize",
-]
+import importlib
+from typing import Any
+
+# Exported lazily: ``python -m cachenode.bench.loadgen`` imports this package
+# first, and must not find its own module already imported (runpy warns).
+_EXPORTS = {
+    "WORKLOADS": "loadgen",
+    "LatencyHistogram": "loadgen",
+    "LoadResult": "loadgen",
+    "LoadSpec": "loadgen",
+    "Workload": "loadgen",
+    "build_document": "report",
+    "markdown": "report",
+    "rich_tables": "report",
+    "summarize": "report",
+    "PhaseResult": "runner",
+    "run_phase": "runner",
+    "run_prefill": "runner",
+    "BenchError": "systems",
+    "EtcdCluster": "systems",
+    "RedisServer": "systems",
+    "Driver": "targets",
+    "TargetSpec": "targets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cachenode.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cachenode.bench.{module}"), name)

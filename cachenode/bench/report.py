@@ -95,7 +95,7 @@ def summarize(phases: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[s
                     prev = peaks.get(proc)
                     peaks[proc] = peak if prev is None else max(prev, peak or 0)
             summary["peak_rss_bytes"] = peaks
-            summary["errors"] = sum(sum(r.get("errors", {}).values()) for r in ok)
+            summary["errors"] = sum(sum(r.get("errors", {}).values()) for r in runs)
             summary["rounds"] = len(ok)
             summary["failed_rounds"] = len(runs) - len(ok)
             if ok:
@@ -359,7 +359,17 @@ def _facts_line(doc: Mapping[str, Any]) -> str:
         if before and after
         else ""
     )
-    return (
+    code = c.get("code") or {}
+    commit = code.get("commit")
+    where = ""
+    if commit:
+        where = f"code {commit}" + (" with local changes" if code.get("dirty") else "")
+        later = c.get("code_after") or {}
+        after = later.get("commit")
+        if after and (after != commit or later.get("diff_sha") != code.get("diff_sha")):
+            where += f" (the code changed during the run: {after} at the end)"
+        where += "; "
+    return where + (
         f"{m.get('cores')} cores ({m.get('cpu_model') or 'unknown CPU'}), Python {m.get('python')}, "
         f"{load}; {c.get('seconds')} s per phase, medians of {c.get('rounds')} round(s), "
         f"{c.get('clients')} client processes, {c.get('inflight')} requests in flight; "

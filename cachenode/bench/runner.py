@@ -134,7 +134,12 @@ class _Generator:
                     )
                 self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
-        doc: dict[str, Any] = json.loads(line)
+        try:
+            doc: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise BenchError(
+                f"a load generator wrote something else than JSON on stdout ({line[:80]!r}); see {self.log}"
+            ) from None
         if doc.get("event") == "error":
             raise BenchError(
                 f"the load generator for {self.spec.workload} on {self.spec.target.label} failed: "

@@ -35,6 +35,7 @@ from typing import Any
 
 __all__ = [
     "BenchError",
+    "code_facts",
     "EtcdCluster",
     "ManagedProcess",
     "RedisServer",
@@ -441,6 +442,63 @@ def _dist_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+_CODE_PATHS = ("cachenode", "cli", "pyproject.toml")
+"""What runs in a benchmark; local changes elsewhere (tests, docs) do not count."""
+
+
+def code_facts() -> dict[str, Any]:
+    """The git commit of the cachenode checkout being measured, and its local changes to the code.
+
+    Read-only git commands; ``{"commit": None}`` outside a checkout.
+    """
+    import cachenode
+
+    root = Path(cachenode.__file__).resolve().parent.parent
+    commit = tool_version(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"])
+    if commit is None or " " in commit:
+        return {"commit": None}
+    try:
+        status = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                *_CODE_PATHS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        status = ""
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    diff_sha = None
+    if changed:
+        import hashlib
+
+        try:
+            diff = subprocess.run(
+                ["git", "-C", str(root), "diff", "HEAD", "--binary", "--", *_CODE_PATHS],
+                capture_output=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+            ).stdout
+            diff_sha = hashlib.sha256(diff).hexdigest()[:12]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return {
+        "commit": commit,
+        "dirty": bool(changed),
+        "diff_sha": diff_sha,
+        "changed_files": changed,
+    }
 
 
 def machine_facts(data_dir: Path) -> dict[str, Any]:

@@ -40,6 +40,9 @@ ApplyFn = Callable[[bytes, int], bytes]
 """(payload, raft index) -> encoded result; runs on the driver thread inside the batch."""
 
 _SNAP_MAGIC = b"CNSNAP1\0"
+APPEND_BATCH_BYTES = 300 * 1024 * 1024
+"""Larger than any entry can be (requests are capped at 256 MiB), so
+pysyncobj never uses its chunked transmission (buggy in 0.3.17)."""
 _U32 = struct.Struct(">I")
 
 
@@ -280,6 +283,11 @@ class RaftGroup:
             raftMaxTimeout=timing.election_max_s,
             leaderFallbackTimeout=timing.leader_fallback_s,
             connectionTimeout=max(timing.election_max_s, 2.0),
+            # pysyncobj cuts an entry of >= this many bytes into chunks and
+            # mis-marks the last one (0.3.17): the follower then unpickles a
+            # truncated entry.  Our transport frames messages of any size, so
+            # no entry is ever chunked: the bound is above gRPC's 256 MiB cap.
+            appendEntriesBatchSizeBytes=APPEND_BATCH_BYTES,
             logCompactionMinEntries=timing.log_compaction_entries,
             logCompactionMinTime=timing.log_compaction_s,
             logCompactionSplit=False,

@@ -78,6 +78,7 @@ class GroupHost:
         self._thread: threading.Thread | None = None
         self.iterations = 0
         self.commits = 0
+        self.handler_errors = 0
 
     # ---- any thread -------------------------------------------------------
 
@@ -182,8 +183,25 @@ class GroupHost:
         g = self._groups.get(group_id)
         if g is None:
             return
-        g.transport.deliver(node, message)
+        try:
+            g.transport.deliver(node, message)
+        except StorageFault:
+            raise
+        except Exception as e:  # pysyncobj's own loop logs and goes on; so do we
+            self._handler_failed(g, "handling a message from " + node, e)
         self._dirty.add(g)
+
+    def _handler_failed(self, g: RaftGroup, what: str, e: Exception) -> None:
+        """A pysyncobj handler raised: log it briefly and keep the node up.
+
+        The message names only the exception type and a short text: the
+        exception may carry megabytes of payload (e.g. a UnicodeDecodeError
+        holds the bytes it failed on)."""
+        self.handler_errors += 1
+        text = str(e)
+        if len(text) > 200:
+            text = text[:200] + "..."
+        log.error("group %s: %s failed: %s: %s", g.group_id, what, type(e).__name__, text)
 
     def _peer_event(self, node: NodeId, up: bool) -> None:
         for g in self._groups.values():
@@ -217,10 +235,15 @@ class GroupHost:
                     todo = [g for g in dirty if not g.destroyed]
                 for g in todo:
                     g.flush_reads()
-                    g.tick()
+                    try:
+                        g.tick()
+                    except StorageFault:
+                        raise
+                    except Exception as e:
+                        self._handler_failed(g, "tick", e)
                 self._finish_iteration()
         except BaseException as e:  # noqa: BLE001 - fail-stop, never diverge
-            log.critical("raft driver failed: %r", e, exc_info=True)
+            log.critical("raft driver failed: %s: %.200s", type(e).__name__, e, exc_info=True)
             self._on_fatal(e)
             return
         finally:

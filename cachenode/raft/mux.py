@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"CNRAFT1\0"
 HANDSHAKE_TIMEOUT = 5.0
-MAX_FRAME = 256 * 1024 * 1024
+MAX_FRAME = 1024 * 1024 * 1024  # a catch-up append may carry ~300 MiB of entries plus one large entry
 RECONNECT_INTERVAL = 0.25
 _U32 = struct.Struct(">I")
 _HDR = struct.Struct(">II")

@@ -152,7 +152,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cachectl import cluster, kv, local
+    from cachectl import bench, cluster, kv, local
 
     parser = _Parser(
         prog="cachectl",
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.register(sub, common)
     cluster.register(sub, common)
     local.register(sub, common)
+    bench.register(sub, common)
     return parser
 
 
