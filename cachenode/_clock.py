@@ -21,6 +21,11 @@ class Clock(Protocol):
         """Seconds from an arbitrary origin; never goes backwards."""
         ...
 
+    def true_wall_ms(self) -> int:
+        """Wall time WITHOUT any test skew: used only to measure how long this
+        node was down (durations across a restart), never as a timestamp."""
+        ...
+
 
 class SystemClock:
     def __init__(self, offset_ms: int = 0) -> None:
@@ -38,6 +43,9 @@ class SystemClock:
     def wall_ms(self) -> int:
         return int(time.time() * 1000) + self._offset_ms
 
+    def true_wall_ms(self) -> int:
+        return int(time.time() * 1000)
+
     def monotonic(self) -> float:
         return time.monotonic()
 
@@ -54,6 +62,9 @@ class ManualClock:
         self._mono += seconds
 
     def wall_ms(self) -> int:
+        return self._wall
+
+    def true_wall_ms(self) -> int:
         return self._wall
 
     def monotonic(self) -> float:

@@ -13,13 +13,24 @@ at real-time rate, and ignores wall-clock offsets between nodes: a new leader
 can only be behind (by at most the time since it last applied an entry,
 about one election timeout), which makes expiry late, never early.
 
+Across a restart the monotonic clock starts over, and the last applied
+entry's cluster time is as old as the outage.  So every second each node
+records, per shard, (cluster time, its own unskewed wall time) in
+``cluster-clock.json``; after a restart, cluster time is at least the
+recorded value plus the wall time that passed meanwhile.  That floor is a
+lower bound of true cluster time (it assumes this node's own wall clock did
+not step forward while the node was down), so expiry stays never early, and
+the time a restarted replica needs to catch up no longer makes TTLs late.
+
 Threads: public methods are safe from gRPC worker threads; ``_reconcile``,
 ``_expire`` and the apply wrappers run on the driver thread.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +61,8 @@ class ReplicaManager:
         self.fsm = ShardStateMachine(unsafe_dup_incr=cfg.unsafe.dup_incr)
         self.meta_fsm = MetaStateMachine()
         self._clock_base: dict[int, tuple[int, float]] = {}
+        self._clock_file = os.path.join(cfg.data_dir, "cluster-clock.json")
+        self._clock_floor = self._load_clock_floor()
         self._map: ClusterMap | None = None
         self._map_lock = threading.Lock()
         self._expiring: dict[int, Future[bytes]] = {}
@@ -70,6 +83,7 @@ class ReplicaManager:
         )).result(30)
         self.host.every(0.1, self._reconcile)
         self.host.every(self.cfg.expiry_interval_s, self._expire)
+        self.host.every(1.0, self._save_clock)
         if self.cfg.leader_balance_s > 0:
             self.host.every(self.cfg.leader_balance_s, self._prefer_leaders)
 
@@ -123,7 +137,37 @@ class ReplicaManager:
             base = (stored, self.clock.monotonic()) if stored else (self.clock.wall_ms(), self.clock.monotonic())
             self._clock_base[gid] = base
         cluster_ms, mono = base
-        return cluster_ms + int((self.clock.monotonic() - mono) * 1000)
+        now = self.clock.monotonic()
+        t = cluster_ms + int((now - mono) * 1000)
+        floor = self._clock_floor.get(gid)
+        if floor is not None:
+            t = max(t, floor[0] + int((now - floor[1]) * 1000))
+        return t
+
+    def _load_clock_floor(self) -> dict[int, tuple[int, float]]:
+        """Per shard: (cluster time at start-up, monotonic time then)."""
+        try:
+            with open(self._clock_file) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        true_now, mono = self.clock.true_wall_ms(), self.clock.monotonic()
+        out = {}
+        for gid, (cluster_ms, true_wall) in saved.items():
+            out[int(gid)] = (int(cluster_ms) + max(0, true_now - int(true_wall)), mono)
+        return out
+
+    def _save_clock(self) -> None:
+        """Driver thread, every second: remember each hosted shard's cluster time."""
+        true_now = self.clock.true_wall_ms()
+        saved = {str(gid): [self.cluster_now(gid), true_now] for gid in self.host.groups() if gid != META_GROUP_ID}
+        tmp = self._clock_file + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(saved, f)
+            os.replace(tmp, self._clock_file)
+        except OSError as e:
+            log.warning("cannot record the cluster clock in %s: %s", self._clock_file, e)
 
     def start_proposal(self, group: RaftGroup, payload: bytes) -> Future[bytes]:
         """Propose on a leader replica; the future holds the encoded result."""

@@ -92,14 +92,190 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser.  Each subcommand sets ``handler`` via ``set_defaults``."""
     parser = _Parser(
         prog="jepsen-lite",
-        description="Linearizability testing for cachenode: check recorded histories.",
+        description="Linearizability testing for cachenode: run tests, check histories.",
     )
     parser.add_argument("--version", action="version", version=f"jepsen-lite {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_check(sub)
-    # More subcommands (the cluster runner's `run`) plug in here the same way:
-    # a `_add_<name>(sub)` that builds its sub-parser and sets `handler=`.
+    _add_run(sub)
+    _add_matrix(sub)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return x
+
+
+def _add_run(sub: Any) -> None:
+    from jepsen_lite.db import UNSAFE_SWITCHES
+    from jepsen_lite.generator import WORKLOADS
+    from jepsen_lite.nemesis import NEMESES, TARGETS
+    from jepsen_lite.net import SHAPES
+
+    p = sub.add_parser(
+        "run",
+        help="test a real local cluster under faults",
+        description=(
+            "Start a cachenode cluster, run a seeded workload against it while a "
+            "nemesis injects faults, heal, check the history for linearizability. "
+            "Exit: 0 linearizable, 1 violation, 2 unknown, 3 harness error."
+        ),
+    )
+    p.add_argument("--workload", required=True, choices=WORKLOADS)
+    p.add_argument("--nemesis", default="none", choices=NEMESES)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--nodes", type=_positive_int, default=5, help="nodes (default 5)")
+    p.add_argument("--shards", type=_positive_int, default=4, help="shards (default 4)")
+    p.add_argument(
+        "--time",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="workload duration (default 30)",
+    )
+    p.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=50.0,
+        metavar="OPS",
+        help="total invocations per second (default 50)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for ops and faults (default 0)")
+    p.add_argument(
+        "--unsafe",
+        action="append",
+        default=[],
+        choices=UNSAFE_SWITCHES,
+        metavar="NAME",
+        help=f"start the nodes with --unsafe-NAME ({', '.join(UNSAFE_SWITCHES)}); repeatable",
+    )
+    p.add_argument(
+        "--net",
+        default="auto",
+        choices=("auto", "netns", "filter"),
+        help="partition mechanism: namespaces (root) or the node fault filter (default auto)",
+    )
+    p.add_argument(
+        "--partition-shape",
+        choices=SHAPES,
+        default=None,
+        help="always use this grudge shape (default: seeded mix)",
+    )
+    p.add_argument(
+        "--nemesis-target",
+        choices=TARGETS,
+        default=None,
+        help="kill/pause/clock target (default: seeded mix)",
+    )
+    p.add_argument(
+        "--op-timeout",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="deadline of each operation (default 2)",
+    )
+    p.add_argument("--ops-per-key", type=_positive_int, default=None, metavar="N")
+    p.add_argument("--workers-per-key", type=_positive_int, default=None, metavar="N")
+    p.add_argument(
+        "--keys",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keys worked on concurrently (default depends on the workload)",
+    )
+    p.set_defaults(handler=_cmd_run)
+
+
+def _add_matrix(sub: Any) -> None:
+    p = sub.add_parser(
+        "matrix",
+        help="run every workload x nemesis and write a summary table",
+        description=(
+            "Run `jepsen-lite run` for every workload x nemesis (membership is listed "
+            "as needing the placement driver), write a markdown table to --doc and "
+            "print it.  Exit 1 on any violation, else 3 on a harness error, else 2 on "
+            "an unknown verdict, else 0."
+        ),
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="one sub-directory per test")
+    p.add_argument("--doc", required=True, metavar="FILE", help="markdown file to write")
+    p.add_argument("--time", type=_positive_float, default=60.0, metavar="SECONDS")
+    p.add_argument("--rate", type=_positive_float, default=50.0, metavar="OPS")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--nodes", type=_positive_int, default=5)
+    p.add_argument("--shards", type=_positive_int, default=4)
+    p.add_argument("--net", default="auto", choices=("auto", "netns", "filter"))
+    p.add_argument("--workloads", default=None, metavar="LIST", help="comma list (default all)")
+    p.add_argument("--nemeses", default=None, metavar="LIST", help="comma list (default all)")
+    p.set_defaults(handler=_cmd_matrix)
+
+
+def _cmd_run(args: argparse.Namespace, ctx: Context) -> ExitStatus:
+    from jepsen_lite.db import HarnessError
+    from jepsen_lite.runner import Interrupted, RunConfig, run
+
+    cfg = RunConfig(
+        workload=args.workload,
+        nemesis=args.nemesis,
+        out=Path(args.out).resolve(),
+        nodes=args.nodes,
+        shards=args.shards,
+        time_s=args.time,
+        rate=args.rate,
+        seed=args.seed,
+        unsafe=list(dict.fromkeys(args.unsafe)),
+        net=args.net,
+        partition_shape=args.partition_shape,
+        nemesis_target=args.nemesis_target,
+        op_timeout_s=args.op_timeout,
+        ops_per_key=args.ops_per_key,
+        workers_per_key=args.workers_per_key,
+        key_groups=args.keys,
+    )
+
+    def say(msg: str) -> None:
+        print(f"jepsen-lite: {msg}", file=ctx.stderr, flush=True)
+
+    try:
+        outcome = run(cfg, say=say, console_file=ctx.stdout)
+    except HarnessError as e:
+        ctx.error(str(e).splitlines()[0] if str(e) else "harness error")
+        return ExitStatus.ERROR
+    except (Interrupted, KeyboardInterrupt):
+        print("jepsen-lite: interrupted; every node was stopped", file=ctx.stderr)
+        return ExitStatus.INTERRUPTED
+    return ExitStatus(outcome.exit)
+
+
+def _cmd_matrix(args: argparse.Namespace, ctx: Context) -> ExitStatus:
+    from jepsen_lite.matrix import MatrixConfig, run_matrix
+
+    def split(text: str | None) -> list[str] | None:
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    cfg = MatrixConfig(
+        out=Path(args.out).resolve(),
+        doc=Path(args.doc),
+        time_s=args.time,
+        rate=args.rate,
+        seed=args.seed,
+        nodes=args.nodes,
+        shards=args.shards,
+        net=args.net,
+        workloads=split(args.workloads),
+        nemeses=split(args.nemeses),
+    )
+    try:
+        return ExitStatus(run_matrix(cfg, stdout=ctx.stdout, stderr=ctx.stderr))
+    except ValueError as e:
+        ctx.error(str(e))
+        return ExitStatus.ERROR
 
 
 def _add_check(sub: Any) -> None:

@@ -126,6 +126,20 @@ code{background:#f3f3f3;padding:0 3px}
 
 _JS: Final = """
 (function(){
+  // Wide timelines scroll: bring the first op that could not be linearized into view.
+  var box=document.querySelector('.scroll'), stuck=document.querySelector('rect.stuck');
+  var labels=document.querySelector('g.label-column');
+  if(box&&labels){
+    // Lane labels stay at the left edge while the timeline scrolls.
+    box.addEventListener('scroll',function(){
+      labels.setAttribute('transform','translate('+box.scrollLeft+',0)');
+    });
+  }
+  if(box&&stuck){
+    var x=parseFloat(stuck.getAttribute('x'))||0;
+    box.scrollLeft=Math.max(0,x-box.clientWidth/2);
+    if(labels)labels.setAttribute('transform','translate('+box.scrollLeft+',0)');
+  }
   var sel=document.getElementById('key-filter');
   if(!sel)return;
   function apply(){
@@ -198,10 +212,11 @@ def render_timeline(
     by_lane: dict[Any, list[_Bar]] = {p: [] for p in processes}
     for b in bars:
         by_lane[b.invoke.process].append(b)
+    labels: list[str] = []  # drawn last, in a group the page keeps at the left edge
     for p in processes:
         y = TOP + lane_of[p] * LANE_H
         svg.append(f'<g class="lane" data-process="{html.escape(str(p))}">')
-        svg.append(f'<text x="6" y="{y + BAR_H - 2}">process {html.escape(str(p))}</text>')
+        labels.append(f'<text x="6" y="{y + BAR_H - 2}">process {html.escape(str(p))}</text>')
         for b in by_lane[p]:
             inv, comp = b.invoke, b.complete
             end = comp.time if comp is not None and comp.type != "info" else t_end
@@ -233,6 +248,10 @@ def render_timeline(
                     f'x="{x1 - 12:.1f}" y="{y + BAR_H - 1}">✗</text>'
                 )
         svg.append("</g>")
+    svg.append(
+        f'<g class="label-column"><rect x="0" y="0" width="{LEFT - 6}" height="{height}" '
+        f'fill="#fff" opacity=".85"/>{"".join(labels)}</g>'
+    )
     svg.append("</svg>")
 
     return _page(title, ops, bars, results, model, "".join(svg))

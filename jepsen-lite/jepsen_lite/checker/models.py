@@ -472,7 +472,10 @@ class TTLRegisterModel(NondeterministicModel):
     ``E`` with ``lo <= E <= hi`` (``lo = hi = inf`` for no TTL), or ``(None, 0, 0)``
     for absent.  A write linearized at some instant in ``[call, ret]`` gives
     ``lo = call + T - epsilon``, ``hi = ret + T + epsilon`` (``ret = inf`` if the write
-    crashed); ``epsilon_ms`` absorbs clock skew between harness and servers.
+    crashed); ``epsilon_ms`` absorbs clock skew between harness and servers, and
+    ``late_ms`` (default 0) widens only the late side, ``hi = ret + T + epsilon +
+    late_ms``, for systems whose expiry may lag (never precede) the nominal instant,
+    e.g. by a couple of seconds across a leader change.
 
     The exact rule, for any op with interval ``[c, r]`` linearized while ``v`` is
     present with window ``[lo, hi]``: its instant ``t`` lies in ``[c, r]``, so
@@ -493,6 +496,10 @@ class TTLRegisterModel(NondeterministicModel):
 
     name: ClassVar[str] = "ttl"
     epsilon_ms: float = 0.0
+    late_ms: float = 0.0
+    origin_ns: int = 0
+    """Reports only: when set (the history's start time), expiry windows are
+    described in seconds since this origin instead of raw clock ns."""
 
     def init_states(self) -> Iterable[Hashable]:
         return (_ABSENT,)
@@ -512,7 +519,8 @@ class TTLRegisterModel(NondeterministicModel):
                 return (_WRITE, v, INF, INF)
             eps = self.epsilon_ms * 1_000_000
             ttl = ttl_ms * 1_000_000
-            return (_WRITE, v, c + ttl - eps, r + ttl + eps)
+            late = self.late_ms * 1_000_000
+            return (_WRITE, v, c + ttl - eps, r + ttl + eps + late)
         raise ModelError(f"op {op.id}: ttl register has no operation {op.f!r}")
 
     def step_all(self, state: Any, inp: Any) -> Iterable[Hashable]:
@@ -538,6 +546,12 @@ class TTLRegisterModel(NondeterministicModel):
             return "nil"
         if hi == INF and lo == INF:
             return _fmt(v)
+        if self.origin_ns:
+
+            def at(t: float) -> str:
+                return "never" if t == INF else f"{(t - self.origin_ns) / 1e9:+.3f} s"
+
+            return f"{_fmt(v)} (expires between {at(lo)} and {at(hi)})"
         return f"{_fmt(v)} (expires in [{lo:.0f}, {hi:.0f}] ns)"
 
     def describe_op(self, op: Operation) -> str:
