@@ -52,6 +52,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cachectl import argtypes
 from cachectl.output import CliError, ExitStatus
 
 if TYPE_CHECKING:
@@ -86,18 +87,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=argtypes.seconds,
         default=None,
         metavar="N",
         help=f"length of each measured phase (default: env BENCH_SECONDS, else {DEFAULT_SECONDS:g})",
     )
     p.add_argument(
         "--inflight",
-        type=_count,
+        type=argtypes.count,
         default=32,
         help="requests in flight, over all client processes (default 32)",
     )
-    p.add_argument("--clients", type=_count, default=2, help="load-generator processes (default 2)")
+    p.add_argument("--clients", type=argtypes.count, default=2, help="load-generator processes (default 2)")
     p.add_argument(
         "--workloads",
         type=_names(WORKLOADS),
@@ -114,12 +115,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rounds",
-        type=_count,
+        type=argtypes.count,
         default=3,
         help="rounds per workload and system; medians are reported (default 3)",
     )
-    p.add_argument("--nodes", type=_count, default=3, help="cachenode nodes (default 3)")
-    p.add_argument("--shards", type=_count, default=16, help="cachenode shards (default 16)")
+    p.add_argument("--nodes", type=argtypes.count, default=3, help="cachenode nodes (default 3)")
+    p.add_argument("--shards", type=argtypes.count, default=16, help="cachenode shards (default 16)")
     p.add_argument(
         "--node-arg",
         action="append",
@@ -154,24 +155,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_bench)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def _names(allowed: Sequence[str] | Mapping[str, Any]) -> Callable[[str], list[str]]:

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachectl import argtypes
 from cachectl.output import CliError, ExitStatus
 
 if TYPE_CHECKING:
@@ -133,9 +134,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "up", parents=[common], help="start a local cluster and wait for leaders"
     )
     with_dir(p)
-    p.add_argument("--nodes", type=_count, default=3, help="number of nodes (default 3)")
-    p.add_argument("--shards", type=_count, default=4, help="number of shards (default 4)")
-    p.add_argument("--replication", type=_count, default=3, help="replicas per shard (default 3)")
+    p.add_argument("--nodes", type=argtypes.count, default=3, help="number of nodes (default 3)")
+    p.add_argument("--shards", type=argtypes.count, default=4, help="number of shards (default 4)")
+    p.add_argument("--replication", type=argtypes.count, default=3, help="replicas per shard (default 3)")
     p.add_argument(
         "--fsync", choices=("always", "never"), help="node fsync policy (node default if omitted)"
     )
@@ -155,7 +156,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--wait",
-        type=_seconds,
+        type=argtypes.seconds,
         default=60.0,
         metavar="SECONDS",
         help="startup deadline (default 60)",
@@ -166,7 +167,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     with_dir(p)
     p.add_argument(
         "--grace",
-        type=_seconds,
+        type=argtypes.seconds,
         default=10.0,
         metavar="SECONDS",
         help="wait before SIGKILL (default 10)",
@@ -183,7 +184,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--grace",
-        type=_seconds,
+        type=argtypes.seconds,
         default=10.0,
         metavar="SECONDS",
         help="wait before SIGKILL (default 10)",
@@ -197,7 +198,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("node_id", metavar="ID")
     p.add_argument(
         "--wait",
-        type=_seconds,
+        type=argtypes.seconds,
         default=60.0,
         metavar="SECONDS",
         help="deadline to answer (default 60)",
@@ -205,24 +206,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_start_node)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 # ---- cluster.json and the lock ------------------------------------------------
