@@ -77,6 +77,7 @@ class Coalescer:
         self._inflight = 0
         self.batches = 0
         self.ops = 0
+        self.largest = 0
 
     async def call(self, method: str, request: Any, timeout: float) -> Any:
         loop = asyncio.get_running_loop()
@@ -103,6 +104,7 @@ class Coalescer:
             req = pb.BatchRequest(ops=[pb.BatchOp(**{field: r}) for field, r, _, _ in batch])
             self.batches += 1
             self.ops += len(batch)
+            self.largest = max(self.largest, len(batch))
             try:
                 resp = await self._batch_call(req, timeout=max(timeout, 0.001))
             except grpc.RpcError as e:
