@@ -123,6 +123,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     actions = local.add_subparsers(dest="local_command", metavar="ACTION", parser_class=type(local))
     actions.required = True
 
+    def with_grace(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--grace",
+            type=argtypes.seconds,
+            default=10.0,
+            metavar="SECONDS",
+            help="wait before SIGKILL (default 10)",
+        )
+
     def with_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--dir",
@@ -165,13 +174,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = actions.add_parser("down", parents=[common], help="stop every node of the local cluster")
     with_dir(p)
-    p.add_argument(
-        "--grace",
-        type=argtypes.seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="wait before SIGKILL (default 10)",
-    )
+    with_grace(p)
     p.set_defaults(handler=cmd_down)
 
     p = actions.add_parser(
@@ -182,13 +185,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kill", action="store_true", help="SIGKILL at once (a crash) instead of a clean stop"
     )
-    p.add_argument(
-        "--grace",
-        type=argtypes.seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="wait before SIGKILL (default 10)",
-    )
+    with_grace(p)
     p.set_defaults(handler=cmd_stop_node)
 
     p = actions.add_parser(
