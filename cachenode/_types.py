@@ -25,11 +25,22 @@ def key_hash(key: bytes) -> int:
     return xxhash.xxh3_64_intdigest(key)
 
 
+SERVING = "serving"
+DRAINING = "draining"
+REMOVING = "removing"
+NODE_STATES = (SERVING, DRAINING, REMOVING)
+"""Administrative node states, kept in the map (liveness is not: the
+placement driver judges it from heartbeats).  ``draining``: move every
+replica and leader away, then the node is removable.  ``removing``: like
+draining, and the node leaves the map once it holds nothing."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class NodeInfo:
     id: NodeId
     address: str  # client gRPC host:port
     raft_address: str  # Raft peer host:port
+    state: str = SERVING
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +91,8 @@ class ClusterMap:
     version: int
     nodes: tuple[NodeInfo, ...]
     shards: tuple[ShardDescriptor, ...]
+    meta: tuple[NodeId, ...] = ()
+    """Members of the metadata Raft group (where the placement driver runs)."""
 
     def __post_init__(self) -> None:
         starts = [s.range_start for s in self.shards]
@@ -112,13 +125,41 @@ class ClusterMap:
     def shards_on(self, node_id: NodeId) -> list[ShardDescriptor]:
         return [s for s in self.shards if node_id in s.replicas]
 
+    # ---- edits: each returns the next map (version + 1) -------------------
+
+    def with_node(self, node: NodeInfo) -> ClusterMap:
+        """Add ``node``, or replace the node with the same id."""
+        nodes = tuple(sorted([n for n in self.nodes if n.id != node.id] + [node], key=lambda n: n.id))
+        return dataclasses.replace(self, version=self.version + 1, nodes=nodes)
+
+    def without_node(self, node_id: NodeId) -> ClusterMap:
+        if self.shards_on(node_id):
+            raise ValueError(f"node {node_id} still holds replicas")
+        nodes = tuple(n for n in self.nodes if n.id != node_id)
+        return dataclasses.replace(self, version=self.version + 1, nodes=nodes)
+
+    def with_replicas(self, shard_id: ShardId, replicas: Sequence[NodeId]) -> ClusterMap:
+        """Set a shard's replica list (first = preferred leader); epoch + 1."""
+        if len(set(replicas)) != len(replicas):
+            raise ValueError(f"shard {shard_id}: two replicas on one node: {list(replicas)}")
+        shards = tuple(
+            dataclasses.replace(s, epoch=s.epoch + 1, replicas=tuple(replicas)) if s.id == shard_id else s
+            for s in self.shards
+        )
+        return dataclasses.replace(self, version=self.version + 1, shards=shards)
+
+    def node_state(self, node_id: NodeId) -> str | None:
+        n = self.node(node_id)
+        return n.state if n else None
+
     @staticmethod
     def bootstrap(
         nodes: Iterable[NodeInfo], shards: int, replication: int
     ) -> ClusterMap:
         ns = tuple(sorted(nodes, key=lambda n: n.id))
         return ClusterMap(
-            1, ns, tuple(initial_placement([n.id for n in ns], shards, replication))
+            1, ns, tuple(initial_placement([n.id for n in ns], shards, replication)),
+            meta=tuple(n.id for n in ns),
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -128,6 +169,7 @@ class ClusterMap:
             "shards": [
                 {**dataclasses.asdict(s), "replicas": list(s.replicas)} for s in self.shards
             ],
+            "meta": list(self.meta),
         }
 
     @staticmethod
@@ -139,4 +181,5 @@ class ClusterMap:
             )
             for s in d["shards"]  # type: ignore[attr-defined]
         )
-        return ClusterMap(int(d["version"]), nodes, shards)  # type: ignore[call-overload]
+        meta: tuple[NodeId, ...] = tuple(d.get("meta") or ())  # type: ignore[arg-type]
+        return ClusterMap(int(d["version"]), nodes, shards, meta)  # type: ignore[call-overload]

@@ -8,6 +8,9 @@ Commands (msgpack maps):
 * ``{"op": "set_map", "expect": V, "map": {...}}``: replace the map if its
   current version is ``V`` (compare-and-set, so concurrent planners cannot
   overwrite each other); the new map's version must be ``V + 1``.
+* ``{"op": "set_pd", "expect": V, "pd": {...}}``: replace the placement
+  driver's record (running operators, paused schedulers) if its version is
+  ``V``; the new record's ``version`` must be ``V + 1``.
 * ``{"op": "barrier"}``: no change (linearizable reads of the map).
 
 Deterministic, idempotent by Raft index, never raises (a bad command yields
@@ -25,6 +28,7 @@ from .._types import ClusterMap
 from ..storage.base import Record, StateReader, StateWriter
 
 MAP_KEY = b"cluster_map"
+PD_KEY = b"pd_state"
 
 
 def encode(cmd: dict[str, Any]) -> bytes:
@@ -37,6 +41,19 @@ def bootstrap_command(m: ClusterMap) -> bytes:
 
 def set_map_command(expect_version: int, m: ClusterMap) -> bytes:
     return encode({"op": "set_map", "expect": expect_version, "map": m.to_dict()})
+
+
+def set_pd_command(expect_version: int, pd: dict[str, Any]) -> bytes:
+    return encode({"op": "set_pd", "expect": expect_version, "pd": pd})
+
+
+def current_pd(reader: StateReader) -> dict[str, Any]:
+    """The placement driver's record; ``{"version": 0}`` before the first."""
+    rec = reader.get(PD_KEY)
+    if rec is None:
+        return {"version": 0}
+    out: dict[str, Any] = json.loads(rec.value)
+    return out
 
 
 def barrier_command() -> bytes:
@@ -71,6 +88,14 @@ class MetaStateMachine:
         cur = ClusterMap.from_dict(json.loads(existing.value)) if existing else None
         if op == "barrier":
             return {"ok": True, "version": cur.version if cur else 0}
+        if op == "set_pd":
+            old = w.get(PD_KEY)
+            have = int(json.loads(old.value)["version"]) if old else 0
+            pd = cmd["pd"]
+            if have != cmd["expect"] or int(pd["version"]) != have + 1:
+                return {"ok": False, "error": f"pd version is {have}", "version": have}
+            w.put(PD_KEY, Record(json.dumps(pd, sort_keys=True).encode(), index, 0))
+            return {"ok": True, "version": have + 1}
         new = ClusterMap.from_dict(cmd["map"])
         if op == "bootstrap":
             if cur is not None:

@@ -93,10 +93,19 @@ def fail_reason_error(err: int) -> CacheError:
 class GroupTransport(Transport):  # type: ignore[misc]
     """pysyncobj transport for one group, multiplexed over the node's RaftMux."""
 
-    def __init__(self, host: GroupHost, group: int, members: list[NodeId]) -> None:
+    def __init__(
+        self, host: GroupHost, group: int, members: list[NodeId],
+        hold: bool = False, on_release: Callable[[], None] | None = None,
+    ) -> None:
+        """``hold``: a replica just added to an existing group.  It reports no
+        peer as connected (so pysyncobj never starts an election) until a
+        leader's append reaches it: an empty replica cannot win, and its
+        growing term would only depose the leader that is adding it."""
         super().__init__(None, None, None)
         self._host = host
         self._group = group
+        self.hold = hold
+        self._on_release = on_release
         self._nodes: dict[NodeId, Node] = {}
         self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
         self._queue: dict[NodeId, list[dict[str, Any]]] = {}
@@ -109,6 +118,11 @@ class GroupTransport(Transport):  # type: ignore[misc]
             return
         self._nodes[node.id] = node
         self._host.want_peer(node.id)
+        # A member added at run time whose link is already up would never
+        # hear "connected" (the link event came before it was a member), and
+        # pysyncobj's leader sends nothing to a node it thinks unreachable.
+        if not self.hold and self._host.mux.is_up(node.id):
+            self._onNodeConnected(node)
 
     def dropNode(self, node: Node) -> None:
         if self._nodes.pop(node.id, None) is not None:
@@ -211,6 +225,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
         return m
 
     def announce_connected(self) -> None:
+        if self.hold:
+            return
         for nid, node in self._nodes.items():
             if self._host.mux.is_up(nid):
                 self._onNodeConnected(node)
@@ -219,7 +235,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self._sent.pop(node_id, None)
         self._queue.pop(node_id, None)
         node = self._nodes.get(node_id)
-        if node is not None:
+        if node is not None and not (up and self.hold):
             (self._onNodeConnected if up else self._onNodeDisconnected)(node)
 
     def deliver(self, node_id: NodeId, message: Any) -> None:
@@ -229,6 +245,11 @@ class GroupTransport(Transport):  # type: ignore[misc]
         if message.get("type") == "next_node_idx" and message.get("reset"):
             self._sent.pop(node_id, None)  # the follower wants a resend from an earlier point
         self._onMessageReceived(node, message)
+        if self.hold and message.get("type") == "append_entries":
+            self.hold = False
+            self.announce_connected()
+            if self._on_release is not None:
+                self._on_release()
 
     def destroy(self) -> None:
         for node in list(self._nodes.values()):
@@ -258,8 +279,11 @@ class RaftGroup:
         barrier_payload: Callable[[], bytes],
         snapshot_dir: str,
         timing: RaftTiming,
+        hold: bool = False,
+        on_release: Callable[[], None] | None = None,
     ) -> None:
-        """Driver thread only (builds pysyncobj state and touches the batch)."""
+        """Driver thread only (builds pysyncobj state and touches the batch).
+        ``hold``/``on_release``: see :class:`GroupTransport`."""
         self.host = host
         self.group_id = group_id
         self.self_id = self_id
@@ -271,7 +295,7 @@ class RaftGroup:
         os.makedirs(snapshot_dir, exist_ok=True)
         self.journal = StorageJournal(group_id, host.storage, host.batch)
         others = [m for m in members if m != self_id]
-        self.transport = GroupTransport(host, group_id, others)
+        self.transport = GroupTransport(host, group_id, others, hold, on_release)
         conf = SyncObjConf(
             autoTick=False,
             journalFile=self.journal,

@@ -135,12 +135,15 @@ class GroupHost:
         members: list[NodeId],
         apply_fn: ApplyFn,
         barrier_payload: Callable[[], bytes],
+        hold: bool = False,
+        on_release: Callable[[], None] | None = None,
     ) -> RaftGroup:
         if group_id in self._groups:
             return self._groups[group_id]
         g = RaftGroup(
             self, group_id, self.node_id, members, apply_fn, barrier_payload,
             os.path.join(self.data_dir, "snapshots", str(group_id)), self.timing,
+            hold, on_release,
         )
         self._groups[group_id] = g
         return g
@@ -153,6 +156,9 @@ class GroupHost:
             b = self.batch()
             b.state(group_id).clear()
             b.log.clear(group_id)
+            # Term and vote stay (no vote amnesia if the node is ever added
+            # back); the commit index goes with the entries it counted.
+            b.log.set_meta(group_id, "commit", b"0")
             snap = os.path.join(self.data_dir, "snapshots", str(group_id), "snapshot.bin")
             if os.path.exists(snap):
                 os.unlink(snap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -9,7 +10,10 @@ import grpc
 from .. import __version__
 from .._clock import SystemClock
 from .._errors import CacheError, FailedPrecondition, NotFound, NotLeader
-from .._types import META_GROUP_ID
+from .._types import META_GROUP_ID, ClusterMap, NodeInfo
+from ..pd.driver import PlacementDriver
+from ..pd.model import ReplicaReport, StoreStats
+from ..pd.operator import Operator
 from ..raft.group import RaftGroup
 from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
@@ -28,10 +32,32 @@ def replica_status(shard_id: int, g: RaftGroup, r: ReplicaManager) -> pb.Replica
     )
 
 
+def _stats_pb(s: StoreStats) -> pb.StoreStats:
+    return pb.StoreStats(
+        capacity_bytes=s.capacity_bytes, available_bytes=s.available_bytes, used_bytes=s.used_bytes,
+        read_rate=s.read_rate, write_rate=s.write_rate,
+    )
+
+
+def operator_pb(op: Operator) -> pb.OperatorInfo:
+    return pb.OperatorInfo(
+        id=op.id, kind=op.kind, shard_id=op.shard, status=op.status.value, step=op.step,
+        steps=[st.describe() for st in op.steps], reason=op.reason, detail=op.detail, source=op.source,
+    )
+
+
+def _map_json(m: ClusterMap) -> bytes:
+    return json.dumps(m.to_dict()).encode()
+
+
 class AdminService(cache_pb2_grpc.AdminServicer):
-    def __init__(self, cfg: NodeConfig, replicas: ReplicaManager, clock: SystemClock, fault_injection: bool) -> None:
+    def __init__(
+        self, cfg: NodeConfig, replicas: ReplicaManager, clock: SystemClock, fault_injection: bool,
+        pd: PlacementDriver,
+    ) -> None:
         self.cfg = cfg
         self.r = replicas
+        self.pd = pd
         self.clock = clock
         self.fault_injection = fault_injection
         self.started = time.monotonic()
@@ -47,7 +73,7 @@ class AdminService(cache_pb2_grpc.AdminServicer):
                 leaders[gid] = g.status.leader
         return pb.ClusterMap(
             version=m.version,
-            nodes=[pb.NodeInfo(id=n.id, address=n.address, raft_address=n.raft_address) for n in m.nodes],
+            nodes=[pb.NodeInfo(id=n.id, address=n.address, raft_address=n.raft_address, state=n.state) for n in m.nodes],
             shards=[pb.ShardDescriptor(id=s.id, range_start=s.range_start, range_end=s.range_end, epoch=s.epoch, replicas=list(s.replicas)) for s in m.shards],
             leaders=leaders,
         )
@@ -113,5 +139,92 @@ class AdminService(cache_pb2_grpc.AdminServicer):
 
             self.r.host.call(apply).result(5)
             return pb.FaultFilterResponse(blocked_nodes=sorted(blocked))
+        except CacheError as e:
+            abort(ctx, e)
+
+    # ---- placement driver (answered by the metadata leader) -----------------
+
+    def Heartbeat(self, req: pb.HeartbeatRequest, ctx: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        try:
+            node = NodeInfo(req.node.id, req.node.address, req.node.raft_address)
+            st = req.stats
+            stats = StoreStats(st.capacity_bytes, st.available_bytes, st.used_bytes, st.read_rate, st.write_rate)
+            reps = tuple(
+                ReplicaReport(
+                    r.shard_id, r.role, r.leader or None, r.term, r.commit_index, r.applied_index,
+                    tuple(r.members), dict(r.match), r.size_bytes,
+                )
+                for r in req.replicas
+            )
+            m, instructions = self.pd.heartbeat(node, req.map_version, stats, reps)
+            return pb.HeartbeatResponse(
+                pd_node=self.cfg.node_id,
+                cluster_map_json=_map_json(m) if m is not None else b"",
+                instructions=[
+                    pb.Instruction(operator_id=i.op_id, shard_id=i.shard, action=i.action, target=i.target)
+                    for i in instructions
+                ],
+            )
+        except CacheError as e:
+            abort(ctx, e)
+
+    def JoinCluster(self, req: pb.JoinRequest, ctx: grpc.ServicerContext) -> pb.JoinResponse:
+        try:
+            m = self.pd.join(NodeInfo(req.node.id, req.node.address, req.node.raft_address))
+            return pb.JoinResponse(cluster_map_json=_map_json(m))
+        except CacheError as e:
+            abort(ctx, e)
+
+    def GetPdStatus(self, req: pb.PdStatusRequest, ctx: grpc.ServicerContext) -> pb.PdStatus:
+        try:
+            view, ops, active = self.pd.status()
+            m = view.map
+            nodes = []
+            for n in m.nodes:
+                nv = view.nodes[n.id]
+                reps = view.replica_count(n.id)
+                nodes.append(pb.NodeSummary(
+                    id=n.id, address=n.address, state=n.state, liveness=nv.liveness.value,
+                    replicas=reps, leaders=view.leader_count(n.id),
+                    preferred_leaders=view.preferred_leader_count(n.id), down_for_s=nv.down_for_s,
+                    stats=_stats_pb(nv.stats), removable=n.state != "serving" and reps == 0,
+                    meta=n.id in m.meta,
+                ))
+            return pb.PdStatus(
+                pd_node=self.cfg.node_id, map_version=m.version, nodes=nodes,
+                operators=[operator_pb(o) for o in ops], paused=sorted(self.pd.controller.paused),
+                shards=len(m.shards), active_for_s=active,
+            )
+        except CacheError as e:
+            abort(ctx, e)
+
+    def SetNodeState(self, req: pb.NodeStateRequest, ctx: grpc.ServicerContext) -> pb.NodeStateResponse:
+        try:
+            return pb.NodeStateResponse(message=self.pd.set_node_state(req.node_id, req.action))
+        except CacheError as e:
+            abort(ctx, e)
+
+    def AddOperator(self, req: pb.AddOperatorRequest, ctx: grpc.ServicerContext) -> pb.OperatorInfo:
+        try:
+            return operator_pb(self.pd.add_operator(req.kind, req.shard_id, req.from_node, req.to_node))
+        except CacheError as e:
+            abort(ctx, e)
+
+    def CancelOperator(self, req: pb.CancelOperatorRequest, ctx: grpc.ServicerContext) -> pb.OperatorInfo:
+        try:
+            return operator_pb(self.pd.cancel_operator(req.id))
+        except CacheError as e:
+            abort(ctx, e)
+
+    def SetScheduler(self, req: pb.SchedulerRequest, ctx: grpc.ServicerContext) -> pb.SchedulerResponse:
+        try:
+            return pb.SchedulerResponse(paused=self.pd.set_scheduler(req.name, req.paused))
+        except CacheError as e:
+            abort(ctx, e)
+
+    def PlanRebalance(self, req: pb.RebalanceRequest, ctx: grpc.ServicerContext) -> pb.RebalancePlan:
+        try:
+            p = self.pd.dry_run()
+            return pb.RebalancePlan(operators=[operator_pb(o) for o in p.operators], notes=p.notes)
         except CacheError as e:
             abort(ctx, e)

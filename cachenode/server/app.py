@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from .._clock import SystemClock
+from ..pd.driver import PdConfig, PlacementDriver
+from ..pd.planner import PlanConfig
 from ..raft.host import GroupHost
 from ..storage.base import Storage
 from ..storage.lmdb_store import LmdbStorage
@@ -22,7 +24,8 @@ from .cache_service import CacheService
 from .config import NodeConfig
 from .forwarding import Forwarder
 from .handlers import add_service
-from .replicas import ReplicaManager
+from .pd_agent import PdAgent
+from .replicas import MetaGroupStore, ReplicaManager
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,12 @@ class Node:
         except OSError as e:
             raise NodeStartError(f"cannot listen for Raft peers on {cfg.raft_listen}: {e.strerror}") from None
         self.replicas = ReplicaManager(cfg, self.host, self.storage, self.clock)
+        self.pd = PlacementDriver(
+            cfg.node_id, MetaGroupStore(self.replicas),
+            PdConfig(heartbeat_s=cfg.heartbeat_s, down_after_s=cfg.down_after_s,
+                     max_down_time_s=cfg.max_down_time_s, plan=PlanConfig(replication=cfg.replication)),
+        )
+        self.pd_agent = PdAgent(cfg, self.replicas)
         self.forwarder = Forwarder(cfg.me().address)
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
@@ -71,7 +80,7 @@ class Node:
             maximum_concurrent_rpcs=cfg.grpc_workers * 16,
         )
         add_service(self.server, "Cache", CacheService(cfg, self.replicas, self.forwarder, self.clock))
-        add_service(self.server, "Admin", AdminService(cfg, self.replicas, self.clock, fault_injection))
+        add_service(self.server, "Admin", AdminService(cfg, self.replicas, self.clock, fault_injection, self.pd))
         try:
             self.port = self.server.add_insecure_port(cfg.listen)
         except RuntimeError:
@@ -84,9 +93,13 @@ class Node:
         self.server.start()
         self.host.start()
         self.replicas.start()
+        self.pd.start()
+        self.pd_agent.start()
         log.info("node %s serving clients on %s, raft on %s", self.cfg.node_id, self.cfg.listen, self.host.mux.listen_address)
 
     def stop(self) -> None:
+        self.pd_agent.stop()
+        self.pd.stop()
         self.server.stop(grace=1.0).wait(3)
         self.host.stop()
         self.forwarder.close()

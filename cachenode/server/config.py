@@ -41,12 +41,18 @@ class NodeConfig:
     expiry_interval_s: float = 1.0
     expiry_batch: int = 256
     tick_interval_s: float = 0.01
-    leader_balance_s: float = 5.0  # 0 disables preferred-leader balancing
+    leader_balance_s: float = 2.0  # 0 disables preferred-leader balancing
+    join: str | None = None  # HOST:PORT of any member: join that cluster instead of bootstrapping one
+    heartbeat_s: float = 0.5  # to the placement driver
+    max_down_time_s: float = 1800.0  # a node silent this long has its replicas re-created elsewhere
+    down_after_s: float = 3.0  # a node silent this long is down (receives nothing new)
     timing: RaftTiming = RaftTiming()
     unsafe: Unsafe = Unsafe()
     map_size: int = 64 << 30
 
     def me(self) -> NodeInfo:
+        """This node's addresses (a joining node lists only itself in
+        ``initial_cluster``)."""
         for n in self.initial_cluster:
             if n.id == self.node_id:
                 return n

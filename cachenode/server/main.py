@@ -73,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run a node in the foreground")
     s.add_argument("--config", help="TOML file with any of the options below (flags win)")
-    s.add_argument("--node-id", help="this node's id (must appear in --initial-cluster)")
+    s.add_argument("--node-id", help="this node's id (must appear in --initial-cluster, unless --join)")
     s.add_argument("--data-dir", help="directory for the LMDB store and snapshots")
     s.add_argument("--listen", help="client gRPC address HOST:PORT (default: from --initial-cluster)")
     s.add_argument("--raft-listen", help="Raft peer address HOST:PORT (default: from --initial-cluster)")
     s.add_argument("--initial-cluster", help="ID=HOST:CLIENTPORT/HOST:RAFTPORT,... (same on every node)")
+    s.add_argument("--join", metavar="HOST:PORT", help="join the cluster that answers at this client address (any member) instead of bootstrapping; needs --listen and --raft-listen")
+    s.add_argument("--max-down-time", help="re-create the replicas of a node silent this long elsewhere (e.g. 30m, 90s; default 30m)")
+    s.add_argument("--down-after", help="a node silent this long counts as down (default 3s)")
+    s.add_argument("--heartbeat-interval", help="heartbeats to the placement driver (default 0.5s)")
     s.add_argument("--shards", type=int, help="number of shards at bootstrap (default 16)")
     s.add_argument("--replication", type=int, help="replicas per shard (default 3, or N when N < 3)")
     s.add_argument("--secret-file", help="file holding the cluster secret (or env CACHENODE_SECRET)")
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-value-bytes", type=int)
     s.add_argument("--log-compaction-entries", type=int, help="snapshot a shard after this many log entries (default 20000)")
     s.add_argument("--tick-ms", type=float, help="driver loop tick (default 10)")
-    s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 5; 0 = off)")
+    s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 2; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
     s.add_argument("--log-level", default=None)
     s.add_argument("--enable-fault-injection", action="store_true", default=None, help="TESTING: allow admin clock offsets and Raft fault filters")
@@ -98,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s.add_argument(f"--unsafe-{name}", action="store_true", default=None, help=f"TESTING ONLY, breaks guarantees: {why}")
     return p
+
+
+def parse_duration(flag: str, v: object) -> float:
+    """``90``, ``90s``, ``1.5m``, ``2h`` -> seconds (> 0)."""
+    text = str(v).strip().lower()
+    mult = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
+    try:
+        secs = float(text[:-1]) * mult if mult else float(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {v!r} is not a duration (e.g. 30s, 10m, 1h)") from None
+    if not secs > 0:
+        raise ConfigError(f"{flag} must be > 0")
+    return secs
 
 
 def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConfig, bool, str, str]:
@@ -118,13 +135,23 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
     node_id = opt("node_id")
     if not node_id:
         raise ConfigError("--node-id is required")
+    join = opt("join")
     cluster_spec = opt("initial_cluster")
-    if not cluster_spec:
-        raise ConfigError("--initial-cluster is required")
-    cluster = parse_cluster(str(cluster_spec))
-    me = next((n for n in cluster if n.id == node_id), None)
-    if me is None:
-        raise ConfigError(f"node id {node_id!r} is not in --initial-cluster ({', '.join(n.id for n in cluster)})")
+    if join:
+        if cluster_spec:
+            raise ConfigError("--join and --initial-cluster exclude each other: a node either bootstraps a cluster or joins one")
+        if not opt("listen") or not opt("raft_listen"):
+            raise ConfigError("--join needs --listen HOST:PORT and --raft-listen HOST:PORT (the addresses peers and clients use)")
+        me = NodeInfo(str(node_id), str(opt("listen")), str(opt("raft_listen")))
+        cluster: tuple[NodeInfo, ...] = (me,)
+    else:
+        if not cluster_spec:
+            raise ConfigError("--initial-cluster is required (or --join HOST:PORT to join a running cluster)")
+        cluster = parse_cluster(str(cluster_spec))
+        found = next((n for n in cluster if n.id == node_id), None)
+        if found is None:
+            raise ConfigError(f"node id {node_id!r} is not in --initial-cluster ({', '.join(n.id for n in cluster)})")
+        me = found
     data_dir = opt("data_dir")
     if not data_dir:
         raise ConfigError("--data-dir is required")
@@ -171,8 +198,14 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         max_value_bytes=max_value,
         tick_interval_s=float(opt("tick_ms", 10.0)) / 1000.0,  # type: ignore[arg-type]
         timing=timing, unsafe=unsafe,
-        leader_balance_s=float(opt("leader_balance_s", 5.0)),  # type: ignore[arg-type]
+        leader_balance_s=float(opt("leader_balance_s", 2.0)),  # type: ignore[arg-type]
+        join=str(join) if join else None,
+        max_down_time_s=parse_duration("--max-down-time", opt("max_down_time", "30m")),
+        down_after_s=parse_duration("--down-after", opt("down_after", "3s")),
+        heartbeat_s=parse_duration("--heartbeat-interval", opt("heartbeat_interval", "0.5s")),
     )
+    if cfg.down_after_s <= cfg.heartbeat_s:
+        raise ConfigError("--down-after must be longer than --heartbeat-interval")
     return cfg, bool(opt("enable_fault_injection", False)), str(opt("log_format", "text")), str(opt("log_level", "INFO"))
 
 

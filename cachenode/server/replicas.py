@@ -22,6 +22,14 @@ lower bound of true cluster time (it assumes this node's own wall clock did
 not step forward while the node was down), so expiry stays never early, and
 the time a restarted replica needs to catch up no longer makes TTLs late.
 
+Which replicas this node hosts.  The agreed map says; this node learns it
+from its metadata replica (metadata members) or from the placement driver's
+heartbeat replies (every node), whichever is newer, and keeps the newest in
+``cluster-map.json`` for restarts.  ``replicas.json`` records each hosted
+replica with the map version that created it: a replica's data is deleted
+only when a *newer* map no longer lists this node, so a node restarting with
+a stale map never deletes a replica it was added to since.
+
 Threads: public methods are safe from gRPC worker threads; ``_reconcile``,
 ``_expire`` and the apply wrappers run on the driver thread.
 """
@@ -36,6 +44,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import msgpack
 
 from .._clock import Clock
 from .._errors import CacheError, NotFound, NotLeader, OutcomeUnknown, Unavailable
@@ -43,7 +54,13 @@ from .._types import META_GROUP_ID, ClusterMap, NodeId, ShardDescriptor
 from ..fsm import commands as C
 from ..fsm.codec import decode_result, encode_command
 from ..fsm.machine import ShardStateMachine
-from ..fsm.meta_machine import MetaStateMachine, barrier_command, bootstrap_command, current_map
+from ..fsm.meta_machine import (
+    MetaStateMachine,
+    barrier_command,
+    bootstrap_command,
+    current_map,
+    current_pd,
+)
 from ..raft.group import RaftGroup
 from ..raft.host import GroupHost
 from ..storage.base import StateReader, Storage
@@ -68,6 +85,13 @@ class ReplicaManager:
         self._expiring: dict[int, Future[bytes]] = {}
         self._bootstrap_inflight: Future[bytes] | None = None
         self.ready = threading.Event()
+        self.is_meta_member = not cfg.join
+        self._map_file = os.path.join(cfg.data_dir, "cluster-map.json")
+        self._adopted: ClusterMap | None = self._load_map_file()
+        self._registry_file = os.path.join(cfg.data_dir, "replicas.json")
+        self._registry: dict[int, dict[str, Any]] = self._load_registry()
+        self.writes_applied = 0
+        self.reads_served = 0
 
     # ---- start-up (any thread) --------------------------------------------
 
@@ -77,10 +101,12 @@ class ReplicaManager:
                 self.host.mux.set_address(n.id, n.raft_address)
 
         self.host.call(set_addresses)
-        members = [n.id for n in self.cfg.initial_cluster]
-        self.host.call(lambda: self.host.create_group(
-            META_GROUP_ID, members, self._meta_apply, barrier_command,
-        )).result(30)
+        if self.is_meta_member:
+            members = [n.id for n in self.cfg.initial_cluster]
+            self.host.call(lambda: self.host.create_group(
+                META_GROUP_ID, members, self._meta_apply, barrier_command,
+            )).result(30)
+        self.host.call(self.recreate_registered).result(30)
         self.host.every(0.1, self._reconcile)
         self.host.every(self.cfg.expiry_interval_s, self._expire)
         self.host.every(1.0, self._save_clock)
@@ -88,6 +114,32 @@ class ReplicaManager:
             self.host.every(self.cfg.leader_balance_s, self._prefer_leaders)
 
     # ---- the map ------------------------------------------------------------
+
+    def adopt_map(self, m: ClusterMap) -> None:
+        """A map from the placement driver (any thread).  Kept if newer;
+        reconcile acts on it within 0.1 s."""
+        with self._map_lock:
+            if self._adopted is not None and self._adopted.version >= m.version:
+                return
+            self._adopted = m
+        _write_json(self._map_file, m.to_dict())
+
+    def _load_map_file(self) -> ClusterMap | None:
+        try:
+            with open(self._map_file) as f:
+                return ClusterMap.from_dict(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _load_registry(self) -> dict[int, dict[str, Any]]:
+        try:
+            with open(self._registry_file) as f:
+                return {int(k): v for k, v in json.load(f).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def _save_registry(self) -> None:
+        _write_json(self._registry_file, {str(k): v for k, v in sorted(self._registry.items())})
 
     def cluster_map(self) -> ClusterMap:
         m = self._map
@@ -182,6 +234,7 @@ class ReplicaManager:
         before the barrier was joined; the returned cluster time judges TTLs."""
         res = decode_result(wait_future(fut, deadline, writes=False))
         if isinstance(res, C.BarrierResult):
+            self.reads_served += 1
             return res.clock_ms
         raise Unavailable(f"read barrier failed on shard {group.group_id}: {res}")
 
@@ -200,6 +253,7 @@ class ReplicaManager:
             w = batch().state(gid)
             res = fsm.apply(payload, index, w)
             bases[gid] = (w.clock_ms(), mono())
+            self.writes_applied += 1
             return res
 
         return apply
@@ -209,24 +263,66 @@ class ReplicaManager:
 
     def _reconcile(self) -> None:
         meta = self.host.group(META_GROUP_ID)
-        m = current_map(self.storage.reader(META_GROUP_ID))
-        if m is None:
-            if meta is not None and meta.is_leader and (self._bootstrap_inflight is None or self._bootstrap_inflight.done()):
+        m = current_map(self.storage.reader(META_GROUP_ID)) if meta is not None else None
+        if m is None and meta is not None and self._adopted is None:
+            if meta.is_leader and (self._bootstrap_inflight is None or self._bootstrap_inflight.done()):
                 boot = ClusterMap.bootstrap(self.cfg.initial_cluster, self.cfg.shards, self.cfg.replication)
                 log.info("bootstrapping cluster map: %d nodes, %d shards, rf %d", len(boot.nodes), len(boot.shards), self.cfg.replication)
                 self._bootstrap_inflight = meta.propose(bootstrap_command(boot))
             return
-        if self._map is not None and m.version == self._map.version:
+        adopted = self._adopted
+        if m is None or (adopted is not None and adopted.version > m.version):
+            m = adopted
+        if m is None or (self._map is not None and m.version <= self._map.version):
             return
         for n in m.nodes:
             self.host.mux.set_address(n.id, n.raft_address)
-        for s in m.shards_on(self.cfg.node_id):
+        me = self.cfg.node_id
+        changed = False
+        for s in m.shards_on(me):
             if self.host.group(s.id) is None:
-                self.host.create_group(s.id, list(s.replicas), self._shard_apply(s.id), self._barrier_payload(s.id))
+                known = self._registry.get(s.id)
+                # New to this node in a shard that already existed: it is
+                # being added by the placement driver, so hold elections.
+                hold = (known["hold"] if known else s.epoch > 1) and self._map is not None
+                if known is None or known.get("hold") != hold:
+                    self._registry[s.id] = {"version": m.version, "members": list(s.replicas), "hold": hold}
+                    changed = True
+                self._create_shard_group(s.id, list(s.replicas), hold)
+        listed = {s.id for s in m.shards_on(me)}
+        for gid in list(self.host.groups()):
+            if gid == META_GROUP_ID or gid in listed:
+                continue
+            created = self._registry.get(gid, {}).get("version", 0)
+            if m.version > created:
+                log.info("shard %d: this node is no longer a replica (map version %d): deleting its data", gid, m.version)
+                self.host.remove_group(gid, delete_data=True)
+                self._clock_base.pop(gid, None)
+                self._registry.pop(gid, None)
+                changed = True
+        if changed:
+            self._save_registry()
         with self._map_lock:
             self._map = m
-        log.info("cluster map version %d: hosting %d shard replicas", m.version, len(m.shards_on(self.cfg.node_id)))
+        log.info("cluster map version %d: hosting %d shard replicas", m.version, len(listed))
         self.ready.set()
+
+    def recreate_registered(self) -> None:
+        """Driver thread, at start-up: bring back every replica this node
+        hosted, even if the map it has is too old to list it."""
+        for gid, rec in self._registry.items():
+            if self.host.group(gid) is None:
+                self._create_shard_group(gid, list(rec["members"]), bool(rec.get("hold")))
+
+    def _create_shard_group(self, gid: int, members: list[NodeId], hold: bool) -> None:
+        def released() -> None:
+            rec = self._registry.get(gid)
+            if rec is not None and rec.get("hold"):
+                rec["hold"] = False
+                self._save_registry()
+            log.info("shard %d: reached by the leader; this new replica now takes part in elections", gid)
+
+        self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
 
     def _prefer_leaders(self) -> None:
         """Hand leadership to each shard's preferred replica (the first in its
@@ -261,6 +357,53 @@ class ReplicaManager:
             keys = self.storage.reader(gid).expired(now, self.cfg.expiry_batch)
             if keys:
                 self._expiring[gid] = g.propose(encode_command(C.Expire(keys=tuple(keys), now_ms=now)))
+
+
+class MetaGroupStore:
+    """The metadata Raft group as the placement driver sees it
+    (:class:`cachenode.pd.driver.MetaStore`).  Any thread."""
+
+    def __init__(self, replicas: ReplicaManager) -> None:
+        self.r = replicas
+
+    def _group(self) -> RaftGroup | None:
+        return self.r.host.group(META_GROUP_ID)
+
+    def is_leader(self) -> bool:
+        g = self._group()
+        return g is not None and g.is_leader
+
+    def leader_hint(self) -> tuple[NodeId | None, str | None]:
+        g = self._group()
+        leader = g.status.leader if g is not None else None
+        m = self.r._map
+        n = m.node(leader) if (m is not None and leader) else None
+        return leader, n.address if n else None
+
+    def read(self) -> tuple[ClusterMap | None, dict[str, Any]]:
+        reader = self.r.storage.reader(META_GROUP_ID)
+        return current_map(reader), current_pd(reader)
+
+    def propose(self, payload: bytes, timeout: float) -> dict[str, Any]:
+        g = self._group()
+        if g is None or not g.is_leader:
+            raise NotLeader("this node no longer leads the metadata group", None)
+        raw = wait_future(g.propose(payload), time.monotonic() + timeout, writes=True)
+        out: dict[str, Any] = msgpack.unpackb(raw, raw=False)
+        return out
+
+    def barrier(self, timeout: float) -> None:
+        self.propose(barrier_command(), timeout)
+
+
+def _write_json(path: str, obj: object) -> None:
+    """Atomically replace ``path`` (write, fsync, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def wait_future(fut: Future[bytes], deadline: float, writes: bool) -> bytes:

@@ -78,6 +78,9 @@ class ClusterDoc:
     secret_file: str
     nodes: list[NodeRecord]
     created_at: float = 0.0
+    node_args: list[str] = dataclasses.field(default_factory=list)
+    fsync: str | None = None
+    log_format: str | None = None
 
     def node(self, node_id: str) -> NodeRecord:
         for rec in self.nodes:
@@ -101,6 +104,9 @@ class ClusterDoc:
             "secret_file": self.secret_file,
             "endpoints": self.endpoints(),
             "nodes": [dataclasses.asdict(r) for r in self.nodes],
+            "node_args": self.node_args,
+            "fsync": self.fsync,
+            "log_format": self.log_format,
         }
 
     @staticmethod
@@ -112,6 +118,9 @@ class ClusterDoc:
             secret_file=doc["secret_file"],
             nodes=[NodeRecord(**n) for n in doc["nodes"]],
             created_at=float(doc.get("created_at", 0.0)),
+            node_args=list(doc.get("node_args", [])),
+            fsync=doc.get("fsync"),
+            log_format=doc.get("log_format"),
         )
 
 
@@ -201,6 +210,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="deadline to answer (default 60)",
     )
     p.set_defaults(handler=cmd_start_node)
+
+    p = actions.add_parser(
+        "add-node", parents=[common],
+        help="start a new node that joins the local cluster (the placement driver then moves replicas to it)",
+    )
+    with_dir(p)
+    p.add_argument(
+        "--node-arg", action="append", default=[], metavar="ARG",
+        help="extra flag for the new node (repeatable; the cluster's own --node-arg flags apply too)",
+    )
+    p.add_argument(
+        "--wait", type=argtypes.seconds, default=60.0, metavar="SECONDS",
+        help="deadline for the node to answer (default 60)",
+    )
+    p.set_defaults(handler=cmd_add_node)
 
 
 
@@ -572,7 +596,10 @@ def _new_cluster(ctx: Context, directory: Path) -> ClusterDoc:
             a.log_format,
             a.node_arg,
         )
-    return ClusterDoc(str(directory), a.shards, a.replication, str(secret), records, time.time())
+    return ClusterDoc(
+        str(directory), a.shards, a.replication, str(secret), records, time.time(),
+        list(a.node_arg), a.fsync, a.log_format,
+    )
 
 
 def cmd_up(ctx: Context) -> int:
@@ -730,6 +757,63 @@ def cmd_start_node(ctx: Context) -> int:
                     ExitStatus.TIMEOUT,
                 ) from None
             message = f"{rec.id} started (pid {rec.pid}) at {rec.address}"
+    if ctx.json:
+        ctx.out.json({"node": rec.id, "pid": rec.pid, "address": rec.address, "result": message})
+    else:
+        ctx.out.line(message)
+    return ExitStatus.OK
+
+
+def cmd_add_node(ctx: Context) -> int:
+    a = ctx.args
+    directory = Path(a.dir).resolve()
+    with _locked(directory):
+        doc = _require(directory)
+        running = [r for r in doc.nodes if r.pid is not None and runs_node(r.pid, r)]
+        if not running:
+            raise CliError(
+                f"no node of {directory} is running; start the cluster first: cachectl local up --dir {a.dir}"
+            )
+        taken = {r.id for r in doc.nodes}
+        k = len(doc.nodes) + 1
+        while f"n{k}" in taken:
+            k += 1
+        host = running[0].address.rsplit(":", 1)[0]
+        ports = free_ports(host.strip("[]"), 2)
+        node_dir = directory / f"n{k}"
+        rec = NodeRecord(
+            id=f"n{k}", address=f"{host}:{ports[0]}", raft_address=f"{host}:{ports[1]}", pid=None,
+            data_dir=str(node_dir / "data"), log=str(node_dir / "node.log"), argv=[],
+        )
+        argv = _node_argv(
+            sys.executable, rec, "", doc.shards, doc.replication, doc.secret_file,
+            doc.fsync, doc.log_format, doc.node_args + list(a.node_arg),
+        )
+        i = argv.index("--initial-cluster")
+        argv[i : i + 2] = ["--join", ",".join(r.address for r in running)]
+        rec.argv = argv
+        doc.nodes.append(rec)
+        started = time.monotonic()
+        rec.pid = spawn(rec, ctx.env)
+        save(doc)
+        try:
+            wait_ready(ctx, doc, started + a.wait, only=rec)
+        except _NodeDied as died:
+            rec.pid = None
+            save(doc)
+            ctx.out.raw_err(f"--- last lines of {rec.log} ---\n{log_tail(rec)}\n---")
+            raise CliError(
+                f"new node {rec.id} exited"
+                + (f" with code {died.code}" if died.code is not None else "")
+                + f" right after starting; its log is {rec.log} (tail above)"
+            ) from None
+        except _NotReady:
+            raise CliError(
+                f"{rec.id} (pid {rec.pid}) started but did not answer at {rec.address} within "
+                f"{a.wait:g}s; it keeps running: see {rec.log}",
+                ExitStatus.TIMEOUT,
+            ) from None
+    message = f"{rec.id} started (pid {rec.pid}) at {rec.address} and joins the cluster; `cachectl cluster status` shows replicas moving to it"
     if ctx.json:
         ctx.out.json({"node": rec.id, "pid": rec.pid, "address": rec.address, "result": message})
     else:
