@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from cachenode._errors import CacheError, Unavailable
+from cachenode._errors import CacheError, NotLeader, Unavailable
 from cachenode._types import ClusterMap, NodeId, ShardId
 from cachenode.client._convert import (
     KeyLike,
@@ -44,7 +44,7 @@ from cachenode.client._core import (
     parse_consistency,
 )
 from cachenode.client._results import CasResult, GetResult, NodeStatus
-from cachenode.client._status import classify, reason
+from cachenode.client._status import Retry, classify, reason
 from cachenode.client.route_table import RouteTable
 from cachenode.v1 import cache_pb2 as pb
 from cachenode.v1 import cache_pb2_grpc as pb_grpc
@@ -308,6 +308,35 @@ class CacheClient:
         except grpc.RpcError as err:
             raise classify(err, what="node status", target=f"node at {address}").error from None
         return node_status_from_wire(resp)
+
+    def placement_driver(self, method: str, request: Any, what: str) -> Any:
+        """Call ``Admin.<method>`` on the placement driver (the metadata
+        group's leader), following leader hints from any node.  Returns the
+        response message; raises a CacheError naming ``what`` on failure."""
+        deadline = self._core.clock() + self._core.timeout
+        queue = list(self._core.map_candidates())
+        table = self._core.table
+        if table is not None:
+            queue += [n.address for n in table.cluster_map.nodes]
+        tried: set[str] = set()
+        last: CacheError | None = None
+        while queue and self._core.clock() < deadline:
+            address = queue.pop(0)
+            if address in tried:
+                continue
+            tried.add(address)
+            try:
+                return getattr(self._admin_stub(address), method)(
+                    request, timeout=max(0.05, deadline - self._core.clock())
+                )
+            except grpc.RpcError as err:
+                failure = classify(err, what=what, target=f"node at {address}")
+                last = failure.error
+                if failure.leader_address:
+                    queue.insert(0, failure.leader_address)
+                elif failure.retry is not Retry.NODE_DOWN and not isinstance(last, NotLeader):
+                    raise last from None
+        raise last or Unavailable(f"{what}: no node answered; check the endpoints")
 
     # ---- lifecycle ---------------------------------------------------------
 

@@ -152,7 +152,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cachectl import bench, cluster, kv, local
+    from cachectl import bench, cluster, kv, local, placement
 
     parser = _Parser(
         prog="cachectl",
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     kv.register(sub, common)
     cluster.register(sub, common)
+    placement.register(sub, common)
     local.register(sub, common)
     bench.register(sub, common)
     return parser
