@@ -122,6 +122,28 @@ class LocalCluster:
         self._remember_pids()
         assert r.returncode == 0, f"start-node failed:\n{r.stdout}\n{r.stderr}"
 
+    def add_node(self, extra: list[str] | None = None) -> str:
+        """Start a new node that joins (``cachectl local add-node``); its id."""
+        args = ["local", "add-node", "--dir", str(self.dir), "--json"]
+        for e in extra or []:
+            args.append(f"--node-arg={e}")
+        r = cachectl(*args)
+        self._remember_pids()
+        assert r.returncode == 0, f"add-node failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        return str(json.loads(r.stdout)["node"])
+
+    def pd_status(self) -> pb.PdStatus:
+        """The placement driver's status, asked of whichever node leads the
+        metadata group (raises grpc.RpcError if none answers)."""
+        last: grpc.RpcError | None = None
+        for nid in self.node_ids:
+            try:
+                return self.admin(nid).GetPdStatus(pb.PdStatusRequest(), timeout=2)
+            except grpc.RpcError as e:
+                last = e
+        assert last is not None
+        raise last
+
     def stop_node(self, node_id: str) -> None:
         r = cachectl("local", "stop-node", "--dir", str(self.dir), node_id)
         assert r.returncode == 0, f"stop-node failed:\n{r.stdout}\n{r.stderr}"
