@@ -80,6 +80,18 @@ class LocalCluster:
         r = cachectl(*args)
         self._remember_pids()
         assert r.returncode == 0, f"local up failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        self.wait_settled()
+
+    def wait_settled(self, timeout: float = 30.0) -> None:
+        """Wait until every shard is led by its preferred replica (the first
+        in the map), where the nodes' leader balancing moves it: a test that
+        picks "the leader" right after start-up must not race that handover."""
+
+        def settled() -> bool:
+            m = self.admin(self.node_ids[0]).GetClusterMap(pb.ClusterMapRequest(), timeout=2)
+            return all(s.replicas and self.leader_of(s.id) == s.replicas[0] for s in m.shards)
+
+        wait_for(settled, timeout, "every shard led by its preferred replica", interval=0.2)
 
     def _remember_pids(self) -> None:
         with contextlib.suppress(OSError, ValueError):

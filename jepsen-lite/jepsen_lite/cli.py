@@ -197,8 +197,7 @@ def _add_matrix(sub: Any) -> None:
         "matrix",
         help="run every workload x nemesis and write a summary table",
         description=(
-            "Run `jepsen-lite run` for every workload x nemesis (membership is listed "
-            "as needing the placement driver), write a markdown table to --doc and "
+            "Run `jepsen-lite run` for every workload x nemesis, write a markdown table to --doc and "
             "print it.  Exit 1 on any violation, else 3 on a harness error, else 2 on "
             "an unknown verdict, else 0."
         ),

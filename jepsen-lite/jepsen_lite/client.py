@@ -249,6 +249,15 @@ class AdminClient:
         )
         return int(resp.offset_ms)
 
+    def add_operator(self, kind: str, shard: int, source: str, target: str) -> pb.OperatorInfo:
+        """Ask the placement driver for a move or a leader transfer (raises
+        grpc.RpcError; UNAVAILABLE with a leader hint when this node is not
+        the PD)."""
+        return self._stub.AddOperator(
+            pb.AddOperatorRequest(kind=kind, shard_id=shard, from_node=source, to_node=target),
+            timeout=self.timeout,
+        )
+
     def set_fault_filter(self, blocked: Sequence[str]) -> list[str]:
         resp = self._stub.SetFaultFilter(
             pb.FaultFilterRequest(blocked_nodes=list(blocked)), timeout=self.timeout

@@ -18,7 +18,10 @@ Kinds (``--nemesis``):
   reset to 0 at the end;
 * ``mixed`` -- each window draws one of the four kinds above;
 * ``none`` -- no faults;
-* ``membership`` -- needs the placement driver: refused before the run starts.
+* ``membership`` -- through the placement driver: move a replica of a hot
+  shard to a node that has none (``move-replica``: add, catch up, hand over
+  leadership if needed, remove, delete) or hand a shard's leadership to a
+  follower (``transfer-leader``); moves are permanent, nothing to heal.
 
 Every fault is logged into the history as process ``"nemesis"``, type ``info``,
 ``f = start-<kind>`` / ``stop-<kind>`` with the concrete targets as value.
@@ -51,6 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FAULT_KINDS: Final = ("partition", "kill", "pause", "clock")
+MEMBERSHIP_ACTIONS: Final = (("move-replica", 3), ("move-leader-replica", 2), ("transfer-leader", 2))
 NEMESES: Final = ("none", "partition", "kill", "pause", "clock", "membership", "mixed")
 TARGETS: Final = ("one", "minority", "leader", "all")
 _TARGETS_BY_KIND: Final = {
@@ -103,7 +107,7 @@ def build_schedule(
         raise ValueError(f"unknown partition shape {shape!r}; choose from {', '.join(net.SHAPES)}")
     if target is not None and target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    if nemesis in ("none", "membership"):
+    if nemesis == "none":
         return []
     rng = random.Random(f"{seed}/nemesis/{nemesis}")
     shapes = list(net.SHAPES) if n_nodes >= 3 else ["isolate", "isolate-leader"]
@@ -121,6 +125,8 @@ def build_schedule(
         dur = min(dur, total_s - t)
         if kind == "partition":
             plans.append(FaultPlan(t, dur, kind, shape=sh, draw=draw))
+        elif kind == "membership":
+            plans.append(FaultPlan(t, dur, kind, target=_weighted(rng, MEMBERSHIP_ACTIONS), draw=draw))
         else:
             tg = target
             if tg is None or (kind != "kill" and tg == "all"):
@@ -228,6 +234,46 @@ class Nemesis(threading.Thread):
             return sorted(rng.sample(nodes, max(1, (len(nodes) - 1) // 2)))
         return [rng.choice(nodes)]
 
+    # -------------------------------------------------------------- membership
+
+    def _membership(self, action: str, rng: random.Random) -> dict[str, Any]:
+        """Start one placement operator on a hot shard; returns what was asked."""
+        cmap = self.cluster.admin(sorted(self.cluster.nodes)[0]).cluster_map()
+        leaders = self.cluster.leaders()
+        hot = [s for s in self.tracker.hot() if any(x.id == s for x in cmap.shards)]
+        shard_id = rng.choice(hot or sorted(x.id for x in cmap.shards))
+        shard = next(x for x in cmap.shards if x.id == shard_id)
+        reps = list(shard.replicas)
+        others = sorted(n.id for n in cmap.nodes if n.id not in reps)
+        leader = leaders.get(shard_id)
+        if action == "transfer-leader" or not others:
+            followers = [r for r in reps if r != leader]
+            kind, source, target = "transfer-leader", "", rng.choice(followers or reps)
+        else:
+            kind = "move-replica"
+            if action == "move-leader-replica" and leader in reps:
+                source = leader
+            else:
+                source = rng.choice([r for r in reps if r != leader] or reps)
+            target = rng.choice(others)
+        info = self._pd_call(kind, shard_id, source, target)
+        return {"action": kind, "shard": shard_id, "from": source or None, "to": target, "operator": info}
+
+    def _pd_call(self, kind: str, shard: int, source: str, target: str) -> int:
+        """AddOperator on the placement driver, following leader hints."""
+        last: Exception | None = None
+        for nid in sorted(self.cluster.nodes):
+            if not self.cluster.nodes[nid].running():
+                continue
+            try:
+                return int(self.cluster.admin(nid).add_operator(kind, shard, source, target).id)
+            except Exception as e:  # grpc.RpcError: not the PD, or refused
+                last = e
+                details = getattr(e, "details", lambda: "")() or ""
+                if "not the placement driver" not in details:
+                    raise
+        raise RuntimeError(f"no placement driver answered: {last}")
+
     # -------------------------------------------------------------- start/stop
 
     def _log(self, f: str, value: Any, error: str | None = None) -> None:
@@ -281,6 +327,8 @@ class Nemesis(threading.Thread):
                     "start-clock",
                     {"target": plan.target, "offsets_ms": {n: plan.offset_ms for n in act.nodes}},
                 )
+            elif plan.kind == "membership":
+                self._log("start-membership", self._membership(plan.target or "move-replica", rng))
             else:
                 raise RuntimeError(f"unknown fault kind {plan.kind}")
         except Exception as e:
@@ -309,6 +357,8 @@ class Nemesis(threading.Thread):
             elif kind == "clock":
                 self._reset_clocks(act.nodes)
                 self._log("stop-clock", {"nodes": act.nodes})
+            elif kind == "membership":
+                self._log("stop-membership", None)  # moves are permanent
         except Exception as e:
             self._log(f"stop-{kind}", {"nodes": act.nodes}, error=self._fail(f"stop-{kind}", e))
 

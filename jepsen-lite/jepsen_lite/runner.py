@@ -3,7 +3,7 @@
 The sequence (every step has a deadline; every resource is released on every
 exit path, including exceptions, SIGTERM and Ctrl-C):
 
-1. refuse what cannot run (``membership``; ``--net netns`` without root) -> exit 3;
+1. refuse what cannot run (``--net netns`` without root) -> exit 3;
 2. set up the network mechanism (namespaces when root and ``ip netns add`` works,
    else the node fault filter), start the nodes (``DIR/cluster``; secret in
    ``DIR/cluster/secret``), wait until every shard has a leader;
@@ -84,11 +84,6 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise HarnessError (exit 3) for a configuration that cannot run."""
-        if self.nemesis == "membership":
-            raise HarnessError(
-                "the membership nemesis needs the placement driver, which cachenode does not "
-                "have yet; run another nemesis"
-            )
         if self.workload not in WORKLOADS:
             raise HarnessError(f"unknown workload {self.workload!r}")
         if self.nemesis not in NEMESES:

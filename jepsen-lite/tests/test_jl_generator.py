@@ -123,8 +123,11 @@ def test_mixed_uses_every_kind_and_pins_apply() -> None:
     assert {p.target for p in build_schedule("kill", 1, 100.0, target="all")} == {"all"}
 
 
-def test_none_and_membership_have_no_faults() -> None:
+def test_none_has_no_faults_and_membership_draws_placement_actions() -> None:
     assert build_schedule("none", 1, 60.0) == []
-    assert build_schedule("membership", 1, 60.0) == []
+    plans = build_schedule("membership", 1, 120.0)
+    assert plans and {p.kind for p in plans} == {"membership"}
+    assert {p.target for p in plans} <= {"move-replica", "move-leader-replica", "transfer-leader"}
+    assert len({p.target for p in build_schedule("membership", 1, 600.0)}) == 3
     with pytest.raises(ValueError):
         build_schedule("bogus", 1, 60.0)

@@ -26,6 +26,10 @@ SAFE = {
         ["--workload", "register", "--nemesis", "mixed", "--time", "30", "--seed", "9"],
         "isolate a shard leader, kill a minority, pause a minority",
     ),
+    "register-membership": (
+        ["--workload", "register", "--nemesis", "membership", "--time", "40", "--seed", "2"],
+        "replica moves (also of the leader's replica) and leader transfers under load",
+    ),
     "counter-kill": (
         ["--workload", "counter", "--nemesis", "kill", "--time", "40", "--seed", "5"],
         "kill all, a minority, one (restart on the same data)",

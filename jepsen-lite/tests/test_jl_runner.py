@@ -17,18 +17,6 @@ def _main(*args: str) -> int:
     return cli.main(list(args), {"NO_COLOR": "1", "COLUMNS": "120"})
 
 
-def test_membership_nemesis_exits_3_with_a_clear_message(tmp_path: Path) -> None:
-    p = subprocess.run(
-        cli_argv("run", "--workload", "register", "--nemesis", "membership", "--out", str(tmp_path)),
-        capture_output=True, text=True, env=ENV, timeout=60,
-    )  # fmt: skip
-    assert p.returncode == 3
-    assert "placement driver" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in p.stderr
-    assert not (tmp_path / "cluster").exists()  # refused before starting anything
-
-
 def test_bad_arguments_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _main("run", "--workload", "bank", "--out", str(tmp_path)) == 3
     assert _main("run", "--workload", "register", "--unsafe", "nope", "--out", str(tmp_path)) == 3
