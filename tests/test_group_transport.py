@@ -128,3 +128,35 @@ def test_pysyncobj_internals_we_lean_on() -> None:
     for name in ("_getLeader", "raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "hasQuorum",
                  "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus"):
         assert hasattr(so.SyncObj, name), name
+
+
+def test_member_added_while_its_link_is_up_is_reported_connected() -> None:
+    """pysyncobj's leader sends nothing to a node it never heard "connected":
+    a member added at run time whose link was already up must be announced."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    connected: list[str] = []
+    t.setOnNodeConnectedCallback(lambda node: connected.append(node.id))
+    t.addNode(Node("n4"))
+    assert connected == ["n4"]
+
+
+def test_held_replica_reports_no_peer_until_a_leader_appends() -> None:
+    """A replica being added takes no part in elections (pysyncobj campaigns
+    only when connected to someone) until a leader's append reaches it."""
+    h = FakeHost()
+    released: list[bool] = []
+    t = GroupTransport(h, 5, ["n1", "n2"], hold=True, on_release=lambda: released.append(True))  # type: ignore[arg-type]
+    connected: list[str] = []
+    received: list[str] = []
+    t.setOnNodeConnectedCallback(lambda node: connected.append(node.id))
+    t.setOnMessageReceivedCallback(lambda node, m: received.append(m["type"]))
+    t.announce_connected()
+    t.peer_event("n1", True)
+    t.addNode(Node("n3"))
+    assert connected == []
+    t.deliver("n2", {"type": "request_vote", "term": 3})
+    assert connected == [] and released == []
+    t.deliver("n1", ae(0, [e(1)]))
+    assert sorted(connected) == ["n1", "n2", "n3"] and released == [True]
+    assert received == ["request_vote", "append_entries"]

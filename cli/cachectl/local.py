@@ -678,6 +678,7 @@ def _foreground(ctx: Context, doc: ClusterDoc, directory: Path) -> int:
     ctx.out.line("  cachectl incr hits && cachectl mset a 1 b 2 && cachectl mget a b")
     ctx.out.line("  cachectl status")
     ctx.out.line(f"  cachectl local stop-node --dir {directory} n2   # then keep using the cluster")
+    ctx.out.line(f"  cachectl local add-node --dir {directory} && cachectl cluster status --watch")
     ctx.out.line(f"Logs: {directory}/<node>/node.log. Press Ctrl-C to stop every node.")
     stop_evt = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_evt.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
