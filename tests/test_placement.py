@@ -181,9 +181,14 @@ def test_dead_node_replicas_recreated_and_cleaned_up_on_return(tmp_path: Path) -
         for name in ("balance-replica", "balance-leader"):
             assert cachectl("scheduler", "pause", name, "--endpoints", c.endpoints).returncode == 0
         c.start_node(victim)
-        wait_for(lambda: not c.replica_status(victim), 60, f"{victim} to delete its stale replicas")
-        st = c.pd_status()
-        assert next(x for x in st.nodes if x.id == victim).liveness == "up"
+        def back_and_clean() -> bool:
+            # up per the PD (its heartbeats arrive), and hosting nothing: the
+            # stale replicas it restarted with were deleted
+            st = c.pd_status()
+            up = next(x for x in st.nodes if x.id == victim).liveness == "up"
+            return up and not c.replica_status(victim)
+
+        wait_for(back_and_clean, 60, f"{victim} to report in and delete its stale replicas")
 
 
 def test_manual_operator_and_scheduler_pause(tmp_path: Path) -> None:
