@@ -728,6 +728,35 @@ def cmd_stop_node(ctx: Context) -> int:
     return ExitStatus.OK
 
 
+def _spawn_and_wait(ctx: Context, doc: ClusterDoc, rec: NodeRecord, wait_s: float, what: str) -> None:
+    """Start ``rec``'s process, record its pid, and wait until it answers.
+
+    Caller holds the directory lock. A node that exits at once has its pid
+    cleared and its log tail printed; one that runs but never answers keeps
+    running, and the error says how to stop it.
+    """
+    started = time.monotonic()
+    rec.pid = spawn(rec, ctx.env)
+    save(doc)
+    try:
+        wait_ready(ctx, doc, started + wait_s, only=rec)
+    except _NodeDied as died:
+        rec.pid = None
+        save(doc)
+        ctx.out.raw_err(f"--- last lines of {rec.log} ---\n{log_tail(rec)}\n---")
+        raise CliError(
+            f"{what} {rec.id} exited"
+            + (f" with code {died.code}" if died.code is not None else "")
+            + f" right after starting; its log is {rec.log} (tail above)"
+        ) from None
+    except _NotReady:
+        raise CliError(
+            f"{rec.id} (pid {rec.pid}) started but did not answer at {rec.address} within "
+            f"{wait_s:g}s; it keeps running: see {rec.log}, or `cachectl local stop-node {rec.id}`",
+            ExitStatus.TIMEOUT,
+        ) from None
+
+
 def cmd_start_node(ctx: Context) -> int:
     a = ctx.args
     directory = Path(a.dir).resolve()
@@ -737,26 +766,7 @@ def cmd_start_node(ctx: Context) -> int:
         if rec.pid is not None and runs_node(rec.pid, rec):
             message = f"{rec.id} is already running (pid {rec.pid})"
         else:
-            started = time.monotonic()
-            rec.pid = spawn(rec, ctx.env)
-            save(doc)
-            try:
-                wait_ready(ctx, doc, started + a.wait, only=rec)
-            except _NodeDied as died:
-                rec.pid = None
-                save(doc)
-                ctx.out.raw_err(f"--- last lines of {rec.log} ---\n{log_tail(rec)}\n---")
-                raise CliError(
-                    f"node {rec.id} exited"
-                    + (f" with code {died.code}" if died.code is not None else "")
-                    + f" right after starting; its log is {rec.log} (tail above)"
-                ) from None
-            except _NotReady:
-                raise CliError(
-                    f"{rec.id} (pid {rec.pid}) started but did not answer at {rec.address} within "
-                    f"{a.wait:g}s; it keeps running: see {rec.log}, or `cachectl local stop-node {rec.id}`",
-                    ExitStatus.TIMEOUT,
-                ) from None
+            _spawn_and_wait(ctx, doc, rec, a.wait, "node")
             message = f"{rec.id} started (pid {rec.pid}) at {rec.address}"
     if ctx.json:
         ctx.out.json({"node": rec.id, "pid": rec.pid, "address": rec.address, "result": message})
@@ -794,26 +804,7 @@ def cmd_add_node(ctx: Context) -> int:
         argv[i : i + 2] = ["--join", ",".join(r.address for r in running)]
         rec.argv = argv
         doc.nodes.append(rec)
-        started = time.monotonic()
-        rec.pid = spawn(rec, ctx.env)
-        save(doc)
-        try:
-            wait_ready(ctx, doc, started + a.wait, only=rec)
-        except _NodeDied as died:
-            rec.pid = None
-            save(doc)
-            ctx.out.raw_err(f"--- last lines of {rec.log} ---\n{log_tail(rec)}\n---")
-            raise CliError(
-                f"new node {rec.id} exited"
-                + (f" with code {died.code}" if died.code is not None else "")
-                + f" right after starting; its log is {rec.log} (tail above)"
-            ) from None
-        except _NotReady:
-            raise CliError(
-                f"{rec.id} (pid {rec.pid}) started but did not answer at {rec.address} within "
-                f"{a.wait:g}s; it keeps running: see {rec.log}",
-                ExitStatus.TIMEOUT,
-            ) from None
+        _spawn_and_wait(ctx, doc, rec, a.wait, "new node")
     message = f"{rec.id} started (pid {rec.pid}) at {rec.address} and joins the cluster; `cachectl cluster status` shows replicas moving to it"
     if ctx.json:
         ctx.out.json({"node": rec.id, "pid": rec.pid, "address": rec.address, "result": message})
