@@ -116,6 +116,7 @@ def test_summary_takes_medians_and_ratios_favour_cachenode_when_higher() -> None
         "mset100": None,
         "p50_write_1client": True,
         "failover": True,
+        "replica_move": None,
     }
 
 
@@ -140,8 +141,60 @@ def test_a_document_renders_as_markdown_and_rich_tables() -> None:
     assert doc["failover_s"] == 1.0
     text = markdown(json.loads(json.dumps(doc)))
     assert "| set | cachenode | 10 |" in text and "| write | 2.00x |" in text
-    assert "not measured: needs the placement driver" in text
+    assert "| replica_move |" in text and "not measured (--move-mb 0)" in text
     assert len(rich_tables(doc)) == 3
+
+
+_MOVE = {
+    "mb": 100, "bytes": 100 << 20, "keys": 1600, "value_bytes": 65536, "shard": 0,
+    "from": "n3", "to": "n4", "fill_s": 9.5, "fill_mb_per_s": 10.5, "join_s": 1.2,
+    "seconds": 12.5, "mb_per_s": 8.0, "caught_up_s": 10.0, "catch_up_mb_per_s": 10.0,
+    "replica_bytes": 105_000_000, "transfer": "log entries", "verified": True,
+    "operator": {"id": 1, "status": "success", "detail": "", "steps": [
+        {"step": "add n4 to the map", "done_s": 0.5},
+    ]},
+    "verify": {"stale_reads_on_new_node": 64, "keys_read_back": 1600},
+}  # fmt: skip
+
+
+def _move_doc(move: dict[str, Any] | None) -> dict[str, Any]:
+    return build_document(
+        kind="bench",
+        command="cachectl bench",
+        config={"seconds": 1, "rounds": 1, "clients": 2, "inflight": 32},
+        machine={"cores": 2},
+        systems={},
+        phases=[],
+        failover=None,
+        scaling=None,
+        started_at=0.0,
+        finished_at=10.0,
+        move_replica=move,
+    )
+
+
+def test_the_replica_move_is_a_figure_in_the_goals_and_its_own_table() -> None:
+    doc = json.loads(json.dumps(_move_doc(_MOVE)))
+    assert doc["move_replica"]["seconds"] == 12.5 and doc["replica_move_100mb_s"] == 12.5
+    goal = next(g for g in doc["goals"] if g["name"] == "replica_move")
+    assert goal["verdict"] == "measured" and goal["met"] is None
+    assert goal["measured"].startswith("12.50 s (8.0 MiB/s)") and "verified" in goal["measured"]
+    assert len(rich_tables(doc)) == 2  # no workload ran: goals (with the facts), replica move
+    text = markdown(doc)
+    assert "| replica_move |" in text and "| measured |" in text and "log entries" in text
+    # another size is said, and a failed move is a failed row, never a figure
+    small = json.loads(json.dumps(_move_doc({**_MOVE, "mb": 2})))
+    assert small["replica_move_100mb_s"] is None
+    assert "for 2 MiB, not 100" in next(g for g in small["goals"] if g["name"] == "replica_move")["measured"]
+    failed = _move_doc({**_MOVE, "verified": False, "failed": "3 of 1600 keys read back wrong"})
+    goal = next(g for g in failed["goals"] if g["name"] == "replica_move")
+    assert goal["verdict"] == "failed" and "3 of 1600" in goal["measured"]
+    assert failed["replica_move_100mb_s"] is None
+    # a document written before the phase existed still renders its row
+    old = json.loads(json.dumps(_move_doc(None)))
+    old["goals"] = [g for g in old["goals"] if g["name"] != "replica_move"]
+    old["replica_move"] = "not measured: needs the placement driver"
+    assert "not measured: needs the placement driver" in markdown(old)
 
 
 # ---- against real processes ------------------------------------------------------
@@ -202,7 +255,7 @@ def test_cachectl_bench_writes_the_result_document(tmp_path: Path) -> None:
     argv = [
         "bench", "--seconds", "1", "--rounds", "1", "--workloads", "set,mget100",
         "--clients", "1", "--inflight", "4", "--shards", "4", "--failover-trials", "1",
-        "--out", str(out), "--data-dir", str(tmp_path), "--markdown", str(tmp_path / "t.md"),
+        "--move-mb", "0", "--out", str(out), "--data-dir", str(tmp_path), "--markdown", str(tmp_path / "t.md"),
     ]  # fmt: skip
     code = main(argv, dict(os.environ), stdout=stdout, stderr=stderr)
     assert code == 0, stderr.getvalue()
@@ -220,7 +273,7 @@ def test_cachectl_bench_writes_the_result_document(tmp_path: Path) -> None:
     assert len(doc["phases"]) == 2
     assert isinstance(doc["failover_s"], float)
     assert doc["failover"]["trials"][0]["killed"] in ("n1", "n2", "n3")
-    assert doc["replica_move"].startswith("not measured")
+    assert doc["move_replica"] == {"skipped": "--move-mb 0"}
     assert {g["name"] for g in doc["goals"]} >= {"write", "failover"}
     assert "| workload |" in (tmp_path / "t.md").read_text()
     assert "cachenode bench" in stdout.getvalue()
@@ -229,10 +282,83 @@ def test_cachectl_bench_writes_the_result_document(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("cachenode-bench-*"))
 
 
+@pytest.mark.cluster
+def test_cachectl_bench_times_a_replica_move(tmp_path: Path) -> None:
+    """Only the replica-move phase (no workload, no failover), 2 MiB, for real."""
+    out = tmp_path / "results"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = [
+        "bench", "--workloads", "none", "--failover-trials", "0", "--rounds", "1",
+        "--move-mb", "2", "--out", str(out), "--data-dir", str(tmp_path),
+    ]  # fmt: skip
+    code = main(argv, dict(os.environ), stdout=stdout, stderr=stderr)
+    assert code == 0, stderr.getvalue()
+    doc = json.loads((out / "latest.json").read_text())
+    mv = doc["move_replica"]
+    assert "failed" not in mv, mv
+    assert mv["mb"] == 2 and mv["keys"] == 32 and mv["bytes"] == 2 << 20
+    assert mv["verified"] is True
+    assert mv["seconds"] > 0 and mv["mb_per_s"] > 0
+    assert mv["fill_s"] > 0 and mv["join_s"] > 0
+    assert mv["caught_up_s"] is not None and 0 < mv["caught_up_s"] <= mv["seconds"]
+    assert mv["to"] == "n4" and mv["from"] in ("n1", "n2", "n3") and mv["from"] != mv["leader"]
+    assert mv["operator"]["status"] == "success"
+    assert all(s["done_s"] is not None for s in mv["operator"]["steps"])
+    assert mv["replica_keys"] == 32 and mv["replica_bytes"] >= 2 << 20
+    assert mv["verify"]["keys_wrong"] == 0 and mv["verify"]["stale_reads_wrong"] == 0
+    assert mv["transfer"] in ("log entries", "snapshot")
+    goal = next(g for g in doc["goals"] if g["name"] == "replica_move")
+    assert goal["verdict"] == "measured"
+    assert doc["results"] == {} and doc["phases"] == [] and doc["config"]["move_mb"] == 2
+    assert "replica move" in stdout.getvalue()
+    # everything it started is gone, and its data directory too
+    assert not _processes_mentioning(str(tmp_path / "cachenode-bench-"))
+    assert not list(tmp_path.glob("cachenode-bench-*"))
+    # a saved result renders the figure again
+    rendered = io.StringIO()
+    code = main(["bench", "--render", str(out / "latest.json")], {}, stdout=rendered, stderr=stderr)
+    assert code == 0 and "replica move" in rendered.getvalue()
+    assert "measured" in rendered.getvalue()
+
+
+@pytest.mark.cluster
+def test_a_wrong_value_after_the_move_fails_the_phase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One key overwritten before the checks: the phase fails, exit 1, logs kept, nothing runs."""
+    from cachenode.bench import move as move_module
+
+    real_verify = move_module.ReplicaMove._verify
+
+    def corrupting_verify(self: Any, client: Any, *args: Any) -> None:
+        keys = args[-2]
+        client.set(keys[len(keys) // 2], b"not what was written")
+        real_verify(self, client, *args)
+
+    monkeypatch.setattr(move_module.ReplicaMove, "_verify", corrupting_verify)
+    out = tmp_path / "results"
+    stderr = io.StringIO()
+    argv = [
+        "bench", "--workloads", "none", "--failover-trials", "0", "--move-mb", "1",
+        "--out", str(out), "--data-dir", str(tmp_path),
+    ]  # fmt: skip
+    code = main(argv, dict(os.environ), stdout=io.StringIO(), stderr=stderr)
+    assert code == 1, stderr.getvalue()
+    mv = json.loads((out / "latest.json").read_text())["move_replica"]
+    assert mv["verified"] is False and "verification failed" in mv["failed"]
+    assert mv["verify"]["keys_wrong"] == 1 and mv["seconds"] > 0
+    goal = next(g for g in json.loads((out / "latest.json").read_text())["goals"] if g["name"] == "replica_move")
+    assert goal["verdict"] == "failed"
+    assert not _processes_mentioning(str(tmp_path / "cachenode-bench-"))
+    (kept,) = tmp_path.glob("cachenode-bench-*")
+    assert list(kept.glob("move/n*/node.log")) and not list(kept.rglob("data.mdb"))
+
+
 def test_bench_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
     for argv, env in (
         (["bench", "--workloads", "nope"], {}),
         (["bench", "--vs", "mysql"], {}),
+        (["bench", "--move-mb", "-1"], {}),
         (["bench", "--render", str(tmp_path / "missing.json")], {}),
         (["bench", "--out", str(tmp_path)], {"BENCH_SECONDS": "soon"}),
     ):

@@ -4,9 +4,10 @@
 * :mod:`cachenode.bench.targets` -- one driver protocol, one driver per system;
 * :mod:`cachenode.bench.systems` -- etcd and Redis as local processes, /proc readings;
 * :mod:`cachenode.bench.runner` -- one measured phase: generators, CPU, peak RSS;
+* :mod:`cachenode.bench.move` -- the replica-move phase (fill a shard, move it to a new node);
 * :mod:`cachenode.bench.report` -- medians, ratios, goals, JSON, rich and Markdown tables.
 
-The command itself (cluster lifecycle, rounds, failover, scaling) is
+The command itself (cluster lifecycle, rounds, failover, replica move, scaling) is
 ``cli/cachectl/bench.py``.  See docs/benchmarks.md for what every number means.
 """
 

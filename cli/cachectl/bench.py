@@ -3,7 +3,7 @@
     cachectl bench [--out bench/results] [--seconds N] [--inflight 32] [--clients 2]
                    [--workloads set,get_linearizable,...] [--vs etcd,redis] [--rounds 3]
                    [--nodes 3] [--shards 16] [--node-arg=ARG ...] [--failover-trials 3]
-                   [--scaling] [--data-dir DIR] [--keep-data] [--markdown FILE]
+                   [--move-mb 100] [--scaling] [--data-dir DIR] [--keep-data] [--markdown FILE]
     cachectl bench --render bench/results/latest.json [--markdown FILE]
 
 What a run does, in order:
@@ -21,14 +21,19 @@ What a run does, in order:
 4. kills a shard leader with SIGKILL ``--failover-trials`` times and measures
    the time to the first acknowledged write on its shard (the node is
    restarted after each trial);
-5. with ``--scaling``: ops/s of ``set`` and linearizable ``get`` on fresh
+5. on a fresh 3-node cluster: fills one shard with ``--move-mb`` MiB, starts
+   a 4th node that joins and times a ``move-replica`` operator of that shard
+   from a follower to it (:mod:`cachenode.bench.move`); 0 skips it;
+6. with ``--scaling``: ops/s of ``set`` and linearizable ``get`` on fresh
    clusters of 1, 4, 16 and 64 shards (3 nodes) and of 5 nodes (16 shards);
-6. prints the tables and writes ``OUT/latest.json`` (``latest-vs.json``
+7. prints the tables and writes ``OUT/latest.json`` (``latest-vs.json``
    with ``--vs``) and a timestamped copy.
 
 Every process the run starts is stopped by pid when it ends, also on an
 error, Ctrl-C or SIGTERM (exit status 130).  The data directory is removed
-unless ``--keep-data``.
+unless ``--keep-data``.  With ``--workloads none --failover-trials 0`` no
+system is started for the workloads: only the replica move (and
+``--scaling``) run.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ SCALING_SHARDS = (1, 4, 16, 64)
 SCALING_NODES = (3, 5)
 SCALING_WORKLOADS = ("set", "get_linearizable")
 FAILOVER_PROBE_TIMEOUT_S = 30.0
+DEFAULT_MOVE_MB = 100
+MOVE_NODES = 3
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -104,7 +111,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         type=_names(WORKLOADS),
         default=list(WORKLOADS),
         metavar="W,...",
-        help="comma-separated subset of: " + ", ".join(WORKLOADS),
+        help="comma-separated subset of: " + ", ".join(WORKLOADS) + " (or none)",
     )
     p.add_argument(
         "--vs",
@@ -136,6 +143,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="leader kills to time (default 3; 0 skips)",
     )
     p.add_argument(
+        "--move-mb",
+        type=_mebibytes,
+        default=DEFAULT_MOVE_MB,
+        metavar="N",
+        help=f"time moving a shard replica of N MiB to a new node (default {DEFAULT_MOVE_MB}; 0 skips)",
+    )
+    p.add_argument(
         "--scaling",
         action="store_true",
         help="also measure ops/s vs shards (1, 4, 16, 64) and nodes (3, 5)",
@@ -159,10 +173,23 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 
+def _mebibytes(text: str) -> int:
+    """A whole number of MiB >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _names(allowed: Sequence[str] | Mapping[str, Any]) -> Callable[[str], list[str]]:
     known = list(allowed)
 
     def parse(text: str) -> list[str]:
+        if text.strip().lower() == "none":
+            return []
         names = [n.strip() for n in text.split(",") if n.strip()]
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -201,9 +228,12 @@ def cmd_bench(ctx: Context) -> int:
     if a.markdown:
         _write_markdown(doc, Path(a.markdown))
         ctx.out.note(f"wrote {a.markdown}")
-    failed = [p for p in doc["phases"] if "failed" in p]
+    failed = [p["failed"] for p in doc["phases"] if "failed" in p]
+    move_failed = doc.get("move_replica", {}).get("failed")
+    if move_failed:
+        failed.append(move_failed)
     if failed:
-        ctx.out.note(f"{len(failed)} phases failed; the first: {failed[0]['failed']}")
+        ctx.out.note(f"{len(failed)} phases failed; the first: {failed[0]}")
         return ExitStatus.FAILED
     return ExitStatus.OK
 
@@ -338,6 +368,28 @@ class _CachenodeCluster:
     def pids(self) -> dict[str, int]:
         return {r.id: r.pid for r in self.doc().nodes if r.pid}
 
+    def add_node(self) -> tuple[str, str]:
+        """``local add-node``: a new node that joins; returns its id and address once it answers."""
+        code, out = self._local("add-node", "--wait", "120", "--json")
+        if code != 0:
+            raise CliError(
+                f"could not add a node (cachectl local add-node exited {code}, error above); "
+                f"see {self.directory}/<id>/node.log"
+            )
+        doc = json.loads(out)
+        return str(doc["node"]), str(doc["address"])
+
+    def node_log(self, node_id: str) -> Path | None:
+        from cachectl import local
+
+        doc = local.load(self.directory)
+        if doc is None:
+            return None
+        try:
+            return Path(doc.node(node_id).log)
+        except CliError:
+            return None
+
     def restart_node(self, node_id: str) -> None:
         code, _ = self._local("start-node", node_id, "--wait", "120", "--json")
         if code != 0:
@@ -426,11 +478,16 @@ class _Run:
         self.targets: list[_Target] = []
         self.phases: list[dict[str, Any]] = []
         self.down: dict[str, str] = {}  # system label -> why its phases are skipped
+        self.extra: list[_CachenodeCluster] = []  # clusters of single phases (replica move)
+        self.keep_logs = False  # a phase failed: keep the logs even without --keep-data
 
     # -- lifecycle --
 
     def cleanup(self) -> None:
         """Stop every system started, newest first; remove the data unless kept or needed."""
+        for cluster in reversed(self.extra):
+            with contextlib.suppress(Exception):
+                cluster.stop()
         for target in reversed(self.targets):
             with contextlib.suppress(Exception):
                 target.stop()
@@ -439,6 +496,9 @@ class _Run:
         elif any(t.crashes for t in self.targets):
             _remove_all_but_logs(self.data)
             self.ctx.out.note(f"a system crashed: its logs are kept in {self.data}")
+        elif self.keep_logs:
+            _remove_all_but_logs(self.data)
+            self.ctx.out.note(f"the replica move failed: the node logs are kept in {self.data}")
         else:
             shutil.rmtree(self.data, ignore_errors=True)
 
@@ -449,14 +509,17 @@ class _Run:
         machine = machine_facts(self.data)
         machine["load_before"] = list(os.getloadavg())
         code = code_facts()
-        self._start_systems()
-        self._measure_idle()
-        for target in self.targets:
-            self._prefill(target)
-        self._rounds()
+        # Nothing to run on the systems (only the replica move, or scaling): start none.
+        if self.a.workloads or self.a.failover_trials > 0:
+            self._start_systems()
+            self._measure_idle()
+            for target in self.targets:
+                self._prefill(target)
+            self._rounds()
         failover = self._failover() if self.a.failover_trials > 0 else None
         for target in reversed(self.targets):
             target.stop()
+        move = self._replica_move() if self.a.move_mb > 0 else None
         scaling = self._scaling() if self.a.scaling else None
         machine["load_after"] = list(os.getloadavg())
         for target in self.targets:
@@ -475,6 +538,7 @@ class _Run:
                 "shards": self.a.shards,
                 "node_args": self.a.node_arg,
                 "warmup_s": self._warmup(),
+                "move_mb": self.a.move_mb,
                 "read_keys": 10_000,
                 # Nodes load the code when they start, load generators at every phase:
                 # compare with code_after to know whether the code changed during the run.
@@ -488,6 +552,7 @@ class _Run:
             scaling=scaling,
             started_at=self.started_at,
             finished_at=time.time(),
+            move_replica=move,
         )
 
     def _command(self) -> str:
@@ -720,6 +785,40 @@ class _Run:
             "every surviving node (0.5 s deadline per try) until one is acknowledged; no other load",
             "trials": trials,
         }
+
+    # -- replica move --
+
+    def _replica_move(self) -> dict[str, Any]:
+        """Time moving one shard replica of ``--move-mb`` MiB to a new node, on a fresh cluster."""
+        from cachenode.bench.move import ReplicaMove
+        from cachenode.bench.systems import BenchError
+
+        a = self.a
+        self.ctx.out.note(
+            f"replica move: starting a fresh cluster ({MOVE_NODES} nodes, {a.shards} shards)"
+        )
+        cluster = _CachenodeCluster(self.ctx, self.data / "move", MOVE_NODES, a.shards, a.node_arg)
+        self.extra.append(cluster)
+        note = self.ctx.out.note if not self.ctx.out.interactive else (lambda _text: None)
+        move: ReplicaMove | None = None
+        try:
+            cluster.start()
+            with self._progress() as progress:
+                move = ReplicaMove(cluster, a.move_mb, progress=progress, note=note)
+                doc = move.run()
+        except (BenchError, CliError) as err:
+            why = str(err) if isinstance(err, BenchError) else err.message
+            doc = dict(move.doc) if move is not None else {"mb": a.move_mb, "verified": False}
+            doc["failed"] = why
+            self.ctx.out.note(f"replica move failed: {why}")
+            self.keep_logs = True
+        finally:
+            cluster.stop()
+        if "failed" not in doc:
+            from cachenode.bench.report import move_summary
+
+            self.ctx.out.note(f"replica move: {move_summary(doc)}")
+        return doc
 
     # -- scaling --
 
