@@ -4,7 +4,7 @@
 pysyncobj (types, FAIL_REASON codes) leaks above this package.
 
 Threads:
-* ``propose``, ``read_barrier``, ``status`` and the properties: any thread.
+* ``propose``, ``read_barrier``, ``read_index``, ``status`` and the properties: any thread.
 * everything else (``tick``, ``deliver``, ``flush_reads``, the pysyncobj
   callbacks, the snapshot hooks): the driver thread of :class:`GroupHost`.
 """
@@ -17,6 +17,7 @@ import os
 import pickle
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -96,8 +97,10 @@ class GroupTransport(Transport):  # type: ignore[misc]
     def __init__(
         self, host: GroupHost, group: int, members: list[NodeId],
         hold: bool = False, on_release: Callable[[], None] | None = None,
+        quiet_s: float = 0.0,
     ) -> None:
-        """``hold``: a replica just added to an existing group.  It reports no
+        """``quiet_s``: see :meth:`send` (0 sends every commit-only append).
+        ``hold``: a replica just added to an existing group.  It reports no
         peer as connected (so pysyncobj never starts an election) until a
         leader's append reaches it: an empty replica cannot win, and its
         growing term would only depose the leader that is adding it."""
@@ -109,7 +112,19 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self._nodes: dict[NodeId, Node] = {}
         self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
         self._queue: dict[NodeId, list[dict[str, Any]]] = {}
+        self._last_out: dict[NodeId, float] = {}
+        # ReadIndex rounds (see RaftGroup.read_index): every append leaving
+        # in a flush carries that flush's sequence number; a follower echoes
+        # the number of the append it is answering; ``acked`` holds the
+        # highest number each follower echoed (leader side).
+        self._seq = 0
+        self._round_wanted = False
+        self._echo: int | None = None
+        self.acked: dict[NodeId, int] = {}
+        self._quiet_s = quiet_s
         self.trimmed = 0
+        self.quieted = 0
+        self.sync_ref: Any = None  # the group's SyncObj, set once it exists
         for m in members:
             self.addNode(Node(m))
 
@@ -134,16 +149,35 @@ class GroupTransport(Transport):  # type: ignore[misc]
         Messages wait in the transport until the end of the driver iteration
         anyway (they may leave only after the storage commit), so consecutive
         appends to one follower are merged into one message there: the
-        batching of pysyncobj's batch mode without its up-to-one-period delay."""
+        batching of pysyncobj's batch mode without its up-to-one-period delay.
+
+        An append that carries no entries (pysyncobj sends one to every
+        follower after each commit, only to announce the new commit index)
+        is dropped when this follower was sent anything in the last
+        ``quiet_s`` (half a heartbeat, from RaftGroup): the next append carries the commit index anyway, and
+        pysyncobj's own heartbeat comes at most ``heartbeat_s`` after the
+        dropped one, so a follower still hears from its leader at least
+        every 1.5 heartbeats (far inside the election timeout).  That halves
+        the Raft frames per write: no empty append, and no ack for it.
+        Followers learn a commit up to 1.5 heartbeats later when the group
+        goes idle, which only stale reads can observe."""
         nid = node.id
         if not self._host.mux.is_up(nid):
             self._sent.pop(nid, None)
             return False
+        if self._echo is not None and message.get("type") == "next_node_idx":
+            message["cn_seq"] = self._echo
         if message.get("type") == "append_entries":
             message = self._trim_resend(nid, message)
             q = self._queue.get(nid)
             if q and self._merge(q[-1], message):
                 return True
+            if not message.get("entries") and "prevLogIdx" in message:
+                now = time.monotonic()
+                if now - self._last_out.get(nid, 0.0) < self._quiet_s:
+                    self.quieted += 1
+                    return True
+        self._last_out[nid] = time.monotonic()
         self._queue.setdefault(nid, []).append(message)
         self._host.mark_unflushed(self)
         return True
@@ -171,10 +205,14 @@ class GroupTransport(Transport):  # type: ignore[misc]
         ``appends_only``: send only the leading append_entries of each
         peer's queue (what may leave before the storage commit)."""
         mux = self._host.mux
+        self._seq += 1
+        if self._round_wanted:
+            self._queue_round()
         if appends_only:
             for nid, msgs in self._queue.items():
                 n = 0
                 while n < len(msgs) and msgs[n].get("type") == "append_entries":
+                    msgs[n]["cn_seq"] = self._seq
                     if not mux.send(nid, self._group, msgs[n]):
                         self._sent.pop(nid, None)
                     n += 1
@@ -183,9 +221,41 @@ class GroupTransport(Transport):  # type: ignore[misc]
         queue, self._queue = self._queue, {}
         for nid, msgs in queue.items():
             for m in msgs:
+                if m.get("type") == "append_entries":
+                    m["cn_seq"] = self._seq
                 if not mux.send(nid, self._group, m):
                     self._sent.pop(nid, None)
                     break
+
+    def want_round(self) -> int:
+        """Ask for an append to every follower in the next flush (driver
+        thread); returns the sequence number an echo must reach to prove the
+        follower accepted this leader's term after this call."""
+        self._round_wanted = True
+        return self._seq + 1
+
+    def _queue_round(self) -> None:
+        """Give every follower with nothing queued an empty append: a
+        heartbeat that continues exactly what this link last carried
+        (``_sent``), so the follower acks it without any resend.  A follower
+        without such a record this term gets none; pysyncobj's own next
+        append (at most one heartbeat away) carries the round instead."""
+        self._round_wanted = False
+        sync = self.sync_ref
+        if sync is None:
+            return
+        term, commit = sync.raftCurrentTerm, sync.raftCommitIndex
+        for nid in self._nodes:
+            if self._queue.get(nid):
+                continue
+            sent = self._sent.get(nid)
+            if sent is None or sent[0] != term or not self._host.mux.is_up(nid):
+                continue
+            self._queue[nid] = [{
+                "type": "append_entries", "term": term, "commit_index": commit,
+                "entries": [], "prevLogIdx": sent[1], "prevLogTerm": sent[2],
+            }]
+            self._last_out[nid] = time.monotonic()
 
     def _trim_resend(self, nid: NodeId, m: dict[str, Any]) -> dict[str, Any]:
         """Drop entries this connection already carried to ``nid``.
@@ -242,9 +312,21 @@ class GroupTransport(Transport):  # type: ignore[misc]
         node = self._nodes.get(node_id)
         if node is None:
             return  # not a member (removed, or not yet added): ignore, as Raft must
-        if message.get("type") == "next_node_idx" and message.get("reset"):
-            self._sent.pop(node_id, None)  # the follower wants a resend from an earlier point
-        self._onMessageReceived(node, message)
+        kind = message.get("type")
+        if kind == "next_node_idx":
+            if message.get("reset"):
+                self._sent.pop(node_id, None)  # the follower wants a resend from an earlier point
+            seq = message.get("cn_seq")
+            if seq is not None and seq > self.acked.get(node_id, 0):
+                self.acked[node_id] = seq
+        elif kind == "append_entries":
+            # pysyncobj answers an append it accepts (term >= its own) from
+            # inside this call: the answer echoes the append's number.
+            self._echo = message.get("cn_seq")
+        try:
+            self._onMessageReceived(node, message)
+        finally:
+            self._echo = None
         if self.hold and message.get("type") == "append_entries":
             self.hold = False
             self.announce_connected()
@@ -289,13 +371,16 @@ class RaftGroup:
         self.self_id = self_id
         self._barrier_payload = barrier_payload
         self._reads: list[Future[bytes]] = []
+        self._ri_new: list[Future[None]] = []
+        # Rounds waiting: (term, echo needed, read index or -1, when asked, futures).
+        self._ri_wait: list[tuple[int, int, int, float, list[Future[None]]]] = []
         self._reads_lock = threading.Lock()
         self._role = 0
         self.destroyed = False
         os.makedirs(snapshot_dir, exist_ok=True)
         self.journal = StorageJournal(group_id, host.storage, host.batch)
         others = [m for m in members if m != self_id]
-        self.transport = GroupTransport(host, group_id, others, hold, on_release)
+        self.transport = GroupTransport(host, group_id, others, hold, on_release, quiet_s=timing.heartbeat_s / 2)
         conf = SyncObjConf(
             autoTick=False,
             journalFile=self.journal,
@@ -326,6 +411,7 @@ class RaftGroup:
             apply_fn, Node(self_id), [Node(m) for m in others], conf,
             transport=self.transport, nodeClass=Node,
         )
+        self.transport.sync_ref = self.sync
         self.transport.announce_connected()
         self.snapshots_written = 0
         self.snapshots_installed = 0
@@ -353,6 +439,23 @@ class RaftGroup:
         self.host.wake(self)
         return fut
 
+    def read_index(self) -> Future[None]:
+        """Join the next ReadIndex round (Raft thesis 6.4, no log entry).
+
+        Resolves, after the host's storage commit, once this replica (the
+        leader) has (1) an entry of its current term committed, (2) heard a
+        majority accept its term in answer to appends sent after this call,
+        and (3) applied everything that was committed when the round began:
+        the committed local state then holds every write acknowledged
+        before this call.  Fails with NotLeader when leadership moves first.
+        No clock is involved, so a paused or skewed leader cannot serve a
+        stale read."""
+        fut: Future[None] = Future()
+        with self._reads_lock:
+            self._ri_new.append(fut)
+        self.host.wake(self)
+        return fut
+
     @property
     def is_leader(self) -> bool:
         return self.status.role == "leader"
@@ -360,6 +463,8 @@ class RaftGroup:
     # ---- driver thread ----------------------------------------------------
 
     def flush_reads(self) -> None:
+        if self._ri_new:
+            self._start_round()
         if not self._reads:
             return
         with self._reads_lock:
@@ -376,9 +481,78 @@ class RaftGroup:
 
         self.sync.apply_entry(self._barrier_payload(), callback=done)
 
+    def _start_round(self) -> None:
+        with self._reads_lock:
+            reads, self._ri_new = self._ri_new, []
+        sync = self.sync
+        if self._role != 2 or self.destroyed:
+            err = NotLeader("not the leader of this shard", self.status.leader)
+            for f in reads:
+                f.set_exception(err)
+            return
+        need = self.transport.want_round()
+        self.host.mark_unflushed(self.transport)
+        # The read index: the commit index now, once it covers this term's
+        # first entry (before that, -1: fixed when the term commits).
+        index = sync.raftCommitIndex if self._term_committed() else -1
+        self._ri_wait.append((sync.raftCurrentTerm, need, index, time.monotonic(), reads))
+
+    def _finish_rounds(self) -> None:
+        """After a tick: resolve the rounds that are proven (driver thread)."""
+        sync = self.sync
+        term = sync.raftCurrentTerm
+        if self._role != 2 or self.destroyed:
+            err = NotLeader("leadership moved during the read; retry", self.status.leader)
+            for *_, futs in self._ri_wait:
+                for f in futs:
+                    f.set_exception(err)
+            self._ri_wait = []
+            return
+        others = [n.id for n in sync.otherNodes]
+        majority = (len(others) + 1) // 2 + 1
+        acked = self.transport.acked
+        applied = sync.raftLastApplied
+        term_committed = self._term_committed()
+        keep = []
+        now = time.monotonic()
+        for item in self._ri_wait:
+            t, need, index, asked, futs = item
+            if t != term:
+                err = NotLeader("leadership moved during the read; retry", self.status.leader)
+                for f in futs:
+                    f.set_exception(err)
+                continue
+            if index < 0 and term_committed:
+                index = sync.raftCommitIndex
+                item = (t, need, index, asked, futs)
+            votes = 1 + sum(1 for nid in others if acked.get(nid, 0) >= need)
+            if votes >= majority and index >= 0 and applied >= index:
+                for f in futs:
+                    self.host.complete(f, None, FAIL_REASON.SUCCESS, read=True)
+                continue
+            if votes < majority and now - asked > self.host.timing.heartbeat_s:
+                # Lost or not yet sent (no link record): ask again.
+                self.transport.want_round()
+                self.host.mark_unflushed(self.transport)
+                item = (t, need, index, now, futs)
+            keep.append(item)
+        self._ri_wait = keep
+
+    def _term_committed(self) -> bool:
+        """True once an entry of the current term is committed (the no-op a
+        new pysyncobj leader appends): only then does the commit index cover
+        every entry earlier leaders committed."""
+        j = self.journal
+        if not len(j):
+            return False
+        pos = self.sync.raftCommitIndex - j[0][1]
+        return 0 <= pos < len(j) and bool(j[pos][2] == self.sync.raftCurrentTerm)
+
     def tick(self) -> None:
         self.sync.doTick(0.0)
         self.status = self._read_status()
+        if self._ri_wait:
+            self._finish_rounds()
 
     def match_index(self) -> dict[NodeId, int]:
         """Followers' match indexes as the leader sees them (driver thread)."""

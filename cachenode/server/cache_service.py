@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -30,6 +30,7 @@ from ..fsm import commands as C
 from ..fsm.codec import decode_result, encode_command, encode_multi, split_multi_result
 from ..fsm.machine import read_get, ttl_remaining_ms
 from ..raft.group import RaftGroup
+from ..storage.base import Record, StateReader
 from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
 from . import validation as V
@@ -95,6 +96,28 @@ class _GroupEntry:
         return self._split[pos]
 
 
+class _ClockProbe:
+    """A StateReader view for one ReadIndex read: ``clock`` is the applied
+    state's replicated clock; ``ambiguous`` turns true when a record read
+    has a TTL that clock has not passed (gRPC thread, one read)."""
+
+    __slots__ = ("_reader", "clock", "ambiguous")
+
+    def __init__(self, reader: StateReader) -> None:
+        self._reader = reader
+        self.clock = reader.clock_ms()
+        self.ambiguous = False
+
+    def get(self, key: bytes) -> Record | None:
+        rec = self._reader.get(key)
+        if rec is not None and rec.expires_at_ms > self.clock:
+            self.ambiguous = True
+        return rec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
 class CacheService(cache_pb2_grpc.CacheServicer):
     def __init__(self, cfg: NodeConfig, replicas: ReplicaManager, forwarder: Forwarder, clock: Clock) -> None:
         self.cfg = cfg
@@ -155,8 +178,14 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     # ---- phase 1 of reads -----------------------------------------------------------
 
     def _start_read(self, method: str, req: Any, key: bytes, deadline: float,
-                    build: Callable[[ShardDescriptor, int], Any]) -> Finish:
-        """Begin a read of ``key``; ``build(shard, clock)`` makes the reply."""
+                    build: Callable[[ShardDescriptor, int, StateReader], Any]) -> Finish:
+        """Begin a read of ``key``; ``build(shard, clock, reader)`` makes the reply.
+
+        A linearizable read on the leader joins a ReadIndex round (no log
+        entry) and is judged at the replicated clock of the applied state.
+        If it meets a record whose TTL that clock has not yet passed, it is
+        redone after a barrier entry, whose stamped time every later leader
+        keeps: a key seen expired never comes back."""
         key = V.check_key(key, self.cfg.max_key_bytes)
         shard = self._shard(key, req.header)
         consistency = V.consistency(req.header)
@@ -164,19 +193,29 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local is not None:
             consistency = V.STALE  # UNSAFE: no barrier, no forwarding
         if consistency == V.STALE and local is not None:
-            clock = self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.reader(shard.id).clock_ms()
-            return lambda: build(shard, clock)
+            reader = self.r.reader(shard.id)
+            clock = self.clock.wall_ms() if self.cfg.unsafe.local_ttl else reader.clock_ms()
+            return lambda: build(shard, clock, reader)
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
             return self._forward(method, req, shard, e, deadline, write=False)
-        fut = g.read_barrier()
+        fut = g.read_index()
 
         def finish() -> Any:
-            clock = self.r.barrier_clock(g, fut, deadline)
+            self.r.await_read_index(fut, deadline)
+            reader = self.r.reader(shard.id)
             if self.cfg.unsafe.local_ttl:
-                clock = self.clock.wall_ms()
-            return build(shard, clock)
+                return build(shard, self.clock.wall_ms(), reader)
+            probe = _ClockProbe(reader)
+            reply = build(shard, probe.clock, cast(StateReader, probe))
+            if not probe.ambiguous:
+                return reply
+            # A record with a TTL not yet past at the replicated clock: its
+            # liveness and remaining TTL depend on the cluster time, which
+            # only a barrier entry fixes for every later leader too.
+            clock = self.r.barrier_clock(g, g.read_barrier(), deadline)
+            return build(shard, clock, reader)
 
         return finish
 
@@ -188,9 +227,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         )
 
     def _start_get(self, req: pb.GetRequest, deadline: float) -> Finish:
-        def build(shard: ShardDescriptor, clock: int) -> pb.GetResponse:
+        def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.GetResponse:
             meta = self._meta(shard)
-            rec = read_get(self.r.reader(shard.id), req.key, clock)
+            rec = read_get(reader, req.key, clock)
             if rec is None:
                 return pb.GetResponse(found=False, ttl_ms=-1, meta=meta)
             return pb.GetResponse(found=True, value=rec.value, version=rec.version,
@@ -199,9 +238,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return self._start_read("Get", req, req.key, deadline, build)
 
     def _start_ttl(self, req: pb.TtlRequest, deadline: float) -> Finish:
-        def build(shard: ShardDescriptor, clock: int) -> pb.TtlResponse:
+        def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.TtlResponse:
             meta = self._meta(shard)
-            rec = read_get(self.r.reader(shard.id), req.key, clock)
+            rec = read_get(reader, req.key, clock)
             if rec is None:
                 return pb.TtlResponse(found=False, ttl_ms=-1, meta=meta)
             return pb.TtlResponse(found=True, ttl_ms=ttl_remaining_ms(rec, clock), meta=meta)
@@ -384,8 +423,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             def one(shard: ShardDescriptor, ks: list[bytes]) -> dict[bytes, pb.MGetItem]:
                 sub = pb.MGetRequest(header=req.header, keys=ks)
 
-                def build(shard: ShardDescriptor, clock: int) -> pb.MGetResponse:
-                    reader = self.r.reader(shard.id)
+                def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.MGetResponse:
                     items = []
                     for k in ks:
                         rec = read_get(reader, k, clock)

@@ -238,6 +238,14 @@ class ReplicaManager:
             return res.clock_ms
         raise Unavailable(f"read barrier failed on shard {group.group_id}: {res}")
 
+    def await_read_index(self, fut: Future[None], deadline: float) -> None:
+        """Wait for a ReadIndex round joined with ``group.read_index()``.
+
+        After this returns, the local committed state holds every write
+        acknowledged before the round was joined (gRPC thread)."""
+        wait_future(fut, deadline, writes=False)  # type: ignore[arg-type]
+        self.reads_served += 1
+
     def reader(self, gid: int) -> StateReader:
         return self.storage.reader(gid)
 
