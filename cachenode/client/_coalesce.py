@@ -5,9 +5,12 @@ costs about that once for all its ops, and the node starts every op of a
 batch before waiting on any, so one Raft round trip serves them all.  The
 user's API does not change: each call still gets its own result or error.
 
-Policy: at most ``max_inflight`` Batch RPCs per node at a time; calls that
-arrive meanwhile wait and leave together in the next one (no timer, so an
-idle client pays no extra latency).
+Policy: at most ``max_inflight`` Batch RPCs per node at a time (default 1);
+calls that arrive meanwhile wait and leave together in the next one (no
+timer, so an idle client pays no extra latency).  One in flight makes the
+batches, and so the node's Raft entries, larger: at 32 requests in flight it
+served 20 % more linearizable reads and 8 % more writes than two, with a
+lower p99 (`make bench`, 3 nodes, 16 shards).
 
 Contract: one :class:`Coalescer` per node address, used from one event loop.
 A failed op is reported as an ``OpRpcError`` that looks like the failed unary
@@ -69,7 +72,7 @@ class _DeadlineError(grpc.RpcError):
 
 
 class Coalescer:
-    def __init__(self, batch_call: Callable[..., Any], max_batch: int = 256, max_inflight: int = 2) -> None:
+    def __init__(self, batch_call: Callable[..., Any], max_batch: int = 256, max_inflight: int = 1) -> None:
         self._batch_call = batch_call  # the stub's Batch method
         self._max_batch = max_batch
         self._max_inflight = max_inflight

@@ -113,18 +113,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
         self._queue: dict[NodeId, list[dict[str, Any]]] = {}
         self._last_out: dict[NodeId, float] = {}
-        # ReadIndex rounds (see RaftGroup.read_index): every append leaving
-        # in a flush carries that flush's sequence number; a follower echoes
-        # the number of the append it is answering; ``acked`` holds the
-        # highest number each follower echoed (leader side).
-        self._seq = 0
-        self._round_wanted = False
-        self._echo: int | None = None
-        self.acked: dict[NodeId, int] = {}
         self._quiet_s = quiet_s
         self.trimmed = 0
         self.quieted = 0
-        self.sync_ref: Any = None  # the group's SyncObj, set once it exists
         for m in members:
             self.addNode(Node(m))
 
@@ -165,8 +156,6 @@ class GroupTransport(Transport):  # type: ignore[misc]
         if not self._host.mux.is_up(nid):
             self._sent.pop(nid, None)
             return False
-        if self._echo is not None and message.get("type") == "next_node_idx":
-            message["cn_seq"] = self._echo
         if message.get("type") == "append_entries":
             message = self._trim_resend(nid, message)
             q = self._queue.get(nid)
@@ -205,14 +194,10 @@ class GroupTransport(Transport):  # type: ignore[misc]
         ``appends_only``: send only the leading append_entries of each
         peer's queue (what may leave before the storage commit)."""
         mux = self._host.mux
-        self._seq += 1
-        if self._round_wanted:
-            self._queue_round()
         if appends_only:
             for nid, msgs in self._queue.items():
                 n = 0
                 while n < len(msgs) and msgs[n].get("type") == "append_entries":
-                    msgs[n]["cn_seq"] = self._seq
                     if not mux.send(nid, self._group, msgs[n]):
                         self._sent.pop(nid, None)
                     n += 1
@@ -221,41 +206,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
         queue, self._queue = self._queue, {}
         for nid, msgs in queue.items():
             for m in msgs:
-                if m.get("type") == "append_entries":
-                    m["cn_seq"] = self._seq
                 if not mux.send(nid, self._group, m):
                     self._sent.pop(nid, None)
                     break
-
-    def want_round(self) -> int:
-        """Ask for an append to every follower in the next flush (driver
-        thread); returns the sequence number an echo must reach to prove the
-        follower accepted this leader's term after this call."""
-        self._round_wanted = True
-        return self._seq + 1
-
-    def _queue_round(self) -> None:
-        """Give every follower with nothing queued an empty append: a
-        heartbeat that continues exactly what this link last carried
-        (``_sent``), so the follower acks it without any resend.  A follower
-        without such a record this term gets none; pysyncobj's own next
-        append (at most one heartbeat away) carries the round instead."""
-        self._round_wanted = False
-        sync = self.sync_ref
-        if sync is None:
-            return
-        term, commit = sync.raftCurrentTerm, sync.raftCommitIndex
-        for nid in self._nodes:
-            if self._queue.get(nid):
-                continue
-            sent = self._sent.get(nid)
-            if sent is None or sent[0] != term or not self._host.mux.is_up(nid):
-                continue
-            self._queue[nid] = [{
-                "type": "append_entries", "term": term, "commit_index": commit,
-                "entries": [], "prevLogIdx": sent[1], "prevLogTerm": sent[2],
-            }]
-            self._last_out[nid] = time.monotonic()
 
     def _trim_resend(self, nid: NodeId, m: dict[str, Any]) -> dict[str, Any]:
         """Drop entries this connection already carried to ``nid``.
@@ -312,21 +265,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
         node = self._nodes.get(node_id)
         if node is None:
             return  # not a member (removed, or not yet added): ignore, as Raft must
-        kind = message.get("type")
-        if kind == "next_node_idx":
-            if message.get("reset"):
-                self._sent.pop(node_id, None)  # the follower wants a resend from an earlier point
-            seq = message.get("cn_seq")
-            if seq is not None and seq > self.acked.get(node_id, 0):
-                self.acked[node_id] = seq
-        elif kind == "append_entries":
-            # pysyncobj answers an append it accepts (term >= its own) from
-            # inside this call: the answer echoes the append's number.
-            self._echo = message.get("cn_seq")
-        try:
-            self._onMessageReceived(node, message)
-        finally:
-            self._echo = None
+        if message.get("type") == "next_node_idx" and message.get("reset"):
+            self._sent.pop(node_id, None)  # the follower wants a resend from an earlier point
+        self._onMessageReceived(node, message)
         if self.hold and message.get("type") == "append_entries":
             self.hold = False
             self.announce_connected()
@@ -372,6 +313,8 @@ class RaftGroup:
         self._barrier_payload = barrier_payload
         self._reads: list[Future[bytes]] = []
         self._ri_new: list[Future[None]] = []
+        self._probe_seq = 0
+        self._acked: dict[NodeId, int] = {}  # follower -> highest probe it answered
         # Rounds waiting: (term, echo needed, read index or -1, when asked, futures).
         self._ri_wait: list[tuple[int, int, int, float, list[Future[None]]]] = []
         self._reads_lock = threading.Lock()
@@ -411,7 +354,6 @@ class RaftGroup:
             apply_fn, Node(self_id), [Node(m) for m in others], conf,
             transport=self.transport, nodeClass=Node,
         )
-        self.transport.sync_ref = self.sync
         self.transport.announce_connected()
         self.snapshots_written = 0
         self.snapshots_installed = 0
@@ -443,8 +385,9 @@ class RaftGroup:
         """Join the next ReadIndex round (Raft thesis 6.4, no log entry).
 
         Resolves, after the host's storage commit, once this replica (the
-        leader) has (1) an entry of its current term committed, (2) heard a
-        majority accept its term in answer to appends sent after this call,
+        leader) has (1) an entry of its current term committed, (2) a
+        majority answering a term probe sent after this call with a term no
+        higher than its own (see :meth:`on_probe_ack`),
         and (3) applied everything that was committed when the round began:
         the committed local state then holds every write acknowledged
         before this call.  Fails with NotLeader when leadership moves first.
@@ -490,8 +433,7 @@ class RaftGroup:
             for f in reads:
                 f.set_exception(err)
             return
-        need = self.transport.want_round()
-        self.host.mark_unflushed(self.transport)
+        need = self._probe()
         # The read index: the commit index now, once it covers this term's
         # first entry (before that, -1: fixed when the term commits).
         index = sync.raftCommitIndex if self._term_committed() else -1
@@ -510,7 +452,7 @@ class RaftGroup:
             return
         others = [n.id for n in sync.otherNodes]
         majority = (len(others) + 1) // 2 + 1
-        acked = self.transport.acked
+        acked = self._acked
         applied = sync.raftLastApplied
         term_committed = self._term_committed()
         keep = []
@@ -532,11 +474,32 @@ class RaftGroup:
                 continue
             if votes < majority and now - asked > self.host.timing.heartbeat_s:
                 # Lost or not yet sent (no link record): ask again.
-                self.transport.want_round()
-                self.host.mark_unflushed(self.transport)
+                self._probe()
                 item = (t, need, index, now, futs)
             keep.append(item)
         self._ri_wait = keep
+
+    def _probe(self) -> int:
+        """Ask every follower for its term (one host-level probe frame per
+        peer per iteration, no pysyncobj message); returns the probe's number."""
+        self._probe_seq += 1
+        for n in self.sync.otherNodes:
+            self.host.probe(n.id, self.group_id, self._probe_seq)
+        return self._probe_seq
+
+    def current_term(self) -> int:
+        """This replica's Raft term, for a peer's probe (driver thread)."""
+        return int(self.sync.raftCurrentTerm)
+
+    def on_probe_ack(self, node_id: NodeId, seq: int, term: int) -> None:
+        """A follower answered probe ``seq`` with its term (driver thread).
+
+        A term no higher than ours proves that, when it answered (after the
+        probe left, so after every read that asked for it), that follower
+        had not helped elect a newer leader: a majority of such answers
+        means no newer leader existed yet."""
+        if self._role == 2 and term <= self.sync.raftCurrentTerm and seq > self._acked.get(node_id, 0):
+            self._acked[node_id] = seq
 
     def _term_committed(self) -> bool:
         """True once an entry of the current term is committed (the no-op a

@@ -40,6 +40,10 @@ from .mux import RaftMux
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CONTROL_GROUP_ID = 0xFFFF_FFFE
+"""Raft-port frames for the host itself, not for a group: ReadIndex probes
+(``{"probe": {group: seq}}``) and their answers (``{"ack": {group: (seq, term)}}``)."""
+
 
 class GroupHost:
     def __init__(
@@ -73,6 +77,7 @@ class GroupHost:
         self._dirty_lock = threading.Lock()
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._peer_refs: collections.Counter[NodeId] = collections.Counter()
+        self._probes: dict[NodeId, dict[int, int]] = {}
         self._periodic: list[tuple[float, float, Callable[[], None]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,6 +182,11 @@ class GroupHost:
         """A group transport queued messages this iteration (driver thread)."""
         self._unflushed.add(transport)
 
+    def probe(self, node: NodeId, group_id: int, seq: int) -> None:
+        """Queue a term probe for ``group_id`` on ``node`` (driver thread);
+        all of one iteration's probes to a peer leave in one frame."""
+        self._probes.setdefault(node, {})[group_id] = seq
+
     def complete(self, fut: Future[Any], res: Any, err: Any, read: bool = False) -> None:
         """pysyncobj callback (driver thread): resolve ``fut`` after commit.
 
@@ -186,6 +196,9 @@ class GroupHost:
     # ---- driver thread: the loop ------------------------------------------
 
     def _deliver(self, node: NodeId, group_id: int, message: Any) -> None:
+        if group_id == CONTROL_GROUP_ID:
+            self._on_control(node, message)
+            return
         g = self._groups.get(group_id)
         if g is None:
             return
@@ -196,6 +209,31 @@ class GroupHost:
         except Exception as e:  # pysyncobj's own loop logs and goes on; so do we
             self._handler_failed(g, "handling a message from " + node, e)
         self._dirty.add(g)
+
+    def _on_control(self, node: NodeId, message: Any) -> None:
+        """A peer's probe (answer with our terms: answering needs no commit,
+        a term is only ever reported lower than what is durable) or the
+        answers to ours.  Anything malformed is dropped: a peer that sends
+        it is authenticated but broken, and a missing answer only delays a read."""
+        if not isinstance(message, dict):
+            return
+        probe = message.get("probe")
+        if isinstance(probe, dict):
+            acks = {}
+            for gid, seq in probe.items():
+                g = self._groups.get(gid)
+                if g is not None and not g.destroyed:
+                    acks[gid] = (seq, g.current_term())
+            if acks:
+                self.mux.send(node, CONTROL_GROUP_ID, {"ack": acks})
+        ack = message.get("ack")
+        if isinstance(ack, dict):
+            for gid, answer in ack.items():
+                g = self._groups.get(gid)
+                if g is None or not isinstance(answer, tuple) or len(answer) != 2:
+                    continue
+                g.on_probe_ack(node, int(answer[0]), int(answer[1]))
+                self._dirty.add(g)
 
     def _handler_failed(self, g: RaftGroup, what: str, e: Exception) -> None:
         """A pysyncobj handler raised: log it briefly and keep the node up.
@@ -291,6 +329,10 @@ class GroupHost:
             _resolve(done)
 
     def _flush_network(self, appends_only: bool = False) -> None:
+        if self._probes:
+            probes, self._probes = self._probes, {}
+            for node, groups in probes.items():
+                self.mux.send(node, CONTROL_GROUP_ID, {"probe": groups})
         if self._unflushed:
             pending = self._unflushed
             if not appends_only:
