@@ -137,7 +137,10 @@ class _OpContext:
         return True
 
 
-_BATCH_METHODS = {"get": "Get", "set": "Set", "delete": "Delete", "cas": "CompareAndSet", "incr": "Incr", "ttl": "Ttl"}
+_BATCH_METHODS = {
+    "get": "Get", "set": "Set", "delete": "Delete", "cas": "CompareAndSet", "incr": "Incr", "ttl": "Ttl",
+    "mget": "MGet", "mset": "MSet",
+}
 
 
 def batch_via_unary(servicer: Any, request: pb.BatchRequest, context: Any) -> pb.BatchResponse:

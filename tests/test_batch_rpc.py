@@ -53,3 +53,35 @@ def test_empty_batch_is_invalid(cluster: LocalCluster) -> None:
     with pytest.raises(grpc.RpcError) as e:
         cluster.cache(cluster.node_ids[0]).Batch(pb.BatchRequest(), timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_mset_and_mget_ops_inside_a_batch(cluster: LocalCluster) -> None:
+    one_shard = [k for k in (b"m%d" % i for i in range(400)) if cluster.shard_of(k) == 1][:10]
+    spread = [b"s%d" % i for i in range(30)]  # several shards: the node splits them
+    ops = [
+        pb.BatchOp(mset=pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"1" + k) for k in one_shard])),
+        pb.BatchOp(mset=pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"2" + k) for k in spread])),
+        pb.BatchOp(set=pb.SetRequest(key=one_shard[0], value=b"plain")),
+        # invalid: refused as a whole, nothing of it written
+        pb.BatchOp(mset=pb.MSetRequest(items=[pb.KeyValue(key=b"ok-key", value=b"v"), pb.KeyValue(key=b"", value=b"v")])),
+    ]
+    for nid in cluster.node_ids:
+        r = cluster.cache(nid).Batch(pb.BatchRequest(ops=ops), timeout=10)
+        assert r.results[0].mset.count == 10 and len(r.results[0].mset.versions) == 1
+        assert r.results[1].mset.count == 30 and len(r.results[1].mset.versions) == len({cluster.shard_of(k) for k in spread})
+        assert r.results[2].set.applied
+        assert r.results[3].error.kind == "invalid_argument"
+        reads = [pb.BatchOp(mget=pb.MGetRequest(keys=one_shard[1:] + spread + [b"ok-key"]))]
+        got = cluster.cache(nid).Batch(pb.BatchRequest(ops=reads), timeout=10).results[0].mget.items
+        assert [it.key for it in got] == one_shard[1:] + spread + [b"ok-key"]
+        assert [it.value for it in got[:9]] == [b"1" + k for k in one_shard[1:]]
+        assert [it.value for it in got[9:39]] == [b"2" + k for k in spread]
+        assert not got[39].found
+
+
+def test_batch_key_limit_counts_the_keys_of_multi_key_ops(cluster: LocalCluster) -> None:
+    big = pb.BatchOp(mget=pb.MGetRequest(keys=[b"k%d" % i for i in range(6000)]))
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.cache(cluster.node_ids[0]).Batch(pb.BatchRequest(ops=[big, big]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "12000 keys" in (e.value.details() or "")

@@ -20,8 +20,8 @@ def cluster() -> Any:
 
 def test_concurrent_calls_share_batches_and_keep_their_own_results(cluster: FakeCluster) -> None:
     """With the map loaded, every call of one ``gather`` reaches its node's
-    coalescer before any reply can be read (asyncio runs ready tasks before
-    polling): each node sends its first two calls alone, the rest together."""
+    coalescer before the batch leaves (at the end of that loop iteration):
+    each node gets them in one Batch."""
 
     async def run() -> tuple[list[Any], list[Any]]:
         async with AsyncCacheClient(cluster.endpoints, timeout=5) as c:
@@ -33,7 +33,51 @@ def test_concurrent_calls_share_batches_and_keep_their_own_results(cluster: Fake
     got, coalescers = asyncio.run(run())
     assert [g.value for g in got] == [f"v{i}".encode() for i in range(200)]
     assert sum(co.ops for co in coalescers) == 401
-    assert max(co.largest for co in coalescers) >= 10
+    assert max(co.largest for co in coalescers) >= 50  # one gather: one Batch per node
+
+
+def test_mset_and_mget_parts_travel_in_one_batch_per_node(cluster: FakeCluster) -> None:
+    """The per-shard parts of one mset/mget go to their leaders as Batch ops,
+    so a 100-key call costs one RPC per node, not one per shard."""
+
+    async def run() -> tuple[int, dict[str, Any], int, int, int]:
+        async with AsyncCacheClient(cluster.endpoints, timeout=5) as c:
+            await c.set("warm-up", "x")
+            cluster.clear_calls()
+            before = sum(co.batches for co in c._coalescers.values())
+            n = await c.mset({f"k{i}": f"v{i}" for i in range(100)})
+            got = await c.mget([f"k{i}" for i in range(100)])
+            after = sum(co.batches for co in c._coalescers.values())
+            ops = sum(co.ops for co in c._coalescers.values())
+            return n, got, after - before, ops, len(c._coalescers)
+
+    n, got, batches, ops, nodes = asyncio.run(run())
+    assert n == 100
+    assert {k: v.value for k, v in got.items()} == {f"k{i}": f"v{i}".encode() for i in range(100)}
+    assert ops == 1 + 4 + 4  # warm-up, then one part per shard for each call
+    assert batches <= 2 * nodes < 2 * 4
+    assert [c.method for c in cluster.calls("MSet")].count("MSet") == 4  # served as Batch ops
+
+
+def test_batches_are_cut_by_key_count() -> None:
+    from cachenode.client._coalesce import Coalescer
+    from cachenode.v1 import cache_pb2 as pb
+
+    sent: list[int] = []
+
+    async def batch_call(req: pb.BatchRequest, timeout: float) -> pb.BatchResponse:
+        sent.append(sum(len(op.mset.items) or 1 for op in req.ops))
+        await asyncio.sleep(0)
+        return pb.BatchResponse(results=[pb.BatchResult(mset=pb.MSetResponse(count=len(op.mset.items))) for op in req.ops])
+
+    async def run() -> list[Any]:
+        co = Coalescer(batch_call, max_keys=250)
+        reqs = [pb.MSetRequest(items=[pb.KeyValue(key=b"k%d" % j, value=b"v") for j in range(100)]) for _ in range(5)]
+        return await asyncio.gather(*(co.call("MSet", r, 5) for r in reqs))
+
+    res = asyncio.run(run())
+    assert [r.count for r in res] == [100] * 5
+    assert sent == [200, 200, 100]  # at most 250 keys per Batch
 
 
 def test_one_failing_op_does_not_fail_its_batch_mates(cluster: FakeCluster) -> None:

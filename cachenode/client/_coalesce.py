@@ -7,7 +7,8 @@ user's API does not change: each call still gets its own result or error.
 
 Policy: at most ``max_inflight`` Batch RPCs per node at a time (default 1);
 calls that arrive meanwhile wait and leave together in the next one (no
-timer, so an idle client pays no extra latency).  One in flight makes the
+timer: a batch leaves at the end of the event-loop iteration that queued its
+first call, so an idle client pays no extra latency).  One in flight makes the
 batches, and so the node's Raft entries, larger: at 32 requests in flight it
 served 20 % more linearizable reads and 8 % more writes than two, with a
 lower p99 (`make bench`, 3 nodes, 16 shards).
@@ -32,6 +33,7 @@ from cachenode.v1 import cache_pb2 as pb
 BATCH_FIELD = {
     "Get": "get", "Set": "set", "Delete": "delete",
     "CompareAndSet": "cas", "Incr": "incr", "Ttl": "ttl",
+    "MGet": "mget", "MSet": "mset",
 }
 """Unary method -> BatchOp field, for the methods that can be coalesced."""
 
@@ -72,12 +74,19 @@ class _DeadlineError(grpc.RpcError):
 
 
 class Coalescer:
-    def __init__(self, batch_call: Callable[..., Any], max_batch: int = 256, max_inflight: int = 1) -> None:
+    def __init__(
+        self, batch_call: Callable[..., Any], max_batch: int = 256, max_inflight: int = 1,
+        max_keys: int = 10_000,
+    ) -> None:
+        """``max_batch`` ops and ``max_keys`` keys (an MGet/MSet op counts its
+        keys; the server's default limit per call is 10,000) per Batch."""
         self._batch_call = batch_call  # the stub's Batch method
         self._max_batch = max_batch
+        self._max_keys = max_keys
         self._max_inflight = max_inflight
         self._queue: list[tuple[str, Any, asyncio.Future[Any], float]] = []
         self._inflight = 0
+        self._launch_pending = False
         self.batches = 0
         self.ops = 0
         self.largest = 0
@@ -86,15 +95,29 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._queue.append((BATCH_FIELD[method], request, fut, loop.time() + timeout))
-        if self._inflight < self._max_inflight:
-            self._launch()
+        if self._inflight < self._max_inflight and not self._launch_pending:
+            # Launch at the end of this loop iteration, so that the calls made
+            # in it (a gather, an mset's per-shard parts) leave together.
+            self._launch_pending = True
+            loop.call_soon(self._launch_soon)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             raise _DeadlineError() from None
 
+    def _launch_soon(self) -> None:
+        self._launch_pending = False
+        if self._queue and self._inflight < self._max_inflight:
+            self._launch()
+
     def _launch(self) -> None:
-        batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+        n, keys = 0, 0
+        for field, req, _, _ in self._queue[: self._max_batch]:
+            w = len(req.keys) if field == "mget" else len(req.items) if field == "mset" else 1
+            if n and keys + w > self._max_keys:
+                break
+            n, keys = n + 1, keys + w
+        batch, self._queue = self._queue[:n], self._queue[n:]
         if not batch:
             return
         self._inflight += 1

@@ -364,15 +364,17 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     # ---- Batch ------------------------------------------------------------------------------
 
-    _BATCH_WRITES = frozenset({"set", "delete", "cas", "incr"})
+    _BATCH_WRITES = frozenset({"set", "delete", "cas", "incr", "mset"})
     _BATCH_START = {
         "get": "_start_get", "set": "_start_set", "delete": "_start_delete",
         "cas": "_start_cas", "incr": "_start_incr", "ttl": "_start_ttl",
+        "mget": "_start_mget", "mset": "_start_mset",
     }
 
     def Batch(self, req: pb.BatchRequest, ctx: grpc.ServicerContext) -> pb.BatchResponse:
         def run(deadline: float) -> pb.BatchResponse:
-            V.check_batch(len(req.ops), self.cfg.max_batch_keys)
+            V.check_batch(sum(len(op.mset.items) if op.HasField("mset") else len(op.mget.keys)
+                              if op.HasField("mget") else 1 for op in req.ops), self.cfg.max_batch_keys)
             started: list[tuple[str, Finish | CacheError | ForwardedError]] = []
             collector = _EntryCollector(self.r)
             for op in req.ops:
@@ -404,78 +406,83 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     # ---- multi-key ---------------------------------------------------------------------------
 
-    def _fan_out(self, parts: list[tuple[ShardDescriptor, list[Any]]], fn: Callable[[ShardDescriptor, list[Any]], R]) -> list[R]:
-        if len(parts) == 1:
-            return [fn(*parts[0])]
-        futs = [self._pool.submit(fn, s, items) for s, items in parts]
-        return [f.result() for f in futs]
+    def _start_mget(self, req: pb.MGetRequest, deadline: float) -> Finish:
+        """Start a linearizable (or stale) read of every shard the keys touch
+        at once; the finish thunk waits for all and answers in key order."""
+        V.check_batch(len(req.keys), self.cfg.max_batch_keys)
+        keys = [V.check_key(k, self.cfg.max_key_bytes) for k in req.keys]
+        V.consistency(req.header)
+        by_shard: dict[int, tuple[ShardDescriptor, list[bytes]]] = {}
+        for k in keys:
+            s = self._shard(k, req.header)
+            by_shard.setdefault(s.id, (s, []))[1].append(k)
 
-    def MGet(self, req: pb.MGetRequest, ctx: grpc.ServicerContext) -> pb.MGetResponse:
-        def run(deadline: float) -> pb.MGetResponse:
-            V.check_batch(len(req.keys), self.cfg.max_batch_keys)
-            keys = [V.check_key(k, self.cfg.max_key_bytes) for k in req.keys]
-            V.consistency(req.header)
-            by_shard: dict[int, tuple[ShardDescriptor, list[bytes]]] = {}
-            for k in keys:
-                s = self._shard(k, req.header)
-                by_shard.setdefault(s.id, (s, []))[1].append(k)
+        def start(ks: list[bytes]) -> Finish:
+            def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.MGetResponse:
+                items = []
+                for k in ks:
+                    rec = read_get(reader, k, clock)
+                    if rec is None:
+                        items.append(pb.MGetItem(key=k, found=False, ttl_ms=-1))
+                    else:
+                        items.append(pb.MGetItem(key=k, found=True, value=rec.value, version=rec.version,
+                                                 ttl_ms=ttl_remaining_ms(rec, clock)))
+                return pb.MGetResponse(items=items)
 
-            def one(shard: ShardDescriptor, ks: list[bytes]) -> dict[bytes, pb.MGetItem]:
-                sub = pb.MGetRequest(header=req.header, keys=ks)
+            sub = pb.MGetRequest(header=req.header, keys=ks)
+            return self._start_read("MGet", sub, ks[0], deadline, build)
 
-                def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.MGetResponse:
-                    items = []
-                    for k in ks:
-                        rec = read_get(reader, k, clock)
-                        if rec is None:
-                            items.append(pb.MGetItem(key=k, found=False, ttl_ms=-1))
-                        else:
-                            items.append(pb.MGetItem(key=k, found=True, value=rec.value, version=rec.version,
-                                                     ttl_ms=ttl_remaining_ms(rec, clock)))
-                    return pb.MGetResponse(items=items)
+        parts = [start(ks) for _, ks in by_shard.values()]
 
-                resp = self._start_read("MGet", sub, ks[0], deadline, build)()
-                return {it.key: it for it in resp.items}
-
-            results = self._fan_out([(s, ks) for s, ks in by_shard.values()], one)
+        def finish() -> pb.MGetResponse:
             merged: dict[bytes, pb.MGetItem] = {}
-            for r in results:
-                merged.update(r)
+            for part in parts:
+                merged.update((it.key, it) for it in part().items)
             return pb.MGetResponse(items=[merged[k] for k in keys])
 
-        return self._serve(ctx, run)
+        return finish
+
+    def _start_mset(self, req: pb.MSetRequest, deadline: float, collector: _EntryCollector | None = None) -> Finish:
+        """Start one write per shard the items touch (atomic per shard); with
+        a ``collector`` each joins its shard's one entry of the Batch."""
+        V.check_batch(len(req.items), self.cfg.max_batch_keys)
+        items = []
+        for it in req.items:
+            items.append((V.check_key(it.key, self.cfg.max_key_bytes),
+                          V.check_value(it.value, self.cfg.max_value_bytes),
+                          V.check_ttl(it.ttl_ms)))
+        rid = V.request_id(req.header)
+        by_shard: dict[int, tuple[ShardDescriptor, list[tuple[bytes, bytes, int]]]] = {}
+        for k, v, t in items:
+            s = self._shard(k, req.header)
+            by_shard.setdefault(s.id, (s, []))[1].append((k, v, t))
+
+        def reply(res: C.Result) -> pb.MSetResponse:
+            assert isinstance(res, C.MSetResult), res
+            return pb.MSetResponse(count=res.count, versions=[res.version])
+
+        def start(shard: ShardDescriptor, its: list[tuple[bytes, bytes, int]]) -> Finish:
+            sub = pb.MSetRequest(header=req.header, items=[pb.KeyValue(key=k, value=v, ttl_ms=t) for k, v, t in its])
+            return self._start_write("MSet", sub, shard, deadline, lambda now: C.MSet(
+                items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid), reply, collector)
+
+        parts = [start(s, its) for s, its in by_shard.values()]
+
+        def finish() -> pb.MSetResponse:
+            count, versions = 0, []
+            for part in parts:
+                r = part()  # ours or forwarded: an MSetResponse either way
+                count += int(r.count)
+                versions.extend(r.versions[:1])
+            return pb.MSetResponse(count=count, versions=versions)
+
+        return finish
+
+    def MGet(self, req: pb.MGetRequest, ctx: grpc.ServicerContext) -> pb.MGetResponse:
+        return self._unary(ctx, self._start_mget, req)  # type: ignore[no-any-return]
 
     def MSet(self, req: pb.MSetRequest, ctx: grpc.ServicerContext) -> pb.MSetResponse:
-        def run(deadline: float) -> pb.MSetResponse:
-            V.check_batch(len(req.items), self.cfg.max_batch_keys)
-            items = []
-            for it in req.items:
-                items.append((V.check_key(it.key, self.cfg.max_key_bytes),
-                              V.check_value(it.value, self.cfg.max_value_bytes),
-                              V.check_ttl(it.ttl_ms)))
-            rid = V.request_id(req.header)
-            by_shard: dict[int, tuple[ShardDescriptor, list[tuple[bytes, bytes, int]]]] = {}
-            for k, v, t in items:
-                s = self._shard(k, req.header)
-                by_shard.setdefault(s.id, (s, []))[1].append((k, v, t))
-
-            def one(shard: ShardDescriptor, its: list[tuple[bytes, bytes, int]]) -> tuple[int, int]:
-                sub = pb.MSetRequest(header=req.header, items=[pb.KeyValue(key=k, value=v, ttl_ms=t) for k, v, t in its])
-
-                def reply(res: C.Result) -> tuple[int, int]:
-                    assert isinstance(res, C.MSetResult), res
-                    return res.count, res.version
-
-                out = self._start_write("MSet", sub, shard, deadline, lambda now: C.MSet(
-                    items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid), reply)()
-                if isinstance(out, pb.MSetResponse):  # forwarded
-                    return int(out.count), int(out.versions[0]) if out.versions else 0
-                return out  # type: ignore[no-any-return]
-
-            results = self._fan_out(list(by_shard.values()), one)
-            return pb.MSetResponse(count=sum(c for c, _ in results), versions=[v for _, v in results])
-
-        return self._serve(ctx, run)
+        return self._unary(ctx, self._start_mset, req)  # type: ignore[no-any-return]
 
 
 def _op_error(e: CacheError | ForwardedError) -> pb.OpError:
