@@ -129,6 +129,8 @@ class RaftMux:
         self._dirty: set[_Conn] = set()
         self.blocked: set[NodeId] = set()
         """Fault filter (testing): traffic to and from these nodes is dropped."""
+        self._rbuf = bytearray(1 << 20)
+        self._rview = memoryview(self._rbuf)
         self.frames_in = 0
         self.frames_out = 0
         self.rejected = 0
@@ -303,17 +305,19 @@ class RaftMux:
             self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _read(self, conn: _Conn) -> None:
+        # recv_into one reusable buffer: recv(1 MiB) would allocate (mmap)
+        # and free a fresh 1 MiB object on every read, however small.
         try:
-            data = conn.sock.recv(1 << 20)
+            n = conn.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             self._close(conn, f"recv failed: {e}")
             return
-        if not data:
+        if not n:
             self._close(conn, "closed by peer", quiet=True)
             return
-        conn.rbuf += data
+        conn.rbuf += self._rview[:n]
         if conn.outbound:
             self._read_outbound(conn)
         else:
