@@ -321,7 +321,7 @@ class RaftGroup:
         self._role = 0
         self.destroyed = False
         os.makedirs(snapshot_dir, exist_ok=True)
-        self.journal = StorageJournal(group_id, host.storage, host.batch)
+        self.journal = StorageJournal(group_id, host.storage, host.batch, host.durable_batch)
         others = [m for m in members if m != self_id]
         self.transport = GroupTransport(host, group_id, others, hold, on_release, quiet_s=timing.heartbeat_s / 2)
         conf = SyncObjConf(
@@ -610,7 +610,7 @@ class RaftGroup:
                 raise ValueError(f"{filename} is not a cachenode snapshot")
             (hlen,) = _U32.unpack(f.read(4))
             last, prev, cluster = pickle.loads(f.read(hlen))
-            state = self.host.batch().state(self.group_id)
+            state = self.host.durable_batch().state(self.group_id)
             if last[1] > state.applied_index():
                 state.load(_LimitedReader(f, size - 4 - f.tell()))  # type: ignore[arg-type]
                 self.snapshots_installed += 1

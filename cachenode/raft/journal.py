@@ -34,9 +34,16 @@ Entry = tuple[bytes, int, int]  # (command, index, term) as pysyncobj stores the
 
 
 class StorageJournal(Journal):  # type: ignore[misc]
-    def __init__(self, group: int, storage: Storage, batch: Callable[[], Batch]) -> None:
+    def __init__(
+        self, group: int, storage: Storage, batch: Callable[[], Batch],
+        durable_batch: Callable[[], Batch] | None = None,
+    ) -> None:
+        """``durable_batch``: the batch for writes that must be fsynced before
+        the iteration ends (entries, term, vote); ``batch`` serves the lazy
+        commit-index hint.  Both are the host's (driver thread)."""
         self._group = group
-        self._batch = batch
+        self._hint_batch = batch
+        self._batch = durable_batch or batch
         self._entries: list[Entry] = storage.load_log(group)
         meta = storage.load_log_meta(group)
         self._commit = int(meta["commit"]) if "commit" in meta else 1
@@ -124,7 +131,7 @@ class StorageJournal(Journal):  # type: ignore[misc]
         # The commit index is a hint (it can be recomputed from a quorum), so
         # it is written lazily, like pysyncobj's own journal does.
         if self._pending_commit is not None:
-            self._batch().log.set_meta(self._group, "commit", str(self._pending_commit).encode())
+            self._hint_batch().log.set_meta(self._group, "commit", str(self._pending_commit).encode())
             self._pending_commit = None
 
 
