@@ -128,3 +128,16 @@ def test_cut_off_leader_never_serves_a_read(nodes: dict[str, Node]) -> None:
     wait_for(pending.done, "the pending read to end")
     assert isinstance(pending.exception(), NotLeader)
     assert b"v1" in old.applied
+
+
+def test_apply_only_batches_share_the_next_journal_fsync(nodes: dict[str, Node]) -> None:
+    """One writer, one write at a time: the leader commits once per write
+    (the journal append); the apply of the write waits to share the next."""
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    leader.g.propose(b"warm").result(timeout=10)
+    c0, i0 = leader.host.commits, leader.host.iterations
+    for i in range(50):
+        leader.g.propose(b"w%d" % i).result(timeout=10)
+    commits, iterations = leader.host.commits - c0, leader.host.iterations - i0
+    assert iterations >= 100  # at least: append, then apply, per write
+    assert commits <= 55, f"{commits} commits for 50 writes: applies were fsynced on their own"
