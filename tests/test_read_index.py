@@ -37,13 +37,17 @@ class Node:
         self.storage = LmdbStorage(str(root / nid / "db"), map_size=1 << 26, fsync=False)
         self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=TIMING)
         self.applied: list[bytes] = []
+        self.last_index = 0
         self.group: RaftGroup | None = None
 
     def on_driver(self, fn: Callable[[], T]) -> T:
         return self.host.call(fn).result(timeout=10)
 
     def apply(self, payload: bytes, index: int) -> bytes:
+        """Like the real state machine: the write goes into the host's batch."""
         self.applied.append(payload)
+        self.last_index = index
+        self.host.batch().state(GID).set_applied(index, 0)
         return payload
 
     @property
@@ -141,3 +145,6 @@ def test_apply_only_batches_share_the_next_journal_fsync(nodes: dict[str, Node])
     commits, iterations = leader.host.commits - c0, leader.host.iterations - i0
     assert iterations >= 100  # at least: append, then apply, per write
     assert commits <= 55, f"{commits} commits for 50 writes: applies were fsynced on their own"
+    # A read result waits for the pending applies to be committed.
+    leader.g.read_index().result(timeout=10)
+    assert leader.storage.reader(GID).applied_index() == leader.last_index > 0
