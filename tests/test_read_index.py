@@ -31,11 +31,11 @@ TIMING = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, le
 
 
 class Node:
-    def __init__(self, nid: str, root: Path) -> None:
+    def __init__(self, nid: str, root: Path, timing: RaftTiming = TIMING) -> None:
         self.id = nid
         (root / nid).mkdir()
         self.storage = LmdbStorage(str(root / nid / "db"), map_size=1 << 26, fsync=False)
-        self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=TIMING)
+        self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=timing)
         self.applied: list[bytes] = []
         self.last_index = 0
         self.group: RaftGroup | None = None
@@ -148,3 +148,28 @@ def test_apply_only_batches_share_the_next_journal_fsync(nodes: dict[str, Node])
     # A read result waits for the pending applies to be committed.
     leader.g.read_index().result(timeout=10)
     assert leader.storage.reader(GID).applied_index() == leader.last_index > 0
+
+
+def test_journal_is_compacted_by_size(tmp_path: Path) -> None:
+    """pysyncobj keeps the journal in memory: a group whose log outgrows
+    ``log_compaction_bytes`` (and its state) snapshots and drops it."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
+                        log_compaction_bytes=1 << 20)
+    ns = {nid: Node(nid, tmp_path, timing) for nid in IDS}
+    try:
+        for n in ns.values():
+            for other in ns.values():
+                if other is not n:
+                    n.host.mux.set_address(other.id, other.host.mux.listen_address)
+            n.host.start()
+        for n in ns.values():
+            n.group = n.on_driver(lambda n=n: n.host.create_group(GID, IDS, n.apply, lambda: b"b"))
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        for i in range(24):
+            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s journal to shrink")
+            assert n.on_driver(lambda n=n: n.g.snapshots_written) >= 1
+    finally:
+        for n in ns.values():
+            n.host.stop()

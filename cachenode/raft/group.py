@@ -57,6 +57,11 @@ class RaftTiming:
     election_max_s: float = 1.6
     leader_fallback_s: float = 1.5
     log_compaction_entries: int = 20000
+    log_compaction_bytes: int = 16 * 1024 * 1024
+    """Also compact once the journal holds this many bytes of commands, or
+    the state's size if larger (so a snapshot, which writes the whole state,
+    costs at most as much again as the log it replaces).  pysyncobj keeps
+    the journal in memory: without this, 20,000 entries of 1 MiB would."""
     log_compaction_s: float = 600.0
     queue_size: int = 20000
 
@@ -311,6 +316,7 @@ class RaftGroup:
         self.group_id = group_id
         self.self_id = self_id
         self._barrier_payload = barrier_payload
+        self._timing = timing
         self._reads: list[Future[bytes]] = []
         self._ri_new: list[Future[None]] = []
         self._probe_seq = 0
@@ -501,6 +507,11 @@ class RaftGroup:
         if self._role == 2 and term <= self.sync.raftCurrentTerm and seq > self._acked.get(node_id, 0):
             self._acked[node_id] = seq
 
+    def _maybe_compact_by_size(self) -> None:
+        state = self.host.storage.reader(self.group_id).size_bytes()
+        if self.journal.bytes > max(self._timing.log_compaction_bytes, state):
+            self.sync.forceLogCompaction()
+
     def _term_committed(self) -> bool:
         """True once an entry of the current term is committed (the no-op a
         new pysyncobj leader appends): only then does the commit index cover
@@ -514,6 +525,8 @@ class RaftGroup:
     def tick(self) -> None:
         self.sync.doTick(0.0)
         self.status = self._read_status()
+        if self.journal.bytes > self._timing.log_compaction_bytes and not self.destroyed:
+            self._maybe_compact_by_size()
         if self._ri_wait:
             self._finish_rounds()
 

@@ -45,6 +45,8 @@ class StorageJournal(Journal):  # type: ignore[misc]
         self._hint_batch = batch
         self._batch = durable_batch or batch
         self._entries: list[Entry] = storage.load_log(group)
+        self.bytes = sum(len(e[0]) for e in self._entries)
+        """Total size of the commands held (in memory and on disk)."""
         meta = storage.load_log_meta(group)
         self._commit = int(meta["commit"]) if "commit" in meta else 1
         self._term = int(meta["term"]) if "term" in meta else 0
@@ -56,16 +58,19 @@ class StorageJournal(Journal):  # type: ignore[misc]
     def add(self, command: bytes, idx: int, term: int) -> None:
         command = bytes(command)
         self._entries.append((command, idx, term))
+        self.bytes += len(command)
         self._batch().log.append(self._group, idx, term, command)
 
     def clear(self) -> None:
         self._entries = []
+        self.bytes = 0
         self._batch().log.clear(self._group)
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         if entryFrom >= len(self._entries):
             return
         first_idx = self._entries[entryFrom][1]
+        self.bytes -= sum(len(e[0]) for e in self._entries[entryFrom:])
         del self._entries[entryFrom:]
         self._batch().log.delete_from(self._group, first_idx)
 
@@ -76,6 +81,7 @@ class StorageJournal(Journal):  # type: ignore[misc]
             self.clear()
             return
         keep_from = self._entries[entryTo][1]
+        self.bytes -= sum(len(e[0]) for e in self._entries[:entryTo])
         self._entries = self._entries[entryTo:]
         self._batch().log.delete_before(self._group, keep_from)
 

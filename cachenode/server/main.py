@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-key-bytes", type=int)
     s.add_argument("--max-value-bytes", type=int)
     s.add_argument("--log-compaction-entries", type=int, help="snapshot a shard after this many log entries (default 20000)")
+    s.add_argument("--log-compaction-mb", type=float,
+                   help="also snapshot a shard once its log holds this many MiB, or its state's size if larger (default 16)")
     s.add_argument("--tick-ms", type=float, help="driver loop tick (default 10)")
     s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 2; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
@@ -188,7 +190,12 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
     max_value = int(opt("max_value_bytes", 1 << 20))  # type: ignore[call-overload]
     if not 1 <= max_value <= 64 << 20:
         raise ConfigError("--max-value-bytes must be 1..67108864 (64 MiB)")
-    timing = RaftTiming(log_compaction_entries=int(opt("log_compaction_entries", 20000)))  # type: ignore[call-overload]
+    if float(opt("log_compaction_mb", 16.0)) <= 0:  # type: ignore[arg-type]
+        raise ConfigError("--log-compaction-mb must be positive")
+    timing = RaftTiming(
+        log_compaction_entries=int(opt("log_compaction_entries", 20000)),  # type: ignore[call-overload]
+        log_compaction_bytes=int(float(opt("log_compaction_mb", 16.0)) * 1024 * 1024),  # type: ignore[arg-type]
+    )
     cfg = NodeConfig(
         node_id=str(node_id), data_dir=str(data_dir),
         listen=str(opt("listen") or me.address), raft_listen=str(opt("raft_listen") or me.raft_address),
