@@ -142,7 +142,10 @@ class ReplicaManager:
         _write_json(self._registry_file, {str(k): v for k, v in sorted(self._registry.items())})
 
     def cluster_map(self) -> ClusterMap:
-        m = self._map
+        """The map this node acts on; right after a restart, until the first
+        reconcile (which may wait behind journal loading on the driver
+        thread), the map it last knew (``cluster-map.json``)."""
+        m = self._map or self._adopted
         if m is None:
             raise Unavailable("the cluster map is not known yet (cluster still bootstrapping); retry in a moment")
         return m

@@ -949,11 +949,17 @@ def _shard_ranges(address: str) -> dict[int, tuple[int, int]]:
     from cachenode.v1 import cache_pb2 as pb
     from cachenode.v1 import cache_pb2_grpc as pb_grpc
 
+    deadline = time.monotonic() + 30.0
     with grpc.insecure_channel(address) as ch:
-        try:
-            cmap = pb_grpc.AdminStub(ch).GetClusterMap(pb.ClusterMapRequest(), timeout=5.0)
-        except grpc.RpcError as err:
-            raise CliError(f"failover: no cluster map from {address} ({err.code().name})") from None
+        while True:
+            try:
+                cmap = pb_grpc.AdminStub(ch).GetClusterMap(pb.ClusterMapRequest(), timeout=5.0)
+                break
+            except grpc.RpcError as err:
+                # A node restarted by the previous trial may still be loading.
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise CliError(f"failover: no cluster map from {address} ({err.code().name})") from None
+                time.sleep(0.2)
     return {s.id: (s.range_start, s.range_end) for s in cmap.shards}
 
 
