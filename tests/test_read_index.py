@@ -31,9 +31,9 @@ TIMING = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, le
 
 
 class Node:
-    def __init__(self, nid: str, root: Path, timing: RaftTiming = TIMING) -> None:
+    def __init__(self, nid: str, root: Path, timing: RaftTiming = TIMING, reopen: bool = False) -> None:
         self.id = nid
-        (root / nid).mkdir()
+        (root / nid).mkdir(exist_ok=reopen)
         self.storage = LmdbStorage(str(root / nid / "db"), map_size=1 << 26, fsync=False)
         self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=timing)
         self.applied: list[bytes] = []
@@ -173,3 +173,49 @@ def test_journal_is_compacted_by_size(tmp_path: Path) -> None:
     finally:
         for n in ns.values():
             n.host.stop()
+
+
+def test_replica_restarted_from_a_snapshot_keeps_three_members(tmp_path: Path) -> None:
+    """A replica that loads its snapshot at start must see the two others as
+    its peers (not itself as a fourth member): with one peer then down, the
+    two that are left must still elect a leader and commit."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
+                        log_compaction_bytes=1 << 20)
+    ns = {nid: Node(nid, tmp_path, timing) for nid in IDS}
+    running: list[Node] = []
+
+    def start(n: Node) -> None:
+        for other in running:
+            n.host.mux.set_address(other.id, other.host.mux.listen_address)
+            other.on_driver(lambda o=other: o.host.mux.set_address(n.id, n.host.mux.listen_address))
+        n.host.start()
+        running.append(n)
+        n.group = n.on_driver(lambda: n.host.create_group(GID, IDS, n.apply, lambda: b"b"))
+
+    def stop(n: Node) -> None:
+        running.remove(n)
+        n.host.stop()
+
+    try:
+        for n in ns.values():
+            start(n)
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        for i in range(24):
+            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        victim = next(n for n in ns.values() if n is not leader)
+        wait_for(lambda: victim.on_driver(lambda: victim.g.snapshots_written) >= 1, "a snapshot on the follower")
+        stop(victim)
+        victim.storage.close()
+        again = ns[victim.id] = Node(victim.id, tmp_path, timing, reopen=True)
+        start(again)
+        peers = again.on_driver(lambda: sorted(n.id for n in again.g.sync.otherNodes))
+        assert peers == sorted(i for i in IDS if i != again.id)
+        # Stop the third node: the restarted replica and the leader must
+        # still agree on a leader and commit.
+        stop(next(n for n in ns.values() if n is not again and n is not leader))
+        pair = [again.id, leader.id]
+        new = wait_for(lambda: leader_of(ns, pair), "a leader of the two that are left", timeout=20)
+        new.g.propose(b"after").result(timeout=10)
+    finally:
+        for n in list(running):
+            stop(n)

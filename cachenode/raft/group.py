@@ -629,7 +629,12 @@ class RaftGroup:
                 self.snapshots_installed += 1
                 log.info("group %s: installed snapshot at index %s", self.group_id, last[1])
         self.journal.align_to(prev)
-        return last, prev, cluster
+        # As Node objects: pysyncobj drops its own node from this list by
+        # comparing with its self Node, which never equals a plain id; with
+        # ids, a replica that loaded a snapshot counted ITSELF as a fourth
+        # member, needed 3 votes of 4 and could not elect a leader (or stay
+        # one) with one peer down.
+        return last, prev, [Node(i) for i in cluster]
 
 
 class _CrcWriter:

@@ -40,6 +40,9 @@ from .mux import RaftMux
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+SLOW_ITERATION_S = 0.5
+"""A driver iteration longer than this is logged: elections start after 0.8 s of silence."""
+
 CONTROL_GROUP_ID = 0xFFFF_FFFE
 """Raft-port frames for the host itself, not for a group: ReadIndex probes
 (``{"probe": {group: seq}}``) and their answers (``{"ack": {group: (seq, term)}}``)."""
@@ -275,6 +278,7 @@ class GroupHost:
                     pending = bool(self._dirty)
                 timeout = 0.0 if (pending or self._calls) else max(0.0, next_tick - time.monotonic())
                 self.mux.poll(timeout)
+                t0 = time.monotonic()
                 while self._calls:
                     fn, fut = self._calls.popleft()
                     if fut.set_running_or_notify_cancel():
@@ -301,7 +305,15 @@ class GroupHost:
                         raise
                     except Exception as e:
                         self._handler_failed(g, "tick", e)
+                t1 = time.monotonic()
                 self._finish_iteration()
+                t2 = time.monotonic()
+                if t2 - t0 > SLOW_ITERATION_S:
+                    log.warning(
+                        "raft driver iteration took %.2fs (calls/periodic/ticks %.2fs, commit and send %.2fs, "
+                        "%d groups ticked): heartbeats and votes waited that long",
+                        t2 - t0, t1 - t0, t2 - t1, len(todo),
+                    )
         except BaseException as e:  # noqa: BLE001 - fail-stop, never diverge
             log.critical("raft driver failed: %s: %.200s", type(e).__name__, e, exc_info=True)
             self._on_fatal(e)
