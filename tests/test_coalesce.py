@@ -114,3 +114,30 @@ def test_not_leader_inside_a_batch_is_followed(cluster: FakeCluster) -> None:
             return await c.set("nl", "v")
 
     assert asyncio.run(run()) is True
+
+
+def test_a_call_ends_at_its_own_deadline_even_if_the_batch_hangs() -> None:
+    from cachenode.client._coalesce import Coalescer
+    from cachenode.v1 import cache_pb2 as pb
+
+    release = asyncio.Event()
+
+    async def batch_call(req: pb.BatchRequest, timeout: float) -> pb.BatchResponse:
+        await release.wait()  # a node that never answers
+        return pb.BatchResponse()
+
+    async def run() -> tuple[grpc.StatusCode, float]:
+        co = Coalescer(batch_call)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            await co.call("Get", pb.GetRequest(key=b"k"), 0.2)
+        except grpc.RpcError as e:
+            took = loop.time() - t0
+            release.set()
+            return e.code(), took
+        raise AssertionError("the call did not fail")
+
+    code, took = asyncio.run(run())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.15 <= took < 2.0

@@ -73,6 +73,11 @@ class _DeadlineError(grpc.RpcError):
         return ()
 
 
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(_DeadlineError())
+
+
 class Coalescer:
     def __init__(
         self, batch_call: Callable[..., Any], max_batch: int = 256, max_inflight: int = 1,
@@ -100,10 +105,13 @@ class Coalescer:
             # in it (a gather, an mset's per-shard parts) leave together.
             self._launch_pending = True
             loop.call_soon(self._launch_soon)
+        # One timer per call instead of wait_for(shield(...)), which costs a
+        # task, two futures and their callbacks per op on the client's loop.
+        timer = loop.call_later(timeout, _expire, fut)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            raise _DeadlineError() from None
+            return await fut
+        finally:
+            timer.cancel()
 
     def _launch_soon(self) -> None:
         self._launch_pending = False
