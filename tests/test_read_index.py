@@ -10,6 +10,7 @@ and fails with NotLeader once the partition heals and it learns the new term.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -74,9 +75,10 @@ def wait_for(cond: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
-    ns = {nid: Node(nid, tmp_path) for nid in IDS}
+@contextlib.contextmanager
+def three_hosts(root: Path, timing: RaftTiming = TIMING) -> Iterator[dict[str, Node]]:
+    """Three started hosts, each with a replica of group GID; stopped on exit."""
+    ns = {nid: Node(nid, root, timing) for nid in IDS}
     try:
         for n in ns.values():
             for other in ns.values():
@@ -91,6 +93,12 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
     finally:
         for n in ns.values():
             n.host.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
+    with three_hosts(tmp_path) as ns:
+        yield ns
 
 
 def leader_of(ns: dict[str, Node], among: list[str]) -> Node | None:
@@ -155,24 +163,13 @@ def test_journal_is_compacted_by_size(tmp_path: Path) -> None:
     ``log_compaction_bytes`` (and its state) snapshots and drops it."""
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
                         log_compaction_bytes=1 << 20)
-    ns = {nid: Node(nid, tmp_path, timing) for nid in IDS}
-    try:
-        for n in ns.values():
-            for other in ns.values():
-                if other is not n:
-                    n.host.mux.set_address(other.id, other.host.mux.listen_address)
-            n.host.start()
-        for n in ns.values():
-            n.group = n.on_driver(lambda n=n: n.host.create_group(GID, IDS, n.apply, lambda: b"b"))
+    with three_hosts(tmp_path, timing) as ns:
         leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
         for i in range(24):
             leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s journal to shrink")
             assert n.on_driver(lambda n=n: n.g.snapshots_written) >= 1
-    finally:
-        for n in ns.values():
-            n.host.stop()
 
 
 def test_replica_restarted_from_a_snapshot_keeps_three_members(tmp_path: Path) -> None:

@@ -144,7 +144,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--move-mb",
-        type=_mebibytes,
+        type=argtypes.whole,
         default=DEFAULT_MOVE_MB,
         metavar="N",
         help=f"time moving a shard replica of N MiB to a new node (default {DEFAULT_MOVE_MB}; 0 skips)",
@@ -167,21 +167,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--render", metavar="JSON", help="only print the tables of a saved result; run nothing"
     )
     p.set_defaults(handler=cmd_bench)
-
-
-
-
-
-
-def _mebibytes(text: str) -> int:
-    """A whole number of MiB >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _names(allowed: Sequence[str] | Mapping[str, Any]) -> Callable[[str], list[str]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from cachectl import argtypes
 from cachectl.output import CliError, ExitStatus, json_value, text_of
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     exp = p.add_mutually_exclusive_group(required=True)
     exp.add_argument("--expected", metavar="VALUE", help="swap only if the key holds VALUE")
     exp.add_argument(
-        "--expected-version", metavar="N", type=_non_negative_int, help="swap only at version N"
+        "--expected-version", metavar="N", type=argtypes.whole, help="swap only at version N"
     )
     exp.add_argument("--absent", action="store_true", help="swap only if the key is absent")
     p.add_argument("--ttl", metavar="MS", type=_positive_int, help="expire after MS milliseconds")
@@ -86,13 +87,6 @@ def _positive_int(text: str) -> int:
     value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
