@@ -102,10 +102,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
     def __init__(
         self, host: GroupHost, group: int, members: list[NodeId],
         hold: bool = False, on_release: Callable[[], None] | None = None,
-        quiet_s: float = 0.0,
     ) -> None:
-        """``quiet_s``: see :meth:`send` (0 sends every commit-only append).
-        ``hold``: a replica just added to an existing group.  It reports no
+        """``hold``: a replica just added to an existing group.  It reports no
         peer as connected (so pysyncobj never starts an election) until a
         leader's append reaches it: an empty replica cannot win, and its
         growing term would only depose the leader that is adding it."""
@@ -117,10 +115,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self._nodes: dict[NodeId, Node] = {}
         self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
         self._queue: dict[NodeId, list[dict[str, Any]]] = {}
-        self._last_out: dict[NodeId, float] = {}
-        self._quiet_s = quiet_s
         self.trimmed = 0
-        self.quieted = 0
         for m in members:
             self.addNode(Node(m))
 
@@ -145,18 +140,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
         Messages wait in the transport until the end of the driver iteration
         anyway (they may leave only after the storage commit), so consecutive
         appends to one follower are merged into one message there: the
-        batching of pysyncobj's batch mode without its up-to-one-period delay.
-
-        An append that carries no entries (pysyncobj sends one to every
-        follower after each commit, only to announce the new commit index)
-        is dropped when this follower was sent anything in the last
-        ``quiet_s`` (half a heartbeat, from RaftGroup): the next append carries the commit index anyway, and
-        pysyncobj's own heartbeat comes at most ``heartbeat_s`` after the
-        dropped one, so a follower still hears from its leader at least
-        every 1.5 heartbeats (far inside the election timeout).  That halves
-        the Raft frames per write: no empty append, and no ack for it.
-        Followers learn a commit up to 1.5 heartbeats later when the group
-        goes idle, which only stale reads can observe."""
+        batching of pysyncobj's batch mode without its up-to-one-period delay."""
         nid = node.id
         if not self._host.mux.is_up(nid):
             self._sent.pop(nid, None)
@@ -166,12 +150,6 @@ class GroupTransport(Transport):  # type: ignore[misc]
             q = self._queue.get(nid)
             if q and self._merge(q[-1], message):
                 return True
-            if not message.get("entries") and "prevLogIdx" in message:
-                now = time.monotonic()
-                if now - self._last_out.get(nid, 0.0) < self._quiet_s:
-                    self.quieted += 1
-                    return True
-        self._last_out[nid] = time.monotonic()
         self._queue.setdefault(nid, []).append(message)
         self._host.mark_unflushed(self)
         return True
@@ -329,7 +307,7 @@ class RaftGroup:
         os.makedirs(snapshot_dir, exist_ok=True)
         self.journal = StorageJournal(group_id, host.storage, host.batch, host.durable_batch)
         others = [m for m in members if m != self_id]
-        self.transport = GroupTransport(host, group_id, others, hold, on_release, quiet_s=timing.heartbeat_s / 2)
+        self.transport = GroupTransport(host, group_id, others, hold, on_release)
         conf = SyncObjConf(
             autoTick=False,
             journalFile=self.journal,
