@@ -5,26 +5,24 @@ from __future__ import annotations
 import argparse
 
 
-def count(text: str) -> int:
-    """A whole number >= 1."""
+def _at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
     return value
+
+
+def count(text: str) -> int:
+    """A whole number >= 1."""
+    return _at_least(text, 1)
 
 
 def whole(text: str) -> int:
     """A whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _at_least(text, 0)
 
 
 def seconds(text: str) -> float:

@@ -757,6 +757,15 @@ def _spawn_and_wait(ctx: Context, doc: ClusterDoc, rec: NodeRecord, wait_s: floa
         ) from None
 
 
+def _report_node(ctx: Context, rec: NodeRecord, message: str) -> int:
+    """The one-line (or JSON) result of start-node and add-node."""
+    if ctx.json:
+        ctx.out.json({"node": rec.id, "pid": rec.pid, "address": rec.address, "result": message})
+    else:
+        ctx.out.line(message)
+    return ExitStatus.OK
+
+
 def cmd_start_node(ctx: Context) -> int:
     a = ctx.args
     directory = Path(a.dir).resolve()
@@ -768,11 +777,7 @@ def cmd_start_node(ctx: Context) -> int:
         else:
             _spawn_and_wait(ctx, doc, rec, a.wait, "node")
             message = f"{rec.id} started (pid {rec.pid}) at {rec.address}"
-    if ctx.json:
-        ctx.out.json({"node": rec.id, "pid": rec.pid, "address": rec.address, "result": message})
-    else:
-        ctx.out.line(message)
-    return ExitStatus.OK
+    return _report_node(ctx, rec, message)
 
 
 def cmd_add_node(ctx: Context) -> int:
@@ -806,8 +811,4 @@ def cmd_add_node(ctx: Context) -> int:
         doc.nodes.append(rec)
         _spawn_and_wait(ctx, doc, rec, a.wait, "new node")
     message = f"{rec.id} started (pid {rec.pid}) at {rec.address} and joins the cluster; `cachectl cluster status` shows replicas moving to it"
-    if ctx.json:
-        ctx.out.json({"node": rec.id, "pid": rec.pid, "address": rec.address, "result": message})
-    else:
-        ctx.out.line(message)
-    return ExitStatus.OK
+    return _report_node(ctx, rec, message)
