@@ -19,6 +19,10 @@ HASH_SPACE = 1 << 64
 META_GROUP_ID = 0xFFFF_FFFF
 """Group id of the cluster-metadata Raft group (shard ids are 0..2**32-2)."""
 
+STREAM_ACCEPTED = "cachenode-stream"
+"""The header (value "1") a node sends when it accepts a BatchStream, before
+it reads any request; a refused stream ends without it."""
+
 
 def key_hash(key: bytes) -> int:
     """The xxh3_64 hash that places ``key`` in the hash space."""

@@ -141,3 +141,118 @@ def test_a_call_ends_at_its_own_deadline_even_if_the_batch_hangs() -> None:
     code, took = asyncio.run(run())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.15 <= took < 2.0
+
+
+class _FakeStream:
+    """A BatchStream call as grpc.aio hands it out: ``write``, ``read``,
+    ``cancel``; answers each request with ``answer(req)``, or never when
+    ``answer`` is None (a node that hangs)."""
+
+    _CANCEL = object()
+
+    def __init__(self, answer: Any) -> None:
+        self._answer = answer
+        self._q: asyncio.Queue[Any] = asyncio.Queue()
+        self.requests: list[Any] = []
+        self.cancelled = False
+
+    async def initial_metadata(self) -> Any:
+        return (("cachenode-stream", "1"),)  # accepted
+
+    async def write(self, req: Any) -> None:
+        self.requests.append(req)
+        if self._answer is not None:
+            self._q.put_nowait(self._answer(req))
+
+    async def read(self) -> Any:
+        item = await self._q.get()
+        if item is self._CANCEL:
+            raise asyncio.CancelledError()
+        return item
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self._q.put_nowait(self._CANCEL)
+        return True
+
+
+def _answer_gets(req: Any) -> Any:
+    from cachenode.v1 import cache_pb2 as pb
+
+    return pb.BatchResponse(results=[pb.BatchResult(get=pb.GetResponse(found=True, value=op.get.key)) for op in req.ops])
+
+
+def test_batches_ride_one_stream_which_is_closed_when_idle() -> None:
+    from cachenode.client._coalesce import Coalescer
+    from cachenode.v1 import cache_pb2 as pb
+
+    streams: list[_FakeStream] = []
+
+    def stream_call() -> _FakeStream:
+        streams.append(_FakeStream(_answer_gets))
+        return streams[-1]
+
+    async def unary(req: Any, timeout: float) -> Any:
+        raise AssertionError("a unary Batch was sent while the stream works")
+
+    async def run() -> list[Any]:
+        co = Coalescer(unary, stream_call=stream_call, stream_idle_s=0.05)
+        got = []
+        for i in range(5):
+            got += await asyncio.gather(*(co.call("Get", pb.GetRequest(key=b"k%d" % j), 2.0) for j in range(i + 1)))
+        assert len(streams) == 1 and len(streams[0].requests) == 5 and not streams[0].cancelled
+        assert all(0 < r.timeout_ms <= 2000 for r in streams[0].requests)  # each message carries its timeout
+        await asyncio.sleep(0.2)
+        assert streams[0].cancelled  # idle: closed
+        got.append(await co.call("Get", pb.GetRequest(key=b"again"), 2.0))
+        assert len(streams) == 2  # the next batch opened a new one
+        return got
+
+    got = asyncio.run(run())
+    assert [g.value for g in got][-1] == b"again" and len(got) == 16
+
+
+def test_a_hung_stream_fails_its_batch_at_the_deadline_and_is_replaced() -> None:
+    from cachenode.client._coalesce import Coalescer
+    from cachenode.v1 import cache_pb2 as pb
+
+    streams: list[_FakeStream] = []
+
+    def stream_call() -> _FakeStream:
+        streams.append(_FakeStream(None if not streams else _answer_gets))  # the first one hangs
+        return streams[-1]
+
+    async def unary(req: Any, timeout: float) -> Any:
+        raise AssertionError("unexpected unary Batch")
+
+    async def run() -> tuple[grpc.StatusCode, bool, Any]:
+        co = Coalescer(unary, stream_call=stream_call, stream_grace_s=0.05)
+        try:
+            await co.call("Get", pb.GetRequest(key=b"k"), 0.2)
+            raise AssertionError("the call did not fail")
+        except grpc.RpcError as e:
+            code = e.code()
+        while not streams[0].cancelled:  # cancelled at timeout + grace
+            await asyncio.sleep(0.01)
+        got = await co.call("Get", pb.GetRequest(key=b"k2"), 1.0)
+        return code, streams[0].cancelled, got
+
+    code, cancelled, got = asyncio.run(run())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and cancelled
+    assert got.value == b"k2" and len(streams) == 2
+
+
+def test_a_node_without_streams_gets_unary_batches(cluster: FakeCluster) -> None:
+    """The fake nodes do not implement BatchStream (UNIMPLEMENTED, like a node
+    older than the client): every batch goes unary, and the client asks for
+    a stream only once per node."""
+
+    async def run() -> list[Any]:
+        async with AsyncCacheClient(cluster.endpoints, timeout=5) as c:
+            for i in range(5):
+                await asyncio.gather(*(c.set(f"u{i}-{j}", "v") for j in range(20)))
+            return [(co.streams_opened, co.batches) for co in c._coalescers.values()]
+
+    per_node = asyncio.run(run())
+    assert per_node and all(opened == 1 and batches >= 5 for opened, batches in per_node)
+    assert len(cluster.calls("Set")) == 100

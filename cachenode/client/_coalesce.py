@@ -13,6 +13,17 @@ batches, and so the node's Raft entries, larger: at 32 requests in flight it
 served 20 % more linearizable reads and 8 % more writes than two, with a
 lower p99 (`make bench`, 3 nodes, 16 shards).
 
+Transport: with ``stream_call`` (the stub's ``BatchStream``) and one batch in
+flight, batches travel over one long-lived bidirectional stream per node,
+which costs about half as much CPU per batch as a unary call on both the
+client and the node.  Each message carries its own timeout; a stream that
+does not answer within it (plus a grace) is cancelled, its batch fails like a
+unary call past its deadline, and the next batch opens a new stream.  A node
+that refuses the stream before reading it (UNIMPLEMENTED: an older node;
+RESOURCE_EXHAUSTED: its stream slots are full) gets unary Batch calls, for
+good or for ``STREAM_RETRY_S``.  A stream idle for ``STREAM_IDLE_S`` is
+closed, to give its node's worker thread back.
+
 Contract: one :class:`Coalescer` per node address, used from one event loop.
 A failed op is reported as an ``OpRpcError`` that looks like the failed unary
 call would have (code, details, trailing metadata), so the caller's retry
@@ -28,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from cachenode._types import STREAM_ACCEPTED
 from cachenode.v1 import cache_pb2 as pb
 
 BATCH_FIELD = {
@@ -38,6 +50,13 @@ BATCH_FIELD = {
 """Unary method -> BatchOp field, for the methods that can be coalesced."""
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+STREAM_GRACE_S = 1.0
+"""How long past a batch's timeout its stream may stay silent before it is cancelled."""
+STREAM_IDLE_S = 30.0
+"""A stream unused this long is closed."""
+STREAM_RETRY_S = 30.0
+"""After a RESOURCE_EXHAUSTED refusal, unary calls for this long."""
 
 
 class OpRpcError(grpc.RpcError):
@@ -81,11 +100,21 @@ def _expire(fut: asyncio.Future[Any]) -> None:
 class Coalescer:
     def __init__(
         self, batch_call: Callable[..., Any], max_batch: int = 256, max_inflight: int = 1,
-        max_keys: int = 10_000,
+        max_keys: int = 10_000, stream_call: Callable[..., Any] | None = None,
+        stream_grace_s: float = STREAM_GRACE_S, stream_idle_s: float = STREAM_IDLE_S,
     ) -> None:
         """``max_batch`` ops and ``max_keys`` keys (an MGet/MSet op counts its
-        keys; the server's default limit per call is 10,000) per Batch."""
+        keys; the server's default limit per call is 10,000) per Batch.
+        ``stream_call`` (the stub's BatchStream) is used when ``max_inflight`` is 1."""
+        self._grace_s = stream_grace_s
+        self._idle_s = stream_idle_s
         self._batch_call = batch_call  # the stub's Batch method
+        self._stream_call = stream_call if max_inflight == 1 else None
+        self._stream: Any = None  # the open BatchStream call
+        self._stream_retry_at = 0.0  # loop time before which batches go unary
+        self._stream_used = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.streams_opened = 0
         self._max_batch = max_batch
         self._max_keys = max_keys
         self._max_inflight = max_inflight
@@ -140,7 +169,7 @@ class Coalescer:
             self.ops += len(batch)
             self.largest = max(self.largest, len(batch))
             try:
-                resp = await self._batch_call(req, timeout=max(timeout, 0.001))
+                resp = await self._exchange(req, max(timeout, 0.001))
             except grpc.RpcError as e:
                 for _, _, fut, _ in batch:
                     if not fut.done():
@@ -167,3 +196,96 @@ class Coalescer:
             self._inflight -= 1
             if self._queue and self._inflight < self._max_inflight:
                 self._launch()
+
+    async def _exchange(self, req: pb.BatchRequest, timeout: float) -> pb.BatchResponse:
+        """Send one batch, over the stream when there is one; raises an
+        ``RpcError`` shaped like the unary call's when the whole batch fails."""
+        if self._stream_call is not None and asyncio.get_running_loop().time() >= self._stream_retry_at:
+            resp = await self._over_stream(req, timeout)
+            if resp is not None:
+                if resp.HasField("error"):
+                    raise OpRpcError(resp.error)
+                return resp
+        return await self._batch_call(req, timeout=timeout)  # type: ignore[no-any-return]
+
+    async def _over_stream(self, req: pb.BatchRequest, timeout: float) -> pb.BatchResponse | None:
+        """One request and its response on the stream (opened if needed).
+        None: the node refused the stream without reading the request."""
+        loop = asyncio.get_running_loop()
+        call = self._stream
+        fresh = call is None
+        if call is None:
+            assert self._stream_call is not None
+            call = self._stream = self._stream_call()
+            self.streams_opened += 1
+        req.timeout_ms = max(1, int(timeout * 1000))
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            call.cancel()
+
+        timer = loop.call_later(timeout + self._grace_s, expire)
+        try:
+            if fresh:
+                # The node accepts a stream by sending headers that say so
+                # before it reads anything; a refusal ends the call instead.
+                # Nothing was written yet, so a refused batch can go unary.
+                headers = await call.initial_metadata()
+                if (STREAM_ACCEPTED, "1") not in tuple(headers or ()):
+                    code = await call.code()
+                    self._drop_stream(call)
+                    if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                        self._stream_retry_at = loop.time() + (
+                            float("inf") if code == grpc.StatusCode.UNIMPLEMENTED else STREAM_RETRY_S)
+                    return None
+            await call.write(req)
+            resp = await call.read()
+        except asyncio.CancelledError:
+            self._drop_stream(call)
+            if not expired:
+                raise
+            raise _DeadlineError() from None
+        except grpc.RpcError:
+            self._drop_stream(call)
+            raise
+        except asyncio.InvalidStateError:  # the call had already ended with OK
+            self._drop_stream(call)
+            raise OpRpcError(pb.OpError(code=grpc.StatusCode.UNAVAILABLE.value[0], kind="unavailable",
+                                        message="the node closed the Batch stream; retry")) from None
+        finally:
+            timer.cancel()
+        if resp is grpc.aio.EOF:  # type: ignore[attr-defined]
+            self._drop_stream(call)
+            raise OpRpcError(pb.OpError(code=grpc.StatusCode.UNAVAILABLE.value[0], kind="unavailable",
+                                        message="the node ended the Batch stream without an answer; retry"))
+        self._stream_used = loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_later(self._idle_s, self._close_if_idle)
+        return resp  # type: ignore[no-any-return]
+
+    def _drop_stream(self, call: Any) -> None:
+        if self._stream is call:
+            self._stream = None
+        call.cancel()
+
+    def _close_if_idle(self) -> None:
+        self._idle_timer = None
+        call = self._stream
+        if call is None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._stream_used
+        if self._inflight == 0 and idle >= self._idle_s:
+            self._drop_stream(call)
+        else:
+            self._idle_timer = loop.call_later(max(0.01, self._idle_s - idle), self._close_if_idle)
+
+    def close(self) -> None:
+        """Cancel the stream (the client is closing; loop thread)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._stream is not None:
+            self._drop_stream(self._stream)

@@ -258,6 +258,9 @@ class AsyncCacheClient:
         if self._closed:
             return
         self._closed = True
+        for co in self._coalescers.values():
+            co.close()
+        self._coalescers.clear()
         channels = list(self._channels.values())
         self._channels.clear()
         for channel in channels:
@@ -354,7 +357,8 @@ class AsyncCacheClient:
                 if self._coalesce and op.method in BATCH_FIELD:
                     co = self._coalescers.get(target.address)
                     if co is None:
-                        co = self._coalescers[target.address] = Coalescer(self._cache_stub(target.address).Batch)
+                        stub = self._cache_stub(target.address)
+                        co = self._coalescers[target.address] = Coalescer(stub.Batch, stream_call=stub.BatchStream)
                     return await co.call(op.method, op.build(state.header(target)), state.attempt_timeout())
                 call = getattr(self._cache_stub(target.address), op.method)
                 return await call(op.build(state.header(target)), timeout=state.attempt_timeout())

@@ -296,7 +296,7 @@ class RaftGroup:
         self._barrier_payload = barrier_payload
         self._timing = timing
         self._reads: list[Future[bytes]] = []
-        self._ri_new: list[Future[None]] = []
+        self._ri_next: Future[None] | None = None  # shared by the reads of the next round
         self._probe_seq = 0
         self._acked: dict[NodeId, int] = {}  # follower -> highest probe it answered
         # Rounds waiting: (term, echo needed, read index or -1, when asked, futures).
@@ -376,11 +376,13 @@ class RaftGroup:
         the committed local state then holds every write acknowledged
         before this call.  Fails with NotLeader when leadership moves first.
         No clock is involved, so a paused or skewed leader cannot serve a
-        stale read."""
-        fut: Future[None] = Future()
+        stale read.  Every read joining the same round gets the same future
+        (one resolution per round, not per read): wait on it, never cancel it."""
         with self._reads_lock:
-            self._ri_new.append(fut)
-        self.host.wake(self)
+            fut = self._ri_next
+            if fut is None:
+                fut = self._ri_next = Future()
+        self.host.wake_reads(self)
         return fut
 
     @property
@@ -389,8 +391,16 @@ class RaftGroup:
 
     # ---- driver thread ----------------------------------------------------
 
+    def read_tick(self) -> None:
+        """ReadIndex work only, no pysyncobj tick: start the waiting round,
+        resolve the proven ones (driver thread, see ``GroupHost.wake_reads``)."""
+        if self._ri_next is not None:
+            self._start_round()
+        if self._ri_wait:
+            self._finish_rounds()
+
     def flush_reads(self) -> None:
-        if self._ri_new:
+        if self._ri_next is not None:
             self._start_round()
         if not self._reads:
             return
@@ -410,7 +420,10 @@ class RaftGroup:
 
     def _start_round(self) -> None:
         with self._reads_lock:
-            reads, self._ri_new = self._ri_new, []
+            fut, self._ri_next = self._ri_next, None
+        if fut is None:
+            return
+        reads = [fut]
         sync = self.sync
         if self._role != 2 or self.destroyed:
             err = NotLeader("not the leader of this shard", self.status.leader)

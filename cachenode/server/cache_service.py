@@ -16,16 +16,17 @@ an ``OpError`` (batch).  Runs on gRPC worker threads.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
 import grpc
 
 from .._clock import Clock
-from .._errors import CacheError, EpochMismatch, Internal, InvalidArgument, NotLeader
-from .._types import ShardDescriptor
+from .._errors import CacheError, EpochMismatch, Internal, InvalidArgument, NotLeader, Overloaded
+from .._types import STREAM_ACCEPTED, ShardDescriptor
 from ..fsm import commands as C
 from ..fsm.codec import decode_result, encode_command, encode_multi, split_multi_result
 from ..fsm.machine import read_get, ttl_remaining_ms
@@ -125,11 +126,17 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         self.fwd = forwarder
         self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fanout")
+        # Each open BatchStream holds a gRPC worker thread for its lifetime:
+        # at most half of them, so unary calls always find a thread.
+        self.max_streams = max(1, cfg.grpc_workers // 2)
+        self._stream_slots = threading.BoundedSemaphore(self.max_streams)
 
     # ---- plumbing -------------------------------------------------------------
 
     def _deadline(self, ctx: grpc.ServicerContext) -> float:
-        remaining = ctx.time_remaining()
+        return self._deadline_in(ctx.time_remaining())
+
+    def _deadline_in(self, remaining: float | None) -> float:
         if remaining is None or remaining > self.cfg.default_deadline_s * 4:
             remaining = self.cfg.default_deadline_s
         # Finish a little before the caller's deadline so the caller gets our
@@ -372,37 +379,70 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     }
 
     def Batch(self, req: pb.BatchRequest, ctx: grpc.ServicerContext) -> pb.BatchResponse:
-        def run(deadline: float) -> pb.BatchResponse:
-            V.check_batch(sum(len(op.mset.items) if op.HasField("mset") else len(op.mget.keys)
-                              if op.HasField("mget") else 1 for op in req.ops), self.cfg.max_batch_keys)
-            started: list[tuple[str, Finish | CacheError | ForwardedError]] = []
-            collector = _EntryCollector(self.r)
-            for op in req.ops:
-                which: str | None = op.WhichOneof("op")
-                if which is None:
-                    started.append(("", InvalidArgument("batch op names no operation")))
-                    continue
-                start = getattr(self, self._BATCH_START[which])
-                try:
-                    if which in self._BATCH_WRITES:
-                        started.append((which, start(getattr(op, which), deadline, collector)))
-                    else:
-                        started.append((which, start(getattr(op, which), deadline)))
-                except (CacheError, ForwardedError) as e:
-                    started.append((which, e))
-            collector.propose_all()
-            results = []
-            for which, item in started:
-                if not callable(item):
-                    results.append(pb.BatchResult(error=_op_error(item)))
-                    continue
-                try:
-                    results.append(pb.BatchResult(**{str(which): item()}))
-                except (CacheError, ForwardedError) as e:
-                    results.append(pb.BatchResult(error=_op_error(e)))
-            return pb.BatchResponse(results=results)
+        return self._serve(ctx, lambda deadline: self._run_batch(req, deadline))
 
-        return self._serve(ctx, run)
+    def BatchStream(self, requests: Iterator[pb.BatchRequest], ctx: grpc.ServicerContext) -> Iterator[pb.BatchResponse]:
+        """One response per request, in order, on this worker thread for the
+        stream's lifetime.  Refused (RESOURCE_EXHAUSTED, before any request is
+        read) when ``max_streams`` are open; accepted streams get their
+        headers at once, which is what the client waits for before writing.  A batch-level failure is the
+        response's ``error``; the stream goes on."""
+        if not self._stream_slots.acquire(blocking=False):
+            abort(ctx, Overloaded(
+                f"this node already serves {self.max_streams} Batch streams; use unary Batch calls"))
+        released = threading.Lock()
+
+        def release() -> None:
+            if released.acquire(blocking=False):
+                self._stream_slots.release()
+
+        ctx.add_callback(release)
+        ctx.send_initial_metadata(((STREAM_ACCEPTED, "1"),))  # the client may now write
+        return self._batch_stream(requests, release)
+
+    def _batch_stream(self, requests: Iterator[pb.BatchRequest], release: Callable[[], None]) -> Iterator[pb.BatchResponse]:
+        try:
+            for req in requests:
+                deadline = self._deadline_in(req.timeout_ms / 1000 if req.timeout_ms else None)
+                try:
+                    yield self._run_batch(req, deadline)
+                except (CacheError, ForwardedError) as e:
+                    yield pb.BatchResponse(error=_op_error(e))
+                except Exception as e:  # a bug: report it precisely, keep the stream
+                    log.exception("internal error")
+                    yield pb.BatchResponse(error=_op_error(Internal(f"internal error: {type(e).__name__}: {e}")))
+        finally:
+            release()
+
+    def _run_batch(self, req: pb.BatchRequest, deadline: float) -> pb.BatchResponse:
+        V.check_batch(sum(len(op.mset.items) if op.HasField("mset") else len(op.mget.keys)
+                          if op.HasField("mget") else 1 for op in req.ops), self.cfg.max_batch_keys)
+        started: list[tuple[str, Finish | CacheError | ForwardedError]] = []
+        collector = _EntryCollector(self.r)
+        for op in req.ops:
+            which: str | None = op.WhichOneof("op")
+            if which is None:
+                started.append(("", InvalidArgument("batch op names no operation")))
+                continue
+            start = getattr(self, self._BATCH_START[which])
+            try:
+                if which in self._BATCH_WRITES:
+                    started.append((which, start(getattr(op, which), deadline, collector)))
+                else:
+                    started.append((which, start(getattr(op, which), deadline)))
+            except (CacheError, ForwardedError) as e:
+                started.append((which, e))
+        collector.propose_all()
+        results = []
+        for which, item in started:
+            if not callable(item):
+                results.append(pb.BatchResult(error=_op_error(item)))
+                continue
+            try:
+                results.append(pb.BatchResult(**{str(which): item()}))
+            except (CacheError, ForwardedError) as e:
+                results.append(pb.BatchResult(error=_op_error(e)))
+        return pb.BatchResponse(results=results)
 
     # ---- multi-key ---------------------------------------------------------------------------
 

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-compaction-mb", type=float,
                    help="also snapshot a shard once its log holds this many MiB, or its state's size if larger (default 16)")
     s.add_argument("--tick-ms", type=float, help="driver loop tick (default 10)")
+    s.add_argument("--grpc-workers", type=int, help="client gRPC worker threads (default 64); half of them at most serve BatchStream streams")
     s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 2; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
     s.add_argument("--log-level", default=None)
@@ -192,6 +193,9 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         raise ConfigError("--max-value-bytes must be 1..67108864 (64 MiB)")
     if float(opt("log_compaction_mb", 16.0)) <= 0:  # type: ignore[arg-type]
         raise ConfigError("--log-compaction-mb must be positive")
+    workers = int(opt("grpc_workers", 64))  # type: ignore[call-overload]
+    if not 2 <= workers <= 1024:
+        raise ConfigError("--grpc-workers must be 2..1024")
     timing = RaftTiming(
         log_compaction_entries=int(opt("log_compaction_entries", 20000)),  # type: ignore[call-overload]
         log_compaction_bytes=int(float(opt("log_compaction_mb", 16.0)) * 1024 * 1024),  # type: ignore[arg-type]
@@ -204,6 +208,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         max_key_bytes=max_key,
         max_value_bytes=max_value,
         tick_interval_s=float(opt("tick_ms", 10.0)) / 1000.0,  # type: ignore[arg-type]
+        grpc_workers=workers,
         timing=timing, unsafe=unsafe,
         leader_balance_s=float(opt("leader_balance_s", 2.0)),  # type: ignore[arg-type]
         join=str(join) if join else None,
