@@ -51,7 +51,7 @@ BATCH_FIELD = {
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
-STREAM_GRACE_S = 1.0
+STREAM_GRACE_S = 0.25
 """How long past a batch's timeout its stream may stay silent before it is cancelled."""
 STREAM_IDLE_S = 30.0
 """A stream unused this long is closed."""

@@ -171,6 +171,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.cluster_now(gid)
 
     def _forward(self, method: str, req: Any, shard: ShardDescriptor, hint: NotLeader, deadline: float, write: bool) -> Finish:
+        """``req``: the request to forward, or a function building it (the
+        per-shard parts of MGet/MSet are built only when forwarded)."""
+        if callable(req):
+            req = req()
         if req.header.no_forward:
             raise hint
         m = self.r.cluster_map()
@@ -185,8 +189,11 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     # ---- phase 1 of reads -----------------------------------------------------------
 
     def _start_read(self, method: str, req: Any, key: bytes, deadline: float,
-                    build: Callable[[ShardDescriptor, int, StateReader], Any]) -> Finish:
+                    build: Callable[[ShardDescriptor, int, StateReader], Any],
+                    header: pb.RequestHeader | None = None) -> Finish:
         """Begin a read of ``key``; ``build(shard, clock, reader)`` makes the reply.
+        ``req`` is what a forward sends (a request, or a function building
+        it: then ``header`` is its header).
 
         A linearizable read on the leader joins a ReadIndex round (no log
         entry) and is judged at the replicated clock of the applied state.
@@ -194,8 +201,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         redone after a barrier entry, whose stamped time every later leader
         keeps: a key seen expired never comes back."""
         key = V.check_key(key, self.cfg.max_key_bytes)
-        shard = self._shard(key, req.header)
-        consistency = V.consistency(req.header)
+        if header is None:
+            header = req.header
+        shard = self._shard(key, header)
+        consistency = V.consistency(header)
         local = self.r.local_group(shard.id)
         if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local is not None:
             consistency = V.STALE  # UNSAFE: no barrier, no forwarding
@@ -259,6 +268,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     def _start_write(self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
                      make: Callable[[int], C.Command], reply: Callable[[C.Result], Any],
                      collector: _EntryCollector | None = None) -> Finish:
+        """Begin a write on ``shard``: propose ``make(now)`` here (joining the
+        Batch's entry through ``collector``) or forward ``req`` (a request,
+        or a function building it) to the leader."""
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
@@ -469,8 +481,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                                                  ttl_ms=ttl_remaining_ms(rec, clock)))
                 return pb.MGetResponse(items=items)
 
-            sub = pb.MGetRequest(header=req.header, keys=ks)
-            return self._start_read("MGet", sub, ks[0], deadline, build)
+            return self._start_read("MGet", lambda: pb.MGetRequest(header=req.header, keys=ks), ks[0], deadline, build, req.header)
 
         parts = [start(ks) for _, ks in by_shard.values()]
 
@@ -502,7 +513,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             return pb.MSetResponse(count=res.count, versions=[res.version])
 
         def start(shard: ShardDescriptor, its: list[tuple[bytes, bytes, int]]) -> Finish:
-            sub = pb.MSetRequest(header=req.header, items=[pb.KeyValue(key=k, value=v, ttl_ms=t) for k, v, t in its])
+            def sub() -> pb.MSetRequest:
+                return pb.MSetRequest(header=req.header, items=[pb.KeyValue(key=k, value=v, ttl_ms=t) for k, v, t in its])
+
             return self._start_write("MSet", sub, shard, deadline, lambda now: C.MSet(
                 items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid), reply, collector)
 
