@@ -216,3 +216,35 @@ def test_replica_restarted_from_a_snapshot_keeps_three_members(tmp_path: Path) -
     finally:
         for n in list(running):
             stop(n)
+
+
+def test_a_write_is_acknowledged_only_once_durable_on_a_majority(nodes: dict[str, Node]) -> None:
+    """Write results are released as soon as the leader's tick applies
+    them, before that iteration's storage commit: safe only because an
+    applied entry was appended, and committed to disk, in an earlier
+    iteration.  At the moment each future resolves (its callback runs on
+    the leader's driver thread), the entry must already be in the committed
+    journal of a majority of the replicas.  (With the hosts in unsafe
+    lazy-commit mode, which acknowledges before committing, this fails.)"""
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    seen: list[tuple[bytes, int]] = []
+
+    def check(payload: bytes) -> Callable[[Future[bytes]], None]:
+        def cb(_: Future[bytes]) -> None:
+            # (the journal holds pysyncobj's wrapper around the payload)
+            durable = sum(1 for n in nodes.values() if any(payload in e[0] for e in n.storage.load_log(GID)))
+            seen.append((payload, durable))
+        return cb
+
+    futs = []
+    for i in range(60):
+        payload = b"durable-%03d" % i
+        fut = leader.g.propose(payload)
+        fut.add_done_callback(check(payload))
+        futs.append(fut)
+        if i % 3 == 0:
+            fut.result(timeout=10)  # a mix of lone writes and pipelined ones
+    for f in futs:
+        f.result(timeout=10)
+    wait_for(lambda: len(seen) == 60, "every callback (they run after result() returns)")
+    assert all(durable >= 2 for _, durable in seen), [s for s in seen if s[1] < 2]
