@@ -25,3 +25,20 @@ def test_non_positive_log_compaction_mb_is_refused(value: str, capsys: pytest.Ca
     assert serve_main([*BASE, "--log-compaction-mb", value], env={"CACHENODE_SECRET": "s"}) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["cachenode: error: --log-compaction-mb must be positive"]
+
+
+def test_grpc_workers_reach_the_config_and_bound_the_streams() -> None:
+    from cachenode.server.cache_service import CacheService
+
+    args = build_parser().parse_args([*BASE, "--grpc-workers", "6"])
+    cfg, *_ = load_config(args, {"CACHENODE_SECRET": "s"})
+    assert cfg.grpc_workers == 6
+    # the stream cap is derived from it (no replicas needed to build the service)
+    assert CacheService(cfg, None, None, None).max_streams == 3  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["1", "0", "5000"])
+def test_out_of_range_grpc_workers_are_refused(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve_main([*BASE, "--grpc-workers", value], env={"CACHENODE_SECRET": "s"}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cachenode: error: --grpc-workers must be 2..1024"]
