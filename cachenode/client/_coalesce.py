@@ -251,9 +251,7 @@ class Coalescer:
             self._drop_stream(call)
             raise
         except asyncio.InvalidStateError:  # the call had already ended with OK
-            self._drop_stream(call)
-            raise OpRpcError(pb.OpError(code=grpc.StatusCode.UNAVAILABLE.value[0], kind="unavailable",
-                                        message="the node closed the Batch stream; retry")) from None
+            resp = grpc.aio.EOF  # type: ignore[attr-defined]
         finally:
             timer.cancel()
         if resp is grpc.aio.EOF:  # type: ignore[attr-defined]

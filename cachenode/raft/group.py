@@ -299,8 +299,8 @@ class RaftGroup:
         self._ri_next: Future[None] | None = None  # shared by the reads of the next round
         self._probe_seq = 0
         self._acked: dict[NodeId, int] = {}  # follower -> highest probe it answered
-        # Rounds waiting: (term, echo needed, read index or -1, when asked, futures).
-        self._ri_wait: list[tuple[int, int, int, float, list[Future[None]]]] = []
+        # Rounds waiting: (term, echo needed, read index or -1, when asked, the round's future).
+        self._ri_wait: list[tuple[int, int, int, float, Future[None]]] = []
         self._reads_lock = threading.Lock()
         self._role = 0
         self.destroyed = False
@@ -423,18 +423,15 @@ class RaftGroup:
             fut, self._ri_next = self._ri_next, None
         if fut is None:
             return
-        reads = [fut]
         sync = self.sync
         if self._role != 2 or self.destroyed:
-            err = NotLeader("not the leader of this shard", self.status.leader)
-            for f in reads:
-                f.set_exception(err)
+            fut.set_exception(NotLeader("not the leader of this shard", self.status.leader))
             return
         need = self._probe()
         # The read index: the commit index now, once it covers this term's
         # first entry (before that, -1: fixed when the term commits).
         index = sync.raftCommitIndex if self._term_committed() else -1
-        self._ri_wait.append((sync.raftCurrentTerm, need, index, time.monotonic(), reads))
+        self._ri_wait.append((sync.raftCurrentTerm, need, index, time.monotonic(), fut))
 
     def _finish_rounds(self) -> None:
         """After a tick: resolve the rounds that are proven (driver thread)."""
@@ -442,9 +439,8 @@ class RaftGroup:
         term = sync.raftCurrentTerm
         if self._role != 2 or self.destroyed:
             err = NotLeader("leadership moved during the read; retry", self.status.leader)
-            for *_, futs in self._ri_wait:
-                for f in futs:
-                    f.set_exception(err)
+            for *_, fut in self._ri_wait:
+                fut.set_exception(err)
             self._ri_wait = []
             return
         others = [n.id for n in sync.otherNodes]
@@ -455,24 +451,21 @@ class RaftGroup:
         keep = []
         now = time.monotonic()
         for item in self._ri_wait:
-            t, need, index, asked, futs = item
+            t, need, index, asked, fut = item
             if t != term:
-                err = NotLeader("leadership moved during the read; retry", self.status.leader)
-                for f in futs:
-                    f.set_exception(err)
+                fut.set_exception(NotLeader("leadership moved during the read; retry", self.status.leader))
                 continue
             if index < 0 and term_committed:
                 index = sync.raftCommitIndex
-                item = (t, need, index, asked, futs)
+                item = (t, need, index, asked, fut)
             votes = 1 + sum(1 for nid in others if acked.get(nid, 0) >= need)
             if votes >= majority and index >= 0 and applied >= index:
-                for f in futs:
-                    self.host.complete(f, None, FAIL_REASON.SUCCESS, read=True)
+                self.host.complete(fut, None, FAIL_REASON.SUCCESS, read=True)
                 continue
             if votes < majority and now - asked > self.host.timing.heartbeat_s:
                 # Lost or not yet sent (no link record): ask again.
                 self._probe()
-                item = (t, need, index, now, futs)
+                item = (t, need, index, now, fut)
             keep.append(item)
         self._ri_wait = keep
 

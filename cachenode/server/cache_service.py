@@ -397,34 +397,28 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         """One response per request, in order, on this worker thread for the
         stream's lifetime.  Refused (RESOURCE_EXHAUSTED, before any request is
         read) when ``max_streams`` are open; accepted streams get their
-        headers at once, which is what the client waits for before writing.  A batch-level failure is the
-        response's ``error``; the stream goes on."""
+        headers at once, which is what the client waits for before writing.
+        A batch-level failure is the response's ``error``; the stream goes on."""
         if not self._stream_slots.acquire(blocking=False):
             abort(ctx, Overloaded(
                 f"this node already serves {self.max_streams} Batch streams; use unary Batch calls"))
-        released = threading.Lock()
-
-        def release() -> None:
-            if released.acquire(blocking=False):
-                self._stream_slots.release()
-
-        ctx.add_callback(release)
+        # The slot is given back when the RPC ends, however it ends (also
+        # when it is cancelled before its generator ever runs).
+        if not ctx.add_callback(self._stream_slots.release):
+            self._stream_slots.release()  # it had already ended
         ctx.send_initial_metadata(((STREAM_ACCEPTED, "1"),))  # the client may now write
-        return self._batch_stream(requests, release)
+        return self._batch_stream(requests)
 
-    def _batch_stream(self, requests: Iterator[pb.BatchRequest], release: Callable[[], None]) -> Iterator[pb.BatchResponse]:
-        try:
-            for req in requests:
-                deadline = self._deadline_in(req.timeout_ms / 1000 if req.timeout_ms else None)
-                try:
-                    yield self._run_batch(req, deadline)
-                except (CacheError, ForwardedError) as e:
-                    yield pb.BatchResponse(error=_op_error(e))
-                except Exception as e:  # a bug: report it precisely, keep the stream
-                    log.exception("internal error")
-                    yield pb.BatchResponse(error=_op_error(Internal(f"internal error: {type(e).__name__}: {e}")))
-        finally:
-            release()
+    def _batch_stream(self, requests: Iterator[pb.BatchRequest]) -> Iterator[pb.BatchResponse]:
+        for req in requests:
+            deadline = self._deadline_in(req.timeout_ms / 1000 if req.timeout_ms else None)
+            try:
+                yield self._run_batch(req, deadline)
+            except (CacheError, ForwardedError) as e:
+                yield pb.BatchResponse(error=_op_error(e))
+            except Exception as e:  # a bug: report it precisely, keep the stream
+                log.exception("internal error")
+                yield pb.BatchResponse(error=_op_error(Internal(f"internal error: {type(e).__name__}: {e}")))
 
     def _run_batch(self, req: pb.BatchRequest, deadline: float) -> pb.BatchResponse:
         V.check_batch(sum(len(op.mset.items) if op.HasField("mset") else len(op.mget.keys)
