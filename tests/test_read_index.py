@@ -219,13 +219,13 @@ def test_replica_restarted_from_a_snapshot_keeps_three_members(tmp_path: Path) -
 
 
 def test_a_write_is_acknowledged_only_once_durable_on_a_majority(nodes: dict[str, Node]) -> None:
-    """Write results are released before the iteration's storage commit
-    (see GroupHost._finish_iteration): safe only because an applied entry
-    was appended, and committed to disk, in an earlier iteration.  At the
-    moment each future resolves (its callback runs on the leader's driver
-    thread), the entry must already be in the committed journal of a
-    majority of the replicas.  (With the hosts in unsafe lazy-commit mode,
-    which acknowledges before committing, this fails.)"""
+    """Write results are released as soon as the leader's tick applies
+    them, before that iteration's storage commit: safe only because an
+    applied entry was appended, and committed to disk, in an earlier
+    iteration.  At the moment each future resolves (its callback runs on
+    the leader's driver thread), the entry must already be in the committed
+    journal of a majority of the replicas.  (With the hosts in unsafe
+    lazy-commit mode, which acknowledges before committing, this fails.)"""
     leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
     seen: list[tuple[bytes, int]] = []
 
