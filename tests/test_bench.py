@@ -6,11 +6,13 @@ and that nothing the benchmark started outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +354,58 @@ def test_a_wrong_value_after_the_move_fails_the_phase(
     assert not _processes_mentioning(str(tmp_path / "cachenode-bench-"))
     (kept,) = tmp_path.glob("cachenode-bench-*")
     assert list(kept.glob("move/n*/node.log")) and not list(kept.rglob("data.mdb"))
+
+
+@pytest.mark.cluster
+def test_a_leader_change_after_the_fill_does_not_fail_the_move(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by `make bench-vs`: an election during the fill left the shard's
+    log ending on the new leader's no-op, so the leader's commit index was one
+    past every replica's applied index (which counts data entries only) and
+    the move "never caught up".  Here the leadership of the filled shard is
+    moved on purpose after the fill: the phase still succeeds."""
+    import grpc
+
+    from cachenode.bench import move as move_module
+    from cachenode.v1 import cache_pb2 as pb
+    from cachenode.v1 import cache_pb2_grpc as rpc
+
+    real_fill = move_module.ReplicaMove._fill
+    moved: dict[str, Any] = {}
+
+    def fill_then_move_the_leader(self: Any, client: Any) -> Any:
+        shard, keys, digests = real_fill(self, client)
+        leader, _ = self._leader(client, shard)
+        address = client.cluster_map(refresh=True).node(leader).address
+        with grpc.insecure_channel(address) as ch:
+            rpc.AdminStub(ch).TransferLeader(pb.TransferLeaderRequest(shard_id=shard), timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                new_leader, _ = self._leader(client, shard)
+                if new_leader != leader:
+                    break
+            time.sleep(0.05)
+        # the new leader's no-op is committed: commit index > applied index
+        st = next(r for r in client.node_status(client.cluster_map(refresh=True).node(new_leader).address).replicas
+                  if r.shard_id == shard)
+        moved.update(old=leader, new=new_leader, commit=st.commit_index, applied=st.applied_index)
+        return shard, keys, digests
+
+    monkeypatch.setattr(move_module.ReplicaMove, "_fill", fill_then_move_the_leader)
+    out = tmp_path / "results"
+    stderr = io.StringIO()
+    argv = [
+        "bench", "--workloads", "none", "--failover-trials", "0", "--move-mb", "1",
+        "--out", str(out), "--data-dir", str(tmp_path),
+    ]  # fmt: skip
+    code = main(argv, dict(os.environ), stdout=io.StringIO(), stderr=stderr)
+    assert moved["new"] != moved["old"] and moved["commit"] > moved["applied"], moved
+    assert code == 0, stderr.getvalue()
+    mv = json.loads((out / "latest.json").read_text())["move_replica"]
+    assert mv["verified"] is True and mv["leader_applied_index"] == moved["applied"]
+    assert mv["caught_up_s"] is not None
 
 
 def test_bench_rejects_bad_input_in_one_line(tmp_path: Path) -> None:

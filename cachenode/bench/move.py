@@ -13,7 +13,7 @@
    FOLLOWER replica to the new node, and times it from the ``AddOperator``
    call to the operator's ``success`` in ``GetPdStatus`` (polled every
    0.1 s); on the way it records when each operator step was seen done and
-   when the new replica's applied index reached the leader's commit index
+   when the new replica's applied index reached the leader's applied index
    as of the call (the data transfer proper);
 5. verifies: the map lists the new node and not the source, the new
    replica holds exactly the keys written, a sample read with ``stale``
@@ -70,7 +70,7 @@ METHOD = (
     "MSet of 64 KiB random values through the smart client; a 4th node joins; seconds = from the "
     "AddOperator(move-replica, follower -> new node) call to the operator's success in "
     "GetPdStatus, polled every 0.1 s (includes the PD's heartbeat-paced steps); caught_up_s = "
-    "until the new replica's applied index reached the leader's commit index as of the call"
+    "until the new replica's applied index reached the leader's applied index as of the call"
 )
 
 
@@ -133,9 +133,9 @@ class ReplicaMove:
                 self._stage = "adding the new node"
                 new_id, new_address = self._join(client)
                 self._stage = "moving the replica"
-                source, commit0 = self._move(client, shard, new_id, new_address)
+                source, applied0 = self._move(client, shard, new_id, new_address)
                 self._stage = "verifying"
-                self._verify(client, shard, source, new_id, new_address, commit0, keys, digests)
+                self._verify(client, shard, source, new_id, new_address, applied0, keys, digests)
         except CacheError as err:
             raise BenchError(f"replica move, {self._stage}: {err}") from None
         return self.doc
@@ -251,7 +251,13 @@ class ReplicaMove:
         return next((r for r in st.replicas if r.shard_id == shard), None)
 
     def _leader(self, client: CacheClient, shard: int) -> tuple[str, int]:
-        """(leader node id, its commit index) of ``shard``, asked of the replicas' nodes."""
+        """(leader node id, its applied index) of ``shard``, asked of the replicas' nodes.
+
+        The applied index, not the commit index: it counts only the entries
+        the state machine applied (data), while the commit index also counts
+        Raft's own entries (a new leader's no-op, membership changes), which
+        never move a replica's applied index.  Comparing a replica's applied
+        index with a commit index that ends on such an entry waits forever."""
         cmap = client.cluster_map(refresh=True)
         desc = cmap.shard(shard)
         assert desc is not None
@@ -267,7 +273,7 @@ class ReplicaMove:
                     and rep.role == "leader"
                     and (best is None or rep.term > best[0])
                 ):
-                    best = (rep.term, node_id, rep.commit_index)
+                    best = (rep.term, node_id, rep.applied_index)
         if best is None:
             raise BenchError(f"replica move: no replica of shard {shard} reports itself leader")
         return best[1], best[2]
@@ -289,15 +295,15 @@ class ReplicaMove:
     def _move(
         self, client: CacheClient, shard: int, new_id: str, new_address: str
     ) -> tuple[str, int]:
-        """Add the operator and follow it to its end; returns (source node, commit index at the call)."""
+        """Add the operator and follow it to its end; returns (source node, the leader's applied index at the call)."""
         self._wait_idle(client)
-        leader, commit0 = self._leader(client, shard)
+        leader, applied0 = self._leader(client, shard)
         desc = client.cluster_map(refresh=True).shard(shard)
         assert desc is not None
         followers = [r for r in desc.replicas if r != leader]
         # Not the preferred leader either: that would add a leader transfer to the move.
         source = next((r for r in followers if r != desc.replicas[0]), followers[0])
-        self.doc.update({"from": source, "leader": leader, "leader_commit_index": commit0})
+        self.doc.update({"from": source, "leader": leader, "leader_applied_index": applied0})
         self.note(f"replica move: shard {shard} from {source} (a follower) to {new_id}")
         started = time.monotonic()
         op: pb.OperatorInfo = client.placement_driver(
@@ -322,7 +328,7 @@ class ReplicaMove:
                     rep = self._replica(client, new_address, shard)
                     if rep is not None:
                         replica_bytes = max(replica_bytes, rep.size_bytes)
-                        if rep.applied_index >= commit0:
+                        if rep.applied_index >= applied0:
                             caught_up = now_s
             with contextlib.suppress(CacheError):
                 operators = self._pd_status(client).operators
@@ -371,7 +377,7 @@ class ReplicaMove:
         while caught_up is None and time.monotonic() < end:
             with contextlib.suppress(CacheError):
                 rep = self._replica(client, new_address, shard)
-                if rep is not None and rep.applied_index >= commit0:
+                if rep is not None and rep.applied_index >= applied0:
                     caught_up = time.monotonic() - started
                     replica_bytes = max(replica_bytes, rep.size_bytes)
             time.sleep(POLL_S)
@@ -381,7 +387,7 @@ class ReplicaMove:
         )
         self.doc["replica_bytes"] = replica_bytes or None
         self.doc["transfer"] = self._transfer_kind(new_id, shard)
-        return source, commit0
+        return source, applied0
 
     def _transfer_kind(self, node_id: str, shard: int) -> str | None:
         """How the data reached the new replica, from its node's log (None: log unreadable)."""
@@ -401,7 +407,7 @@ class ReplicaMove:
         source: str,
         new_id: str,
         new_address: str,
-        commit0: int,
+        applied0: int,
         keys: list[bytes],
         digests: list[bytes],
     ) -> None:
@@ -418,9 +424,9 @@ class ReplicaMove:
             self.doc["replica_keys"] = rep.keys
             if rep.keys != len(keys):
                 problems.append(f"{new_id}'s replica holds {rep.keys} keys, not {len(keys)}")
-            if rep.applied_index < commit0:
+            if rep.applied_index < applied0:
                 problems.append(
-                    f"{new_id}'s replica applied index {rep.applied_index} < {commit0} committed before"
+                    f"{new_id}'s replica applied index {rep.applied_index} < {applied0}, the leader's before the move"
                 )
         step = max(1, len(keys) // STALE_SAMPLE)
         sample = list(range(0, len(keys), step))[:STALE_SAMPLE]

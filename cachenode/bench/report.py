@@ -429,7 +429,7 @@ def _move_rows(move: Mapping[str, Any]) -> list[list[str]]:
             f"{s('seconds')} ({_rate(move.get('mb_per_s'))})",
         ],
         [
-            "new replica's applied index at the leader's commit",
+            "new replica's applied index at the leader's",
             f"{s('caught_up_s')} ({_rate(move.get('catch_up_mb_per_s'))})",
         ],
     ]
