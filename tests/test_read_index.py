@@ -11,6 +11,7 @@ and fails with NotLeader once the partition heals and it learns the new term.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -22,6 +23,7 @@ import pytest
 from cachenode._errors import NotLeader
 from cachenode.raft.group import RaftGroup, RaftTiming
 from cachenode.raft.host import GroupHost
+from cachenode.storage.base import StateReader, Storage
 from cachenode.storage.lmdb_store import LmdbStorage
 
 T = TypeVar("T")
@@ -32,10 +34,15 @@ TIMING = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, le
 
 
 class Node:
-    def __init__(self, nid: str, root: Path, timing: RaftTiming = TIMING, reopen: bool = False) -> None:
+    def __init__(
+        self, nid: str, root: Path, timing: RaftTiming = TIMING, reopen: bool = False,
+        wrap: Callable[[Storage], Storage] | None = None,
+    ) -> None:
         self.id = nid
         (root / nid).mkdir(exist_ok=reopen)
-        self.storage = LmdbStorage(str(root / nid / "db"), map_size=1 << 26, fsync=False)
+        self.storage: Storage = LmdbStorage(str(root / nid / "db"), map_size=1 << 26, fsync=False)
+        if wrap is not None:
+            self.storage = wrap(self.storage)
         self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=timing)
         self.applied: list[bytes] = []
         self.last_index = 0
@@ -76,9 +83,11 @@ def wait_for(cond: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
 
 
 @contextlib.contextmanager
-def three_hosts(root: Path, timing: RaftTiming = TIMING) -> Iterator[dict[str, Node]]:
+def three_hosts(
+    root: Path, timing: RaftTiming = TIMING, wrap: Callable[[Storage], Storage] | None = None
+) -> Iterator[dict[str, Node]]:
     """Three started hosts, each with a replica of group GID; stopped on exit."""
-    ns = {nid: Node(nid, root, timing) for nid in IDS}
+    ns = {nid: Node(nid, root, timing, wrap=wrap) for nid in IDS}
     try:
         for n in ns.values():
             for other in ns.values():
@@ -170,6 +179,64 @@ def test_journal_is_compacted_by_size(tmp_path: Path) -> None:
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s journal to shrink")
             assert n.on_driver(lambda n=n: n.g.snapshots_written) >= 1
+
+
+class _GatedDumps:
+    """A Storage whose readers' ``dump`` waits for ``gate`` and notes its thread."""
+
+    def __init__(self, inner: Storage, gate: threading.Event, threads: list[str]) -> None:
+        self._inner = inner
+        self._gate = gate
+        self._threads = threads
+
+    def reader(self, group: int) -> StateReader:
+        inner, gate, threads = self._inner.reader(group), self._gate, self._threads
+
+        class Reader:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+            def dump(self, out: Any) -> None:
+                threads.append(threading.current_thread().name)
+                if not gate.wait(30):
+                    raise TimeoutError("gate never opened")
+                inner.dump(out)
+
+        return Reader()  # type: ignore[return-value]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_snapshot_is_written_beside_the_driver_not_on_it(tmp_path: Path) -> None:
+    """Writing a snapshot dumps the whole shard: on the driver thread a large
+    shard stalled every group of the node (a leader missed its heartbeats and
+    lost an election during `make bench-vs`'s 100 MiB fill).  Here every dump
+    is held at a gate: the group keeps committing meanwhile, and the log is
+    dropped only once the snapshot file is complete."""
+    gate = threading.Event()
+    threads: list[str] = []
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
+                        log_compaction_bytes=1 << 20)
+    with three_hosts(tmp_path, timing, wrap=lambda s: _GatedDumps(s, gate, threads)) as ns:  # type: ignore[arg-type,return-value]
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        for i in range(24):
+            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        wait_for(lambda: len(threads) >= 3, "every replica to start its snapshot")
+        assert all(t.startswith("snapshot-") for t in threads), threads
+        # The dumps wait at the gate; the drivers do not.
+        for i in range(20):
+            leader.g.propose(b"during %d" % i).result(timeout=10)
+        for n in ns.values():
+            assert n.on_driver(lambda n=n: n.g.snapshots_written) == 0
+            assert n.on_driver(lambda n=n: n.g.journal.bytes) >= 1 << 20  # the log is kept until the file is done
+        assert leader_of(ns, IDS) is leader  # no election while the dumps wait
+        gate.set()
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.g.snapshots_written) >= 1, f"{n.id}'s snapshot")
+            wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s journal to shrink")
+            assert not list(tmp_path.joinpath(n.id).rglob("snapshot.bin.part")), "the writer's temp file is left"
+            assert list(tmp_path.joinpath(n.id).rglob("snapshot.bin")), f"{n.id} has no snapshot file"
 
 
 def test_replica_restarted_from_a_snapshot_keeps_three_members(tmp_path: Path) -> None:

@@ -7,10 +7,14 @@ Threads:
 * ``propose``, ``read_barrier``, ``read_index``, ``status`` and the properties: any thread.
 * everything else (``tick``, ``deliver``, ``flush_reads``, the pysyncobj
   callbacks, the snapshot hooks): the driver thread of :class:`GroupHost`.
+* the snapshot writer (:meth:`RaftGroup._dump_snapshot`): its own thread,
+  one at a time per host (``GroupHost.snapshot_lock``), reading committed
+  state only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,7 +28,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
-from pysyncobj.config import FAIL_REASON
+from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
@@ -45,6 +49,19 @@ APPEND_BATCH_BYTES = 300 * 1024 * 1024
 """Larger than any entry can be (requests are capped at 256 MiB), so
 pysyncobj never uses its chunked transmission (buggy in 0.3.17)."""
 _U32 = struct.Struct(">I")
+SNAPSHOT_COMMIT_WAIT_S = 30.0
+"""How long a snapshot writer waits for the applies it must include to be
+committed (they are, within the host's ``apply_commit_delay_s``)."""
+
+
+class _SnapshotStarted(Exception):
+    """Raised by the serializer hook once the snapshot writer thread runs.
+
+    pysyncobj renames ``<file>.tmp`` onto the snapshot file as soon as a
+    custom serializer returns; raising makes it skip that and ask the
+    ``serializeChecker`` instead, which reports SERIALIZING until the
+    writer is done (pysyncobj's documented route for an asynchronous
+    serializer; see ../shared/reference/pysyncobj.md)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -305,6 +322,12 @@ class RaftGroup:
         self._role = 0
         self.destroyed = False
         os.makedirs(snapshot_dir, exist_ok=True)
+        self._snapshot_file = os.path.join(snapshot_dir, "snapshot.bin")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._snapshot_file + ".part")  # left by a writer cut short
+        # The snapshot writer running, and how many snapshots had been installed when it started.
+        self._snap: tuple[Future[int], int] | None = None
+        self._snap_installs = 0  # snapshots loaded; a writer older than one is void
         self.journal = StorageJournal(group_id, host.storage, host.batch, host.durable_batch)
         others = [m for m in members if m != self_id]
         self.transport = GroupTransport(host, group_id, others, hold, on_release)
@@ -328,8 +351,9 @@ class RaftGroup:
             logCompactionMinTime=timing.log_compaction_s,
             logCompactionSplit=False,
             commandsQueueSize=timing.queue_size,
-            fullDumpFile=os.path.join(snapshot_dir, "snapshot.bin"),
-            serializer=self._write_snapshot,
+            fullDumpFile=self._snapshot_file,
+            serializer=self._start_snapshot,
+            serializeChecker=self._snapshot_state,
             deserializer=self._read_snapshot,
             useFork=False,
             onStateChanged=self._on_state_changed,
@@ -568,20 +592,85 @@ class RaftGroup:
 
     # ---- snapshots (pysyncobj serializer hooks, driver thread) -----------
 
-    def _write_snapshot(self, filename: str, data: tuple[Any, Any, Any]) -> None:
-        """Stream this group's LMDB state to ``filename``: header, state, CRC."""
-        last, prev, cluster = data
-        header = pickle.dumps((last, prev, sorted(n.id for n in cluster)))
-        state = self.host.batch().state(self.group_id)
-        with open(filename, "wb") as f:
-            w = _CrcWriter(f)
-            w.write(_SNAP_MAGIC + _U32.pack(len(header)) + header)
-            state.dump(w)  # type: ignore[arg-type]
-            f.write(_U32.pack(w.crc))
-            f.flush()
-            os.fsync(f.fileno())
+    def _start_snapshot(self, tmp_file: str, data: tuple[Any, Any, Any]) -> None:
+        """pysyncobj's serializer hook (driver thread): start writing a snapshot.
+
+        The state is streamed by a thread of its own from a read transaction
+        (committed state), so a large shard no longer stalls the node's
+        driver (every group's heartbeats, votes and commits) for as long as
+        its dump takes.  The dump must hold every apply done so far: the
+        writer first waits until the committed applied index reaches the
+        one in the batch now.  It may hold later applies too; a replica
+        that installs it skips re-applying those (apply is idempotent by
+        index).  Always raises (see :class:`_SnapshotStarted`)."""
+        fut: Future[int] = Future()
+        self._snap = (fut, self._snap_installs)
+        try:
+            last, prev, cluster = data
+            header = pickle.dumps((last, prev, sorted(n.id for n in cluster)))
+            need = self.host.batch().state(self.group_id).applied_index()
+            threading.Thread(
+                target=self._dump_snapshot, args=(fut, header, need, int(last[1])),
+                name=f"snapshot-{self.group_id}", daemon=True,
+            ).start()
+        except Exception as e:  # reported through _snapshot_state as FAILED
+            fut.set_exception(e)
+        raise _SnapshotStarted
+
+    def _dump_snapshot(self, fut: Future[int], header: bytes, need: int, index: int) -> None:
+        """Snapshot writer thread: ``<file>.part`` with header, state, CRC, fsynced.
+
+        Renaming it onto the snapshot file is left to the driver thread
+        (:meth:`_snapshot_state`), where pysyncobj also installs snapshots
+        received from a leader: the two never interleave."""
+        try:
+            with self.host.snapshot_lock:
+                reader = self.host.storage.reader(self.group_id)
+                deadline = time.monotonic() + SNAPSHOT_COMMIT_WAIT_S
+                while reader.applied_index() < need:
+                    if self.destroyed:
+                        raise Unavailable("replica removed")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"applies up to index {need} not committed within {SNAPSHOT_COMMIT_WAIT_S:g}s")
+                    time.sleep(0.005)
+                with open(self._snapshot_file + ".part", "wb") as f:
+                    w = _CrcWriter(f)
+                    w.write(_SNAP_MAGIC + _U32.pack(len(header)) + header)
+                    reader.dump(w)  # type: ignore[arg-type]
+                    f.write(_U32.pack(w.crc))
+                    f.flush()
+                    os.fsync(f.fileno())
+            fut.set_result(index)
+        except BaseException as e:  # noqa: BLE001 - reported on the driver thread
+            fut.set_exception(e)
+
+    def _snapshot_state(self) -> int:
+        """pysyncobj's serializeChecker (driver thread, every tick)."""
+        if self._snap is None:
+            return int(SERIALIZER_STATE.NOT_SERIALIZING)
+        fut, installs = self._snap
+        if not fut.done():
+            return int(SERIALIZER_STATE.SERIALIZING)
+        self._snap = None
+        part = self._snapshot_file + ".part"
+        err = fut.exception()
+        if err is None and self._snap_installs != installs:
+            err = RuntimeError("a snapshot from the leader was installed meanwhile")
+        if err is None:
+            try:
+                os.replace(part, self._snapshot_file)
+                _fsync_dir(os.path.dirname(self._snapshot_file))
+            except OSError as e:
+                err = e
+        if err is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            if not self.destroyed:
+                log.warning("group %s: snapshot not written (log kept): %s", self.group_id, err)
+            return int(SERIALIZER_STATE.FAILED)
         self.snapshots_written += 1
-        log.info("group %s: snapshot at index %s written", self.group_id, last[1])
+        log.info("group %s: snapshot at index %s written", self.group_id, fut.result())
+        return int(SERIALIZER_STATE.SUCCESS)
 
     def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
         """Load a snapshot (local restart, or one received from the leader).
@@ -607,6 +696,7 @@ class RaftGroup:
                 raise ValueError(f"{filename} is not a cachenode snapshot")
             (hlen,) = _U32.unpack(f.read(4))
             last, prev, cluster = pickle.loads(f.read(hlen))
+            self._snap_installs += 1
             state = self.host.durable_batch().state(self.group_id)
             if last[1] > state.applied_index():
                 state.load(_LimitedReader(f, size - 4 - f.tell()))  # type: ignore[arg-type]
@@ -619,6 +709,15 @@ class RaftGroup:
         # member, needed 3 votes of 4 and could not elect a leader (or stay
         # one) with one peer down.
         return last, prev, [Node(i) for i in cluster]
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _CrcWriter:

@@ -93,6 +93,9 @@ class GroupHost:
         self._periodic: list[tuple[float, float, Callable[[], None]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.snapshot_lock = threading.Lock()
+        """Held by a group's snapshot writer thread while it dumps: one dump
+        at a time per node, so snapshots of many groups never pile up."""
         self.iterations = 0
         self.commits = 0
         self.handler_errors = 0
