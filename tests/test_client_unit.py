@@ -446,6 +446,30 @@ def test_not_leader_hint_is_followed_and_cached(cluster: FakeCluster) -> None:
         assert [x.node for x in cluster.calls("Get")] == [new]  # cached
 
 
+def test_a_leader_transfer_costs_a_backoff_not_a_share_of_the_timeout(cluster: FakeCluster) -> None:
+    """Found with a 30 s timeout: the leader answered "not the leader, leader
+    unknown" for the instant of a transfer, and the client waited a quarter
+    of its budget (7.5 s) before asking again.  It waits a short backoff."""
+    key = b"transfer"
+    shard = cluster.state.map.shard_for_hash(key_hash(key))
+    with CacheClient(cluster.endpoints, timeout=30.0, max_attempts=4) as c:
+        c.set(key, "1")
+        old = cluster.leader_of_key(key)
+        new = next(n for n in shard.replicas if n != old)
+        # Every replica says "not the leader, leader unknown" twice, then the transfer is done.
+        cluster.inject(Fault("Set", grpc.StatusCode.FAILED_PRECONDITION, kind="not_leader", count=2))
+        cluster.move_leader(shard.id, new)
+        t0 = time.monotonic()
+        assert c.set(key, "2") is True
+        assert time.monotonic() - t0 < 1.0
+        # Elections do not use up the attempts either: more of them than
+        # max_attempts, each after a backoff, all within the timeout.
+        cluster.inject(Fault("Set", grpc.StatusCode.FAILED_PRECONDITION, kind="not_leader", count=6))
+        cluster.clear_calls()
+        assert c.set(key, "3") is True
+        assert len(cluster.calls("Set")) >= 7  # 6 refusals (and maybe a probe of a follower), then the write
+
+
 def test_unknown_leader_probes_replicas(cluster: FakeCluster) -> None:
     cluster.state.published_leaders = {}  # the map names no leaders
     with CacheClient(cluster.endpoints[:1]) as c:

@@ -87,7 +87,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 class _Wait(enum.Enum):
     NONE = "none"  # retry at once
     BACKOFF = "backoff"  # exponential backoff with jitter
-    ELECTION = "election"  # at least an even share of the remaining budget
+    ELECTION = "election"  # backoff; not counted against max_attempts (see CallState.failed)
 
 
 class Regroup(Exception):
@@ -389,6 +389,7 @@ class CallState:
         self.started = core.clock()
         self.request_id = core.next_request_id() if op.write else None
         self.attempts = 0
+        self.counted = 0  # attempts that count against max_attempts
         self.backoffs = 0
         self.maybe_applied = False
         self.last: Failure | None = None
@@ -405,7 +406,7 @@ class CallState:
     def attempt_timeout(self) -> float:
         """At most half the remaining budget; the last allowed attempt gets all of it."""
         rem = max(self.remaining(), MIN_ATTEMPT_S)
-        if self.core.max_attempts - self.attempts <= 1:
+        if self.core.max_attempts - self.counted <= 1:
             return rem
         return rem / 2
 
@@ -428,6 +429,7 @@ class CallState:
         if self.core.routing == "proxy" and len(self.op.keys) == 1:
             return 0.0
         self.attempts += 1
+        self.counted += 1
         self.last = Failure(error, Retry.NODE_DOWN, maybe_sent=False)
         self._no_map = True
         return self._next_delay(_Wait.BACKOFF)
@@ -474,7 +476,16 @@ class CallState:
     # ---- failures --------------------------------------------------------
 
     def failed(self, err: grpc.RpcError, target: Target) -> float:
-        """Record a failed attempt.  Returns the backoff before the next one, or raises."""
+        """Record a failed attempt.  Returns the backoff before the next one, or raises.
+
+        An attempt that found no leader (an election in progress, or a hint
+        naming a node we cannot reach) does not count against
+        ``max_attempts``: the next one waits a jittered backoff (50 ms,
+        doubling up to 1 s) and the call's deadline bounds them all.  A
+        leadership transfer takes milliseconds and a failover about the
+        election timeout, so waiting a share of the whole budget instead
+        (as before) made one write wait 7.5 s of a 30 s timeout for a
+        transfer that took 2 ms."""
         f = classify(err, what=self.op.display, target=target.describe())
         self.attempts += 1
         self.last = f
@@ -520,21 +531,18 @@ class CallState:
                 self.core.mark_down(target.address)
             self._refresh = self.core.routing == "smart"
             wait = _Wait.NONE
+        if wait is not _Wait.ELECTION:
+            self.counted += 1
         return self._next_delay(wait)
 
     def _next_delay(self, wait: _Wait) -> float:
-        if self.attempts >= self.core.max_attempts or self.remaining() <= MIN_ATTEMPT_S:
+        if self.counted >= self.core.max_attempts or self.remaining() <= MIN_ATTEMPT_S:
             raise self.final_error()
         if wait is _Wait.NONE:
             return 0.0
         delay = self.core.backoff(self.backoffs)
         self.backoffs += 1
-        remaining = self.remaining()
-        if wait is _Wait.ELECTION:
-            # No leader right now: an election takes a while, so spread the
-            # attempts left over the budget instead of burning them at once.
-            delay = max(delay, remaining / (self.core.max_attempts - self.attempts + 1))
-        return min(delay, remaining / 2)
+        return min(delay, self.remaining() / 2)
 
     def final_error(self) -> CacheError:
         """The error a user sees when the attempts or the budget ran out."""
