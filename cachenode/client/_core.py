@@ -68,6 +68,10 @@ Consistency = Literal["linearizable", "stale"]
 
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 1.0
+ELECTION_BACKOFF_CAP_S = 0.3
+"""Longest wait between attempts while a shard has no leader: an election
+ends within about the election timeout (0.8-1.6 s), and a call should see
+the new leader within a fraction of that, not a whole backoff step later."""
 SUSPECT_S = 2.0
 """How long an unreachable address is tried last."""
 MIN_ATTEMPT_S = 0.005
@@ -481,7 +485,7 @@ class CallState:
         An attempt that found no leader (an election in progress, or a hint
         naming a node we cannot reach) does not count against
         ``max_attempts``: the next one waits a jittered backoff (50 ms,
-        doubling up to 1 s) and the call's deadline bounds them all.  A
+        doubling up to 0.3 s) and the call's deadline bounds them all.  A
         leadership transfer takes milliseconds and a failover about the
         election timeout, so waiting a share of the whole budget instead
         (as before) made one write wait 7.5 s of a 30 s timeout for a
@@ -542,6 +546,8 @@ class CallState:
             return 0.0
         delay = self.core.backoff(self.backoffs)
         self.backoffs += 1
+        if wait is _Wait.ELECTION:
+            delay = min(delay, ELECTION_BACKOFF_CAP_S)
         return min(delay, self.remaining() / 2)
 
     def final_error(self) -> CacheError:

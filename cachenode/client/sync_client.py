@@ -76,8 +76,8 @@ class CacheClient:
     ``timeout`` (seconds) bounds each user call as a whole, across all its
     attempts; ``max_attempts`` bounds the attempts of one call (per shard for
     ``mget``/``mset``), not counting those that found no leader (an election
-    in progress): those retry with a backoff of 50 ms doubling to 1 s until
-    the timeout.  ``client_id`` (1..64 bytes) names this client in
+    in progress): those retry with a backoff of 50 ms doubling to 0.3 s
+    until the timeout.  ``client_id`` (1..64 bytes) names this client in
     request ids; a random one is chosen when omitted.  Two clients must never
     share a client id.
 
