@@ -560,9 +560,14 @@ def test_write_that_keeps_timing_out_raises_outcome_unknown(cluster: FakeCluster
 
 def test_definite_failures_say_not_applied(cluster: FakeCluster) -> None:
     with CacheClient(cluster.endpoints, timeout=1.0, max_attempts=3) as c:
-        cluster.inject(Fault("Set", grpc.StatusCode.UNAVAILABLE, kind="unavailable", count=10))
+        # "No leader / no quorum" answers are waited out (with backoff) until
+        # the timeout, not counted against max_attempts.
+        cluster.inject(Fault("Set", grpc.StatusCode.UNAVAILABLE, kind="unavailable", count=1000))
+        t0 = time.monotonic()
         with pytest.raises(Unavailable, match="It was not applied"):
             c.set("k", "v")
+        assert time.monotonic() - t0 < 1.5
+        assert len(cluster.calls("Set")) > 3
 
 
 def test_deadline_bounds_a_slow_node(cluster: FakeCluster) -> None:
