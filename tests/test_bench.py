@@ -323,6 +323,17 @@ def test_cachectl_bench_times_a_replica_move(tmp_path: Path) -> None:
     assert "measured" in rendered.getvalue()
 
 
+def _move_phase_only(tmp_path: Path, out: Path) -> tuple[int, str, dict[str, Any]]:
+    """``cachectl bench`` with only a 1 MiB replica move: (exit code, stderr, the move's document)."""
+    stderr = io.StringIO()
+    argv = [
+        "bench", "--workloads", "none", "--failover-trials", "0", "--move-mb", "1",
+        "--out", str(out), "--data-dir", str(tmp_path),
+    ]  # fmt: skip
+    code = main(argv, dict(os.environ), stdout=io.StringIO(), stderr=stderr)
+    return code, stderr.getvalue(), json.loads((out / "latest.json").read_text())["move_replica"]
+
+
 @pytest.mark.cluster
 def test_a_wrong_value_after_the_move_fails_the_phase(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -339,14 +350,8 @@ def test_a_wrong_value_after_the_move_fails_the_phase(
 
     monkeypatch.setattr(move_module.ReplicaMove, "_verify", corrupting_verify)
     out = tmp_path / "results"
-    stderr = io.StringIO()
-    argv = [
-        "bench", "--workloads", "none", "--failover-trials", "0", "--move-mb", "1",
-        "--out", str(out), "--data-dir", str(tmp_path),
-    ]  # fmt: skip
-    code = main(argv, dict(os.environ), stdout=io.StringIO(), stderr=stderr)
-    assert code == 1, stderr.getvalue()
-    mv = json.loads((out / "latest.json").read_text())["move_replica"]
+    code, err, mv = _move_phase_only(tmp_path, out)
+    assert code == 1, err
     assert mv["verified"] is False and "verification failed" in mv["failed"]
     assert mv["verify"]["keys_wrong"] == 1 and mv["seconds"] > 0
     goal = next(g for g in json.loads((out / "latest.json").read_text())["goals"] if g["name"] == "replica_move")
@@ -388,22 +393,14 @@ def test_a_leader_change_after_the_fill_does_not_fail_the_move(
                     break
             time.sleep(0.05)
         # the new leader's no-op is committed: commit index > applied index
-        st = next(r for r in client.node_status(client.cluster_map(refresh=True).node(new_leader).address).replicas
-                  if r.shard_id == shard)
+        st = self._replica(client, client.cluster_map(refresh=True).node(new_leader).address, shard)
         moved.update(old=leader, new=new_leader, commit=st.commit_index, applied=st.applied_index)
         return shard, keys, digests
 
     monkeypatch.setattr(move_module.ReplicaMove, "_fill", fill_then_move_the_leader)
-    out = tmp_path / "results"
-    stderr = io.StringIO()
-    argv = [
-        "bench", "--workloads", "none", "--failover-trials", "0", "--move-mb", "1",
-        "--out", str(out), "--data-dir", str(tmp_path),
-    ]  # fmt: skip
-    code = main(argv, dict(os.environ), stdout=io.StringIO(), stderr=stderr)
+    code, err, mv = _move_phase_only(tmp_path, tmp_path / "results")
     assert moved["new"] != moved["old"] and moved["commit"] > moved["applied"], moved
-    assert code == 0, stderr.getvalue()
-    mv = json.loads((out / "latest.json").read_text())["move_replica"]
+    assert code == 0, err
     assert mv["verified"] is True and mv["leader_applied_index"] == moved["applied"]
     assert mv["caught_up_s"] is not None
 
