@@ -242,3 +242,31 @@ def test_join_refuses_an_address_in_use(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as e:
             c.admin("n1").Heartbeat(pb.HeartbeatRequest(node=pb.NodeInfo(id="ghost")), timeout=2)
         assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_pausing_balance_leader_also_stops_the_nodes_moving_leaders(tmp_path: Path) -> None:
+    """Nodes hand leadership back to each shard's preferred replica on their
+    own; with ``balance-leader`` paused they must not, or a user (or the
+    replica-move benchmark) who paused leader balancing still sees leaders
+    move.  Resumed, the preferred replica takes over again."""
+    with local_cluster(tmp_path / "c", nodes=3, shards=4, extra=[*FAST_PD, "--leader-balance-s=0.3"]) as c:
+        eps = ["--endpoints", c.endpoints]
+        s = c.cluster_map().shards[0]
+        preferred, other = s.replicas[0], s.replicas[1]
+
+        def status(node: str) -> pb.NodeStatus:
+            return c.admin(node).GetNodeStatus(pb.NodeStatusRequest(), timeout=2)
+
+        assert {status(n).leader_balancing for n in c.node_ids} == {"on"}
+        assert cachectl("scheduler", "pause", "balance-leader", *eps).returncode == 0
+        wait_for(lambda: all(status(n).leader_balancing == "paused" for n in c.node_ids), 10, "every node to see the pause")
+        c.admin(preferred).TransferLeader(pb.TransferLeaderRequest(shard_id=s.id, to_node=other), timeout=5)
+        wait_for(lambda: c.leader_of(s.id) == other, 10, f"{other} to lead shard {s.id}")
+        rounds = status(other).leader_balance_rounds
+        wait_for(lambda: status(other).leader_balance_rounds >= rounds + 3, 10, f"three balance rounds on {other}")
+        assert c.leader_of(s.id) == other, "a node moved the leader while balance-leader was paused"
+        doc = json.loads(cachectl("status", "--json", *eps).stdout)
+        assert {n["leader_balancing"] for n in doc["nodes"]} == {"paused"}
+
+        assert cachectl("scheduler", "resume", "balance-leader", *eps).returncode == 0
+        wait_for(lambda: c.leader_of(s.id) == preferred, 15, f"{preferred} (preferred) to lead shard {s.id} again")

@@ -3,7 +3,8 @@
 :class:`ReplicaMove` runs on a fresh cluster the caller started (and stops):
 
 1. pauses the ``balance-replica`` and ``balance-leader`` schedulers, so the
-   only data the placement driver (PD) moves is ours;
+   only data the placement driver (PD) moves is ours, and waits until every
+   node reports its own preferred-leader moves paused;
 2. fills ONE shard with ``mb`` MiB of 64 KiB random values: keys are picked
    with the client's own route table, written with ``MSet`` (8 values, one
    Raft entry, per call; 4 calls in flight) through the smart client;
@@ -160,6 +161,24 @@ class ReplicaMove:
                 raise BenchError(
                     f"replica move: {name} is not paused after pausing it ({resp.paused})"
                 )
+        # Nodes hear of the pause in their next heartbeat reply; until then
+        # one could still hand a leader to its preferred replica mid-fill.
+        while True:
+            cmap = client.cluster_map(refresh=True)
+            modes = {}
+            for n in cmap.nodes:
+                try:
+                    modes[n.id] = client.node_status(n.address).leader_balancing
+                except CacheError as err:
+                    modes[n.id] = str(err)
+            if all(m in ("paused", "off") for m in modes.values()):
+                break
+            if time.monotonic() >= end:
+                raise BenchError(
+                    f"replica move: leader balancing not paused on every node within "
+                    f"{PD_READY_TIMEOUT_S:g}s: {modes}"
+                )
+            time.sleep(POLL_S)
         self.doc["paused"] = list(PAUSED)
 
     def _fill(self, client: CacheClient) -> tuple[int, list[bytes], list[bytes]]:

@@ -134,6 +134,7 @@ def node_status_from_wire(msg: pb.NodeStatus) -> NodeStatus:
         uptime_s=msg.uptime_s,
         version=msg.version,
         fsync=msg.fsync,
+        leader_balancing=msg.leader_balancing,
     )
 
 

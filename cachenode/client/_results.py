@@ -73,3 +73,4 @@ class NodeStatus:
     uptime_s: float
     version: str
     fsync: str
+    leader_balancing: str = ""  # "on", "paused" or "off" ("" from an older node)

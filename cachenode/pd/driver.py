@@ -236,16 +236,21 @@ class PlacementDriver:
 
     def heartbeat(
         self, node: NodeInfo, map_version: int, stats: StoreStats, replicas: tuple[ReplicaReport, ...]
-    ) -> tuple[ClusterMap | None, list[Instruction]]:
-        """Record a node's report; answer with a newer map (if any) and the
-        instructions addressed to it."""
+    ) -> tuple[ClusterMap | None, list[Instruction], list[str]]:
+        """Record a node's report; answer with a newer map (if any), the
+        instructions addressed to it and the paused schedulers (nodes stop
+        their preferred-leader moves while ``balance-leader`` is paused)."""
         with self._lock:
             m = self._require_active()
             known = m.node(node.id)
             if known is None:
                 raise NotFound(f"node {node.id} is not a member of this cluster; start it with --join to add it")
             self._reports[node.id] = _Report(self.now(), node, stats, replicas)
-            return (m if map_version < m.version else None), list(self._instructions.get(node.id, ()))
+            return (
+                (m if map_version < m.version else None),
+                list(self._instructions.get(node.id, ())),
+                sorted(self.controller.paused),
+            )
 
     def join(self, node: NodeInfo) -> ClusterMap:
         """Register a node (idempotent: a restarted node joins again)."""

@@ -85,6 +85,7 @@ class AdminService(cache_pb2_grpc.AdminServicer):
             node=pb.NodeInfo(id=me.id, address=me.address, raft_address=me.raft_address),
             replicas=reps, uptime_s=time.monotonic() - self.started, version=__version__,
             fsync="always" if self.cfg.fsync else "never",
+            leader_balancing=self.r.leader_balancing(), leader_balance_rounds=self.r.leader_balance_rounds,
         )
 
     def GetShardStatus(self, req: pb.ShardStatusRequest, ctx: grpc.ServicerContext) -> pb.ShardStatus:
@@ -156,7 +157,7 @@ class AdminService(cache_pb2_grpc.AdminServicer):
                 )
                 for r in req.replicas
             )
-            m, instructions = self.pd.heartbeat(node, req.map_version, stats, reps)
+            m, instructions, paused = self.pd.heartbeat(node, req.map_version, stats, reps)
             return pb.HeartbeatResponse(
                 pd_node=self.cfg.node_id,
                 cluster_map_json=_map_json(m) if m is not None else b"",
@@ -164,6 +165,7 @@ class AdminService(cache_pb2_grpc.AdminServicer):
                     pb.Instruction(operator_id=i.op_id, shard_id=i.shard, action=i.action, target=i.target)
                     for i in instructions
                 ],
+                paused_schedulers=paused,
             )
         except CacheError as e:
             abort(ctx, e)

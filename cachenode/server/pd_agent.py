@@ -103,6 +103,7 @@ class PdAgent:
             map_version=m.version if m else 0, stats=self._stats(replicas), replicas=replicas,
         )
         resp = self._call("Heartbeat", req)
+        self.r.set_paused_schedulers(frozenset(resp.paused_schedulers))
         if resp.cluster_map_json:
             self.r.adopt_map(ClusterMap.from_dict(json.loads(resp.cluster_map_json)))
         for ins in resp.instructions:

@@ -92,6 +92,10 @@ class ReplicaManager:
         self._registry: dict[int, dict[str, Any]] = self._load_registry()
         self.writes_applied = 0
         self.reads_served = 0
+        # Schedulers the placement driver reports paused (PD agent thread
+        # writes, the driver thread reads; one reference swap).
+        self._paused_schedulers: frozenset[str] = frozenset()
+        self.leader_balance_rounds = 0
 
     # ---- start-up (any thread) --------------------------------------------
 
@@ -123,6 +127,19 @@ class ReplicaManager:
                 return
             self._adopted = m
         _write_json(self._map_file, m.to_dict())
+
+    def set_paused_schedulers(self, paused: frozenset[str]) -> None:
+        """The paused schedulers, as the placement driver's last heartbeat
+        reply named them (PD agent thread)."""
+        if paused != self._paused_schedulers:
+            log.info("placement driver: paused schedulers now %s", ", ".join(sorted(paused)) or "none")
+        self._paused_schedulers = paused
+
+    def leader_balancing(self) -> str:
+        """``on``, ``paused`` (the PD's balance-leader is paused) or ``off``."""
+        if self.cfg.leader_balance_s <= 0:
+            return "off"
+        return "paused" if "balance-leader" in self._paused_schedulers else "on"
 
     def _load_map_file(self) -> ClusterMap | None:
         try:
@@ -341,9 +358,15 @@ class ReplicaManager:
 
         Placement spreads first replicas evenly, so this spreads leaders
         evenly after bootstrap, restarts and failovers.  pysyncobj refuses a
-        transfer to a lagging target; we simply try again next period."""
+        transfer to a lagging target; we simply try again next period.
+
+        Pausing the placement driver's ``balance-leader`` scheduler pauses
+        this too (from the next heartbeat reply on): a user who paused leader
+        balancing expects no leader to move unless an operator moves it.  A
+        node that has not heard from the driver since it started balances."""
+        self.leader_balance_rounds += 1
         m = self._map
-        if m is None:
+        if m is None or "balance-leader" in self._paused_schedulers:
             return
         for s in m.shards:
             g = self.host.group(s.id)

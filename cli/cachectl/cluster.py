@@ -8,7 +8,8 @@ claims it, the map's leader is shown if that node is up.
 
 ``--json`` prints ``{"nodes": [...], "shards": [...], "map_version": N}``:
 nodes ``{"id", "address", "raft_address", "state": "up"|"down", "replicas":
-[shard ids], "leaders": [shard ids], "uptime_s", "version", "fsync", "error"}``,
+[shard ids], "leaders": [shard ids], "uptime_s", "version", "fsync",
+"leader_balancing": "on"|"paused"|"off", "error"}``,
 shards ``{"id", "range": [lo, hi], "epoch", "replicas": [node ids], "leader":
 node id or null, "term", "applied_index", "commit_index", "keys", "size_bytes"}``
 (term and indexes from the leader, or the most advanced reachable replica).
@@ -72,6 +73,7 @@ def gather_status(client: CacheClient) -> dict[str, Any]:
                     "uptime_s": None,
                     "version": None,
                     "fsync": None,
+                    "leader_balancing": None,
                     "error": answers.get(n.id),
                 }
             )
@@ -87,6 +89,7 @@ def gather_status(client: CacheClient) -> dict[str, Any]:
                     "uptime_s": round(st.uptime_s, 1),
                     "version": st.version,
                     "fsync": st.fsync,
+                    "leader_balancing": st.leader_balancing or None,
                     "error": None,
                 }
             )
