@@ -65,6 +65,18 @@ def test_split_inflight_spreads_evenly_and_never_idles_a_client() -> None:
     assert split_inflight(1, 4) == [1]
 
 
+def test_only_a_run_of_every_workload_writes_the_latest_documents() -> None:
+    import argparse
+
+    from cachectl.bench import _latest_name
+
+    every = list(WORKLOADS)
+    assert _latest_name(argparse.Namespace(workloads=every, vs=[])) == "latest.json"
+    assert _latest_name(argparse.Namespace(workloads=every, vs=["etcd"])) == "latest-vs.json"
+    assert _latest_name(argparse.Namespace(workloads=["set"], vs=[])) == "latest-partial.json"
+    assert _latest_name(argparse.Namespace(workloads=[], vs=["etcd", "redis"])) == "latest-vs-partial.json"
+
+
 def test_keys_are_16_bytes() -> None:
     assert len(bench_key("r:", 7)) == 16
     assert len(bench_key("w:", 99_999)) == 16
@@ -261,7 +273,8 @@ def test_cachectl_bench_writes_the_result_document(tmp_path: Path) -> None:
     ]  # fmt: skip
     code = main(argv, dict(os.environ), stdout=stdout, stderr=stderr)
     assert code == 0, stderr.getvalue()
-    doc = json.loads((out / "latest.json").read_text())
+    doc = json.loads((out / "latest-partial.json").read_text())
+    assert not (out / "latest.json").exists(), "a run of two workloads replaced the full result"
     assert doc["schema"] == "cachenode-bench/1" and doc["kind"] == "bench"
     assert len(list(out.glob("bench-*.json"))) == 1
     m = doc["machine"]
@@ -295,7 +308,7 @@ def test_cachectl_bench_times_a_replica_move(tmp_path: Path) -> None:
     ]  # fmt: skip
     code = main(argv, dict(os.environ), stdout=stdout, stderr=stderr)
     assert code == 0, stderr.getvalue()
-    doc = json.loads((out / "latest.json").read_text())
+    doc = json.loads((out / "latest-partial.json").read_text())
     mv = doc["move_replica"]
     assert "failed" not in mv, mv
     assert mv["mb"] == 2 and mv["keys"] == 32 and mv["bytes"] == 2 << 20
@@ -318,7 +331,7 @@ def test_cachectl_bench_times_a_replica_move(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("cachenode-bench-*"))
     # a saved result renders the figure again
     rendered = io.StringIO()
-    code = main(["bench", "--render", str(out / "latest.json")], {}, stdout=rendered, stderr=stderr)
+    code = main(["bench", "--render", str(out / "latest-partial.json")], {}, stdout=rendered, stderr=stderr)
     assert code == 0 and "replica move" in rendered.getvalue()
     assert "measured" in rendered.getvalue()
 
@@ -331,7 +344,7 @@ def _move_phase_only(tmp_path: Path, out: Path) -> tuple[int, str, dict[str, Any
         "--out", str(out), "--data-dir", str(tmp_path),
     ]  # fmt: skip
     code = main(argv, dict(os.environ), stdout=io.StringIO(), stderr=stderr)
-    return code, stderr.getvalue(), json.loads((out / "latest.json").read_text())["move_replica"]
+    return code, stderr.getvalue(), json.loads((out / "latest-partial.json").read_text())["move_replica"]
 
 
 @pytest.mark.cluster
@@ -354,7 +367,7 @@ def test_a_wrong_value_after_the_move_fails_the_phase(
     assert code == 1, err
     assert mv["verified"] is False and "verification failed" in mv["failed"]
     assert mv["verify"]["keys_wrong"] == 1 and mv["seconds"] > 0
-    goal = next(g for g in json.loads((out / "latest.json").read_text())["goals"] if g["name"] == "replica_move")
+    goal = next(g for g in json.loads((out / "latest-partial.json").read_text())["goals"] if g["name"] == "replica_move")
     assert goal["verdict"] == "failed"
     assert not _processes_mentioning(str(tmp_path / "cachenode-bench-"))
     (kept,) = tmp_path.glob("cachenode-bench-*")

@@ -27,7 +27,10 @@ What a run does, in order:
 6. with ``--scaling``: ops/s of ``set`` and linearizable ``get`` on fresh
    clusters of 1, 4, 16 and 64 shards (3 nodes) and of 5 nodes (16 shards);
 7. prints the tables and writes ``OUT/latest.json`` (``latest-vs.json``
-   with ``--vs``) and a timestamped copy.
+   with ``--vs``) and a timestamped copy; a run of a subset of the
+   workloads (``--workloads``) writes ``latest-partial.json``
+   (``latest-vs-partial.json``) instead, so it never replaces the last full
+   result.
 
 Every process the run starts is stopped by pid when it ends, also on an
 error, Ctrl-C or SIGTERM (exit status 130).  The data directory is removed
@@ -204,7 +207,7 @@ def cmd_bench(ctx: Context) -> int:
             raise CliError(str(err)) from None
         finally:
             run.cleanup()
-    latest_name = "latest-vs.json" if a.vs else "latest.json"
+    latest_name = _latest_name(a)
     from cachenode.bench.report import write_documents
 
     latest, copy = write_documents(doc, Path(a.out), latest_name)
@@ -254,6 +257,18 @@ def _render(ctx: Context, path: Path) -> int:
     if ctx.args.markdown:
         _write_markdown(doc, Path(ctx.args.markdown))
     return ExitStatus.OK
+
+
+def _latest_name(a: argparse.Namespace) -> str:
+    """``latest.json`` (``latest-vs.json`` with ``--vs``) for a run of every
+    workload; ``latest-partial.json`` (``latest-vs-partial.json``) for a run
+    of a subset, so a quick look at one workload, or ``--scaling`` alone,
+    never replaces the last full result."""
+    from cachenode.bench.loadgen import WORKLOADS
+
+    base = "latest-vs" if a.vs else "latest"
+    full = list(a.workloads) == list(WORKLOADS)
+    return f"{base}.json" if full else f"{base}-partial.json"
 
 
 def _show(ctx: Context, doc: Mapping[str, Any]) -> None:
