@@ -280,6 +280,8 @@ def test_cachectl_bench_writes_the_result_document(tmp_path: Path) -> None:
     m = doc["machine"]
     assert m["cores"] >= 1 and len(m["load_before"]) == 3 and len(m["load_after"]) == 3
     assert m["versions"]["grpcio"] and m["versions"]["pysyncobj"] and m["versions"]["lmdb"]
+    # the load generators ran on uvloop (a dependency), as the phase says
+    assert m["versions"]["uvloop"] and {p["loadgen_event_loop"] for p in doc["phases"]} == {"uvloop"}
     assert set(doc["results"]) == {"set", "mget100"}
     s = doc["results"]["set"]["cachenode"]
     for field in ("ops_per_s", "p50_s", "p99_s", "p999_s", "cpu_s_per_1k_ops"):

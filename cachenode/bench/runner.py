@@ -65,6 +65,7 @@ class PhaseResult:
     peak_rss_bytes: Mapping[str, int | None]
     peak_rss_scope: str  # "phase" (reset before it) or "process" (since start)
     loadgen_cpu_s: float
+    loadgen_event_loop: str  # "uvloop" or "asyncio" (comma-joined if they differed)
 
     def to_json(self) -> dict[str, Any]:
         busy = self.elapsed_s if self.elapsed_s > 0 else None
@@ -241,6 +242,7 @@ def run_phase(
         peak_rss_bytes=peaks,
         peak_rss_scope=scope,
         loadgen_cpu_s=sum(r.cpu_s for r in results),
+        loadgen_event_loop=",".join(sorted({r.event_loop for r in results})),
     )
 
 

@@ -522,7 +522,7 @@ def machine_facts(data_dir: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {
             name: _dist_version(name)
-            for name in ("cachenode", "grpcio", "protobuf", "pysyncobj", "lmdb", "redis")
+            for name in ("cachenode", "grpcio", "protobuf", "pysyncobj", "lmdb", "redis", "uvloop")
         },
         "data_dir": str(data_dir),
         "data_fs": fs_type(data_dir),
