@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from cachenode._types import ClusterMap, NodeInfo, key_hash
+from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor, key_hash
 from cachenode.v1 import cache_pb2 as pb
 from cachenode.v1 import cache_pb2_grpc as pb_grpc
 
@@ -533,6 +533,13 @@ class FakeCluster:
 
     def leader_of_key(self, key: bytes) -> str:
         return self.state.leaders[self.state.map.shard_for_hash(key_hash(key)).id]
+
+    def leader_and_follower(self, key: bytes) -> tuple[ShardDescriptor, str, str]:
+        """(the key's shard, its leader now, another of its replicas): what a
+        test that moves the leader starts from."""
+        shard = self.state.map.shard_for_hash(key_hash(key))
+        old = self.state.leaders[shard.id]
+        return shard, old, next(n for n in shard.replicas if n != old)
 
     def move_leader(self, shard_id: int, node_id: str) -> None:
         with self.state.lock:

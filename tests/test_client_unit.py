@@ -28,7 +28,6 @@ from cachenode._errors import (
     Overloaded,
     Unavailable,
 )
-from cachenode._types import key_hash
 from cachenode.client import AsyncCacheClient, CacheClient, CasResult, GetResult
 from cachenode.client._status import Retry, classify, parse_leader_hint
 from cachenode.v1 import cache_pb2 as pb
@@ -430,11 +429,9 @@ def test_requests_go_straight_to_leaders_with_no_forward(cluster: FakeCluster) -
 
 def test_not_leader_hint_is_followed_and_cached(cluster: FakeCluster) -> None:
     key = b"hello"
-    shard = cluster.state.map.shard_for_hash(key_hash(key))
     with CacheClient(cluster.endpoints[:1]) as c:
         c.set(key, "1")
-        old = cluster.leader_of_key(key)
-        new = next(n for n in shard.replicas if n != old)
+        shard, old, new = cluster.leader_and_follower(key)
         cluster.move_leader(shard.id, new)
         cluster.clear_calls()
         c.set(key, "2")
@@ -451,11 +448,9 @@ def test_a_leader_transfer_costs_a_backoff_not_a_share_of_the_timeout(cluster: F
     unknown" for the instant of a transfer, and the client waited a quarter
     of its budget (7.5 s) before asking again.  It waits a short backoff."""
     key = b"transfer"
-    shard = cluster.state.map.shard_for_hash(key_hash(key))
     with CacheClient(cluster.endpoints, timeout=30.0, max_attempts=4) as c:
         c.set(key, "1")
-        old = cluster.leader_of_key(key)
-        new = next(n for n in shard.replicas if n != old)
+        shard, old, new = cluster.leader_and_follower(key)
         # Every replica says "not the leader, leader unknown" twice, then the transfer is done.
         cluster.inject(Fault("Set", grpc.StatusCode.FAILED_PRECONDITION, kind="not_leader", count=2))
         cluster.move_leader(shard.id, new)
@@ -517,11 +512,9 @@ def test_write_with_unknown_outcome_retried_on_new_leader_applies_once(
     cluster: FakeCluster,
 ) -> None:
     key = b"acct"
-    shard = cluster.state.map.shard_for_hash(key_hash(key))
     with CacheClient(cluster.endpoints[:1], timeout=3.0) as c:
         c.set(key, "100")
-        old = cluster.leader_of_key(key)
-        new = next(n for n in shard.replicas if n != old)
+        shard, old, new = cluster.leader_and_follower(key)
         # the old leader applies the incr, then times out; meanwhile leadership moves
         fault = cluster.inject(
             Fault("Incr", grpc.StatusCode.DEADLINE_EXCEEDED, node=old, apply_first=True)
@@ -582,11 +575,9 @@ def test_deadline_bounds_a_slow_node(cluster: FakeCluster) -> None:
 
 def test_node_down_fails_over_to_new_leader(cluster: FakeCluster) -> None:
     key = b"failover"
-    shard = cluster.state.map.shard_for_hash(key_hash(key))
     with CacheClient(cluster.endpoints, timeout=3.0) as c:
         c.set(key, "1")
-        old = cluster.leader_of_key(key)
-        new = next(n for n in shard.replicas if n != old)
+        shard, old, new = cluster.leader_and_follower(key)
         cluster.nodes[old].stop()
         cluster.move_leader(shard.id, new)
         assert c.set(key, "2") is True
@@ -595,11 +586,9 @@ def test_node_down_fails_over_to_new_leader(cluster: FakeCluster) -> None:
 
 def test_stale_hint_to_dead_leader_waits_for_the_election(cluster: FakeCluster) -> None:
     key = b"election"
-    shard = cluster.state.map.shard_for_hash(key_hash(key))
     with CacheClient(cluster.endpoints, timeout=4.0, max_attempts=6) as c:
         c.set(key, "1")
-        old = cluster.leader_of_key(key)
-        new = next(n for n in shard.replicas if n != old)
+        shard, old, new = cluster.leader_and_follower(key)
         cluster.nodes[old].stop()  # followers keep naming the dead node in their hints
         timer = threading.Timer(1.0, cluster.move_leader, (shard.id, new))  # the election ends
         timer.start()
@@ -742,13 +731,12 @@ def test_async_client_full_api(cluster: FakeCluster) -> None:
 
 def test_async_client_retries_and_redirects(cluster: FakeCluster) -> None:
     key = b"async-key"
-    shard = cluster.state.map.shard_for_hash(key_hash(key))
 
     async def run() -> None:
         async with AsyncCacheClient(cluster.endpoints[:1], timeout=3.0) as c:
             await c.set(key, "1")
-            old = cluster.leader_of_key(key)
-            cluster.move_leader(shard.id, next(n for n in shard.replicas if n != old))
+            shard, _, new = cluster.leader_and_follower(key)
+            cluster.move_leader(shard.id, new)
             cluster.inject(Fault("Set", grpc.StatusCode.RESOURCE_EXHAUSTED, kind="overloaded"))
             assert await c.set(key, "2")
             cluster.inject(

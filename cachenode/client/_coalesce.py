@@ -81,7 +81,9 @@ class OpRpcError(grpc.RpcError):
         return tuple(md)
 
 
-class _DeadlineError(grpc.RpcError):
+class DeadlineError(grpc.RpcError):
+    """A call's own deadline passed before its batch answered (shaped like a unary call's)."""
+
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -92,9 +94,36 @@ class _DeadlineError(grpc.RpcError):
         return ()
 
 
+def batch_length(fields_and_requests: list[tuple[str, Any]], max_batch: int, max_keys: int) -> int:
+    """How many of the queued ops (oldest first) the next Batch takes: at
+    most ``max_batch`` ops and ``max_keys`` keys (an MGet/MSet op counts its
+    keys), and always at least one."""
+    n, keys = 0, 0
+    for field, req in fields_and_requests[:max_batch]:
+        w = len(req.keys) if field == "mget" else len(req.items) if field == "mset" else 1
+        if n and keys + w > max_keys:
+            break
+        n, keys = n + 1, keys + w
+    return n
+
+
+def op_outcomes(fields: list[str], resp: pb.BatchResponse) -> list[Any]:
+    """Each op's response message, or the :class:`OpRpcError` it failed
+    with, in the order of ``fields`` (a short reply fails the ops it left out)."""
+    out: list[Any] = []
+    for i, field in enumerate(fields):
+        if i >= len(resp.results):
+            out.append(OpRpcError(pb.OpError(
+                code=grpc.StatusCode.INTERNAL.value[0], message="the server's batch reply was short", kind="internal")))
+            continue
+        res = resp.results[i]
+        out.append(OpRpcError(res.error) if res.WhichOneof("result") == "error" else getattr(res, field))
+    return out
+
+
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
-        fut.set_exception(_DeadlineError())
+        fut.set_exception(DeadlineError())
 
 
 class Coalescer:
@@ -148,12 +177,7 @@ class Coalescer:
             self._launch()
 
     def _launch(self) -> None:
-        n, keys = 0, 0
-        for field, req, _, _ in self._queue[: self._max_batch]:
-            w = len(req.keys) if field == "mget" else len(req.items) if field == "mset" else 1
-            if n and keys + w > self._max_keys:
-                break
-            n, keys = n + 1, keys + w
+        n = batch_length([(f, r) for f, r, _, _ in self._queue], self._max_batch, self._max_keys)
         batch, self._queue = self._queue[:n], self._queue[n:]
         if not batch:
             return
@@ -182,16 +206,13 @@ class Coalescer:
                 if not isinstance(e, Exception):
                     raise
                 return
-            for (field, _, fut, _), res in zip(batch, resp.results, strict=False):
+            for (_, _, fut, _), outcome in zip(batch, op_outcomes([f for f, _, _, _ in batch], resp), strict=True):
                 if fut.done():
                     continue
-                if res.WhichOneof("result") == "error":
-                    fut.set_exception(OpRpcError(res.error))
+                if isinstance(outcome, OpRpcError):
+                    fut.set_exception(outcome)
                 else:
-                    fut.set_result(getattr(res, field))
-            for _, _, fut, _ in batch[len(resp.results):]:
-                if not fut.done():
-                    fut.set_exception(OpRpcError(pb.OpError(code=grpc.StatusCode.INTERNAL.value[0], message="the server's batch reply was short", kind="internal")))
+                    fut.set_result(outcome)
         finally:
             self._inflight -= 1
             if self._queue and self._inflight < self._max_inflight:
@@ -246,7 +267,7 @@ class Coalescer:
             self._drop_stream(call)
             if not expired:
                 raise
-            raise _DeadlineError() from None
+            raise DeadlineError() from None
         except grpc.RpcError:
             self._drop_stream(call)
             raise

@@ -23,6 +23,7 @@ import grpc
 
 from cachenode._errors import CacheError, NotLeader, Unavailable
 from cachenode._types import ClusterMap, NodeId, ShardId
+from cachenode.client._coalesce import BATCH_FIELD
 from cachenode.client._convert import (
     KeyLike,
     check_ttl,
@@ -45,6 +46,7 @@ from cachenode.client._core import (
 )
 from cachenode.client._results import CasResult, GetResult, NodeStatus
 from cachenode.client._status import Retry, classify, reason
+from cachenode.client._sync_coalesce import SyncCoalescer
 from cachenode.client.route_table import RouteTable
 from cachenode.v1 import cache_pb2 as pb
 from cachenode.v1 import cache_pb2_grpc as pb_grpc
@@ -105,7 +107,14 @@ class CacheClient:
         max_attempts: int = 4,
         client_id: str | bytes | None = None,
         routing: Routing = "smart",
+        coalesce: bool = True,
     ) -> None:
+        """``coalesce``: calls that threads make to one node while an RPC to
+        it is in flight leave together as one Batch RPC when it answers (see
+        ``_sync_coalesce``); a lone call is the plain unary RPC.  Results and
+        errors stay per call."""
+        self._coalesce = coalesce
+        self._coalescers: dict[str, SyncCoalescer] = {}
         self._core = ClientCore(
             endpoints,
             timeout=timeout,
@@ -350,6 +359,7 @@ class CacheClient:
             self._closed = True
             channels = list(self._channels.values())
             self._channels.clear()
+            self._coalescers.clear()
             pool, self._pool = self._pool, None
         for channel in channels:
             channel.close()
@@ -383,6 +393,14 @@ class CacheClient:
                 channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
                 self._channels[address] = channel
             return channel
+
+    def _coalescer(self, address: str) -> SyncCoalescer:
+        channel = self._channel(address)
+        with self._lock:
+            co = self._coalescers.get(address)
+            if co is None:
+                co = self._coalescers[address] = SyncCoalescer(pb_grpc.CacheStub(channel))
+            return co
 
     def _cache_stub(self, address: str) -> pb_grpc.CacheStub:
         return pb_grpc.CacheStub(self._channel(address))
@@ -448,8 +466,12 @@ class CacheClient:
                     time.sleep(delay)
                 continue
             target = state.target()
-            call = getattr(self._cache_stub(target.address), op.method)
             try:
+                if self._coalesce and op.method in BATCH_FIELD:
+                    return self._coalescer(target.address).call(
+                        op.method, op.build(state.header(target)), state.attempt_timeout()
+                    )
+                call = getattr(self._cache_stub(target.address), op.method)
                 return call(op.build(state.header(target)), timeout=state.attempt_timeout())
             except grpc.RpcError as err:
                 if self._closed:

@@ -362,9 +362,9 @@ class PlacementDriver:
             ids = itertools.count(self.controller.next_id)
             return plan(self._view(), self.controller.running(), self.cfg.plan, lambda: next(ids), self.controller.paused)
 
-    def status(self) -> tuple[ClusterView, list[Operator], float]:
-        """(view, operators newest last, seconds since takeover)."""
+    def status(self) -> tuple[ClusterView, list[Operator], float, list[str]]:
+        """(view, operators newest last, seconds since takeover, paused schedulers)."""
         with self._lock:
             self._require_active()
             ops = sorted(self.controller.ops.values(), key=lambda o: o.id)
-            return self._view(), ops, self.now() - (self._active_since or 0)
+            return self._view(), ops, self.now() - (self._active_since or 0), sorted(self.controller.paused)

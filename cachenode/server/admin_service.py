@@ -179,7 +179,7 @@ class AdminService(cache_pb2_grpc.AdminServicer):
 
     def GetPdStatus(self, req: pb.PdStatusRequest, ctx: grpc.ServicerContext) -> pb.PdStatus:
         try:
-            view, ops, active = self.pd.status()
+            view, ops, active, paused = self.pd.status()
             m = view.map
             nodes = []
             for n in m.nodes:
@@ -194,7 +194,7 @@ class AdminService(cache_pb2_grpc.AdminServicer):
                 ))
             return pb.PdStatus(
                 pd_node=self.cfg.node_id, map_version=m.version, nodes=nodes,
-                operators=[operator_pb(o) for o in ops], paused=sorted(self.pd.controller.paused),
+                operators=[operator_pb(o) for o in ops], paused=paused,
                 shards=len(m.shards), active_for_s=active,
             )
         except CacheError as e:

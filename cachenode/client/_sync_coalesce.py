@@ -1,0 +1,171 @@
+"""Coalescing for the blocking client: concurrent calls from many threads to
+one node travel as one Batch RPC.
+
+:mod:`cachenode.client._coalesce` does this for the asyncio client.  The
+blocking client used to send every call as its own unary RPC, so N threads
+sharing one :class:`~cachenode.client.CacheClient` cost the node N RPCs (and
+the node ~100-150 us of CPU each) where one Batch would do.
+
+Policy (the async client's, with threads): at most one RPC in flight per
+node.  A call that finds none in flight is made at once, alone, as the plain
+blocking unary call in the caller's thread (a single-threaded caller pays
+nothing and sees exactly the unary call's behaviour); calls that arrive
+while one is in flight queue, and when it answers they all leave together as
+one ``Batch`` (at most ``max_batch`` ops and ``max_keys`` keys; the rest
+leave next).  No timer: nothing waits for company.
+
+Threads: :meth:`SyncCoalescer.call` may be called from any number of threads
+at once.  Queued calls leave with ``.future()`` and are finished by gRPC's
+own callback thread, which hands out the results and starts the next batch;
+so no caller ever waits past its own deadline for another caller's RPC.  Each caller waits for
+its own result until its own deadline and then gets a DEADLINE_EXCEEDED
+shaped error (an op still queued then is taken out and never sent).  A whole
+failed RPC fails each of its ops with that RPC's error; one op's failure in a
+Batch is an :class:`~cachenode.client._coalesce.OpRpcError` shaped like the
+unary call's, so the caller's retry rules treat both alike.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from cachenode.client._coalesce import BATCH_FIELD, DeadlineError, batch_length, op_outcomes
+from cachenode.v1 import cache_pb2 as pb
+
+
+class _Slot:
+    """One caller's op and, once known, its outcome."""
+
+    __slots__ = ("method", "field", "request", "deadline", "done", "outcome")
+
+    def __init__(self, method: str, request: Any, deadline: float) -> None:
+        self.method = method
+        self.field = BATCH_FIELD[method]
+        self.request = request
+        self.deadline = deadline
+        self.done = threading.Event()
+        self.outcome: Any = None  # the response message, or the exception to raise
+
+    def finish(self, outcome: Any) -> None:
+        self.outcome = outcome
+        self.done.set()
+
+
+class SyncCoalescer:
+    """One per node address; see the module docstring."""
+
+    def __init__(
+        self, stub: Any, max_inflight: int = 2, max_batch: int = 256, max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``stub``: the node's ``CacheStub`` (its unary methods and ``Batch``).
+        ``max_inflight``: RPCs in flight to the node before calls queue."""
+        self._stub = stub
+        self._max_inflight = max_inflight
+        self._max_batch = max_batch
+        self._max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._queue: list[_Slot] = []
+        self._inflight = 0  # RPCs in flight
+        self.rpcs = 0
+        self.batches = 0  # RPCs that were Batch calls of two or more ops
+        self.ops = 0
+        self.largest = 0
+
+    def call(self, method: str, request: Any, timeout: float) -> Any:
+        """Send ``request`` (a request of the unary ``method``) and return its
+        response message; raises a ``grpc.RpcError`` as the unary call would."""
+        with self._lock:
+            direct = self._inflight < self._max_inflight and not self._queue
+            if direct:
+                self._inflight += 1
+                self.rpcs += 1
+                self.ops += 1
+                self.largest = max(self.largest, 1)
+            else:
+                slot = _Slot(method, request, self._clock() + timeout)
+                self._queue.append(slot)
+        if direct:
+            # Nothing in flight: the plain blocking call, in this thread (a
+            # lone caller pays no hand-off between threads).
+            try:
+                return getattr(self._stub, method)(request, timeout=timeout)
+            finally:
+                self._next()
+        if not slot.done.wait(max(0.0, slot.deadline - self._clock())):
+            with self._lock:
+                if slot in self._queue:  # never sent: it must never be
+                    self._queue.remove(slot)
+            if not slot.done.is_set():
+                raise DeadlineError()
+        if isinstance(slot.outcome, BaseException):
+            raise slot.outcome
+        return slot.outcome
+
+    # ---- internals (under self._lock, or on the RPC's callback thread) ----
+
+    def _next(self) -> None:
+        """An RPC ended: launch what queued meanwhile in its place."""
+        with self._lock:
+            self._inflight -= 1
+            batch = self._take()
+        if batch is not None:
+            self._launch(batch)
+
+    def _take(self) -> list[_Slot] | None:
+        """Under the lock: the next batch, counted in flight (None: nothing queued or no room)."""
+        if not self._queue or self._inflight >= self._max_inflight:
+            return None
+        n = batch_length([(s.field, s.request) for s in self._queue], self._max_batch, self._max_keys)
+        batch, self._queue = self._queue[:n], self._queue[n:]
+        self._inflight += 1
+        return batch
+
+    def _launch(self, batch: list[_Slot]) -> None:
+        """Start one RPC for ``batch``; its callback finishes the batch and launches the next."""
+        while batch:
+            timeout = max(s.deadline for s in batch) - self._clock()
+            try:
+                if len(batch) == 1:
+                    fut = getattr(self._stub, batch[0].method).future(batch[0].request, timeout=max(timeout, 0.001))
+                else:
+                    req = pb.BatchRequest(ops=[pb.BatchOp(**{s.field: s.request}) for s in batch])
+                    fut = self._stub.Batch.future(req, timeout=max(timeout, 0.001))
+            except Exception as err:  # closed channel and the like: never strand a caller
+                for s in batch:
+                    s.finish(err)
+                with self._lock:
+                    self._inflight -= 1
+                    batch = self._take() or []
+                continue
+            self.rpcs += 1
+            self.ops += len(batch)
+            self.largest = max(self.largest, len(batch))
+            if len(batch) > 1:
+                self.batches += 1
+            fut.add_done_callback(lambda f, b=batch: self._finished(b, f))
+            return
+
+    def _finished(self, batch: list[_Slot], fut: Any) -> None:
+        """gRPC's callback thread (or the launching thread if it already ended)."""
+        try:
+            resp = fut.result()
+        except grpc.RpcError as err:
+            for s in batch:
+                s.finish(err)
+        except BaseException as err:  # noqa: BLE001 - cancelled: hand it to the callers
+            for s in batch:
+                s.finish(err)
+        else:
+            if len(batch) == 1:
+                batch[0].finish(resp)
+            else:
+                for s, outcome in zip(batch, op_outcomes([s.field for s in batch], resp), strict=True):
+                    s.finish(outcome)
+        self._next()
