@@ -95,7 +95,9 @@ class CacheClient:
     :class:`~cachenode._errors.OutcomeUnknown`: it may or may not have been
     applied, never twice.
 
-    Thread-safe (see the module docstring).  Use it as a context manager or
+    Thread-safe (see the module docstring); share one client between
+    threads: with ``coalesce=True`` (the default) their concurrent calls to
+    one node travel together in Batch RPCs.  Use it as a context manager or
     call :meth:`close`.
     """
 
