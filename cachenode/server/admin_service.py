@@ -157,15 +157,16 @@ class AdminService(cache_pb2_grpc.AdminServicer):
                 )
                 for r in req.replicas
             )
-            m, instructions, paused = self.pd.heartbeat(node, req.map_version, stats, reps)
+            reply = self.pd.heartbeat(node, req.map_version, stats, reps)
             return pb.HeartbeatResponse(
                 pd_node=self.cfg.node_id,
-                cluster_map_json=_map_json(m) if m is not None else b"",
+                cluster_map_json=_map_json(reply.map) if reply.map is not None else b"",
                 instructions=[
                     pb.Instruction(operator_id=i.op_id, shard_id=i.shard, action=i.action, target=i.target)
-                    for i in instructions
+                    for i in reply.instructions
                 ],
-                paused_schedulers=paused,
+                paused_schedulers=reply.paused,
+                next_heartbeat_s=reply.next_heartbeat_s,
             )
         except CacheError as e:
             abort(ctx, e)
