@@ -15,7 +15,9 @@ import pytest
 from _cluster import FakeCluster, Fault
 from _nodes import wait_for
 
+from cachenode._errors import Overloaded
 from cachenode.client import AsyncCacheClient
+from cachenode.client._status import classify
 
 
 @pytest.fixture
@@ -382,12 +384,41 @@ def test_a_blocking_call_past_its_deadline_in_the_queue_is_never_sent() -> None:
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         co.call("Set", _set(b"late"), 0.2)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # never sent, so definitely not applied: the client retries it after a backoff
+    failure = classify(info.value, what="set", target="n1")
+    assert isinstance(failure.error, Overloaded) and not failure.maybe_sent
+    assert "never sent" in info.value.details()
     assert 0.15 < time.monotonic() - t0 < 2.0
     assert co._queue == []
     stub.sent[0][2].set_result(pb.SetResponse(applied=True))
     first.join(5)
     assert len(stub.sent) == 1 and co._inflight == 0  # "late" never left
+
+
+def test_a_queued_call_already_past_its_deadline_is_never_sent() -> None:
+    """Its RPC slot frees after its deadline but before its thread noticed:
+    the next batch leaves without it."""
+    from cachenode.client._sync_coalesce import SyncCoalescer
+    from cachenode.v1 import cache_pb2 as pb
+
+    now = [1000.0]
+    stub = _HandStub()
+    co = SyncCoalescer(stub, max_inflight=1, clock=lambda: now[0])
+    first, _ = _in_thread(lambda: co.call("Set", _set(b"a"), 5))
+    wait_for(lambda: len(stub.sent) == 1, 5, "the first call to leave")
+    late, late_out = _in_thread(lambda: co.call("Set", _set(b"late"), 1))  # waits ~1 s of real time
+    on_time, on_time_out = _in_thread(lambda: co.call("Set", _set(b"on-time"), 30))
+    wait_for(lambda: len(co._queue) == 2, 5, "two calls queued")
+    now[0] += 2  # "late" is past its deadline, "on-time" is not
+    stub.sent[0][2].set_result(pb.SetResponse(applied=True))
+    wait_for(lambda: len(stub.sent) == 2, 5, "the next call to leave")
+    assert stub.sent[1][0] == "Set" and stub.sent[1][1].key == b"on-time"  # alone: "late" stayed behind
+    late.join(5)
+    assert isinstance(late_out[0], grpc.RpcError) and not classify(late_out[0], what="set", target="n1").maybe_sent
+    stub.sent[1][2].set_result(pb.SetResponse(applied=True))
+    on_time.join(5)
+    first.join(5)
+    assert on_time_out == [pb.SetResponse(applied=True)] and co._inflight == 0
 
 
 def test_a_failed_rpc_fails_every_op_in_it_and_a_refused_launch_strands_no_caller() -> None:
@@ -399,14 +430,16 @@ def test_a_failed_rpc_fails_every_op_in_it_and_a_refused_launch_strands_no_calle
     wait_for(lambda: len(stub.sent) == 1, 5, "the first call to leave")
     others = [_in_thread(lambda k=k: co.call("Set", _set(k), 5)) for k in (b"b", b"c")]
     wait_for(lambda: len(co._queue) == 2, 5, "two calls queued")
-    stub.refuse.append(ValueError("Cannot invoke RPC on closed channel!"))
+    stub.refuse.append(ValueError("Cannot invoke RPC: Channel closed!"))
     err = grpc.RpcError("unavailable")
     stub.sent[0][2].set_exception(err)
     first.join(5)
     assert first_out == [err]
     for t, out in others:
         t.join(5)
-        assert isinstance(out[0], ValueError)  # the Batch could not start: its callers hear why
+        # the Batch could not start: its callers hear why, as a call never sent
+        assert isinstance(out[0], grpc.RpcError) and out[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert "Channel closed" in out[0].details() and not classify(out[0], what="set", target="n1").maybe_sent
     assert co._inflight == 0
     # and the coalescer still works
     t, out = _in_thread(lambda: co.call("Set", _set(b"d"), 5))
@@ -440,3 +473,25 @@ def test_threads_sharing_a_blocking_client_share_batches(cluster: FakeCluster) -
             assert out == [True]
         assert co.largest == len(keys)
         assert {k: c.get(k).value for k in keys} == {k: (k + "!").encode() for k in keys}  # type: ignore[union-attr]
+
+
+def test_closing_a_blocking_client_under_its_threads_fails_each_call_cleanly(cluster: FakeCluster) -> None:
+    """Two calls in flight and four queued when the client closes: all six
+    raise Unavailable saying so (no ValueError from the closed channel, no hang)."""
+    from cachenode._errors import Unavailable
+    from cachenode.client import CacheClient
+
+    c = CacheClient(cluster.endpoints, timeout=10)
+    c.set("warm-up", "x")
+    node = cluster.leader_of_key(b"warm-up")
+    keys = [k for k in (f"k{i}" for i in range(200)) if cluster.leader_of_key(k.encode()) == node][:6]
+    cluster.inject(Fault("Set", grpc.StatusCode.OK, node=node, delay_s=2.0, count=2))
+    workers = [_in_thread(lambda k=k: c.set(k, "v")) for k in keys]
+    co = c._coalescers[cluster.nodes[node].address]
+    wait_for(lambda: co._inflight == 2 and len(co._queue) == 4, 5, "two calls in flight and four queued")
+    t0 = time.monotonic()
+    c.close()
+    for t, out in workers:
+        t.join(10)
+        assert isinstance(out[0], Unavailable) and "closed" in str(out[0]), out
+    assert time.monotonic() - t0 < 2.0

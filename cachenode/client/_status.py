@@ -129,6 +129,7 @@ def _connect_failed(details: str) -> bool:
             "dns resolution",
             "no address",
             "failed to resolve",
+            "was never sent",
         )
     )
 

@@ -17,10 +17,15 @@ leave next).  No timer: nothing waits for company.
 Threads: :meth:`SyncCoalescer.call` may be called from any number of threads
 at once.  Queued calls leave with ``.future()`` and are finished by gRPC's
 own callback thread, which hands out the results and starts the next batch;
-so no caller ever waits past its own deadline for another caller's RPC.  Each caller waits for
-its own result until its own deadline and then gets a DEADLINE_EXCEEDED
-shaped error (an op still queued then is taken out and never sent).  A whole
-failed RPC fails each of its ops with that RPC's error; one op's failure in a
+so no caller ever waits past its own deadline for another caller's RPC.
+Each caller waits for its own result until its own deadline and then gets a
+DEADLINE_EXCEEDED shaped error if its op was sent; an op still queued at its
+deadline is taken out, never sent, and fails as ``overloaded`` (not applied,
+retried with a backoff).  An RPC that cannot be started (a closed channel)
+fails its ops as never sent.  A batch's RPC carries the latest deadline of
+its ops (as in the async client), so an op may still be applied after its
+own caller gave up: writes carry request ids, so a retry never applies
+twice.  A whole failed RPC fails each of its ops with that RPC's error; one op's failure in a
 Batch is an :class:`~cachenode.client._coalesce.OpRpcError` shaped like the
 unary call's, so the caller's retry rules treat both alike.
 """
@@ -35,7 +40,36 @@ from typing import Any
 import grpc
 
 from cachenode.client._coalesce import BATCH_FIELD, DeadlineError, batch_length, op_outcomes
+from cachenode.client._status import ERROR_KEY
 from cachenode.v1 import cache_pb2 as pb
+
+
+class NotSentError(grpc.RpcError):
+    """A call that never left this client, shaped like an answer the retry
+    rules (``_status.classify``) read as *not applied*: ``overloaded`` when it
+    waited in the queue past its deadline, a connection failure when its RPC
+    could not be started (a closed channel)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self._code, self._message, self._kind = code, message, kind
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> Any:
+        return ((ERROR_KEY, self._kind),) if self._kind else ()
+
+
+def _queued_too_long(inflight: int) -> NotSentError:
+    return NotSentError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"waited its whole deadline behind {inflight} call(s) in flight to this node; it was never sent",
+        "overloaded",
+    )
 
 
 class _Slot:
@@ -96,14 +130,18 @@ class SyncCoalescer:
             # lone caller pays no hand-off between threads).
             try:
                 return getattr(self._stub, method)(request, timeout=timeout)
+            except ValueError as err:  # the channel was closed under us
+                raise NotSentError(grpc.StatusCode.UNAVAILABLE, f"the call was never sent: {err}") from None
             finally:
                 self._next()
         if not slot.done.wait(max(0.0, slot.deadline - self._clock())):
             with self._lock:
-                if slot in self._queue:  # never sent: it must never be
+                queued = slot in self._queue
+                if queued:  # never sent: it must never be
                     self._queue.remove(slot)
+                    slot.finish(_queued_too_long(self._inflight))
             if not slot.done.is_set():
-                raise DeadlineError()
+                raise DeadlineError()  # sent, no answer yet
         if isinstance(slot.outcome, BaseException):
             raise slot.outcome
         return slot.outcome
@@ -119,16 +157,33 @@ class SyncCoalescer:
             self._launch(batch)
 
     def _take(self) -> list[_Slot] | None:
-        """Under the lock: the next batch, counted in flight (None: nothing queued or no room)."""
+        """Under the lock: the next batch, counted in flight (None: nothing
+        queued or no room).  Calls already past their deadline are answered
+        here, never sent."""
         if not self._queue or self._inflight >= self._max_inflight:
             return None
-        n = batch_length([(s.field, s.request) for s in self._queue], self._max_batch, self._max_keys)
+        now = self._clock()
+        if any(s.deadline <= now for s in self._queue):
+            for s in self._queue:
+                if s.deadline <= now:
+                    s.finish(_queued_too_long(self._inflight))
+            self._queue = [s for s in self._queue if s.deadline > now]
+            if not self._queue:
+                return None
+        head = self._queue[: self._max_batch]
+        n = batch_length([(s.field, s.request) for s in head], self._max_batch, self._max_keys)
         batch, self._queue = self._queue[:n], self._queue[n:]
         self._inflight += 1
+        self.rpcs += 1
+        self.ops += n
+        self.largest = max(self.largest, n)
+        if n > 1:
+            self.batches += 1
         return batch
 
     def _launch(self, batch: list[_Slot]) -> None:
-        """Start one RPC for ``batch``; its callback finishes the batch and launches the next."""
+        """Start one RPC for ``batch`` (taken, so counted in flight); its
+        callback finishes the batch and launches the next."""
         while batch:
             timeout = max(s.deadline for s in batch) - self._clock()
             try:
@@ -139,33 +194,36 @@ class SyncCoalescer:
                     fut = self._stub.Batch.future(req, timeout=max(timeout, 0.001))
             except Exception as err:  # closed channel and the like: never strand a caller
                 for s in batch:
-                    s.finish(err)
+                    s.finish(NotSentError(grpc.StatusCode.UNAVAILABLE, f"the call was never sent: {err}"))
                 with self._lock:
                     self._inflight -= 1
                     batch = self._take() or []
                 continue
-            self.rpcs += 1
-            self.ops += len(batch)
-            self.largest = max(self.largest, len(batch))
-            if len(batch) > 1:
-                self.batches += 1
-            fut.add_done_callback(lambda f, b=batch: self._finished(b, f))
+            try:
+                fut.add_done_callback(lambda f, b=batch: self._finished(b, f))
+            except Exception:  # sent, but its answer would reach no one
+                fut.cancel()
+                for s in batch:
+                    s.finish(DeadlineError())
+                self._next()
             return
 
     def _finished(self, batch: list[_Slot], fut: Any) -> None:
         """gRPC's callback thread (or the launching thread if it already ended)."""
         try:
-            resp = fut.result()
-        except grpc.RpcError as err:
-            for s in batch:
-                s.finish(err)
-        except BaseException as err:  # noqa: BLE001 - cancelled: hand it to the callers
-            for s in batch:
-                s.finish(err)
-        else:
-            if len(batch) == 1:
-                batch[0].finish(resp)
+            try:
+                resp = fut.result()
+            except grpc.RpcError as err:
+                for s in batch:
+                    s.finish(err)
+            except BaseException:  # noqa: BLE001 - cancelled: sent, outcome unknown
+                for s in batch:
+                    s.finish(DeadlineError())
             else:
-                for s, outcome in zip(batch, op_outcomes([s.field for s in batch], resp), strict=True):
-                    s.finish(outcome)
-        self._next()
+                if len(batch) == 1:
+                    batch[0].finish(resp)
+                else:
+                    for s, outcome in zip(batch, op_outcomes([s.field for s in batch], resp), strict=True):
+                        s.finish(outcome)
+        finally:
+            self._next()

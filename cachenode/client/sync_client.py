@@ -399,6 +399,8 @@ class CacheClient:
     def _coalescer(self, address: str) -> SyncCoalescer:
         channel = self._channel(address)
         with self._lock:
+            if self._closed:
+                raise Unavailable("the client is closed; create a new CacheClient")
             co = self._coalescers.get(address)
             if co is None:
                 co = self._coalescers[address] = SyncCoalescer(pb_grpc.CacheStub(channel))

@@ -5,8 +5,9 @@ Every ``heartbeat_s`` the agent reports this node's store and every replica
 match indexes where it leads) to the PD, adopts a newer cluster map from
 the reply, and carries out the reply's instructions on the replicas this
 node leads.  While operators run the PD asks for reports sooner
-(``next_heartbeat_s``, 0.1 s), so their steps are seen done quickly.  Instructions are idempotent (each checks the replica's current
-state first), because the PD repeats them until it *observes* the result.
+(``next_heartbeat_s``, 0.1 s), so their steps are seen done quickly.
+Instructions are idempotent (each checks the replica's current state
+first), because the PD repeats them until it *observes* the result.
 
 The PD is found by asking: the last PD, then the metadata members, then the
 ``--join`` endpoint; an UNAVAILABLE answer carrying a leader hint points to
