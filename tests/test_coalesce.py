@@ -15,9 +15,12 @@ import pytest
 from _cluster import FakeCluster, Fault
 from _nodes import wait_for
 
-from cachenode._errors import Overloaded
-from cachenode.client import AsyncCacheClient
+from cachenode._errors import Overloaded, Unavailable
+from cachenode.client import AsyncCacheClient, CacheClient
+from cachenode.client._coalesce import Coalescer
 from cachenode.client._status import classify
+from cachenode.client._sync_coalesce import SyncCoalescer
+from cachenode.v1 import cache_pb2 as pb
 
 
 @pytest.fixture
@@ -68,8 +71,6 @@ def test_mset_and_mget_parts_travel_in_one_batch_per_node(cluster: FakeCluster) 
 
 
 def test_batches_are_cut_by_key_count() -> None:
-    from cachenode.client._coalesce import Coalescer
-    from cachenode.v1 import cache_pb2 as pb
 
     sent: list[int] = []
 
@@ -125,8 +126,6 @@ def test_not_leader_inside_a_batch_is_followed(cluster: FakeCluster) -> None:
 
 
 def test_a_call_ends_at_its_own_deadline_even_if_the_batch_hangs() -> None:
-    from cachenode.client._coalesce import Coalescer
-    from cachenode.v1 import cache_pb2 as pb
 
     release = asyncio.Event()
 
@@ -185,14 +184,11 @@ class _FakeStream:
 
 
 def _answer_gets(req: Any) -> Any:
-    from cachenode.v1 import cache_pb2 as pb
 
     return pb.BatchResponse(results=[pb.BatchResult(get=pb.GetResponse(found=True, value=op.get.key)) for op in req.ops])
 
 
 def test_batches_ride_one_stream_which_is_closed_when_idle() -> None:
-    from cachenode.client._coalesce import Coalescer
-    from cachenode.v1 import cache_pb2 as pb
 
     streams: list[_FakeStream] = []
 
@@ -221,8 +217,6 @@ def test_batches_ride_one_stream_which_is_closed_when_idle() -> None:
 
 
 def test_a_hung_stream_fails_its_batch_at_the_deadline_and_is_replaced() -> None:
-    from cachenode.client._coalesce import Coalescer
-    from cachenode.v1 import cache_pb2 as pb
 
     streams: list[_FakeStream] = []
 
@@ -297,8 +291,6 @@ class _HandStub:
 
 
 def _set(key: bytes) -> Any:
-    from cachenode.v1 import cache_pb2 as pb
-
     return pb.SetRequest(key=key, value=b"v")
 
 
@@ -316,14 +308,17 @@ def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
     return t, out
 
 
-def test_a_lone_blocking_call_is_the_plain_unary_rpc_and_the_queued_ones_leave_as_one_batch() -> None:
-    from cachenode.client._sync_coalesce import SyncCoalescer
-    from cachenode.v1 import cache_pb2 as pb
+def _first_in_flight(co: Any, stub: _HandStub, method: str = "Set") -> tuple[threading.Thread, list[Any]]:
+    """Start a call of key ``a`` in a thread; return once it has left."""
+    started = _in_thread(lambda: co.call(method, _set(b"a"), 5))
+    wait_for(lambda: len(stub.sent) == 1, 5, "the first call to leave")
+    return started
 
+
+def test_a_lone_blocking_call_is_the_plain_unary_rpc_and_the_queued_ones_leave_as_one_batch() -> None:
     stub = _HandStub()
     co = SyncCoalescer(stub, max_inflight=1)
-    first, first_out = _in_thread(lambda: co.call("Set", _set(b"a"), 5))
-    wait_for(lambda: len(stub.sent) == 1, 5, "the first call to leave")
+    first, first_out = _first_in_flight(co, stub, "Set")
     assert stub.sent[0][0] == "Set"  # alone: the unary call
     others = [_in_thread(lambda k=k: co.call("Set", _set(k), 5)) for k in (b"b", b"c", b"d")]
     wait_for(lambda: len(co._queue) == 3, 5, "three calls queued behind the one in flight")
@@ -354,9 +349,6 @@ def test_a_lone_blocking_call_is_the_plain_unary_rpc_and_the_queued_ones_leave_a
 def test_a_second_blocking_call_leaves_at_once_by_default() -> None:
     """Two RPCs may be in flight per node: two threads are never serialised
     (measured: with one, 2-4 writing threads lost 7-12 % of their ops/s)."""
-    from cachenode.client._sync_coalesce import SyncCoalescer
-    from cachenode.v1 import cache_pb2 as pb
-
     stub = _HandStub()
     co = SyncCoalescer(stub)
     threads = [_in_thread(lambda k=k: co.call("Set", _set(k), 5)) for k in (b"a", b"b")]
@@ -374,13 +366,9 @@ def test_a_second_blocking_call_leaves_at_once_by_default() -> None:
 
 
 def test_a_blocking_call_past_its_deadline_in_the_queue_is_never_sent() -> None:
-    from cachenode.client._sync_coalesce import SyncCoalescer
-    from cachenode.v1 import cache_pb2 as pb
-
     stub = _HandStub()
     co = SyncCoalescer(stub, max_inflight=1)
-    first, _ = _in_thread(lambda: co.call("Set", _set(b"a"), 5))
-    wait_for(lambda: len(stub.sent) == 1, 5, "the first call to leave")
+    first, _ = _first_in_flight(co, stub, "Set")
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         co.call("Set", _set(b"late"), 0.2)
@@ -398,14 +386,10 @@ def test_a_blocking_call_past_its_deadline_in_the_queue_is_never_sent() -> None:
 def test_a_queued_call_already_past_its_deadline_is_never_sent() -> None:
     """Its RPC slot frees after its deadline but before its thread noticed:
     the next batch leaves without it."""
-    from cachenode.client._sync_coalesce import SyncCoalescer
-    from cachenode.v1 import cache_pb2 as pb
-
     now = [1000.0]
     stub = _HandStub()
     co = SyncCoalescer(stub, max_inflight=1, clock=lambda: now[0])
-    first, _ = _in_thread(lambda: co.call("Set", _set(b"a"), 5))
-    wait_for(lambda: len(stub.sent) == 1, 5, "the first call to leave")
+    first, _ = _first_in_flight(co, stub, "Set")
     late, late_out = _in_thread(lambda: co.call("Set", _set(b"late"), 1))  # waits ~1 s of real time
     on_time, on_time_out = _in_thread(lambda: co.call("Set", _set(b"on-time"), 30))
     wait_for(lambda: len(co._queue) == 2, 5, "two calls queued")
@@ -422,12 +406,9 @@ def test_a_queued_call_already_past_its_deadline_is_never_sent() -> None:
 
 
 def test_a_failed_rpc_fails_every_op_in_it_and_a_refused_launch_strands_no_caller() -> None:
-    from cachenode.client._sync_coalesce import SyncCoalescer
-
     stub = _HandStub()
     co = SyncCoalescer(stub, max_inflight=1)
-    first, first_out = _in_thread(lambda: co.call("Get", _set(b"a"), 5))
-    wait_for(lambda: len(stub.sent) == 1, 5, "the first call to leave")
+    first, first_out = _first_in_flight(co, stub, "Get")
     others = [_in_thread(lambda k=k: co.call("Set", _set(k), 5)) for k in (b"b", b"c")]
     wait_for(lambda: len(co._queue) == 2, 5, "two calls queued")
     stub.refuse.append(ValueError("Cannot invoke RPC: Channel closed!"))
@@ -453,7 +434,6 @@ def test_threads_sharing_a_blocking_client_share_batches(cluster: FakeCluster) -
     """Real gRPC: while two slow calls to a node are in flight (the most per
     node), the calls other threads make to that node queue, then leave as
     one Batch."""
-    from cachenode.client import CacheClient
 
     with CacheClient(cluster.endpoints, timeout=10) as c:
         c.set("warm-up", "x")  # loads the map
@@ -478,8 +458,6 @@ def test_threads_sharing_a_blocking_client_share_batches(cluster: FakeCluster) -
 def test_closing_a_blocking_client_under_its_threads_fails_each_call_cleanly(cluster: FakeCluster) -> None:
     """Two calls in flight and four queued when the client closes: all six
     raise Unavailable saying so (no ValueError from the closed channel, no hang)."""
-    from cachenode._errors import Unavailable
-    from cachenode.client import CacheClient
 
     c = CacheClient(cluster.endpoints, timeout=10)
     c.set("warm-up", "x")

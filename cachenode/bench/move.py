@@ -87,6 +87,16 @@ class MoveCluster(Protocol):
     def node_log(self, node_id: str) -> Path | None: ...
 
 
+def _wait_until(check: Callable[[], bool | None], end: float, failure: Callable[[], str]) -> None:
+    """Poll ``check`` every ``POLL_S`` until it returns True; at monotonic
+    time ``end`` raise BenchError with ``failure()`` (evaluated then, so it
+    can name what was last seen)."""
+    while not check():
+        if time.monotonic() >= end:
+            raise BenchError(f"replica move: {failure()}")
+        time.sleep(POLL_S)
+
+
 def _digest(value: bytes) -> bytes:
     return hashlib.blake2b(value, digest_size=16).digest()
 
@@ -163,22 +173,18 @@ class ReplicaMove:
                 )
         # Nodes hear of the pause in their next heartbeat reply; until then
         # one could still hand a leader to its preferred replica mid-fill.
-        while True:
-            cmap = client.cluster_map(refresh=True)
-            modes = {}
-            for n in cmap.nodes:
+        modes: dict[str, str] = {}
+
+        def all_paused() -> bool | None:
+            modes.clear()
+            for n in client.cluster_map(refresh=True).nodes:
                 try:
                     modes[n.id] = client.node_status(n.address).leader_balancing
                 except CacheError as err:
                     modes[n.id] = str(err)
-            if all(m in ("paused", "off") for m in modes.values()):
-                break
-            if time.monotonic() >= end:
-                raise BenchError(
-                    f"replica move: leader balancing not paused on every node within "
-                    f"{PD_READY_TIMEOUT_S:g}s: {modes}"
-                )
-            time.sleep(POLL_S)
+            return True if all(m in ("paused", "off") for m in modes.values()) else None
+
+        _wait_until(all_paused, end, lambda: f"leader balancing not paused on every node within {PD_READY_TIMEOUT_S:g}s: {modes}")
         self.doc["paused"] = list(PAUSED)
 
     def _fill(self, client: CacheClient) -> tuple[int, list[bytes], list[bytes]]:
@@ -248,19 +254,17 @@ class ReplicaMove:
         started = time.monotonic()
         new_id, address = self.cluster.add_node()
         self.doc["to"] = new_id
-        end = time.monotonic() + JOIN_TIMEOUT_S
-        while True:
+        def up() -> bool | None:
             with contextlib.suppress(CacheError):
-                st = self._pd_status(client)
-                node = next((n for n in st.nodes if n.id == new_id), None)
+                node = next((n for n in self._pd_status(client).nodes if n.id == new_id), None)
                 if node is not None and node.liveness == "up" and node.state == "serving":
-                    break
-            if time.monotonic() >= end:
-                raise BenchError(
-                    f"replica move: the placement driver did not report {new_id} up within "
-                    f"{JOIN_TIMEOUT_S:g}s of its start"
-                )
-            time.sleep(POLL_S)
+                    return True
+            return None
+
+        _wait_until(
+            up, time.monotonic() + JOIN_TIMEOUT_S,
+            lambda: f"the placement driver did not report {new_id} up within {JOIN_TIMEOUT_S:g}s of its start",
+        )
         self.doc["join_s"] = round(time.monotonic() - started, 3)
         return new_id, address
 
@@ -299,17 +303,17 @@ class ReplicaMove:
 
     def _wait_idle(self, client: CacheClient) -> None:
         """Until no operator runs: ours must be the only one moving anything."""
-        end = time.monotonic() + IDLE_TIMEOUT_S
-        while True:
-            running = [o for o in self._pd_status(client).operators if o.status == "running"]
-            if not running:
-                return
-            if time.monotonic() >= end:
-                raise BenchError(
-                    f"replica move: operators still running after {IDLE_TIMEOUT_S:g}s: "
-                    + ", ".join(f"{o.id} {o.kind} on shard {o.shard_id}" for o in running)
-                )
-            time.sleep(POLL_S)
+        running: list[Any] = []
+
+        def idle() -> bool | None:
+            running[:] = [o for o in self._pd_status(client).operators if o.status == "running"]
+            return None if running else True
+
+        _wait_until(
+            idle, time.monotonic() + IDLE_TIMEOUT_S,
+            lambda: f"operators still running after {IDLE_TIMEOUT_S:g}s: "
+            + ", ".join(f"{o.id} {o.kind} on shard {o.shard_id}" for o in running),
+        )
 
     def _move(
         self, client: CacheClient, shard: int, new_id: str, new_address: str
