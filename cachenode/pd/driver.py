@@ -61,9 +61,10 @@ class MetaStore(Protocol):
 class PdConfig:
     tick_s: float = 0.2
     heartbeat_s: float = 0.5  # the nodes' interval; sets the warm-up and down-after defaults
-    # While operators run, nodes are asked to report this often, and every
-    # report wakes the PD (at most every MIN_TICK_S): an operator step then
-    # takes about this long instead of up to a tick and two heartbeats.
+    # While operators run, the nodes they involve are asked to report this
+    # often, and each of their reports wakes the PD to step the operators
+    # (at most every MIN_TICK_S): an operator step then takes about this
+    # long instead of up to a tick and two heartbeats.
     busy_heartbeat_s: float = 0.1
     down_after_s: float = 3.0  # silent this long: down (no new replicas, no balancing onto it)
     max_down_time_s: float = 1800.0  # down this long: dead, its replicas are re-created elsewhere
@@ -125,7 +126,7 @@ class PlacementDriver:
         return self._active_since is not None
 
     def _loop(self) -> None:
-        last = float("-inf")
+        last = last_plan = float("-inf")
         while not self._stop.is_set():
             self._wake.wait(self.cfg.tick_s)
             self._wake.clear()
@@ -135,8 +136,13 @@ class PlacementDriver:
             if self._stop.is_set():
                 break
             last = time.monotonic()
+            # Woken rounds only step the running operators; planning new ones
+            # keeps the regular pace (it reads every shard).
+            plan = last - last_plan >= self.cfg.tick_s
+            if plan:
+                last_plan = last
             try:
-                self._tick()
+                self._tick(plan)
             except CacheError as e:
                 log.info("pd: %s", e.message)
             except Exception:  # the PD must outlive any bug in one round
@@ -144,7 +150,7 @@ class PlacementDriver:
 
     # ---- one round --------------------------------------------------------------
 
-    def _tick(self) -> None:
+    def _tick(self, plan: bool = True) -> None:
         if not self.meta.is_leader():
             if self._active_since is not None:
                 log.info("pd: no longer the metadata leader; placement driver idle")
@@ -163,7 +169,7 @@ class PlacementDriver:
             if out.changed:
                 self._save()
             self._forget_removed(view)
-            if self.now() - (self._active_since or 0) < self._warmup_s():
+            if not plan or self.now() - (self._active_since or 0) < self._warmup_s():
                 return
             p = self._plan(self._view())
             admitted = 0
@@ -266,25 +272,36 @@ class PlacementDriver:
     def heartbeat(
         self, node: NodeInfo, map_version: int, stats: StoreStats, replicas: tuple[ReplicaReport, ...]
     ) -> HeartbeatReply:
-        """Record a node's report and answer it.  While operators run, the
-        report wakes the PD's loop and the node is asked to report again
-        after ``busy_heartbeat_s``."""
+        """Record a node's report and answer it.  While an operator that
+        involves the node runs, the report wakes the PD's loop and the node
+        is asked to report again after ``busy_heartbeat_s``."""
         with self._lock:
             m = self._require_active()
             known = m.node(node.id)
             if known is None:
                 raise NotFound(f"node {node.id} is not a member of this cluster; start it with --join to add it")
             self._reports[node.id] = _Report(self.now(), node, stats, replicas)
-            busy = bool(self.controller.running())
-            if busy:
+            involved = node.id in self._involved(m)
+            if involved:
                 self._wake.set()
-            fast = busy and self.cfg.busy_heartbeat_s < self.cfg.heartbeat_s
+            fast = involved and self.cfg.busy_heartbeat_s < self.cfg.heartbeat_s
             return HeartbeatReply(
                 m if map_version < m.version else None,
                 list(self._instructions.get(node.id, ())),
                 sorted(self.controller.paused),
                 self.cfg.busy_heartbeat_s if fast else 0.0,
             )
+
+    def _involved(self, m: ClusterMap) -> set[NodeId]:
+        """Under the lock: the nodes whose reports a running operator waits
+        for (its shard's replicas, the nodes it adds and removes)."""
+        out: set[NodeId] = set()
+        for op in self.controller.running():
+            desc = m.shard(op.shard)
+            if desc is not None:
+                out.update(desc.replicas)
+            out |= op.nodes_added() | op.nodes_removed()
+        return out
 
     def join(self, node: NodeInfo) -> ClusterMap:
         """Register a node (idempotent: a restarted node joins again)."""

@@ -52,14 +52,14 @@ def _beat(pd: PlacementDriver, m: ClusterMap, node: str) -> Any:
     return pd.heartbeat(NodeInfo(node, f"{node}:1", f"{node}:2"), m.version, StoreStats(), reps)
 
 
-def test_nodes_report_sooner_only_while_an_operator_runs() -> None:
-    nodes = [NodeInfo(f"n{i}", f"n{i}:1", f"n{i}:2") for i in (1, 2, 3, 4)]
-    m = ClusterMap.bootstrap(nodes[:3], 2, 3).with_node(nodes[3])
+def test_nodes_report_sooner_only_while_an_operator_involving_them_runs() -> None:
+    nodes = [NodeInfo(f"n{i}", f"n{i}:1", f"n{i}:2") for i in (1, 2, 3, 4, 5)]
+    m = ClusterMap.bootstrap(nodes[:3], 2, 3).with_node(nodes[3]).with_node(nodes[4])
     meta = MemoryMeta(m)
     clock = [100.0]
     pd = PlacementDriver("n1", meta, PdConfig(heartbeat_s=0.5, busy_heartbeat_s=0.1), monotonic=lambda: clock[0])
     pd._tick()  # take over
-    for n in ("n1", "n2", "n3", "n4"):
+    for n in ("n1", "n2", "n3", "n4", "n5"):
         assert _beat(pd, meta.map, n).next_heartbeat_s == 0.0  # idle: the node's own pace
     assert pd.set_scheduler("balance-replica", True) == ["balance-replica"]
     reply = _beat(pd, meta.map, "n2")
@@ -67,10 +67,13 @@ def test_nodes_report_sooner_only_while_an_operator_runs() -> None:
 
     s = meta.map.shards[0]
     op = pd.add_operator("move-replica", s.id, s.replicas[-1], "n4")
-    assert not pd._wake.is_set()
-    reply = _beat(pd, meta.map, "n4")
-    assert reply.next_heartbeat_s == 0.1  # an operator runs: report sooner ...
-    assert pd._wake.is_set()  # ... and each report wakes the PD's loop
+    assert _beat(pd, meta.map, "n5").next_heartbeat_s == 0.0  # not involved: its own pace,
+    assert not pd._wake.is_set()  # and its report wakes nothing
+    for n in (*s.replicas, "n4"):  # the shard's replicas and the node it moves to
+        pd._wake.clear()
+        reply = _beat(pd, meta.map, n)
+        assert reply.next_heartbeat_s == 0.1  # report sooner ...
+        assert pd._wake.is_set()  # ... and each report wakes the PD's loop
 
     pd.cancel_operator(op.id)
     assert _beat(pd, meta.map, "n4").next_heartbeat_s == 0.0
