@@ -4,8 +4,9 @@ Every ``heartbeat_s`` the agent reports this node's store and every replica
 (role, term, commit and applied index, Raft membership, the followers'
 match indexes where it leads) to the PD, adopts a newer cluster map from
 the reply, and carries out the reply's instructions on the replicas this
-node leads.  While operators run the PD asks for reports sooner
-(``next_heartbeat_s``, 0.1 s), so their steps are seen done quickly.
+node leads.  While an operator involving this node runs, the PD asks for
+reports sooner (``next_heartbeat_s``, 0.1 s), so its steps are seen done
+quickly.
 Instructions are idempotent (each checks the replica's current state
 first), because the PD repeats them until it *observes* the result.
 
