@@ -64,6 +64,10 @@ class NotSentError(grpc.RpcError):
         return ((ERROR_KEY, self._kind),) if self._kind else ()
 
 
+def _not_started(err: Exception) -> NotSentError:
+    return NotSentError(grpc.StatusCode.UNAVAILABLE, f"the call was never sent: {err}")
+
+
 def _queued_too_long(inflight: int) -> NotSentError:
     return NotSentError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -126,18 +130,17 @@ class SyncCoalescer:
                 slot = _Slot(method, request, self._clock() + timeout)
                 self._queue.append(slot)
         if direct:
-            # Nothing in flight: the plain blocking call, in this thread (a
+            # Room and no queue: the plain blocking call, in this thread (a
             # lone caller pays no hand-off between threads).
             try:
                 return getattr(self._stub, method)(request, timeout=timeout)
             except ValueError as err:  # the channel was closed under us
-                raise NotSentError(grpc.StatusCode.UNAVAILABLE, f"the call was never sent: {err}") from None
+                raise _not_started(err) from None
             finally:
                 self._next()
         if not slot.done.wait(max(0.0, slot.deadline - self._clock())):
             with self._lock:
-                queued = slot in self._queue
-                if queued:  # never sent: it must never be
+                if slot in self._queue:  # never sent: it must never be
                     self._queue.remove(slot)
                     slot.finish(_queued_too_long(self._inflight))
             if not slot.done.is_set():
@@ -194,7 +197,7 @@ class SyncCoalescer:
                     fut = self._stub.Batch.future(req, timeout=max(timeout, 0.001))
             except Exception as err:  # closed channel and the like: never strand a caller
                 for s in batch:
-                    s.finish(NotSentError(grpc.StatusCode.UNAVAILABLE, f"the call was never sent: {err}"))
+                    s.finish(_not_started(err))
                 with self._lock:
                     self._inflight -= 1
                     batch = self._take() or []

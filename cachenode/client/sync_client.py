@@ -111,10 +111,10 @@ class CacheClient:
         routing: Routing = "smart",
         coalesce: bool = True,
     ) -> None:
-        """``coalesce``: calls that threads make to one node while an RPC to
-        it is in flight leave together as one Batch RPC when it answers (see
-        ``_sync_coalesce``); a lone call is the plain unary RPC.  Results and
-        errors stay per call."""
+        """``coalesce``: calls that threads make to one node while two RPCs
+        to it are in flight leave together as one Batch RPC when one answers
+        (see ``_sync_coalesce``); other calls are the plain unary RPC.
+        Results and errors stay per call."""
         self._coalesce = coalesce
         self._coalescers: dict[str, SyncCoalescer] = {}
         self._core = ClientCore(
@@ -397,6 +397,9 @@ class CacheClient:
             return channel
 
     def _coalescer(self, address: str) -> SyncCoalescer:
+        co = self._coalescers.get(address)  # the common case, without the lock
+        if co is not None and not self._closed:
+            return co
         channel = self._channel(address)
         with self._lock:
             if self._closed:
