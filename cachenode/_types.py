@@ -24,6 +24,11 @@ STREAM_ACCEPTED = "cachenode-stream"
 it reads any request; a refused stream ends without it."""
 
 
+def group_label(group_id: int) -> str:
+    """How messages name a Raft group: ``shard 3`` or ``the metadata group``."""
+    return "the metadata group" if group_id == META_GROUP_ID else f"shard {group_id}"
+
+
 def key_hash(key: bytes) -> int:
     """The xxh3_64 hash that places ``key`` in the hash space."""
     return xxhash.xxh3_64_intdigest(key)
@@ -115,6 +120,21 @@ class ClusterMap:
                 return s
         return None
 
+    def group(self, group_id: int) -> ShardDescriptor | None:
+        """A shard's descriptor, or for :data:`META_GROUP_ID` a descriptor of
+        the metadata group (no key range; ``replicas`` = ``meta``), so the
+        placement driver can move metadata replicas with the same operators
+        as shard replicas.  None when unknown (or a map without ``meta``)."""
+        if group_id == META_GROUP_ID:
+            return ShardDescriptor(META_GROUP_ID, 0, -1, 1, self.meta) if self.meta else None
+        return self.shard(group_id)
+
+    def groups(self) -> list[ShardDescriptor]:
+        """The metadata group (when the map names it), then every shard:
+        repairs start with the control plane."""
+        meta = self.group(META_GROUP_ID)
+        return [meta, *self.shards] if meta is not None else list(self.shards)
+
     def shard_for_hash(self, h: int) -> ShardDescriptor:
         starts = [s.range_start for s in self.shards]
         i = bisect.bisect_right(starts, h) - 1
@@ -137,15 +157,20 @@ class ClusterMap:
         return dataclasses.replace(self, version=self.version + 1, nodes=nodes)
 
     def without_node(self, node_id: NodeId) -> ClusterMap:
-        if self.shards_on(node_id):
+        if self.shards_on(node_id) or node_id in self.meta:
             raise ValueError(f"node {node_id} still holds replicas")
         nodes = tuple(n for n in self.nodes if n.id != node_id)
         return dataclasses.replace(self, version=self.version + 1, nodes=nodes)
 
     def with_replicas(self, shard_id: ShardId, replicas: Sequence[NodeId]) -> ClusterMap:
-        """Set a shard's replica list (first = preferred leader); epoch + 1."""
+        """Set a shard's replica list (first = preferred leader); epoch + 1.
+        For :data:`META_GROUP_ID`, set the metadata group's members."""
         if len(set(replicas)) != len(replicas):
-            raise ValueError(f"shard {shard_id}: two replicas on one node: {list(replicas)}")
+            raise ValueError(f"{group_label(shard_id)}: two replicas on one node: {list(replicas)}")
+        if shard_id == META_GROUP_ID:
+            if not replicas:
+                raise ValueError("the metadata group needs at least one member")
+            return dataclasses.replace(self, version=self.version + 1, meta=tuple(replicas))
         shards = tuple(
             dataclasses.replace(s, epoch=s.epoch + 1, replicas=tuple(replicas)) if s.id == shard_id else s
             for s in self.shards

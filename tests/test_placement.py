@@ -146,9 +146,76 @@ def test_drain_moves_everything_off_a_node(tmp_path: Path) -> None:
         r = cachectl("node", "remove", n4, "--endpoints", c.endpoints)
         assert r.returncode == 0, r.stderr
         assert n4 not in {x.id for x in c.pd_status().nodes}
-        # a meta member cannot be removed: precise error, non-zero exit
+        # a live, serving node is not removed: precise error, non-zero exit
         r = cachectl("node", "remove", "n1", "--endpoints", c.endpoints)
-        assert r.returncode != 0 and "metadata group" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "a metadata replica; drain it first: cachectl node drain n1" in r.stderr
+
+
+def node_doc(node: str, endpoints: str) -> dict[str, object]:
+    doc = json.loads(cachectl("status", "--json", "--endpoints", endpoints).stdout)
+    return next(n for n in doc["nodes"] if n["id"] == node)  # type: ignore[no-any-return]
+
+
+def meta_members(st: pb.PdStatus) -> set[str]:
+    return {n.id for n in st.nodes if n.meta}
+
+
+def test_dead_metadata_member_is_replaced_so_a_second_loss_is_survived(tmp_path: Path) -> None:
+    """The metadata group (the PD's own Raft group) is repaired like a
+    shard: a first node that dies for good and is removed has its metadata
+    replica re-created on a live node.  Before, the control plane then ran on
+    2 of 3 for good, and losing a second first node stopped the PD.  Now the
+    PD still answers after that second loss and every shard takes writes."""
+    with local_cluster(tmp_path / "c", nodes=3, shards=4, extra=FAST_PD) as c:
+        c.wait_all_leaders()
+        n4 = c.add_node()
+        wait_for(lambda: balanced(c.pd_status(), 4), 90, f"{n4} to be balanced in")
+        assert node_doc(n4, c.endpoints)["metadata"] is None
+        with CacheClient(c.endpoints, timeout=5.0, max_attempts=10) as cl:
+            for i in range(40):
+                cl.set(f"k:{i}", f"v{i}")
+        first = c.pd_status().pd_node  # kill the PD itself: it must move first
+        c.kill9(first)
+
+        def seen_down() -> bool:
+            st = c.pd_status()
+            return next(x for x in st.nodes if x.id == first).liveness != "up"
+
+        wait_for(seen_down, 30, f"the PD to see {first} down")
+        r = cachectl("node", "remove", first, "--endpoints", c.endpoints)
+        assert r.returncode == 0, r.stderr
+        assert "and a metadata replica are re-created elsewhere first" in r.stdout
+
+        def repaired() -> bool:
+            st = c.pd_status()
+            running = [o for o in st.operators if o.status == "running"]
+            return first not in {x.id for x in st.nodes} and meta_members(st) == set(c.node_ids) - {first} and not running
+
+        wait_for(repaired, 90, f"{first} removed and its metadata replica re-created")
+        assert n4 in meta_members(c.pd_status())
+        wait_for(lambda: node_doc(n4, c.endpoints)["metadata"] in ("leader", "follower"), 30, f"{n4} to host a metadata replica")
+        # a restart keeps it: the node joined with --join, its replicas.json says it is a member
+        c.stop_node(n4)
+        c.start_node(n4)
+        wait_for(lambda: node_doc(n4, c.endpoints)["metadata"] in ("leader", "follower"), 30, f"{n4} to host its metadata replica again")
+
+        second = next(n for n in c.node_ids if n not in (first, n4))
+        c.kill9(second)
+        # the PD still runs (2 of 3 metadata replicas live) and sees the loss
+        def pd_sees_second_down() -> bool:
+            try:
+                st = c.pd_status()
+            except grpc.RpcError:
+                return False
+            return next(x for x in st.nodes if x.id == second).liveness != "up"
+
+        wait_for(pd_sees_second_down, 30, f"a placement driver that sees {second} down")
+        with CacheClient(c.endpoints, timeout=5.0, max_attempts=10) as cl:
+            for i in range(40):
+                got = cl.get(f"k:{i}")
+                assert got is not None and got.value == f"v{i}".encode(), i
+                cl.set(f"after:{i}", "x")
 
 
 def test_dead_node_replicas_recreated_and_cleaned_up_on_return(tmp_path: Path) -> None:
@@ -270,3 +337,29 @@ def test_pausing_balance_leader_also_stops_the_nodes_moving_leaders(tmp_path: Pa
 
         assert cachectl("scheduler", "resume", "balance-leader", *eps).returncode == 0
         wait_for(lambda: c.leader_of(s.id) == preferred, 15, f"{preferred} (preferred) to lead shard {s.id} again")
+
+
+def test_draining_the_placement_drivers_node_moves_its_metadata_replica(tmp_path: Path) -> None:
+    """Draining a node that leads the metadata group moves its metadata
+    replica like a shard replica (add the new one, hand the leadership over,
+    remove, wait until the node deleted it); the node is then removable."""
+    with local_cluster(tmp_path / "c", nodes=3, shards=4, extra=FAST_PD) as c:
+        c.wait_all_leaders()
+        n4 = c.add_node()
+        wait_for(lambda: balanced(c.pd_status(), 4), 90, f"{n4} to be balanced in")
+        pd = c.pd_status().pd_node
+        assert node_doc(pd, c.endpoints)["metadata"] == "leader"
+        with Writer(c.endpoints) as w:
+            assert cachectl("node", "drain", pd, "--endpoints", c.endpoints).returncode == 0
+
+            def drained() -> bool:
+                st = c.pd_status()
+                node = next(x for x in st.nodes if x.id == pd)
+                return node.removable and st.pd_node != pd and meta_members(st) == set(c.node_ids) - {pd}
+
+            wait_for(drained, 90, f"{pd} to hold no replica, not even of the metadata group")
+            wait_for(lambda: node_doc(pd, c.endpoints)["metadata"] is None, 30, f"{pd} to delete its metadata replica")
+        w.verify(c.endpoints)
+        r = cachectl("node", "remove", pd, "--endpoints", c.endpoints)
+        assert r.returncode == 0, r.stderr
+        assert pd not in {x.id for x in c.pd_status().nodes}

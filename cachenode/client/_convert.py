@@ -135,6 +135,7 @@ def node_status_from_wire(msg: pb.NodeStatus) -> NodeStatus:
         version=msg.version,
         fsync=msg.fsync,
         leader_balancing=msg.leader_balancing,
+        metadata_role=msg.metadata_role,
     )
 
 

@@ -74,3 +74,4 @@ class NodeStatus:
     version: str
     fsync: str
     leader_balancing: str = ""  # "on", "paused" or "off" ("" from an older node)
+    metadata_role: str = ""  # its metadata replica: "leader", "follower", "candidate"; "" = none

@@ -23,7 +23,7 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-from .._types import ClusterMap, NodeId
+from .._types import ClusterMap, NodeId, group_label
 from .model import ClusterView, Liveness
 from .operator import STEP_TIMEOUT_S, Instruction, Operator, OpStatus, StepKind
 from .planner import SCHEDULERS, PlanConfig
@@ -80,11 +80,11 @@ class OperatorController:
     def admit(self, op: Operator, view: ClusterView, now: float, manual: bool = False) -> None:
         """Accept ``op`` or raise AdmitError.  Manual operators skip the
         cluster-wide cap (a user asked) but not the safety checks."""
-        if view.map.shard(op.shard) is None:
+        if view.map.group(op.shard) is None:
             raise AdmitError(f"unknown shard {op.shard}")
         busy = [o for o in self.running() if o.shard == op.shard]
         if busy:
-            raise AdmitError(f"shard {op.shard} already has operator {busy[0].id} ({busy[0].kind}) running")
+            raise AdmitError(f"{group_label(op.shard)} already has operator {busy[0].id} ({busy[0].kind}) running")
         running = self.running()
         if not manual and len(running) >= self.cfg.max_operators:
             raise AdmitError(f"{len(running)} operators running (limit {self.cfg.max_operators})")
@@ -99,12 +99,12 @@ class OperatorController:
                 raise AdmitError(f"node {n} cannot take replicas now ({nv.state}, {nv.liveness.value})")
             if adding[n] >= self.cfg.store_limit:
                 raise AdmitError(f"node {n} already receives {adding[n]} replicas (store limit {self.cfg.store_limit})")
-        desc = view.map.shard(op.shard)
+        desc = view.map.group(op.shard)
         assert desc is not None
         final = set(desc.replicas) | op.nodes_added()
         for st in op.steps:
             if st.kind is StepKind.TRANSFER_LEADER and st.node not in final:
-                raise AdmitError(f"node {st.node} holds no replica of shard {op.shard}")
+                raise AdmitError(f"node {st.node} holds no replica of {group_label(op.shard)}")
         op.source = "manual" if manual else "pd"
         self.ops[op.id] = op
         self.next_id = max(self.next_id, op.id + 1)
@@ -174,9 +174,9 @@ class OperatorController:
             if cur.kind is StepKind.ADD_TO_MAP and nv.leaving:
                 return f"node {cur.node} is {nv.state}"
         if cur.kind is StepKind.TRANSFER_LEADER:
-            desc = view.map.shard(op.shard)
+            desc = view.map.group(op.shard)
             if desc is not None and cur.node not in desc.replicas:
-                return f"node {cur.node} holds no replica of shard {op.shard}"
+                return f"node {cur.node} holds no replica of {group_label(op.shard)}"
         return None
 
     def _trim(self) -> None:

@@ -251,7 +251,7 @@ class PlacementDriver:
         """Nodes being removed leave the map once they hold nothing."""
         assert self._map is not None
         for n in self._map.nodes:
-            if n.state == REMOVING and not self._map.shards_on(n.id) and not any(
+            if n.state == REMOVING and not self._map.shards_on(n.id) and n.id not in self._map.meta and not any(
                 n.id in o.nodes_added() for o in self.controller.running()
             ):
                 log.info("pd: node %s holds no replicas: removed from the cluster", n.id)
@@ -297,7 +297,7 @@ class PlacementDriver:
         for (its shard's replicas, the nodes it adds and removes)."""
         out: set[NodeId] = set()
         for op in self.controller.running():
-            desc = m.shard(op.shard)
+            desc = m.group(op.shard)
             if desc is not None:
                 out.update(desc.replicas)
             out |= op.nodes_added() | op.nodes_removed()
@@ -339,22 +339,19 @@ class PlacementDriver:
                 return f"node {node_id} is serving again"
             if action != "remove":
                 raise InvalidArgument(f"unknown node action {action!r}")
-            if node_id in m.meta:
-                raise FailedPrecondition(
-                    f"node {node_id} holds a replica of the metadata group; it cannot be removed (it may be drained)"
-                )
             view = self._view()
-            if not m.shards_on(node_id):
+            held = len(m.shards_on(node_id)) + (node_id in m.meta)
+            if not held:
                 self._set_map(m.without_node(node_id))
                 self._reports.pop(node_id, None)
                 return f"node {node_id} removed from the cluster"
             if n.state == SERVING and view.is_up(node_id):
                 raise FailedPrecondition(
-                    f"node {node_id} is up and holds {len(m.shards_on(node_id))} replicas; "
+                    f"node {node_id} is up and holds {_replicas(m, node_id)}; "
                     f"drain it first: cachectl node drain {node_id}"
                 )
             self._set_map(m.with_node(dataclasses.replace(n, state=REMOVING)))
-            return f"node {node_id} is being removed: its {len(m.shards_on(node_id))} replicas are re-created elsewhere first"
+            return f"node {node_id} is being removed: its {_replicas(m, node_id)} are re-created elsewhere first"
 
     def add_operator(self, kind: str, shard: int, source: NodeId, target: NodeId) -> Operator:
         with self._lock:
@@ -419,3 +416,10 @@ class PlacementDriver:
             self._require_active()
             ops = sorted(self.controller.ops.values(), key=lambda o: o.id)
             return self._view(), ops, self.now() - (self._active_since or 0), sorted(self.controller.paused)
+
+
+def _replicas(m: ClusterMap, node_id: NodeId) -> str:
+    """``3 replicas``, ``3 replicas and a metadata replica``, ..."""
+    n = len(m.shards_on(node_id))
+    text = f"{n} replica{'' if n == 1 else 's'}"
+    return text + " and a metadata replica" if node_id in m.meta else text

@@ -11,7 +11,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from .._types import DRAINING, REMOVING, SERVING, ClusterMap, NodeId, ShardDescriptor, ShardId
+from .._types import (
+    DRAINING,
+    META_GROUP_ID,
+    REMOVING,
+    SERVING,
+    ClusterMap,
+    NodeId,
+    ShardDescriptor,
+    ShardId,
+)
 
 
 class Liveness(enum.Enum):
@@ -99,7 +108,8 @@ class ClusterView:
     @staticmethod
     def build(m: ClusterMap, nodes: dict[NodeId, NodeView]) -> ClusterView:
         """Join the map with node reports: a shard's leader is a node that
-        reports leading it (highest term wins)."""
+        reports leading it (highest term wins).  The metadata group is in
+        ``shards`` too, under :data:`META_GROUP_ID`."""
         best: dict[ShardId, tuple[int, NodeId, ReplicaReport]] = {}
         for n in nodes.values():
             if n.liveness is not Liveness.UP:
@@ -108,7 +118,7 @@ class ClusterView:
                 if r.role == "leader" and (r.shard not in best or r.term > best[r.shard][0]):
                     best[r.shard] = (r.term, n.id, r)
         shards = {}
-        for s in m.shards:
+        for s in m.groups():
             b = best.get(s.id)
             shards[s.id] = ShardView(s, b[1] if b else None, b[2] if b else None)
         return ClusterView(m, nodes, shards)
@@ -120,7 +130,8 @@ class ClusterView:
         return sum(1 for s in self.map.shards if s.replicas and s.replicas[0] == node)
 
     def leader_count(self, node: NodeId) -> int:
-        return sum(1 for s in self.shards.values() if s.leader == node)
+        """Shards (not the metadata group) that ``node`` leads."""
+        return sum(1 for gid, s in self.shards.items() if s.leader == node and gid != META_GROUP_ID)
 
     def is_up(self, node: NodeId) -> bool:
         n = self.nodes.get(node)

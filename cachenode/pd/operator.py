@@ -1,5 +1,9 @@
 """Operators: ordered steps that change one shard's placement safely.
 
+The metadata group (where the PD itself runs) is moved by the same operators
+under the group id :data:`META_GROUP_ID`: its "replicas" are the map's
+``meta`` members, and its leader carries out node steps like a shard leader.
+
 An operator is a plan, not a procedure.  Each step says how to tell from
 *observed* state (the map, the shard leader's heartbeat) that it is done, so
 repeating an instruction, losing a heartbeat or failing the PD over to
@@ -25,7 +29,7 @@ import enum
 from collections.abc import Sequence
 from typing import Any
 
-from .._types import ClusterMap, NodeId, ShardId
+from .._types import META_GROUP_ID, ClusterMap, NodeId, ShardId, group_label
 from .model import ClusterView
 
 CATCH_UP_LAG = 64
@@ -108,7 +112,7 @@ class Step:
 
     def map_edit(self, m: ClusterMap) -> ClusterMap | None:
         """The map change this step makes (PD side), or None."""
-        s = m.shard(self.shard)
+        s = m.group(self.shard)
         if s is None:
             return None
         reps = list(s.replicas)
@@ -217,7 +221,7 @@ class Operator:
         return {s.node for s in self.steps if s.kind is StepKind.REMOVE_MEMBER}
 
     def summary(self) -> str:
-        return f"{self.kind} shard {self.shard}: " + ", ".join(
+        return f"{self.kind} {group_label(self.shard)}: " + ", ".join(
             f"{s.kind.value} {s.node}" for s in self.steps
         )
 
@@ -252,13 +256,21 @@ def _leader_target(view: ClusterView, shard: ShardId, avoid: NodeId, candidates:
     return min(ok, key=lambda c: (view.preferred_leader_count(c), c))
 
 
+def _leads(view: ClusterView, shard: ShardId, node: NodeId) -> bool:
+    """``node`` leads ``shard``, or is its preferred leader (the first
+    replica, which the nodes make the leader; the metadata group has none)."""
+    sv = view.shards[shard]
+    preferred = bool(sv.desc.replicas) and sv.desc.replicas[0] == node and shard != META_GROUP_ID
+    return preferred or sv.leader == node
+
+
 def move_replica(op_id: int, view: ClusterView, shard: ShardId, source: NodeId, target: NodeId, reason: str) -> Operator:
     """Move a replica between two live nodes: add first (the group grows to
     4 and needs 3 of 4, so the new replica's catch-up does not block
     writes), move leadership away if the source leads, then remove."""
     desc = view.shards[shard].desc
     steps = [Step(StepKind.ADD_TO_MAP, shard, target), Step(StepKind.ADD_MEMBER, shard, target)]
-    if desc.replicas and (desc.replicas[0] == source or view.shards[shard].leader == source):
+    if _leads(view, shard, source):
         to = _leader_target(view, shard, source, list(desc.replicas) + [target])
         if to is not None:
             steps.append(Step(StepKind.TRANSFER_LEADER, shard, to))
@@ -292,7 +304,7 @@ def add_replica(op_id: int, shard: ShardId, target: NodeId, reason: str) -> Oper
 def remove_replica(op_id: int, view: ClusterView, shard: ShardId, node: NodeId, reason: str) -> Operator:
     desc = view.shards[shard].desc
     steps = []
-    if desc.replicas and (desc.replicas[0] == node or view.shards[shard].leader == node):
+    if _leads(view, shard, node):
         to = _leader_target(view, shard, node, desc.replicas)
         if to is not None:
             steps.append(Step(StepKind.TRANSFER_LEADER, shard, to))

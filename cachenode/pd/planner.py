@@ -1,9 +1,11 @@
 """Checkers and schedulers: they look at a :class:`ClusterView` and *propose*
 operators.  They never act; the controller decides what runs.
 
-* ``replica-checker`` keeps every shard at the replication factor on
-  distinct, live, serving nodes: replaces replicas of dead nodes, moves them
-  off draining nodes, adds missing and removes extra replicas.
+* ``replica-checker`` keeps every shard, and the metadata group, at the
+  replication factor on distinct, live, serving nodes: replaces replicas of
+  dead nodes, moves them off draining nodes, adds missing and removes extra
+  replicas (the metadata group is never shrunk: it keeps the size the
+  cluster started with).
 * ``balance-replica`` evens out replica counts (to within ``tolerance``).
 * ``balance-leader`` evens out preferred leaders (the first replica in each
   shard's descriptor, which the nodes make the actual leader).
@@ -22,7 +24,7 @@ import functools
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from .._types import NodeId, ShardId
+from .._types import META_GROUP_ID, NodeId, ShardId, group_label
 from .model import ClusterView, Liveness, ShardView
 from .operator import (
     Operator,
@@ -80,7 +82,7 @@ class _Round:
         """Count the effect of the not-yet-done steps of ``op``."""
         self.busy.add(op.shard)
         self.count += 1
-        desc = self.view.map.shard(op.shard)
+        desc = self.view.map.group(op.shard)
         reps = list(desc.replicas) if desc else []
         for st in op.steps[op.step:]:
             if st.kind is StepKind.ADD_TO_MAP and st.node not in reps:
@@ -104,7 +106,7 @@ class _Round:
         """The best node for a new replica of ``shard``: serving, up, not
         full, below its snapshot limit, without a replica of the shard;
         fewest replicas (counting influence), then lowest id."""
-        desc = self.view.map.shard(shard)
+        desc = self.view.map.group(shard)
         have = set(desc.replicas if desc else ()) | set(exclude)
         ok = [
             n.id for n in self.view.nodes.values()
@@ -128,8 +130,11 @@ def _liveness(view: ClusterView, node: NodeId) -> Liveness:
 
 
 def check_replicas(r: _Round) -> None:
+    """Every shard, and the metadata group, the same way: a group whose
+    member dies is repaired like any shard, so the control plane survives
+    losing nodes one at a time, as the data does."""
     view, cfg = r.view, r.cfg
-    for s in view.map.shards:
+    for s in view.map.groups():
         if not r.room():
             r.notes.append(f"operator limit ({cfg.max_operators}) reached")
             return
@@ -140,7 +145,7 @@ def check_replicas(r: _Round) -> None:
         if dead:
             tgt = r.target_for(s.id)
             if tgt is None:
-                r.notes.append(f"shard {s.id}: replica on dead node {dead[0]}, but no node can take a new replica")
+                r.notes.append(f"{group_label(s.id)}: replica on dead node {dead[0]}, but no node can take a new replica")
                 continue
             why = f"node {dead[0]} is dead (silent longer than max-down-time)" if dead[0] in _map_ids(view) else f"node {dead[0]} left the cluster"
             r.propose(replace_replica(r.next_id(), view, s.id, dead[0], tgt, why))
@@ -148,14 +153,14 @@ def check_replicas(r: _Round) -> None:
         leaving = [n for n in reps if view.nodes[n].leaving]
         if leaving:
             src = leaving[0]
-            if reps[0] == src and view.is_up(src):
+            if reps[0] == src and view.is_up(src) and s.id != META_GROUP_ID:
                 to = _best_leader(r, s.id, avoid=src)
                 if to is not None:
                     r.propose(transfer_leader(r.next_id(), s.id, to, f"node {src} is {view.nodes[src].state}: leadership first"))
                     continue
             tgt = r.target_for(s.id)
             if tgt is None:
-                r.notes.append(f"shard {s.id}: node {src} is {view.nodes[src].state}, but no node can take its replica")
+                r.notes.append(f"{group_label(s.id)}: node {src} is {view.nodes[src].state}, but no node can take its replica")
                 continue
             if view.is_up(src):
                 r.propose(move_replica(r.next_id(), view, s.id, src, tgt, f"node {src} is {view.nodes[src].state}"))
@@ -165,11 +170,13 @@ def check_replicas(r: _Round) -> None:
         if len(reps) < cfg.replication:
             tgt = r.target_for(s.id)
             if tgt is None:
-                r.notes.append(f"shard {s.id}: {len(reps)} of {cfg.replication} replicas, and no node can take another")
+                r.notes.append(f"{group_label(s.id)}: {len(reps)} of {cfg.replication} replicas, and no node can take another")
                 continue
             r.propose(add_replica(r.next_id(), s.id, tgt, f"{len(reps)} of {cfg.replication} replicas"))
             continue
-        if len(reps) > cfg.replication:
+        if len(reps) > cfg.replication and s.id != META_GROUP_ID:
+            # A metadata group started larger (every first node is a member)
+            # keeps its size: five members survive two failures.
             worst = max(reps, key=functools.partial(_badness, r, view.shards[s.id]))
             r.propose(remove_replica(r.next_id(), view, s.id, worst, f"{len(reps)} replicas, {cfg.replication} wanted"))
             continue
@@ -235,7 +242,7 @@ def balance_replicas(r: _Round) -> None:
 
 
 def _best_leader(r: _Round, shard: ShardId, avoid: NodeId | None = None) -> NodeId | None:
-    desc = r.view.map.shard(shard)
+    desc = r.view.map.group(shard)
     if desc is None:
         return None
     ok = [n for n in desc.replicas if n != avoid and r.view.nodes.get(n) is not None and r.view.nodes[n].accepts_replicas]

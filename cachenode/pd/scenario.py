@@ -8,6 +8,7 @@ A scenario is one directive per line (``#`` starts a comment)::
     node n5 serving dead capacity=100 available=1
     bootstrap 16 n1 n2 n3        # 16 shards placed as at cluster start
     shard 3 n1 n2 n4 leader=n2 members=n1,n2 lag=n4:500
+    meta n1 n2 n3 leader=n2        # the metadata group (same keywords)
     paused balance-leader
 
 ``shard`` replaces the shard's replicas (first = preferred leader).  The
@@ -22,6 +23,7 @@ import dataclasses
 
 from .._types import (
     HASH_SPACE,
+    META_GROUP_ID,
     NODE_STATES,
     ClusterMap,
     NodeInfo,
@@ -52,6 +54,7 @@ def parse(text: str) -> Scenario:
     shards: dict[int, ShardDescriptor] = {}
     extra: dict[int, dict[str, str]] = {}
     paused: list[str] = []
+    meta: tuple[str, ...] = ()
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -78,6 +81,9 @@ def parse(text: str) -> Scenario:
                 hi = shards[sid].range_end if sid in shards else lo
                 shards[sid] = ShardDescriptor(sid, lo, hi, 2, tuple(pos[1:]))
                 extra[sid] = kw
+            elif words[0] == "meta":
+                meta = tuple(pos)
+                extra[META_GROUP_ID] = kw
             elif words[0] == "paused":
                 paused += pos
             else:
@@ -85,9 +91,9 @@ def parse(text: str) -> Scenario:
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise ScenarioError(f"line {lineno}: {raw.strip()!r}: {e}") from None
     infos = tuple(NodeInfo(n, "", "", state) for n, (state, _, _) in sorted(nodes.items()))
-    m = ClusterMap(2, infos, tuple(sorted(shards.values(), key=lambda s: s.range_start)))
+    m = ClusterMap(2, infos, tuple(sorted(shards.values(), key=lambda s: s.range_start)), meta)
     reports: dict[str, list[ReplicaReport]] = {n: [] for n in nodes}
-    for s in m.shards:
+    for s in m.groups():
         kw = extra.get(s.id, {})
         up = [r for r in s.replicas if r in nodes and nodes[r][1] is Liveness.UP]
         leader = kw.get("leader", up[0] if up else "")

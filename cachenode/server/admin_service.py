@@ -81,11 +81,13 @@ class AdminService(cache_pb2_grpc.AdminServicer):
     def GetNodeStatus(self, req: pb.NodeStatusRequest, ctx: grpc.ServicerContext) -> pb.NodeStatus:
         me = self.cfg.me()
         reps = [replica_status(gid, g, self.r) for gid, g in sorted(self.r.host.groups().items()) if gid != META_GROUP_ID]
+        meta = self.r.host.group(META_GROUP_ID)
         return pb.NodeStatus(
             node=pb.NodeInfo(id=me.id, address=me.address, raft_address=me.raft_address),
             replicas=reps, uptime_s=time.monotonic() - self.started, version=__version__,
             fsync="always" if self.cfg.fsync else "never",
             leader_balancing=self.r.leader_balancing(), leader_balance_rounds=self.r.leader_balance_rounds,
+            metadata_role=meta.status.role if meta is not None else "",
         )
 
     def GetShardStatus(self, req: pb.ShardStatusRequest, ctx: grpc.ServicerContext) -> pb.ShardStatus:
@@ -190,7 +192,7 @@ class AdminService(cache_pb2_grpc.AdminServicer):
                     id=n.id, address=n.address, state=n.state, liveness=nv.liveness.value,
                     replicas=reps, leaders=view.leader_count(n.id),
                     preferred_leaders=view.preferred_leader_count(n.id), down_for_s=nv.down_for_s,
-                    stats=_stats_pb(nv.stats), removable=n.state != "serving" and reps == 0,
+                    stats=_stats_pb(nv.stats), removable=n.state != "serving" and reps == 0 and n.id not in m.meta,
                     meta=n.id in m.meta,
                 ))
             return pb.PdStatus(

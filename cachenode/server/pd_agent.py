@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from .._types import META_GROUP_ID, ClusterMap
+from .._types import ClusterMap, group_label
 from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
 from .config import NodeConfig
@@ -119,11 +119,10 @@ class PdAgent:
         return float(resp.next_heartbeat_s)
 
     def _collect(self) -> list[pb.ReplicaReport]:
-        """Driver thread: one report per hosted shard replica."""
+        """Driver thread: one report per hosted replica, the metadata
+        replica included (the PD moves it like a shard's)."""
         out = []
         for gid, g in sorted(self.host.groups().items()):
-            if gid == META_GROUP_ID:
-                continue
             st = g.status
             out.append(pb.ReplicaReport(
                 shard_id=gid, role=st.role, leader=st.leader or "", term=st.term,
@@ -159,13 +158,13 @@ class PdAgent:
 
         def done(err: Any) -> None:
             if err is not None:
-                log.debug("shard %d: %s %s: %s", ins.shard_id, ins.action, ins.target, err)
+                log.debug("%s: %s %s: %s", group_label(ins.shard_id), ins.action, ins.target, err)
 
         if ins.action == "add_member" and ins.target not in members:
-            log.info("shard %d: adding %s to the Raft group (operator %d)", ins.shard_id, ins.target, ins.operator_id)
+            log.info("%s: adding %s to the Raft group (operator %d)", group_label(ins.shard_id), ins.target, ins.operator_id)
             g.add_member(ins.target, done)
         elif ins.action == "remove_member" and ins.target in members and ins.target != self.cfg.node_id:
-            log.info("shard %d: removing %s from the Raft group (operator %d)", ins.shard_id, ins.target, ins.operator_id)
+            log.info("%s: removing %s from the Raft group (operator %d)", group_label(ins.shard_id), ins.target, ins.operator_id)
             g.remove_member(ins.target, done)
         elif ins.action == "transfer_leader" and ins.target in members and ins.target != self.cfg.node_id:
             g.transfer_leadership(ins.target, done)

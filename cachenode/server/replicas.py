@@ -22,7 +22,9 @@ lower bound of true cluster time (it assumes this node's own wall clock did
 not step forward while the node was down), so expiry stays never early, and
 the time a restarted replica needs to catch up no longer makes TTLs late.
 
-Which replicas this node hosts.  The agreed map says; this node learns it
+Which replicas this node hosts.  The agreed map says (its shards' replica
+lists, and ``meta`` for the metadata group, which the placement driver moves
+like a shard); this node learns it
 from its metadata replica (metadata members) or from the placement driver's
 heartbeat replies (every node), whichever is newer, and keeps the newest in
 ``cluster-map.json`` for restarts.  ``replicas.json`` records each hosted
@@ -50,7 +52,7 @@ import msgpack
 
 from .._clock import Clock
 from .._errors import CacheError, NotFound, NotLeader, OutcomeUnknown, Unavailable
-from .._types import META_GROUP_ID, ClusterMap, NodeId, ShardDescriptor
+from .._types import META_GROUP_ID, ClusterMap, NodeId, ShardDescriptor, group_label
 from ..fsm import commands as C
 from ..fsm.codec import decode_result, encode_command
 from ..fsm.machine import ShardStateMachine
@@ -85,7 +87,6 @@ class ReplicaManager:
         self._expiring: dict[int, Future[bytes]] = {}
         self._bootstrap_inflight: Future[bytes] | None = None
         self.ready = threading.Event()
-        self.is_meta_member = not cfg.join
         self._map_file = os.path.join(cfg.data_dir, "cluster-map.json")
         self._adopted: ClusterMap | None = self._load_map_file()
         self._registry_file = os.path.join(cfg.data_dir, "replicas.json")
@@ -105,11 +106,7 @@ class ReplicaManager:
                 self.host.mux.set_address(n.id, n.raft_address)
 
         self.host.call(set_addresses)
-        if self.is_meta_member:
-            members = [n.id for n in self.cfg.initial_cluster]
-            self.host.call(lambda: self.host.create_group(
-                META_GROUP_ID, members, self._meta_apply, barrier_command,
-            )).result(30)
+        self._register_bootstrap_meta()
         self.host.call(self.recreate_registered).result(30)
         self.host.every(0.1, self._reconcile)
         self.host.every(self.cfg.expiry_interval_s, self._expire)
@@ -316,14 +313,24 @@ class ReplicaManager:
                 if known is None or known.get("hold") != hold:
                     self._registry[s.id] = {"version": m.version, "members": list(s.replicas), "hold": hold}
                     changed = True
-                self._create_shard_group(s.id, list(s.replicas), hold)
+                self._create_group(s.id, list(s.replicas), hold)
+        if m.meta and me in m.meta and meta is None:
+            # The placement driver added this node to the metadata group.
+            if META_GROUP_ID not in self._registry:
+                self._registry[META_GROUP_ID] = {"version": m.version, "members": list(m.meta), "hold": True}
+                changed = True
+            log.info("metadata group: this node is a new member (map version %d)", m.version)
+            self._create_group(META_GROUP_ID, list(m.meta), bool(self._registry[META_GROUP_ID].get("hold")))
         listed = {s.id for s in m.shards_on(me)}
+        shard_replicas = len(listed)
+        if me in m.meta or not m.meta:  # a map without members predates moving them
+            listed.add(META_GROUP_ID)
         for gid in list(self.host.groups()):
-            if gid == META_GROUP_ID or gid in listed:
+            if gid in listed:
                 continue
             created = self._registry.get(gid, {}).get("version", 0)
             if m.version > created:
-                log.info("shard %d: this node is no longer a replica (map version %d): deleting its data", gid, m.version)
+                log.info("%s: this node is no longer a replica (map version %d): deleting its data", group_label(gid), m.version)
                 self.host.remove_group(gid, delete_data=True)
                 self._clock_base.pop(gid, None)
                 self._registry.pop(gid, None)
@@ -332,25 +339,49 @@ class ReplicaManager:
             self._save_registry()
         with self._map_lock:
             self._map = m
-        log.info("cluster map version %d: hosting %d shard replicas", m.version, len(listed))
+        log.info("cluster map version %d: hosting %d shard replicas%s", m.version, shard_replicas,
+                 " and a metadata replica" if META_GROUP_ID in listed else "")
         self.ready.set()
+
+    def _register_bootstrap_meta(self) -> None:
+        """At start-up, before the driver recreates registered replicas: a
+        node started without ``--join`` is one of the cluster's first nodes
+        and hosts a metadata replica from the start, unless the last map it
+        knows moved that replica elsewhere.  Recorded in ``replicas.json``
+        like any replica (version 0: any map that no longer lists it deletes
+        it), so later starts follow the record, not the flags."""
+        if META_GROUP_ID in self._registry or self.cfg.join:
+            return
+        known = self._adopted
+        if known is not None and known.meta and self.cfg.node_id not in known.meta:
+            return
+        members = list(known.meta) if known is not None and known.meta else [n.id for n in self.cfg.initial_cluster]
+        self._registry[META_GROUP_ID] = {"version": 0, "members": members, "hold": False}
+        self._save_registry()
 
     def recreate_registered(self) -> None:
         """Driver thread, at start-up: bring back every replica this node
-        hosted, even if the map it has is too old to list it."""
+        hosted (the metadata replica too), even if the map it has is too old
+        to list it."""
         for gid, rec in self._registry.items():
             if self.host.group(gid) is None:
-                self._create_shard_group(gid, list(rec["members"]), bool(rec.get("hold")))
+                self._create_group(gid, list(rec["members"]), bool(rec.get("hold")))
 
-    def _create_shard_group(self, gid: int, members: list[NodeId], hold: bool) -> None:
+    def _create_group(self, gid: int, members: list[NodeId], hold: bool) -> None:
+        """Driver thread: host a replica of shard ``gid`` or of the metadata
+        group.  ``hold``: it was added to a running group, so it stays out of
+        elections until the leader reaches it."""
         def released() -> None:
             rec = self._registry.get(gid)
             if rec is not None and rec.get("hold"):
                 rec["hold"] = False
                 self._save_registry()
-            log.info("shard %d: reached by the leader; this new replica now takes part in elections", gid)
+            log.info("%s: reached by the leader; this new replica now takes part in elections", group_label(gid))
 
-        self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
+        if gid == META_GROUP_ID:
+            self.host.create_group(gid, members, self._meta_apply, barrier_command, hold, released)
+        else:
+            self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
 
     def _prefer_leaders(self) -> None:
         """Hand leadership to each shard's preferred replica (the first in its

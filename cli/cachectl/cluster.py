@@ -9,7 +9,9 @@ claims it, the map's leader is shown if that node is up.
 ``--json`` prints ``{"nodes": [...], "shards": [...], "map_version": N}``:
 nodes ``{"id", "address", "raft_address", "state": "up"|"down", "replicas":
 [shard ids], "leaders": [shard ids], "uptime_s", "version", "fsync",
-"leader_balancing": "on"|"paused"|"off", "error"}``,
+"leader_balancing": "on"|"paused"|"off", "metadata": this node's role in
+the metadata group ("leader"|"follower"|"candidate", null: not a member),
+"error"}``,
 shards ``{"id", "range": [lo, hi], "epoch", "replicas": [node ids], "leader":
 node id or null, "term", "applied_index", "commit_index", "keys", "size_bytes"}``
 (term and indexes from the leader, or the most advanced reachable replica).
@@ -74,6 +76,7 @@ def gather_status(client: CacheClient) -> dict[str, Any]:
                     "version": None,
                     "fsync": None,
                     "leader_balancing": None,
+                    "metadata": None,
                     "error": answers.get(n.id),
                 }
             )
@@ -90,6 +93,7 @@ def gather_status(client: CacheClient) -> dict[str, Any]:
                     "version": st.version,
                     "fsync": st.fsync,
                     "leader_balancing": st.leader_balancing or None,
+                    "metadata": st.metadata_role or None,
                     "error": None,
                 }
             )
@@ -135,7 +139,7 @@ def cmd_status(ctx: Context) -> int:
         return ExitStatus.OK
 
     nt = Table(title="Nodes", title_justify="left")
-    for col in ("ID", "ADDRESS", "RAFT", "STATE", "REPLICAS", "LEADS", "UPTIME"):
+    for col in ("ID", "ADDRESS", "RAFT", "STATE", "REPLICAS", "LEADS", "METADATA", "UPTIME"):
         nt.add_column(col)
     for n in doc["nodes"]:
         state = "[green]up[/]" if n["state"] == "up" else "[red]down[/]"
@@ -146,6 +150,7 @@ def cmd_status(ctx: Context) -> int:
             state,
             _ids(n["replicas"]),
             _ids(n["leaders"]),
+            n["metadata"] or "-",
             f"{n['uptime_s']:.0f}s" if n["uptime_s"] is not None else "-",
         )
     st = Table(title="Shards", title_justify="left")

@@ -23,6 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from cachectl.output import ExitStatus
+from cachenode._types import META_GROUP_ID
 
 if TYPE_CHECKING:
     from cachectl.main import Context
@@ -151,7 +152,7 @@ def _render(doc: dict[str, Any], show_all: bool) -> Group:
         total = len(o["steps"])
         now = o["steps"][o["step"]] if o["step"] < total else "done"
         ot.add_row(
-            str(o["id"]), o["kind"], str(o["shard"]), o["status"],
+            str(o["id"]), o["kind"], "meta" if o["shard"] == META_GROUP_ID else str(o["shard"]), o["status"],
             ProgressBar(total=total, completed=o["step"], width=12), f"{o['step']}/{total} {now}",
             o["reason"] + (f" [red]({o['detail']})[/]" if o["detail"] else ""),
         )
