@@ -153,8 +153,19 @@ def test_drain_moves_everything_off_a_node(tmp_path: Path) -> None:
 
 
 def node_doc(node: str, endpoints: str) -> dict[str, object]:
-    doc = json.loads(cachectl("status", "--json", "--endpoints", endpoints).stdout)
-    return next(n for n in doc["nodes"] if n["id"] == node)  # type: ignore[no-any-return]
+    """``cachectl status --json``'s entry for ``node`` ({} if it failed)."""
+    r = cachectl("status", "--json", "--endpoints", endpoints)
+    if r.returncode != 0:
+        return {}
+    return next((n for n in json.loads(r.stdout)["nodes"] if n["id"] == node), {})
+
+
+META_GROUP = str(0xFFFF_FFFF)
+
+
+def registry(c: LocalCluster, node: str) -> dict[str, dict[str, object]]:
+    """The node's ``replicas.json``: the replicas it hosts, by group id."""
+    return json.loads((Path(c.node(node)["data_dir"]) / "replicas.json").read_text())  # type: ignore[no-any-return]
 
 
 def meta_members(st: pb.PdStatus) -> set[str]:
@@ -172,6 +183,7 @@ def test_dead_metadata_member_is_replaced_so_a_second_loss_is_survived(tmp_path:
         n4 = c.add_node()
         wait_for(lambda: balanced(c.pd_status(), 4), 90, f"{n4} to be balanced in")
         assert node_doc(n4, c.endpoints)["metadata"] is None
+        assert META_GROUP not in registry(c, n4)
         with CacheClient(c.endpoints, timeout=5.0, max_attempts=10) as cl:
             for i in range(40):
                 cl.set(f"k:{i}", f"v{i}")
@@ -194,11 +206,12 @@ def test_dead_metadata_member_is_replaced_so_a_second_loss_is_survived(tmp_path:
 
         wait_for(repaired, 90, f"{first} removed and its metadata replica re-created")
         assert n4 in meta_members(c.pd_status())
-        wait_for(lambda: node_doc(n4, c.endpoints)["metadata"] in ("leader", "follower"), 30, f"{n4} to host a metadata replica")
-        # a restart keeps it: the node joined with --join, its replicas.json says it is a member
+        wait_for(lambda: node_doc(n4, c.endpoints).get("metadata") in ("leader", "follower"), 30, f"{n4} to host a metadata replica")
+        # its record survives a restart: it joined with --join, so only the record says it is a member
+        assert n4 in registry(c, n4)[META_GROUP]["members"]  # type: ignore[operator]
         c.stop_node(n4)
         c.start_node(n4)
-        wait_for(lambda: node_doc(n4, c.endpoints)["metadata"] in ("leader", "follower"), 30, f"{n4} to host its metadata replica again")
+        wait_for(lambda: node_doc(n4, c.endpoints).get("metadata") in ("leader", "follower"), 30, f"{n4} to host its metadata replica again")
 
         second = next(n for n in c.node_ids if n not in (first, n4))
         c.kill9(second)
@@ -349,6 +362,7 @@ def test_draining_the_placement_drivers_node_moves_its_metadata_replica(tmp_path
         wait_for(lambda: balanced(c.pd_status(), 4), 90, f"{n4} to be balanced in")
         pd = c.pd_status().pd_node
         assert node_doc(pd, c.endpoints)["metadata"] == "leader"
+        assert registry(c, pd)[META_GROUP]["version"] == 0  # a first node: hosted from the start
         with Writer(c.endpoints) as w:
             assert cachectl("node", "drain", pd, "--endpoints", c.endpoints).returncode == 0
 
@@ -358,7 +372,13 @@ def test_draining_the_placement_drivers_node_moves_its_metadata_replica(tmp_path
                 return node.removable and st.pd_node != pd and meta_members(st) == set(c.node_ids) - {pd}
 
             wait_for(drained, 90, f"{pd} to hold no replica, not even of the metadata group")
-            wait_for(lambda: node_doc(pd, c.endpoints)["metadata"] is None, 30, f"{pd} to delete its metadata replica")
+            wait_for(lambda: node_doc(pd, c.endpoints).get("metadata", "?") is None, 30, f"{pd} to delete its metadata replica")
+        # a tombstone, so a restart (no --join) does not host it again
+        assert registry(c, pd)[META_GROUP].get("removed") is True
+        c.stop_node(pd)
+        c.start_node(pd)
+        wait_for(lambda: node_doc(pd, c.endpoints).get("uptime_s") is not None, 30, f"{pd} to answer after its restart")
+        assert node_doc(pd, c.endpoints)["metadata"] is None, "a first node hosts a metadata replica again after a restart"
         w.verify(c.endpoints)
         r = cachectl("node", "remove", pd, "--endpoints", c.endpoints)
         assert r.returncode == 0, r.stderr

@@ -81,7 +81,7 @@ class OperatorController:
         """Accept ``op`` or raise AdmitError.  Manual operators skip the
         cluster-wide cap (a user asked) but not the safety checks."""
         if view.map.group(op.shard) is None:
-            raise AdmitError(f"unknown shard {op.shard}")
+            raise AdmitError(f"unknown {group_label(op.shard)}")
         busy = [o for o in self.running() if o.shard == op.shard]
         if busy:
             raise AdmitError(f"{group_label(op.shard)} already has operator {busy[0].id} ({busy[0].kind}) running")

@@ -79,9 +79,14 @@ class _Round:
         self.notes: list[str] = []
 
     def influence(self, op: Operator) -> None:
-        """Count the effect of the not-yet-done steps of ``op``."""
+        """Count the effect of the not-yet-done steps of ``op``.  Metadata
+        replicas are not counted as shard replicas or leaderships (the
+        balancers do not count them either); only their snapshots are."""
         self.busy.add(op.shard)
         self.count += 1
+        if op.shard == META_GROUP_ID:
+            self.adding.update(st.node for st in op.steps[op.step:] if st.kind is StepKind.ADD_MEMBER)
+            return
         desc = self.view.map.group(op.shard)
         reps = list(desc.replicas) if desc else []
         for st in op.steps[op.step:]:
@@ -143,12 +148,14 @@ def check_replicas(r: _Round) -> None:
         reps = list(s.replicas)
         dead = [n for n in reps if _liveness(view, n) is Liveness.DEAD]
         if dead:
-            tgt = r.target_for(s.id)
-            if tgt is None:
-                r.notes.append(f"{group_label(s.id)}: replica on dead node {dead[0]}, but no node can take a new replica")
-                continue
             why = f"node {dead[0]} is dead (silent longer than max-down-time)" if dead[0] in _map_ids(view) else f"node {dead[0]} left the cluster"
-            r.propose(replace_replica(r.next_id(), view, s.id, dead[0], tgt, why))
+            tgt = r.target_for(s.id)
+            if tgt is not None:
+                r.propose(replace_replica(r.next_id(), view, s.id, dead[0], tgt, why))
+            elif len(reps) > cfg.replication:  # enough without it: just remove it
+                r.propose(remove_replica(r.next_id(), view, s.id, dead[0], why + "; no node can take its replica"))
+            else:
+                r.notes.append(f"{group_label(s.id)}: replica on dead node {dead[0]}, but no node can take a new replica")
             continue
         leaving = [n for n in reps if view.nodes[n].leaving]
         if leaving:
@@ -158,9 +165,17 @@ def check_replicas(r: _Round) -> None:
                 if to is not None:
                     r.propose(transfer_leader(r.next_id(), s.id, to, f"node {src} is {view.nodes[src].state}: leadership first"))
                     continue
+            down = [n for n in reps if n != src and not view.is_up(n)]
+            if s.id == META_GROUP_ID and down and view.is_up(src):
+                # Adding first would need 3 of 4 with one of them down.
+                r.notes.append(f"{group_label(s.id)}: node {src} is {view.nodes[src].state}; its replica moves once {down[0]} is up again")
+                continue
             tgt = r.target_for(s.id)
             if tgt is None:
-                r.notes.append(f"{group_label(s.id)}: node {src} is {view.nodes[src].state}, but no node can take its replica")
+                if len(reps) > cfg.replication:  # enough without it: just remove it
+                    r.propose(remove_replica(r.next_id(), view, s.id, src, f"node {src} is {view.nodes[src].state}; no node can take its replica"))
+                else:
+                    r.notes.append(f"{group_label(s.id)}: node {src} is {view.nodes[src].state}, but no node can take its replica")
                 continue
             if view.is_up(src):
                 r.propose(move_replica(r.next_id(), view, s.id, src, tgt, f"node {src} is {view.nodes[src].state}"))
@@ -169,6 +184,10 @@ def check_replicas(r: _Round) -> None:
             continue
         if len(reps) < cfg.replication:
             tgt = r.target_for(s.id)
+            if tgt is not None and s.id == META_GROUP_ID and len(reps) % 2 and r.target_for(s.id, (tgt,)) is None:
+                # 2 members survive no more failures than 1 and stop on either's loss.
+                r.notes.append(f"{group_label(s.id)}: {len(reps)} of {cfg.replication} members; it grows once two nodes can join")
+                continue
             if tgt is None:
                 r.notes.append(f"{group_label(s.id)}: {len(reps)} of {cfg.replication} replicas, and no node can take another")
                 continue

@@ -122,8 +122,10 @@ class ReplicaManager:
         with self._map_lock:
             if self._adopted is not None and self._adopted.version >= m.version:
                 return
+            # On disk before reconcile can act on it: a restart must never
+            # know less than what this node already acted on.
+            _write_json(self._map_file, m.to_dict())
             self._adopted = m
-        _write_json(self._map_file, m.to_dict())
 
     def set_paused_schedulers(self, paused: frozenset[str]) -> None:
         """The paused schedulers, as the placement driver's last heartbeat
@@ -316,7 +318,8 @@ class ReplicaManager:
                 self._create_group(s.id, list(s.replicas), hold)
         if m.meta and me in m.meta and meta is None:
             # The placement driver added this node to the metadata group.
-            if META_GROUP_ID not in self._registry:
+            rec = self._registry.get(META_GROUP_ID)
+            if rec is None or rec.get("removed"):
                 self._registry[META_GROUP_ID] = {"version": m.version, "members": list(m.meta), "hold": True}
                 changed = True
             log.info("metadata group: this node is a new member (map version %d)", m.version)
@@ -333,7 +336,12 @@ class ReplicaManager:
                 log.info("%s: this node is no longer a replica (map version %d): deleting its data", group_label(gid), m.version)
                 self.host.remove_group(gid, delete_data=True)
                 self._clock_base.pop(gid, None)
-                self._registry.pop(gid, None)
+                if gid == META_GROUP_ID:
+                    # A tombstone, not nothing: a first node (no --join) with
+                    # no record would host a metadata replica again at start.
+                    self._registry[gid] = {"version": m.version, "removed": True}
+                else:
+                    self._registry.pop(gid, None)
                 changed = True
         if changed:
             self._save_registry()
@@ -349,7 +357,8 @@ class ReplicaManager:
         and hosts a metadata replica from the start, unless the last map it
         knows moved that replica elsewhere.  Recorded in ``replicas.json``
         like any replica (version 0: any map that no longer lists it deletes
-        it), so later starts follow the record, not the flags."""
+        it, leaving a tombstone), so later starts follow the record, not the
+        flags."""
         if META_GROUP_ID in self._registry or self.cfg.join:
             return
         known = self._adopted
@@ -364,7 +373,7 @@ class ReplicaManager:
         hosted (the metadata replica too), even if the map it has is too old
         to list it."""
         for gid, rec in self._registry.items():
-            if self.host.group(gid) is None:
+            if self.host.group(gid) is None and not rec.get("removed"):
                 self._create_group(gid, list(rec["members"]), bool(rec.get("hold")))
 
     def _create_group(self, gid: int, members: list[NodeId], hold: bool) -> None:

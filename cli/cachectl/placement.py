@@ -23,7 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from cachectl.output import ExitStatus
-from cachenode._types import META_GROUP_ID
+from cachenode._types import META_GROUP_ID, group_label
 
 if TYPE_CHECKING:
     from cachectl.main import Context
@@ -96,6 +96,11 @@ def _call(ctx: Context, method: str, request: Any, what: str) -> Any:
         return c.placement_driver(method, request, what)
 
 
+def _group(shard: int) -> str:
+    """The SHARD column: the id, or ``meta`` for the metadata group."""
+    return "meta" if shard == META_GROUP_ID else str(shard)
+
+
 def op_doc(o: Any) -> dict[str, Any]:
     return {
         "id": o.id, "kind": o.kind, "shard": o.shard_id, "status": o.status, "step": o.step,
@@ -152,7 +157,7 @@ def _render(doc: dict[str, Any], show_all: bool) -> Group:
         total = len(o["steps"])
         now = o["steps"][o["step"]] if o["step"] < total else "done"
         ot.add_row(
-            str(o["id"]), o["kind"], "meta" if o["shard"] == META_GROUP_ID else str(o["shard"]), o["status"],
+            str(o["id"]), o["kind"], _group(o["shard"]), o["status"],
             ProgressBar(total=total, completed=o["step"], width=12), f"{o['step']}/{total} {now}",
             o["reason"] + (f" [red]({o['detail']})[/]" if o["detail"] else ""),
         )
@@ -219,7 +224,7 @@ def cmd_operator_list(ctx: Context) -> int:
         t.add_column(col)
     for o in doc["operators"]:
         t.add_row(
-            str(o["id"]), o["kind"], str(o["shard"]), o["status"], f"{o['step']}/{len(o['steps'])}",
+            str(o["id"]), o["kind"], _group(o["shard"]), o["status"], f"{o['step']}/{len(o['steps'])}",
             o["source"], o["reason"] + (f" ({o['detail']})" if o["detail"] else ""),
         )
     ctx.out.table(t)
@@ -270,7 +275,7 @@ def cmd_rebalance(ctx: Context) -> int:
     if not ops:
         ctx.out.line("the placement driver would start no operator now")
     for o in ops:
-        ctx.out.line(f"would start {o['kind']} on shard {o['shard']}: {'; '.join(o['steps'])}")
+        ctx.out.line(f"would start {o['kind']} on {group_label(o['shard'])}: {'; '.join(o['steps'])}")
         ctx.out.line(f"  because {o['reason']}")
     for n in plan.notes:
         ctx.out.line(f"note: {n}")
