@@ -1,4 +1,5 @@
-"""GroupTransport: resend trimming that keeps followers from truncating acked entries."""
+"""GroupTransport: resend trimming that keeps followers from truncating acked
+entries, merging of one iteration's appends, and pacing of bulk data."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ from typing import Any
 
 from pysyncobj.node import Node
 
-from cachenode.raft.group import GroupTransport
+from cachenode.raft.group import BULK_FLUSH_BYTES, GroupTransport
 
 
 class FakeMux:
     def __init__(self) -> None:
         self.sent: list[tuple[str, int, Any]] = []
         self.up = True
+        self.unsent = 0  # what queued_bytes reports: bytes the link still holds
+
+    def queued_bytes(self, node: str) -> int:
+        return self.unsent
 
     def send(self, node: str, group: int, message: Any) -> bool:
         if not self.up:
@@ -27,6 +32,7 @@ class FakeMux:
 class FakeHost:
     def __init__(self) -> None:
         self.mux = FakeMux()
+        self.marked = 0
 
     def want_peer(self, node: str) -> None:
         pass
@@ -35,7 +41,7 @@ class FakeHost:
         pass
 
     def mark_unflushed(self, transport: Any) -> None:
-        pass
+        self.marked += 1
 
 
 def send(t: GroupTransport, node: Node, m: dict[str, Any]) -> None:
@@ -112,6 +118,69 @@ def test_appends_in_one_iteration_merge_into_one_message() -> None:
     assert [m["type"] for m in msgs] == ["append_entries", "request_vote", "append_entries"]
     assert [x[1] for x in msgs[0]["entries"]] == list(range(10, 20))
     assert msgs[0]["prevLogIdx"] == 9 and msgs[0]["commit_index"] == 15
+
+
+MiB = 1024 * 1024
+
+
+def big(i: int, size: int = MiB) -> tuple[bytes, int, int]:
+    return (bytes([i % 256]) * size, i, 1)
+
+
+def test_a_large_backlog_leaves_in_paced_pieces_in_order() -> None:
+    """A follower far behind gets its backlog in pieces of at most
+    BULK_FLUSH_BYTES per iteration, chained, each entry once, in order."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    m = ae(99, [big(i) for i in range(100, 120)])  # 20 MiB in one append, as pysyncobj sends a backlog
+    m["commit_index"] = 119
+    t.send(n2, m)
+    t.send(n2, {"type": "append_entries", "term": 1, "commit_index": 119, "entries": [], "prevLogIdx": 119, "prevLogTerm": 1})
+    pieces = []
+    for _ in range(10):
+        h.marked = 0
+        before = len(h.mux.sent)
+        t.flush()
+        out = [x[2] for x in h.mux.sent[before:]]
+        if not out:
+            break
+        assert sum(len(c) for x in out for c, _, _ in x.get("entries") or []) <= BULK_FLUSH_BYTES
+        pieces += out
+        assert h.marked == (1 if t._queue else 0)  # held back: flushed again next iteration
+    got = [x[1] for p in pieces for x in p["entries"]]
+    assert got == list(range(100, 120))
+    assert len([p for p in pieces if p["entries"]]) == 5
+    prev = 99
+    for p in pieces:  # each piece continues the one before it
+        assert p["prevLogIdx"] == prev
+        prev = p["entries"][-1][1] if p["entries"] else prev
+    assert not t._queue
+
+
+def test_small_messages_pass_a_busy_link_and_bulk_waits_for_it() -> None:
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    h.mux.unsent = BULK_FLUSH_BYTES  # the link is full
+    send(t, n2, ae(9, [e(10)]))  # ordinary replication is never held back
+    assert [x[2]["entries"][0][1] for x in h.mux.sent] == [10]
+    t.send(n2, ae(10, [big(11)]))
+    h.marked = 0
+    t.flush()
+    assert len(h.mux.sent) == 1 and h.marked == 1  # bulk waits for room ...
+    h.mux.unsent = 0
+    t.flush()
+    assert [x[2]["entries"][0][1] for x in h.mux.sent] == [10, 11]  # ... and leaves once there is some
+    # a snapshot chunk cannot be split, but is paced like entries
+    h.mux.unsent = BULK_FLUSH_BYTES
+    chunk = {"type": "append_entries", "term": 1, "commit_index": 11, "serialized": (b"s" * 65536, True, False)}
+    t.send(n2, chunk)
+    t.flush()
+    assert len(h.mux.sent) == 2
+    h.mux.unsent = 0
+    t.flush()
+    assert h.mux.sent[-1][2] is chunk
 
 
 def test_pysyncobj_internals_we_lean_on() -> None:

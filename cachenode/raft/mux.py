@@ -176,6 +176,11 @@ class RaftMux:
         self.frames_out += 1
         return True
 
+    def queued_bytes(self, node: NodeId) -> int:
+        """Bytes queued for ``node`` and not yet written to its socket."""
+        conn = self._out.get(node)
+        return conn.wbytes if conn is not None else 0
+
     def flush(self) -> None:
         """Write queued bytes to every socket that has some, without blocking."""
         dirty, self._dirty = self._dirty, set()
