@@ -183,6 +183,45 @@ def test_small_messages_pass_a_busy_link_and_bulk_waits_for_it() -> None:
     assert h.mux.sent[-1][2] is chunk
 
 
+def held_backlog() -> tuple[FakeHost, GroupTransport, Node]:
+    """A transport that holds most of a 12 MiB backlog for n2 after one flush."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    t.setOnMessageReceivedCallback(lambda node, m: None)
+    n2 = Node("n2")
+    t.send(n2, ae(99, [big(i) for i in range(100, 112)]))
+    t.flush()
+    assert t._queue and t.holding
+    return h, t, n2
+
+
+def test_a_reset_drops_what_is_held_for_that_follower() -> None:
+    """Held pieces continue a chain the follower rejected: each would cost
+    another reset and another full resend."""
+    h, t, n2 = held_backlog()
+    t.deliver("n2", {"type": "next_node_idx", "term": 1, "reset": True, "next_node_idx": 50, "success": False})
+    assert not t._queue
+    send(t, n2, ae(49, [e(50)]))  # pysyncobj's resend from 50 goes out as is
+    assert h.mux.sent[-1][2]["prevLogIdx"] == 49 and not t.holding
+
+
+def test_a_new_term_drops_what_an_old_term_held() -> None:
+    """Votes and the new term's appends do not wait behind old bulk data."""
+    h, t, n2 = held_backlog()
+    sent = len(h.mux.sent)
+    t.send(n2, {"type": "request_vote", "term": 2, "last_log_index": 111, "last_log_term": 1})
+    t.flush()
+    assert [x[2]["type"] for x in h.mux.sent[sent:]] == ["request_vote"] and not t._queue
+
+
+def test_a_removed_member_gets_nothing_more() -> None:
+    h, t, n2 = held_backlog()
+    sent = len(h.mux.sent)
+    t.dropNode(n2)
+    t.flush()
+    assert len(h.mux.sent) == sent and not t._queue and not t.holding
+
+
 def test_pysyncobj_internals_we_lean_on() -> None:
     """Fails loudly if a pysyncobj upgrade moves the seams we use."""
     import pysyncobj

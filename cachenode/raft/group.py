@@ -62,6 +62,9 @@ SMALL_MESSAGE_BYTES = 32 * 1024
 held back, so ordinary replication and other groups' heartbeats do not wait
 behind one group's catch-up."""
 _U32 = struct.Struct(">I")
+SNAPSHOT_HOLD_WAIT_S = 120.0
+"""How long a snapshot writer waits, before it starts, for bulk data held
+for a lagging follower to leave (see :meth:`RaftGroup._dump_snapshot`)."""
 SNAPSHOT_COMMIT_WAIT_S = 30.0
 """How long a snapshot writer waits for the applies it must include to be
 committed (they are, within the host's ``apply_commit_delay_s``)."""
@@ -180,6 +183,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self._nodes: dict[NodeId, Node] = {}
         self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
         self._queue: dict[NodeId, list[dict[str, Any]]] = {}
+        self.holding = False
+        """Bulk data waits in this transport for room (set by the full flush,
+        driver thread; read by the snapshot writer thread)."""
         self.trimmed = 0
         for m in members:
             self.addNode(Node(m))
@@ -198,6 +204,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
     def dropNode(self, node: Node) -> None:
         if self._nodes.pop(node.id, None) is not None:
             self._host.unwant_peer(node.id)
+        self._queue.pop(node.id, None)
+        self._sent.pop(node.id, None)
 
     def send(self, node: Node, message: Any) -> bool:
         """Queue ``message`` for ``node``; :meth:`flush` hands it to the mux.
@@ -210,6 +218,13 @@ class GroupTransport(Transport):  # type: ignore[misc]
         if not self._host.mux.is_up(nid):
             self._sent.pop(nid, None)
             return False
+        q = self._queue.get(nid)
+        if q and self.holding and message.get("term", 0) > q[0].get("term", 0):
+            # A new term: what an old term left held for this peer (bulk
+            # data waiting for room) would only delay votes and the new
+            # leader's appends; the peer ignores it anyway.
+            del self._queue[nid]
+            self._sent.pop(nid, None)
         if message.get("type") == "append_entries":
             message = self._trim_resend(nid, message)
             q = self._queue.get(nid)
@@ -251,6 +266,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
         mux = self._host.mux
         held = False
         for nid in list(self._queue):
+            if nid not in self._nodes:
+                del self._queue[nid]
+                continue
             msgs = self._queue[nid]
             room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
             n = 0
@@ -280,8 +298,10 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 held = True
             else:
                 del self._queue[nid]
-        if held and not appends_only:
-            self._host.mark_unflushed(self)
+        if not appends_only:
+            self.holding = held
+            if held:
+                self._host.mark_unflushed(self)
 
     def _trim_resend(self, nid: NodeId, m: dict[str, Any]) -> dict[str, Any]:
         """Drop entries this connection already carried to ``nid``.
@@ -339,7 +359,12 @@ class GroupTransport(Transport):  # type: ignore[misc]
         if node is None:
             return  # not a member (removed, or not yet added): ignore, as Raft must
         if message.get("type") == "next_node_idx" and message.get("reset"):
-            self._sent.pop(node_id, None)  # the follower wants a resend from an earlier point
+            # The follower wants a resend from an earlier point.  Appends
+            # still held for it continue a chain it rejected: drop them (as a
+            # lossy network would), or each would cause another reset and
+            # another full resend.
+            self._sent.pop(node_id, None)
+            self._queue.pop(node_id, None)
         self._onMessageReceived(node, message)
         if self.hold and message.get("type") == "append_entries":
             self.hold = False
@@ -697,6 +722,14 @@ class RaftGroup:
         (:meth:`_snapshot_state`), where pysyncobj also installs snapshots
         received from a leader: the two never interleave."""
         try:
+            # While a lagging follower is still fed its backlog, pysyncobj's
+            # nextIndex for it falls back with each piece's ack; compacting
+            # the log then would make pysyncobj start sending it a snapshot
+            # (the whole state, again) instead of the entries already on
+            # their way.  So compaction waits until the backlog has left.
+            hold_deadline = time.monotonic() + SNAPSHOT_HOLD_WAIT_S
+            while self.transport.holding and time.monotonic() < hold_deadline and not self.destroyed:
+                time.sleep(0.01)
             with self.host.snapshot_lock:
                 reader = self.host.storage.reader(self.group_id)
                 deadline = time.monotonic() + SNAPSHOT_COMMIT_WAIT_S
