@@ -146,6 +146,9 @@ def test_drain_moves_everything_off_a_node(tmp_path: Path) -> None:
         r = cachectl("node", "remove", n4, "--endpoints", c.endpoints)
         assert r.returncode == 0, r.stderr
         assert n4 not in {x.id for x in c.pd_status().nodes}
+        # the removed node, still running, says so and what to do
+        log_file = Path(c.node(n4)["log"])
+        wait_for(lambda: "restart it with --join" in log_file.read_text(), 15, f"{n4} to log that it was removed")
         # a live, serving node is not removed: precise error, non-zero exit
         r = cachectl("node", "remove", "n1", "--endpoints", c.endpoints)
         assert r.returncode != 0 and "Traceback" not in r.stderr

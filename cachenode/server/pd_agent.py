@@ -82,6 +82,16 @@ class PdAgent:
                 self.failures = 0
             except grpc.RpcError as e:
                 self.failures += 1
+                if _code(e) == grpc.StatusCode.NOT_FOUND and self._joined:
+                    # The PD answered: this node was removed from the map.
+                    if self.failures % 100 == 1:
+                        log.error(
+                            "this node is not in the cluster map (removed with `cachectl node remove`?): it gets no "
+                            "replicas and its old ones are out of their groups. To add it back, restart it with "
+                            "--join HOST:PORT of any member (its stale replicas are deleted then). The PD said: %s",
+                            _brief(e))
+                    self._stop.wait(interval)
+                    continue
                 (log.warning if self.failures % 20 == 5 else log.debug)(
                     "placement driver unreachable (%d failed attempts): %s", self.failures, _brief(e))
             except Exception:  # keep heartbeating whatever happened
@@ -209,6 +219,8 @@ class PdAgent:
                 self._pd_address = addr
                 return resp
             except grpc.RpcError as e:
+                if _code(e) not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise  # the PD answered (e.g. NOT_FOUND: this node is not in the map)
                 last = e
                 hint = _leader_hint(e)
                 if hint:
@@ -239,3 +251,10 @@ def _brief(e: grpc.RpcError) -> str:
         return f"{e.code().name}: {e.details()}"
     except Exception:  # pragma: no cover
         return str(e)
+
+
+def _code(e: grpc.RpcError) -> grpc.StatusCode | None:
+    try:
+        return e.code()
+    except Exception:  # pragma: no cover
+        return None
