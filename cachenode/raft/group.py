@@ -50,8 +50,8 @@ APPEND_BATCH_BYTES = 300 * 1024 * 1024
 pysyncobj never uses its chunked transmission (buggy in 0.3.17)."""
 BULK_FLUSH_BYTES = 4 * 1024 * 1024
 """Bulk data (log entries, snapshot chunks) one group hands the mux for one
-peer per driver iteration, and the most a link may hold unsent before more
-bulk data joins it.  A follower far behind (a new replica catching up, one
+peer per flush (two per driver iteration: before and after the storage
+commit), and the most a link may hold unsent before more bulk data joins it.  A follower far behind (a new replica catching up, one
 back from an outage) is fed in pieces.  Without this, pysyncobj (whose
 batches, like its in-memory log, are larger than any backlog) sent a whole
 backlog as one append: the leader pickled it, and the follower unpickled,
