@@ -4,8 +4,9 @@ operators.  They never act; the controller decides what runs.
 * ``replica-checker`` keeps every shard, and the metadata group, at the
   replication factor on distinct, live, serving nodes: replaces replicas of
   dead nodes, moves them off draining nodes, adds missing and removes extra
-  replicas (the metadata group is never shrunk: it keeps the size the
-  cluster started with).
+  replicas.  The metadata group is not shrunk while its members are
+  healthy (it keeps the size the cluster started with), grows in pairs,
+  and its replicas move only while all its other members are up.
 * ``balance-replica`` evens out replica counts (to within ``tolerance``).
 * ``balance-leader`` evens out preferred leaders (the first replica in each
   shard's descriptor, which the nodes make the actual leader).
@@ -167,7 +168,7 @@ def check_replicas(r: _Round) -> None:
                     continue
             down = [n for n in reps if n != src and not view.is_up(n)]
             if s.id == META_GROUP_ID and down and view.is_up(src):
-                # Adding first would need 3 of 4 with one of them down.
+                # Adding first raises the quorum while a member is silent.
                 r.notes.append(f"{group_label(s.id)}: node {src} is {view.nodes[src].state}; its replica moves once {down[0]} is up again")
                 continue
             tgt = r.target_for(s.id)
