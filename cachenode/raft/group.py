@@ -51,12 +51,13 @@ pysyncobj never uses its chunked transmission (buggy in 0.3.17)."""
 BULK_FLUSH_BYTES = 4 * 1024 * 1024
 """Bulk data (log entries, snapshot chunks) one group hands the mux for one
 peer per flush (two per driver iteration: before and after the storage
-commit), and the most a link may hold unsent before more bulk data joins it.  A follower far behind (a new replica catching up, one
-back from an outage) is fed in pieces.  Without this, pysyncobj (whose
-batches, like its in-memory log, are larger than any backlog) sent a whole
-backlog as one append: the leader pickled it, and the follower unpickled,
-journaled and applied hundreds of MiB in one driver iteration, stalling
-every group on both nodes for seconds (3.6 s for 250 MiB)."""
+commit), and the most a link may hold unsent before more bulk data joins
+it.  A follower far behind (a new replica catching up, one back from an
+outage) is fed in pieces.  Without this, pysyncobj (whose batches, like its
+in-memory log, are larger than any backlog) sent a whole backlog as one
+append: the leader pickled it, and the follower unpickled, journaled and
+applied hundreds of MiB in one driver iteration, stalling every group on
+both nodes for seconds (3.6 s for 250 MiB)."""
 SMALL_MESSAGE_BYTES = 32 * 1024
 """Messages up to this size (less than one 64 KiB snapshot chunk) are never
 held back, so ordinary replication and other groups' heartbeats do not wait
