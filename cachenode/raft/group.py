@@ -271,7 +271,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 del self._queue[nid]
                 continue
             msgs = self._queue[nid]
-            room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
+            room = -1  # looked up at the first bulk message (rare)
             n = 0
             while n < len(msgs):
                 m = msgs[n]
@@ -280,16 +280,20 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 size = _bulk_size(m)
                 rest = None
                 if size > SMALL_MESSAGE_BYTES:
+                    if room == -1:
+                        room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
                     if room <= 0:
                         break
                     if size > room:
                         m, rest = _split_append(m, room)
                         size = _bulk_size(m)
+                    room -= size
+                elif room > 0:
+                    room = max(0, room - size)
                 if not mux.send(nid, self._group, m):
                     self._sent.pop(nid, None)
                     n = len(msgs)  # link down: drop this peer's queue
                     break
-                room -= size
                 if rest is not None:
                     msgs[n] = rest
                     break
