@@ -258,6 +258,16 @@ class AdminClient:
             timeout=self.timeout,
         )
 
+    def pd_node(self) -> str:
+        """The node the placement driver runs on, per this node (raises
+        grpc.RpcError; UNAVAILABLE with a leader hint when it is not the PD)."""
+        return str(self._stub.GetPdStatus(pb.PdStatusRequest(), timeout=self.timeout).pd_node)
+
+    def set_node_state(self, node_id: str, action: str) -> str:
+        """``drain`` | ``resume`` a node through the placement driver."""
+        resp = self._stub.SetNodeState(pb.NodeStateRequest(node_id=node_id, action=action), timeout=self.timeout)
+        return str(resp.message)
+
     def set_fault_filter(self, blocked: Sequence[str]) -> list[str]:
         resp = self._stub.SetFaultFilter(
             pb.FaultFilterRequest(blocked_nodes=list(blocked)), timeout=self.timeout

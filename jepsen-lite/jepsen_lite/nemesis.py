@@ -21,7 +21,11 @@ Kinds (``--nemesis``):
 * ``membership`` -- through the placement driver: move a replica of a hot
   shard to a node that has none (``move-replica``: add, catch up, hand over
   leadership if needed, remove, delete) or hand a shard's leadership to a
-  follower (``transfer-leader``); moves are permanent, nothing to heal.
+  follower (``transfer-leader``); moves are permanent, nothing to heal.  Or
+  drain the placement driver's own node (``drain-pd-node``): its shard
+  replicas and leaders move away and so does its metadata replica, so the
+  PD moves to another node mid-operators; the node is resumed (serving
+  again, the balancer moves replicas back) at the end of the window.
 
 Every fault is logged into the history as process ``"nemesis"``, type ``info``,
 ``f = start-<kind>`` / ``stop-<kind>`` with the concrete targets as value.
@@ -54,7 +58,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FAULT_KINDS: Final = ("partition", "kill", "pause", "clock")
-MEMBERSHIP_ACTIONS: Final = (("move-replica", 3), ("move-leader-replica", 2), ("transfer-leader", 2))
+MEMBERSHIP_ACTIONS: Final = (
+    ("move-replica", 3), ("move-leader-replica", 2), ("transfer-leader", 2), ("drain-pd-node", 2),
+)
 NEMESES: Final = ("none", "partition", "kill", "pause", "clock", "membership", "mixed")
 TARGETS: Final = ("one", "minority", "leader", "all")
 _TARGETS_BY_KIND: Final = {
@@ -144,6 +150,7 @@ def build_schedule(
 class _Active:
     plan: FaultPlan
     nodes: list[str] = field(default_factory=list)
+    drained: str | None = None  # drain-pd-node: the node to resume
 
 
 class Nemesis(threading.Thread):
@@ -237,7 +244,12 @@ class Nemesis(threading.Thread):
     # -------------------------------------------------------------- membership
 
     def _membership(self, action: str, rng: random.Random) -> dict[str, Any]:
-        """Start one placement operator on a hot shard; returns what was asked."""
+        """Start one placement operator on a hot shard, or drain the PD's
+        node; returns what was asked."""
+        if action == "drain-pd-node":
+            pd = self._on_pd(lambda a: a.pd_node())
+            message = self._on_pd(lambda a: a.set_node_state(pd, "drain"))
+            return {"action": "drain", "node": pd, "message": message}
         cmap = self.cluster.admin(sorted(self.cluster.nodes)[0]).cluster_map()
         leaders = self.cluster.leaders()
         hot = [s for s in self.tracker.hot() if any(x.id == s for x in cmap.shards)]
@@ -260,13 +272,18 @@ class Nemesis(threading.Thread):
         return {"action": kind, "shard": shard_id, "from": source or None, "to": target, "operator": info}
 
     def _pd_call(self, kind: str, shard: int, source: str, target: str) -> int:
-        """AddOperator on the placement driver, following leader hints."""
+        """AddOperator on the placement driver."""
+        return int(self._on_pd(lambda a: a.add_operator(kind, shard, source, target)).id)
+
+    def _on_pd(self, call: Callable[[Any], Any]) -> Any:
+        """``call(admin client)`` on the placement driver: every running node
+        in turn until one is not "not the placement driver"."""
         last: Exception | None = None
         for nid in sorted(self.cluster.nodes):
             if not self.cluster.nodes[nid].running():
                 continue
             try:
-                return int(self.cluster.admin(nid).add_operator(kind, shard, source, target).id)
+                return call(self.cluster.admin(nid))
             except Exception as e:  # grpc.RpcError: not the PD, or refused
                 last = e
                 details = getattr(e, "details", lambda: "")() or ""
@@ -328,7 +345,10 @@ class Nemesis(threading.Thread):
                     {"target": plan.target, "offsets_ms": {n: plan.offset_ms for n in act.nodes}},
                 )
             elif plan.kind == "membership":
-                self._log("start-membership", self._membership(plan.target or "move-replica", rng))
+                info = self._membership(plan.target or "move-replica", rng)
+                if info["action"] == "drain":
+                    act.drained = info["node"]
+                self._log("start-membership", info)
             else:
                 raise RuntimeError(f"unknown fault kind {plan.kind}")
         except Exception as e:
@@ -358,7 +378,10 @@ class Nemesis(threading.Thread):
                 self._reset_clocks(act.nodes)
                 self._log("stop-clock", {"nodes": act.nodes})
             elif kind == "membership":
-                self._log("stop-membership", None)  # moves are permanent
+                if act.drained is not None:
+                    drained = act.drained
+                    self._on_pd(lambda a: a.set_node_state(drained, "resume"))
+                self._log("stop-membership", {"resumed": act.drained})  # moves are permanent
         except Exception as e:
             self._log(f"stop-{kind}", {"nodes": act.nodes}, error=self._fail(f"stop-{kind}", e))
 

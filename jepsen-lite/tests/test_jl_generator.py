@@ -127,7 +127,7 @@ def test_none_has_no_faults_and_membership_draws_placement_actions() -> None:
     assert build_schedule("none", 1, 60.0) == []
     plans = build_schedule("membership", 1, 120.0)
     assert plans and {p.kind for p in plans} == {"membership"}
-    assert {p.target for p in plans} <= {"move-replica", "move-leader-replica", "transfer-leader"}
-    assert len({p.target for p in build_schedule("membership", 1, 600.0)}) == 3
+    assert {p.target for p in plans} <= {"move-replica", "move-leader-replica", "transfer-leader", "drain-pd-node"}
+    assert len({p.target for p in build_schedule("membership", 1, 600.0)}) == 4
     with pytest.raises(ValueError):
         build_schedule("bogus", 1, 60.0)

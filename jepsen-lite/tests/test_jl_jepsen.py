@@ -27,8 +27,8 @@ SAFE = {
         "isolate a shard leader, kill a minority, pause a minority",
     ),
     "register-membership": (
-        ["--workload", "register", "--nemesis", "membership", "--time", "40", "--seed", "2"],
-        "replica moves (also of the leader's replica) and leader transfers under load",
+        ["--workload", "register", "--nemesis", "membership", "--time", "45", "--seed", "12"],
+        "replica moves (also of the leader's replica), leader transfers and draining the PD's node under load",
     ),
     "counter-kill": (
         ["--workload", "counter", "--nemesis", "kill", "--time", "40", "--seed", "5"],
