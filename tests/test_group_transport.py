@@ -7,7 +7,7 @@ from typing import Any
 
 from pysyncobj.node import Node
 
-from cachenode.raft.group import BULK_FLUSH_BYTES, GroupTransport
+from cachenode.raft.group import BULK_FLUSH_BYTES, BULK_STARVE_S, GroupTransport
 
 
 class FakeMux:
@@ -181,6 +181,27 @@ def test_small_messages_pass_a_busy_link_and_bulk_waits_for_it() -> None:
     h.mux.unsent = 0
     t.flush()
     assert h.mux.sent[-1][2] is chunk
+
+
+def test_a_group_starved_of_room_still_sends_a_piece_every_so_often() -> None:
+    """Another group's catch-up keeps the link full: this group still sends
+    one entry every BULK_STARVE_S, so its follower keeps hearing from it."""
+    h = FakeHost()
+    clock = [100.0]
+    t = GroupTransport(h, 5, ["n2"], monotonic=lambda: clock[0])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    h.mux.unsent = 10 * BULK_FLUSH_BYTES  # full: another group's data
+    t.send(n2, ae(99, [big(i, 40 * 1024) for i in range(100, 110)]))
+    sent_at: list[float] = []
+    for _ in range(60):  # 0.6 s of 10 ms iterations
+        before = len(h.mux.sent)
+        t.flush()
+        sent_at += [clock[0]] * (len(h.mux.sent) - before)
+        clock[0] += 0.01
+    entries = [len(x[2]["entries"]) for x in h.mux.sent]
+    assert entries == [1, 1], entries  # one entry per starved period, no more
+    assert sent_at[1] - sent_at[0] >= BULK_STARVE_S
+    assert sent_at[0] - 100.0 >= BULK_STARVE_S
 
 
 def held_backlog() -> tuple[FakeHost, GroupTransport, Node]:

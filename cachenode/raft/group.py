@@ -58,6 +58,11 @@ in-memory log, are larger than any backlog) sent a whole backlog as one
 append: the leader pickled it, and the follower unpickled, journaled and
 applied hundreds of MiB in one driver iteration, stalling every group on
 both nodes for seconds (3.6 s for 250 MiB)."""
+BULK_STARVE_S = 0.2
+"""A group whose bulk data found no room on a busy link for this long sends
+one piece anyway (at least one entry), so several groups catching up one
+follower all make progress, and each follower keeps hearing from its leader
+(heartbeats merge into the held append) well within an election timeout."""
 SMALL_MESSAGE_BYTES = 32 * 1024
 """Messages up to this size (less than one 64 KiB snapshot chunk) are never
 held back, so ordinary replication and other groups' heartbeats do not wait
@@ -171,8 +176,11 @@ class GroupTransport(Transport):  # type: ignore[misc]
     def __init__(
         self, host: GroupHost, group: int, members: list[NodeId],
         hold: bool = False, on_release: Callable[[], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``hold``: a replica just added to an existing group.  It reports no
+        """``monotonic``: the clock of :data:`BULK_STARVE_S` (tests pass a fake).
+
+        ``hold``: a replica just added to an existing group.  It reports no
         peer as connected (so pysyncobj never starts an election) until a
         leader's append reaches it: an empty replica cannot win, and its
         growing term would only depose the leader that is adding it."""
@@ -187,6 +195,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self.holding = False
         """Bulk data waits in this transport for room (set by the full flush,
         driver thread; read by the snapshot writer thread)."""
+        self._now = monotonic
+        self._bulk_at: dict[NodeId, float] = {}  # peer -> when bulk data last left for it
         self.trimmed = 0
         for m in members:
             self.addNode(Node(m))
@@ -205,8 +215,13 @@ class GroupTransport(Transport):  # type: ignore[misc]
     def dropNode(self, node: Node) -> None:
         if self._nodes.pop(node.id, None) is not None:
             self._host.unwant_peer(node.id)
-        self._queue.pop(node.id, None)
+        self._drop_queue(node.id)
         self._sent.pop(node.id, None)
+
+    def _drop_queue(self, nid: NodeId) -> None:
+        """Forget what waits for ``nid`` (as a lossy network would)."""
+        self._queue.pop(nid, None)
+        self._bulk_at.pop(nid, None)
 
     def send(self, node: Node, message: Any) -> bool:
         """Queue ``message`` for ``node``; :meth:`flush` hands it to the mux.
@@ -224,7 +239,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
             # A new term: what an old term left held for this peer (bulk
             # data waiting for room) would only delay votes and the new
             # leader's appends; the peer ignores it anyway.
-            del self._queue[nid]
+            self._drop_queue(nid)
             self._sent.pop(nid, None)
         if message.get("type") == "append_entries":
             message = self._trim_resend(nid, message)
@@ -268,7 +283,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
         held = False
         for nid in list(self._queue):
             if nid not in self._nodes:
-                del self._queue[nid]
+                self._drop_queue(nid)
                 continue
             msgs = self._queue[nid]
             room = -1  # looked up at the first bulk message (rare)
@@ -282,12 +297,16 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 if size > SMALL_MESSAGE_BYTES:
                     if room == -1:
                         room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
+                        now = self._now()
+                        if room <= 0 and now - self._bulk_at.get(nid, now) >= BULK_STARVE_S:
+                            room = 1  # starved: one piece (at least one entry) anyway
                     if room <= 0:
                         break
                     if size > room:
                         m, rest = _split_append(m, room)
                         size = _bulk_size(m)
                     room -= size
+                    self._bulk_at[nid] = self._now()
                 elif room > 0:
                     room = max(0, room - size)
                 if not mux.send(nid, self._group, m):
@@ -301,8 +320,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
             del msgs[:n]
             if msgs:
                 held = True
+                self._bulk_at.setdefault(nid, self._now())  # waiting since
             else:
-                del self._queue[nid]
+                self._drop_queue(nid)
         if not appends_only:
             self.holding = held
             if held:
@@ -354,7 +374,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
 
     def peer_event(self, node_id: NodeId, up: bool) -> None:
         self._sent.pop(node_id, None)
-        self._queue.pop(node_id, None)
+        self._drop_queue(node_id)
         node = self._nodes.get(node_id)
         if node is not None and not (up and self.hold):
             (self._onNodeConnected if up else self._onNodeDisconnected)(node)
@@ -369,7 +389,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
             # lossy network would), or each would cause another reset and
             # another full resend.
             self._sent.pop(node_id, None)
-            self._queue.pop(node_id, None)
+            self._drop_queue(node_id)
         self._onMessageReceived(node, message)
         if self.hold and message.get("type") == "append_entries":
             self.hold = False
