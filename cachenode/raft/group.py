@@ -286,7 +286,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 self._drop_queue(nid)
                 continue
             msgs = self._queue[nid]
-            room = -1  # looked up at the first bulk message (rare)
+            room: int | None = None  # looked up at the first bulk message (rare)
             n = 0
             while n < len(msgs):
                 m = msgs[n]
@@ -295,7 +295,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 size = _bulk_size(m)
                 rest = None
                 if size > SMALL_MESSAGE_BYTES:
-                    if room == -1:
+                    if room is None:
                         room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
                         now = self._now()
                         if room <= 0 and now - self._bulk_at.get(nid, now) >= BULK_STARVE_S:
@@ -307,7 +307,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
                         size = _bulk_size(m)
                     room -= size
                     self._bulk_at[nid] = self._now()
-                elif room > 0:
+                elif room is not None and room > 0:
                     room = max(0, room - size)
                 if not mux.send(nid, self._group, m):
                     self._sent.pop(nid, None)
