@@ -87,6 +87,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         ["local"],
         ["local", "up", "--nodes", "0"],
         ["--endpoints", "nonsense", "get", "k"],
+        ["operator", "add", "move-replica", "--shard", "metadata", "--from", "n1", "--to", "n4"],
     ],
 )
 def test_usage_errors_exit_2_with_one_line(argv: list[str]) -> None:

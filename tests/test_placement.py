@@ -386,3 +386,22 @@ def test_draining_the_placement_drivers_node_moves_its_metadata_replica(tmp_path
         r = cachectl("node", "remove", pd, "--endpoints", c.endpoints)
         assert r.returncode == 0, r.stderr
         assert pd not in {x.id for x in c.pd_status().nodes}
+
+
+def test_a_user_moves_a_metadata_replica_by_hand(tmp_path: Path) -> None:
+    """``cachectl operator add move-replica --shard meta``: the metadata
+    replica moves off a node that stays in the cluster."""
+    with local_cluster(tmp_path / "c", nodes=3, shards=4, extra=FAST_PD) as c:
+        c.wait_all_leaders()
+        n4 = c.add_node()
+        wait_for(lambda: balanced(c.pd_status(), 4), 90, f"{n4} to be balanced in")
+        source = next(n for n in ("n1", "n2", "n3") if n != c.pd_status().pd_node)
+        r = cachectl("operator", "add", "move-replica", "--shard", "meta", "--from", source, "--to", n4,
+                     "--endpoints", c.endpoints)
+        assert r.returncode == 0, r.stderr
+        assert "on the metadata group admitted" in r.stdout
+        wait_for(lambda: meta_members(c.pd_status()) == {"n1", "n2", "n3", n4} - {source}, 60, "the metadata move")
+        wait_for(lambda: node_doc(source, c.endpoints).get("metadata", "?") is None, 30, f"{source} to delete its metadata replica")
+        assert node_doc(n4, c.endpoints)["metadata"] in ("leader", "follower")
+        st = c.pd_status()
+        assert next(x for x in st.nodes if x.id == source).replicas > 0  # its shard replicas stay

@@ -37,7 +37,16 @@ from .._errors import (
     NotLeader,
     Unavailable,
 )
-from .._types import DRAINING, REMOVING, SERVING, ClusterMap, NodeId, NodeInfo
+from .._types import (
+    DRAINING,
+    META_GROUP_ID,
+    REMOVING,
+    SERVING,
+    ClusterMap,
+    NodeId,
+    NodeInfo,
+    group_label,
+)
 from ..fsm.meta_machine import set_map_command, set_pd_command
 from .controller import AdmitError, OperatorController
 from .model import ClusterView, Liveness, NodeView, ReplicaReport, StoreStats
@@ -357,8 +366,10 @@ class PlacementDriver:
         with self._lock:
             m = self._require_active()
             view = self._view()
-            if m.shard(shard) is None:
-                raise NotFound(f"unknown shard {shard}; `cachectl status` lists shards")
+            desc = m.group(shard)
+            if desc is None:
+                raise NotFound(f"unknown shard {shard}; `cachectl status` lists shards ('meta' names the metadata group)")
+            what = group_label(shard)
             ids = self.controller.alloc_id
             if kind == "transfer-leader":
                 if not target:
@@ -367,12 +378,16 @@ class PlacementDriver:
             elif kind == "move-replica":
                 if not source or not target:
                     raise InvalidArgument("move-replica needs --from NODE and --to NODE")
-                desc = m.shard(shard)
-                assert desc is not None
                 if source not in desc.replicas:
-                    raise FailedPrecondition(f"node {source} holds no replica of shard {shard} (replicas: {', '.join(desc.replicas)})")
+                    raise FailedPrecondition(f"node {source} holds no replica of {what} (replicas: {', '.join(desc.replicas)})")
                 if target in desc.replicas:
-                    raise FailedPrecondition(f"node {target} already holds a replica of shard {shard}")
+                    raise FailedPrecondition(f"node {target} already holds a replica of {what}")
+                down = [n for n in desc.replicas if n != source and not view.is_up(n)]
+                if shard == META_GROUP_ID and down:
+                    raise FailedPrecondition(
+                        f"metadata member {down[0]} is down: adding a member first would raise the quorum while it "
+                        f"is silent; bring it back (or remove it: cachectl node remove {down[0]}) first"
+                    )
                 op = move_replica(ids(), view, shard, source, target, "requested by the user")
             else:
                 raise InvalidArgument(f"unknown operator kind {kind!r}: transfer-leader or move-replica")

@@ -64,7 +64,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_operator_list)
     p = acts.add_parser("add", parents=[common], help="move a replica or transfer a leader by hand")
     p.add_argument("kind", choices=("move-replica", "transfer-leader"))
-    p.add_argument("--shard", type=int, required=True, metavar="ID")
+    p.add_argument("--shard", type=_shard_arg, required=True, metavar="ID",
+                   help="a shard id, or 'meta' for the metadata group (where the placement driver runs)")
     p.add_argument("--from", dest="from_node", default="", metavar="NODE", help="move-replica: the node that gives up its replica")
     p.add_argument("--to", dest="to_node", required=True, metavar="NODE")
     p.set_defaults(handler=cmd_operator_add)
@@ -94,6 +95,16 @@ def _pb() -> Any:
 def _call(ctx: Context, method: str, request: Any, what: str) -> Any:
     with ctx.client() as c:
         return c.placement_driver(method, request, what)
+
+
+def _shard_arg(text: str) -> int:
+    """``--shard``: a shard id, or ``meta``."""
+    if text == "meta":
+        return META_GROUP_ID
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shard id or 'meta': {text!r}") from None
 
 
 def _group(shard: int) -> str:
@@ -235,11 +246,11 @@ def cmd_operator_add(ctx: Context) -> int:
     pb = _pb()
     a = ctx.args
     req = pb.AddOperatorRequest(kind=a.kind, shard_id=a.shard, from_node=a.from_node, to_node=a.to_node)
-    o = _call(ctx, "AddOperator", req, f"{a.kind} on shard {a.shard}")
+    o = _call(ctx, "AddOperator", req, f"{a.kind} on {group_label(a.shard)}")
     if ctx.json:
         ctx.out.json(op_doc(o))
     else:
-        ctx.out.line(f"operator {o.id} {o.kind} on shard {o.shard_id} admitted: " + "; ".join(o.steps))
+        ctx.out.line(f"operator {o.id} {o.kind} on {group_label(o.shard_id)} admitted: " + "; ".join(o.steps))
     return ExitStatus.OK
 
 

@@ -1,4 +1,5 @@
-"""The placement driver's heartbeat reply, with a metadata store in memory.
+"""The placement driver's heartbeat reply and manual operators, with a
+metadata store in memory.
 
 The PD asks nodes for reports every ``busy_heartbeat_s`` while an operator
 runs (so each step is seen done quickly) and at their own pace otherwise; it
@@ -9,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 
-from cachenode._types import ClusterMap, NodeInfo
+from cachenode._errors import FailedPrecondition
+from cachenode._types import META_GROUP_ID, ClusterMap, NodeInfo
 from cachenode.pd.driver import PdConfig, PlacementDriver
 from cachenode.pd.model import ReplicaReport, StoreStats
 
@@ -88,3 +91,27 @@ def test_no_faster_reports_when_the_nodes_pace_is_already_faster() -> None:
     s = meta.map.shards[0]
     pd.add_operator("move-replica", s.id, s.replicas[-1], "n4")
     assert _beat(pd, meta.map, "n4").next_heartbeat_s == 0.0
+
+
+def test_a_user_moves_the_metadata_replica_like_a_shard_replica() -> None:
+    """``cachectl operator add move-replica --shard meta``: the same steps as
+    a shard's, applied to the map's metadata members; refused while another
+    member is down (adding first would raise the quorum then)."""
+    nodes = [NodeInfo(f"n{i}", f"n{i}:1", f"n{i}:2") for i in (1, 2, 3, 4)]
+    m = ClusterMap.bootstrap(nodes[:3], 2, 3).with_node(nodes[3])
+    meta = MemoryMeta(m)
+    clock = [100.0]
+    pd = PlacementDriver("n1", meta, PdConfig(heartbeat_s=0.5, down_after_s=3.0), monotonic=lambda: clock[0])
+    pd._tick()
+    clock[0] += 5.0  # n2 is silent: down
+    for n in ("n1", "n3", "n4"):
+        _beat(pd, meta.map, n)
+    with pytest.raises(FailedPrecondition, match="metadata member n2 is down"):
+        pd.add_operator("move-replica", META_GROUP_ID, "n3", "n4")
+
+    _beat(pd, meta.map, "n2")  # back
+    op = pd.add_operator("move-replica", META_GROUP_ID, "n3", "n4")
+    assert [s.kind.value for s in op.steps][:2] == ["add_to_map", "add_member"]
+    assert op.summary().startswith("move-replica the metadata group:")
+    pd._tick(plan=False)  # the first step edits the map's metadata members
+    assert meta.map.meta == ("n1", "n2", "n3", "n4")
