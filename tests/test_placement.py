@@ -390,7 +390,8 @@ def test_draining_the_placement_drivers_node_moves_its_metadata_replica(tmp_path
 
 def test_a_user_moves_a_metadata_replica_by_hand(tmp_path: Path) -> None:
     """``cachectl operator add move-replica --shard meta``: the metadata
-    replica moves off a node that stays in the cluster."""
+    replica moves off a node that stays in the cluster; ``transfer-leader
+    --shard meta`` moves the placement driver."""
     with local_cluster(tmp_path / "c", nodes=3, shards=4, extra=FAST_PD) as c:
         c.wait_all_leaders()
         n4 = c.add_node()
@@ -405,3 +406,8 @@ def test_a_user_moves_a_metadata_replica_by_hand(tmp_path: Path) -> None:
         assert node_doc(n4, c.endpoints)["metadata"] in ("leader", "follower")
         st = c.pd_status()
         assert next(x for x in st.nodes if x.id == source).replicas > 0  # its shard replicas stay
+        # and the placement driver itself moves where it is asked to
+        r = cachectl("operator", "add", "transfer-leader", "--shard", "meta", "--to", n4, "--endpoints", c.endpoints)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: c.pd_status().pd_node == n4, 30, f"the placement driver to run on {n4}")
+        assert node_doc(n4, c.endpoints)["metadata"] == "leader"
