@@ -382,7 +382,7 @@ class PlacementDriver:
                     raise FailedPrecondition(f"node {source} holds no replica of {what} (replicas: {', '.join(desc.replicas)})")
                 if target in desc.replicas:
                     raise FailedPrecondition(f"node {target} already holds a replica of {what}")
-                down = [n for n in desc.replicas if n != source and not view.is_up(n)]
+                down = view.others_down(shard, source)
                 if shard == META_GROUP_ID and down:
                     raise FailedPrecondition(
                         f"metadata member {down[0]} is down: adding a member first would raise the quorum while it "

@@ -133,6 +133,13 @@ class ClusterView:
         """Shards (not the metadata group) that ``node`` leads."""
         return sum(1 for gid, s in self.shards.items() if s.leader == node and gid != META_GROUP_ID)
 
+    def others_down(self, group: ShardId, node: NodeId) -> list[NodeId]:
+        """Members of ``group`` other than ``node`` that are not up.  A live
+        member's metadata replica moves only when this is empty: the move
+        adds a member first, which raises the quorum."""
+        desc = self.map.group(group)
+        return [n for n in (desc.replicas if desc else ()) if n != node and not self.is_up(n)]
+
     def is_up(self, node: NodeId) -> bool:
         n = self.nodes.get(node)
         return n is not None and n.liveness is Liveness.UP

@@ -166,7 +166,7 @@ def check_replicas(r: _Round) -> None:
                 if to is not None:
                     r.propose(transfer_leader(r.next_id(), s.id, to, f"node {src} is {view.nodes[src].state}: leadership first"))
                     continue
-            down = [n for n in reps if n != src and not view.is_up(n)]
+            down = view.others_down(s.id, src)
             if s.id == META_GROUP_ID and down and view.is_up(src):
                 # Adding first raises the quorum while a member is silent.
                 r.notes.append(f"{group_label(s.id)}: node {src} is {view.nodes[src].state}; its replica moves once {down[0]} is up again")
