@@ -3,11 +3,19 @@ entries, merging of one iteration's appends, and pacing of bulk data."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from pysyncobj.node import Node
 
-from cachenode.raft.group import BULK_FLUSH_BYTES, BULK_STARVE_S, GroupTransport
+from cachenode.raft.group import (
+    BULK_FLUSH_BYTES,
+    BULK_STARVE_S,
+    GroupTransport,
+    SnapshotFile,
+    SnapshotSender,
+)
 
 
 class FakeMux:
@@ -254,6 +262,9 @@ def test_pysyncobj_internals_we_lean_on() -> None:
     journal.install()
     assert so.createJournal is journal._create_journal
     assert so.PIPE_NOTIFIER_ENABLED is False
+    assert hasattr(so, "Serializer")
+    for name in ("getTransmissionData", "cancelTransmisstion", "setTransmissionData", "serialize", "deserialize"):
+        assert hasattr(so.Serializer, name), name  # SnapshotSender wraps SyncObj._SyncObj__serializer
     for name in ("_getLeader", "raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "hasQuorum",
                  "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus"):
         assert hasattr(so.SyncObj, name), name
@@ -289,3 +300,95 @@ def test_held_replica_reports_no_peer_until_a_leader_appends() -> None:
     t.deliver("n1", ae(0, [e(1)]))
     assert sorted(connected) == ["n1", "n2", "n3"] and released == [True]
     assert received == ["request_vote", "append_entries"]
+
+
+class FakeSerializer:
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    def cancelTransmisstion(self, node: Node) -> None:  # noqa: N802 - pysyncobj's name
+        self.cancelled.append(node.id)
+
+    def checkSerializing(self) -> str:  # noqa: N802
+        return "delegated"
+
+
+def snapshot(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def start_transmission(t: GroupTransport, s: SnapshotSender, n2: Node) -> None:
+    """What pysyncobj's leader loop does: ask for data until isLast, sending each."""
+    while True:
+        data = s.getTransmissionData(n2)
+        assert data is not None
+        t.send(n2, {"type": "append_entries", "term": 1, "commit_index": 7, "serialized": data})
+        if data[2]:
+            return
+
+
+def test_a_snapshot_is_read_only_as_fast_as_the_link_takes_it(tmp_path: Path) -> None:
+    """pysyncobj asks for the whole transmission at once; the file is read
+    at flush time, at most BULK_FLUSH_BYTES per flush and only while the
+    link has room, then the end marker and the entries after it follow."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    path = tmp_path / "snapshot.bin"
+    data = snapshot(path, 3 * BULK_FLUSH_BYTES + 12345)
+    s = SnapshotSender(FakeSerializer(), str(path))
+    assert s.checkSerializing() == "delegated"
+    start_transmission(t, s, n2)
+    t.send(n2, ae(7, [e(8)]))
+    src = t._queue["n2"][0]["serialized"][0]
+    assert isinstance(src, SnapshotFile) and src.pos == 0  # nothing read ahead
+    path.unlink()  # a newer snapshot replacing the file does not change what is sent
+    def pieces() -> list[bytes]:
+        return [x[2]["serialized"][0] for x in h.mux.sent if "serialized" in x[2]]
+
+    for _ in range(10):
+        h.mux.unsent = BULK_FLUSH_BYTES  # full: nothing more is read (but a last piece of <= 32 KiB)
+        before = len(pieces())
+        t.flush()
+        assert src.pos == sum(len(p) for p in pieces())
+        assert len(pieces()) == before or len(pieces()[-1]) <= 32 * 1024
+        h.mux.unsent = 0
+        t.flush()
+        assert src.pos == sum(len(p) for p in pieces())
+        assert all(len(p) <= BULK_FLUSH_BYTES for p in pieces())
+        if not t._queue:
+            break
+    msgs = [x[2] for x in h.mux.sent]
+    assert [m["serialized"][1] for m in msgs if "serialized" in m] == [True] + [False] * (len(pieces()) - 1)
+    assert b"".join(pieces()) == data and len(pieces()) == 5  # 4 pieces, then the end marker
+    assert msgs[-2]["serialized"] == (b"", False, True)
+    assert msgs[-1]["entries"] == [e(8)] and not t.holding
+
+
+def test_a_dropped_transmission_starts_over_from_the_first_byte(tmp_path: Path) -> None:
+    """A reset (or a lost link) drops the half-sent file: pysyncobj's next
+    request starts a new transmission (isFirst) instead of ending the old
+    one, whose follower holds only part of the file."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    t.setOnMessageReceivedCallback(lambda node, m: None)
+    n2 = Node("n2")
+    path = tmp_path / "snapshot.bin"
+    snapshot(path, 2 * BULK_FLUSH_BYTES)
+    inner = FakeSerializer()
+    s = SnapshotSender(inner, str(path))
+    first = s.getTransmissionData(n2)
+    assert first is not None and first[1] and not first[2]
+    t.send(n2, {"type": "append_entries", "term": 1, "commit_index": 7, "serialized": first})
+    t.flush()
+    assert t.holding
+    t.deliver("n2", {"type": "next_node_idx", "term": 1, "reset": True, "next_node_idx": 1, "success": False})
+    assert first[0].dropped and not t._queue
+    again = s.getTransmissionData(n2)
+    assert again is not None and isinstance(again[0], SnapshotFile) and again[1] and again[0].pos == 0
+    s.cancelTransmisstion(n2)  # the link went down
+    assert again[0].dropped and inner.cancelled == ["n2"]
+    third = s.getTransmissionData(n2)
+    assert third is not None and third[1]

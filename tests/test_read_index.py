@@ -21,14 +21,15 @@ from typing import Any, TypeVar
 import pytest
 
 from cachenode._errors import NotLeader
-from cachenode.raft.group import RaftGroup, RaftTiming
+from cachenode.raft.group import BULK_FLUSH_BYTES, RaftGroup, RaftTiming
 from cachenode.raft.host import GroupHost
-from cachenode.storage.base import StateReader, Storage
+from cachenode.storage.base import Record, StateReader, Storage
 from cachenode.storage.lmdb_store import LmdbStorage
 
 T = TypeVar("T")
 IDS = ["a", "b", "c"]
 GID = 7
+T_MAP_SIZE = 1 << 26
 # The old leader keeps believing it leads while cut off (fallback 60 s).
 TIMING = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, leader_fallback_s=60.0)
 
@@ -40,11 +41,12 @@ class Node:
     ) -> None:
         self.id = nid
         (root / nid).mkdir(exist_ok=reopen)
-        self.storage: Storage = LmdbStorage(str(root / nid / "db"), map_size=1 << 26, fsync=False)
+        self.storage: Storage = LmdbStorage(str(root / nid / "db"), map_size=T_MAP_SIZE, fsync=False)
         if wrap is not None:
             self.storage = wrap(self.storage)
         self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=timing)
         self.applied: list[bytes] = []
+        self.store_payloads = False  # apply also writes each payload into the state
         self.last_index = 0
         self.group: RaftGroup | None = None
 
@@ -55,7 +57,10 @@ class Node:
         """Like the real state machine: the write goes into the host's batch."""
         self.applied.append(payload)
         self.last_index = index
-        self.host.batch().state(GID).set_applied(index, 0)
+        state = self.host.batch().state(GID)
+        if self.store_payloads:
+            state.put(b"%08d" % index, Record(payload, index))
+        state.set_applied(index, 0)
         return payload
 
     @property
@@ -179,6 +184,54 @@ def test_journal_is_compacted_by_size(tmp_path: Path) -> None:
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s journal to shrink")
             assert n.on_driver(lambda n=n: n.g.snapshots_written) >= 1
+
+
+def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_path: Path) -> None:
+    """A follower cut off while the leader compacted its log catches up from
+    the leader's snapshot, through real pysyncobj and real links.  pysyncobj
+    reads a snapshot it sends in 64 KiB chunks, for 50 ms every heartbeat,
+    far ahead of the link; the transport now reads the file as it sends it,
+    in pieces of up to BULK_FLUSH_BYTES (SnapshotSender)."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
+                        log_compaction_bytes=1 << 20)
+    with three_hosts(tmp_path, timing) as ns:
+        for n in ns.values():
+            n.store_payloads = True
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        victim = next(n for n in ns.values() if n is not leader)
+        others = {n.id for n in ns.values() if n is not victim}
+        victim.block(others)
+        for n in ns.values():
+            if n is not victim:
+                n.block({victim.id})
+        for i in range(40):
+            leader.g.propose(bytes([i]) * 200_000).result(timeout=10)
+        wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
+        pieces: list[tuple[int, bool, bool]] = []
+        real_send = leader.host.mux.send
+
+        def spy(node: str, group: int, message: Any) -> bool:
+            ser = message.get("serialized") if isinstance(message, dict) else None
+            if ser is not None and node == victim.id:
+                pieces.append((len(ser[0]), ser[1], ser[2]))
+            return real_send(node, group, message)
+
+        def heal() -> None:
+            leader.host.mux.send = spy  # type: ignore[method-assign]
+            for n in ns.values():
+                n.host.mux.blocked = set()
+        for n in ns.values():
+            n.on_driver(heal if n is leader else lambda n=n: setattr(n.host.mux, "blocked", set()))
+        want = leader.on_driver(lambda: leader.g.status.applied_index)
+        wait_for(lambda: victim.on_driver(lambda: victim.g.status.applied_index) >= want, "the follower to catch up")
+        assert victim.on_driver(lambda: victim.g.snapshots_installed) >= 1
+        assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
+        assert len(dict(victim.storage.reader(GID).items())) == 40
+        data = [p for p in pieces if not p[2]]
+        assert data and data[0][1], pieces  # a transmission starts with isFirst
+        assert max(n for n, _, _ in data) > 64 * 1024, "sent in pysyncobj's 64 KiB chunks"
+        assert max(n for n, _, _ in data) <= BULK_FLUSH_BYTES
+        assert pieces[-1] == (0, False, True)  # the end marker
 
 
 class _GatedDumps:

@@ -67,6 +67,9 @@ SMALL_MESSAGE_BYTES = 32 * 1024
 """Messages up to this size (less than one 64 KiB snapshot chunk) are never
 held back, so ordinary replication and other groups' heartbeats do not wait
 behind one group's catch-up."""
+SNAPSHOT_PIECE_MIN = 64 * 1024
+"""The smallest piece of a snapshot file sent at once (pysyncobj's chunk),
+also when a starved group sends one piece anyway."""
 _U32 = struct.Struct(">I")
 SNAPSHOT_HOLD_WAIT_S = 120.0
 """How long a snapshot writer waits, before it starts, for bulk data held
@@ -135,15 +138,120 @@ def fail_reason_error(err: int) -> CacheError:
     return OutcomeUnknown("leadership changed while the write was in flight: its outcome is unknown; retry with the same request id")
 
 
+class SnapshotFile:
+    """A snapshot transmission's file, read by the transport as room allows.
+
+    pysyncobj's leader reads the snapshot it sends in 64 KiB chunks, as many
+    as it can in one heartbeat period, every heartbeat: far faster than a
+    link carries them.  Paced, the chunks piled up in the transport (the
+    whole snapshot in memory on the leader, and up to half the driver's time
+    spent reading).  :class:`SnapshotSender` hands the transport this open
+    file instead, and the transport reads it piece by piece at flush time
+    (:func:`_split_bulk`), only as fast as the link takes it.
+
+    Driver thread only.  The open file keeps the snapshot it was opened on,
+    even once a newer snapshot is renamed over the path."""
+
+    __slots__ = ("_f", "pos", "size", "dropped")
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed when sent or dropped
+        self.pos = 0
+        self.size = os.fstat(self._f.fileno()).st_size
+        self.dropped = False
+        """Set when the transport dropped the transmission before its end."""
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer at the end); closes the file at the end."""
+        data = os.pread(self._f.fileno(), min(n, self.remaining), self.pos)
+        if len(data) < min(n, self.remaining):
+            raise OSError(f"snapshot file shrank while being sent ({self.pos + len(data)} of {self.size} bytes)")
+        self.pos += len(data)
+        if not self.remaining:
+            self._f.close()
+        return data
+
+    def drop(self) -> None:
+        self.dropped = True
+        self._f.close()
+
+
+class SnapshotSender:
+    """Wraps pysyncobj's ``Serializer`` (``SyncObj._SyncObj__serializer``) so
+    that a snapshot transmission is a :class:`SnapshotFile` for the transport
+    to read, not bytes read ahead of the link.
+
+    pysyncobj's leader loop asks ``getTransmissionData(node)`` for the next
+    ``(data, isFirst, isLast)`` until ``isLast``; it then points the
+    follower's nextIndex after the snapshot and queues the entries that
+    follow it.  Here the first call opens the file and returns it as the
+    data of one message, the second returns the end marker ``(b"", False,
+    True)``.  The transport sends the file's bytes as ordinary chunks
+    (``isFirst`` on the first), in order, then the end marker, after which
+    the follower installs the file as before.  Everything else is the
+    wrapped serializer's.  Driver thread only."""
+
+    def __init__(self, inner: Any, path: str) -> None:
+        self._inner = inner
+        self._path = path
+        self._sending: dict[Node, SnapshotFile] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def getTransmissionData(self, node: Node) -> tuple[Any, bool, bool] | None:  # noqa: N802 - pysyncobj's name
+        src = self._sending.pop(node, None)
+        if src is not None and not src.dropped:
+            return b"", False, True
+        try:
+            src = SnapshotFile(self._path)
+        except OSError as e:
+            log.warning("cannot send snapshot %s: %s", self._path, e)
+            return None
+        self._sending[node] = src
+        return src, True, False
+
+    def cancelTransmisstion(self, node: Node) -> None:  # noqa: N802 - pysyncobj's name (sic)
+        src = self._sending.pop(node, None)
+        if src is not None:
+            src.drop()
+        self._inner.cancelTransmisstion(node)
+
+
 def _bulk_size(m: dict[str, Any]) -> int:
     """Bytes of log entries or snapshot data that message ``m`` carries."""
     if "serialized" in m:
         data = m["serialized"]
+        if data and isinstance(data[0], SnapshotFile):
+            return data[0].remaining
         return len(data[0]) if data and data[0] else 0
     entries = m.get("entries")
     if entries:
         return sum(len(e[0]) for e in entries)
     return len(m.get("data") or b"")  # pysyncobj's chunked transmission of one entry (unused)
+
+
+def _is_file(m: dict[str, Any]) -> bool:
+    ser = m.get("serialized")
+    return ser is not None and isinstance(ser[0], SnapshotFile)
+
+
+def _split_bulk(m: dict[str, Any], room: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Split ``m`` after ``room`` bytes of its bulk data: (head to send now,
+    rest or None).  A :class:`SnapshotFile` message yields a chunk of the
+    file read now (at most ``room`` bytes; ``isFirst`` on the first) and
+    itself, further on, as the rest; log entries split as in
+    :func:`_split_append`."""
+    ser = m.get("serialized")
+    if ser and isinstance(ser[0], SnapshotFile):
+        src, first = ser[0], ser[1]
+        head = dict(m, serialized=(src.read(max(room, SNAPSHOT_PIECE_MIN)), first, False))
+        return head, (dict(m, serialized=(src, False, False)) if src.remaining else None)
+    return _split_append(m, room)
 
 
 def _split_append(m: dict[str, Any], room: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -220,7 +328,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
 
     def _drop_queue(self, nid: NodeId) -> None:
         """Forget what waits for ``nid`` (as a lossy network would)."""
-        self._queue.pop(nid, None)
+        for m in self._queue.pop(nid, ()):
+            if _is_file(m):
+                m["serialized"][0].drop()
         self._bulk_at.pop(nid, None)
 
     def send(self, node: Node, message: Any) -> bool:
@@ -302,16 +412,21 @@ class GroupTransport(Transport):  # type: ignore[misc]
                             room = 1  # starved: one piece (at least one entry) anyway
                     if room <= 0:
                         break
-                    if size > room:
-                        m, rest = _split_append(m, room)
+                    if size > room or _is_file(m):
+                        m, rest = _split_bulk(m, room)
                         size = _bulk_size(m)
                     room -= size
                     self._bulk_at[nid] = self._now()
-                elif room is not None and room > 0:
-                    room = max(0, room - size)
+                else:
+                    if _is_file(m):
+                        m, rest = _split_bulk(m, size)
+                    if room is not None and room > 0:
+                        room = max(0, room - size)
                 if not mux.send(nid, self._group, m):
                     self._sent.pop(nid, None)
-                    n = len(msgs)  # link down: drop this peer's queue
+                    self._drop_queue(nid)  # link down: as a lossy network would
+                    msgs = []
+                    n = 0
                     break
                 if rest is not None:
                     msgs[n] = rest
@@ -406,6 +521,10 @@ class _GroupSyncObj(SyncObj):  # type: ignore[misc]
     def __init__(self, apply_fn: ApplyFn, *args: Any, **kwargs: Any) -> None:
         self._apply_fn = apply_fn
         super().__init__(*args, **kwargs)
+        # The one pysyncobj internal replaced: see SnapshotSender (pinned by
+        # tests/test_pysyncobj_seams.py).
+        inner: Any = getattr(self, "_SyncObj__serializer")  # noqa: B009 - name-mangled
+        self._SyncObj__serializer = SnapshotSender(inner, self._getConf().fullDumpFile)
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, payload: bytes) -> bytes:
