@@ -324,6 +324,10 @@ def test_cachectl_bench_times_a_replica_move(tmp_path: Path) -> None:
     assert mv["replica_keys"] == 32 and mv["replica_bytes"] >= 2 << 20
     assert mv["verify"]["keys_wrong"] == 0 and mv["verify"]["stale_reads_wrong"] == 0
     assert mv["transfer"] in ("log entries", "snapshot")
+    mem = mv["memory"]
+    assert mem["leader"]["node"] == mv["leader"] and mem["new_node"]["node"] == "n4"
+    for m in mem.values():  # the nodes' own heap, sampled from /proc during the move
+        assert 10 << 20 < m["rss_anon_start_bytes"] <= m["rss_anon_peak_bytes"] < 4 << 30, m
     goal = next(g for g in doc["goals"] if g["name"] == "replica_move")
     assert goal["verdict"] == "measured"
     assert doc["results"] == {} and doc["phases"] == [] and doc["config"]["move_mb"] == 2
@@ -335,6 +339,7 @@ def test_cachectl_bench_times_a_replica_move(tmp_path: Path) -> None:
     rendered = io.StringIO()
     code = main(["bench", "--render", str(out / "latest-partial.json")], {}, stdout=rendered, stderr=stderr)
     assert code == 0 and "replica move" in rendered.getvalue()
+    assert "heap (RssAnon) during the move" in rendered.getvalue()
     assert "measured" in rendered.getvalue()
 
 

@@ -44,7 +44,7 @@ from rich.progress import Progress
 
 from cachenode._errors import CacheError
 from cachenode.bench.loadgen import bench_key
-from cachenode.bench.systems import BenchError
+from cachenode.bench.systems import BenchError, anon_rss_bytes
 from cachenode.client import CacheClient, NodeStatus
 from cachenode.pd.operator import STEP_TIMEOUT_S
 from cachenode.v1 import cache_pb2 as pb
@@ -85,6 +85,38 @@ class MoveCluster(Protocol):
         ...
 
     def node_log(self, node_id: str) -> Path | None: ...
+
+    def pids(self) -> dict[str, int]:
+        """Node id -> pid of every node running (the memory samples)."""
+        ...
+
+
+class _HeapWatch:
+    """Anonymous resident memory (``RssAnon``) of some nodes, sampled at
+    every poll of the move: what each held at the start and at most."""
+
+    def __init__(self, nodes: dict[str, str], pids: dict[str, int]) -> None:
+        self._pids = {role: (node, pids.get(node)) for role, node in nodes.items()}
+        self._start: dict[str, int] = {}
+        self._peak: dict[str, int] = {}
+        self.sample()
+
+    def sample(self) -> None:
+        for role, (_, pid) in self._pids.items():
+            b = anon_rss_bytes(pid) if pid else None
+            if b is not None:
+                self._start.setdefault(role, b)
+                self._peak[role] = max(self._peak.get(role, 0), b)
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            role: {
+                "node": node,
+                "rss_anon_start_bytes": self._start.get(role),
+                "rss_anon_peak_bytes": self._peak.get(role),
+            }
+            for role, (node, _) in self._pids.items()
+        }
 
 
 def _wait_until(check: Callable[[], bool | None], end: float, failure: Callable[[], str]) -> None:
@@ -328,6 +360,7 @@ class ReplicaMove:
         source = next((r for r in followers if r != desc.replicas[0]), followers[0])
         self.doc.update({"from": source, "leader": leader, "leader_applied_index": applied0})
         self.note(f"replica move: shard {shard} from {source} (a follower) to {new_id}")
+        heap = _HeapWatch({"leader": leader, "new_node": new_id}, self.cluster.pids())
         started = time.monotonic()
         op: pb.OperatorInfo = client.placement_driver(
             "AddOperator",
@@ -346,6 +379,7 @@ class ReplicaMove:
         seen_at = started
         while time.monotonic() < end:
             now_s = time.monotonic() - started
+            heap.sample()
             if caught_up is None:
                 with contextlib.suppress(CacheError):
                     rep = self._replica(client, new_address, shard)
@@ -374,6 +408,7 @@ class ReplicaMove:
             time.sleep(POLL_S)
         seconds = seen_at - started
         self.progress.remove_task(task)
+        self.doc["memory"] = heap.doc()
         self.doc["operator"] = {
             "id": op.id,
             "status": status,

@@ -435,6 +435,14 @@ def _move_rows(move: Mapping[str, Any]) -> list[list[str]]:
     ]
     for st in (move.get("operator") or {}).get("steps", []):
         rows.append([f"  step: {st['step']}", f"done at {_secs(st.get('done_s'))}"])
+    for role, what in (("leader", "sending leader"), ("new_node", "new node")):
+        m = (move.get("memory") or {}).get(role) or {}
+        start, peak = m.get("rss_anon_start_bytes"), m.get("rss_anon_peak_bytes")
+        if start is not None and peak is not None:
+            rows.append([
+                f"{what} {m.get('node')}: heap (RssAnon) during the move",
+                f"{start / MIB:,.0f} MiB at the start, peak {peak / MIB:,.0f} MiB (+{(peak - start) / MIB:,.0f})",
+            ])
     size = move.get("replica_bytes")
     rows.append(
         [

@@ -109,6 +109,18 @@ def peak_rss_bytes(pid: int) -> int | None:
     return None
 
 
+def anon_rss_bytes(pid: int) -> int | None:
+    """``RssAnon`` of ``pid``: its resident heap (and other anonymous)
+    memory, without the file pages it maps (LMDB's data), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Reset ``VmHWM`` to the current RSS (``5`` > clear_refs; needs Linux >= 4.0 and rights)."""
     try:
