@@ -303,13 +303,7 @@ def test_held_replica_reports_no_peer_until_a_leader_appends() -> None:
 
 
 class FakeSerializer:
-    def __init__(self) -> None:
-        self.cancelled: list[str] = []
-
-    def cancelTransmisstion(self, node: Node) -> None:  # noqa: N802 - pysyncobj's name
-        self.cancelled.append(node.id)
-
-    def checkSerializing(self) -> str:  # noqa: N802
+    def checkSerializing(self) -> str:  # noqa: N802 - pysyncobj's name
         return "delegated"
 
 
@@ -319,20 +313,18 @@ def snapshot(path: Path, size: int) -> bytes:
     return data
 
 
-def start_transmission(t: GroupTransport, s: SnapshotSender, n2: Node) -> None:
-    """What pysyncobj's leader loop does: ask for data until isLast, sending each."""
-    while True:
-        data = s.getTransmissionData(n2)
-        assert data is not None
-        t.send(n2, {"type": "append_entries", "term": 1, "commit_index": 7, "serialized": data})
-        if data[2]:
-            return
+def transmission(s: SnapshotSender, n2: Node) -> dict[str, Any]:
+    """What pysyncobj's leader loop sends: one call, and it is done (isLast)."""
+    data = s.getTransmissionData(n2)
+    assert data is not None and data[1] and data[2]
+    return {"type": "append_entries", "term": 1, "commit_index": 7, "serialized": data}
 
 
 def test_a_snapshot_is_read_only_as_fast_as_the_link_takes_it(tmp_path: Path) -> None:
-    """pysyncobj asks for the whole transmission at once; the file is read
+    """pysyncobj gets the whole transmission in one call; the file is read
     at flush time, at most BULK_FLUSH_BYTES per flush and only while the
-    link has room, then the end marker and the entries after it follow."""
+    link has room; the first piece says isFirst, only the last isLast, and
+    the entries queued after it follow."""
     h = FakeHost()
     t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
     n2 = Node("n2")
@@ -340,11 +332,12 @@ def test_a_snapshot_is_read_only_as_fast_as_the_link_takes_it(tmp_path: Path) ->
     data = snapshot(path, 3 * BULK_FLUSH_BYTES + 12345)
     s = SnapshotSender(FakeSerializer(), str(path))
     assert s.checkSerializing() == "delegated"
-    start_transmission(t, s, n2)
+    t.send(n2, transmission(s, n2))
     t.send(n2, ae(7, [e(8)]))
     src = t._queue["n2"][0]["serialized"][0]
     assert isinstance(src, SnapshotFile) and src.pos == 0  # nothing read ahead
     path.unlink()  # a newer snapshot replacing the file does not change what is sent
+
     def pieces() -> list[bytes]:
         return [x[2]["serialized"][0] for x in h.mux.sent if "serialized" in x[2]]
 
@@ -361,34 +354,52 @@ def test_a_snapshot_is_read_only_as_fast_as_the_link_takes_it(tmp_path: Path) ->
         if not t._queue:
             break
     msgs = [x[2] for x in h.mux.sent]
-    assert [m["serialized"][1] for m in msgs if "serialized" in m] == [True] + [False] * (len(pieces()) - 1)
-    assert b"".join(pieces()) == data and len(pieces()) == 5  # 4 pieces, then the end marker
-    assert msgs[-2]["serialized"] == (b"", False, True)
-    assert msgs[-1]["entries"] == [e(8)] and not t.holding
+    flags = [m["serialized"][1:] for m in msgs if "serialized" in m]
+    assert flags == [(True, False), (False, False), (False, False), (False, True)]
+    assert b"".join(pieces()) == data
+    assert msgs[-1]["entries"] == [e(8)] and not t.holding and src.closed
 
 
-def test_a_dropped_transmission_starts_over_from_the_first_byte(tmp_path: Path) -> None:
-    """A reset (or a lost link) drops the half-sent file: pysyncobj's next
-    request starts a new transmission (isFirst) instead of ending the old
-    one, whose follower holds only part of the file."""
+def test_a_dropped_transmission_never_ends_and_the_next_starts_over(tmp_path: Path) -> None:
+    """A reset (or a lost link, a new term) drops the half-sent file: the
+    follower, holding part of it, never gets an isLast for it; pysyncobj's
+    next request is a new transmission from the first byte."""
     h = FakeHost()
     t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
     t.setOnMessageReceivedCallback(lambda node, m: None)
     n2 = Node("n2")
     path = tmp_path / "snapshot.bin"
-    snapshot(path, 2 * BULK_FLUSH_BYTES)
-    inner = FakeSerializer()
-    s = SnapshotSender(inner, str(path))
-    first = s.getTransmissionData(n2)
-    assert first is not None and first[1] and not first[2]
-    t.send(n2, {"type": "append_entries", "term": 1, "commit_index": 7, "serialized": first})
+    data = snapshot(path, 2 * BULK_FLUSH_BYTES)
+    s = SnapshotSender(FakeSerializer(), str(path))
+    first = transmission(s, n2)
+    t.send(n2, first)
     t.flush()
-    assert t.holding
+    assert t.holding and [x[2]["serialized"][1:] for x in h.mux.sent] == [(True, False)]
     t.deliver("n2", {"type": "next_node_idx", "term": 1, "reset": True, "next_node_idx": 1, "success": False})
-    assert first[0].dropped and not t._queue
-    again = s.getTransmissionData(n2)
-    assert again is not None and isinstance(again[0], SnapshotFile) and again[1] and again[0].pos == 0
-    s.cancelTransmisstion(n2)  # the link went down
-    assert again[0].dropped and inner.cancelled == ["n2"]
-    third = s.getTransmissionData(n2)
-    assert third is not None and third[1]
+    assert first["serialized"][0].closed and not t._queue
+    again = transmission(s, n2)
+    assert again["serialized"][0].pos == 0
+    t.send(n2, again)
+    t.flush()
+    t.flush()
+    sent = [x[2]["serialized"] for x in h.mux.sent]
+    assert [x[1:] for x in sent] == [(True, False), (True, False), (False, True)]
+    assert sent[1][0] + sent[2][0] == data
+
+
+def test_a_snapshot_that_cannot_be_read_drops_that_peer_only(tmp_path: Path) -> None:
+    """A read error of the file being sent costs that follower its queue
+    (it asks again), never the node's driver."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    path = tmp_path / "snapshot.bin"
+    snapshot(path, 2 * BULK_FLUSH_BYTES)
+    m = transmission(SnapshotSender(FakeSerializer(), str(path)), n2)
+    os.truncate(path, 1000)  # shrinks under the open file: a read error
+    t.send(n2, m)
+    t.flush()
+    assert h.mux.sent == [] and not t._queue and not t.holding
+    send(t, n2, ae(9, [e(10)]))  # the link goes on
+    assert h.mux.sent[-1][2]["entries"] == [e(10)]
+

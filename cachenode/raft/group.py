@@ -152,14 +152,16 @@ class SnapshotFile:
     Driver thread only.  The open file keeps the snapshot it was opened on,
     even once a newer snapshot is renamed over the path."""
 
-    __slots__ = ("_f", "pos", "size", "dropped")
+    __slots__ = ("_f", "pos", "size")
 
     def __init__(self, path: str) -> None:
         self._f = open(path, "rb")  # noqa: SIM115 - closed when sent or dropped
         self.pos = 0
         self.size = os.fstat(self._f.fileno()).st_size
-        self.dropped = False
-        """Set when the transport dropped the transmission before its end."""
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
 
     @property
     def remaining(self) -> int:
@@ -176,7 +178,7 @@ class SnapshotFile:
         return data
 
     def drop(self) -> None:
-        self.dropped = True
+        """The transport dropped the transmission before its end."""
         self._f.close()
 
 
@@ -188,38 +190,29 @@ class SnapshotSender:
     pysyncobj's leader loop asks ``getTransmissionData(node)`` for the next
     ``(data, isFirst, isLast)`` until ``isLast``; it then points the
     follower's nextIndex after the snapshot and queues the entries that
-    follow it.  Here the first call opens the file and returns it as the
-    data of one message, the second returns the end marker ``(b"", False,
-    True)``.  The transport sends the file's bytes as ordinary chunks
-    (``isFirst`` on the first), in order, then the end marker, after which
-    the follower installs the file as before.  Everything else is the
+    follow it.  Here one call returns the whole transmission: the open file,
+    ``isFirst`` and ``isLast``.  The transport sends the file's bytes in
+    pieces, in order, the first marked ``isFirst`` and only the last
+    ``isLast`` (:func:`_split_bulk`); the follower installs the file when
+    the last piece arrives, as before.  A transmission dropped part way
+    (reset, new term, lost link) never delivers ``isLast``, and the next one
+    starts over with ``isFirst``: no state is kept between calls, so no end
+    can ever be sent for bytes that were not.  Everything else is the
     wrapped serializer's.  Driver thread only."""
 
     def __init__(self, inner: Any, path: str) -> None:
         self._inner = inner
         self._path = path
-        self._sending: dict[Node, SnapshotFile] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def getTransmissionData(self, node: Node) -> tuple[Any, bool, bool] | None:  # noqa: N802 - pysyncobj's name
-        src = self._sending.pop(node, None)
-        if src is not None and not src.dropped:
-            return b"", False, True
         try:
-            src = SnapshotFile(self._path)
+            return SnapshotFile(self._path), True, True
         except OSError as e:
             log.warning("cannot send snapshot %s: %s", self._path, e)
             return None
-        self._sending[node] = src
-        return src, True, False
-
-    def cancelTransmisstion(self, node: Node) -> None:  # noqa: N802 - pysyncobj's name (sic)
-        src = self._sending.pop(node, None)
-        if src is not None:
-            src.drop()
-        self._inner.cancelTransmisstion(node)
 
 
 def _bulk_size(m: dict[str, Any]) -> int:
@@ -242,15 +235,18 @@ def _is_file(m: dict[str, Any]) -> bool:
 
 def _split_bulk(m: dict[str, Any], room: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Split ``m`` after ``room`` bytes of its bulk data: (head to send now,
-    rest or None).  A :class:`SnapshotFile` message yields a chunk of the
-    file read now (at most ``room`` bytes; ``isFirst`` on the first) and
-    itself, further on, as the rest; log entries split as in
-    :func:`_split_append`."""
+    rest or None).  A :class:`SnapshotFile` message yields a piece of the
+    file read now (at most ``room`` bytes, at least SNAPSHOT_PIECE_MIN;
+    ``isFirst`` on the first, ``isLast`` on the last) and itself, further
+    on, as the rest; log entries split as in :func:`_split_append`.
+    OSError if the file cannot be read."""
     ser = m.get("serialized")
     if ser and isinstance(ser[0], SnapshotFile):
         src, first = ser[0], ser[1]
-        head = dict(m, serialized=(src.read(max(room, SNAPSHOT_PIECE_MIN)), first, False))
-        return head, (dict(m, serialized=(src, False, False)) if src.remaining else None)
+        data = src.read(max(room, SNAPSHOT_PIECE_MIN))
+        last = not src.remaining
+        head = dict(m, serialized=(data, first, last))
+        return head, (None if last else dict(m, serialized=(src, False, True)))
     return _split_append(m, room)
 
 
@@ -412,14 +408,24 @@ class GroupTransport(Transport):  # type: ignore[misc]
                             room = 1  # starved: one piece (at least one entry) anyway
                     if room <= 0:
                         break
-                    if size > room or _is_file(m):
-                        m, rest = _split_bulk(m, room)
-                        size = _bulk_size(m)
+                    try:
+                        if size > room or _is_file(m):
+                            m, rest = _split_bulk(m, room)
+                            size = _bulk_size(m)
+                    except OSError as e:
+                        self._abandon(nid, e)
+                        msgs, n = [], 0
+                        break
                     room -= size
                     self._bulk_at[nid] = self._now()
                 else:
                     if _is_file(m):
-                        m, rest = _split_bulk(m, size)
+                        try:
+                            m, rest = _split_bulk(m, size)
+                        except OSError as e:
+                            self._abandon(nid, e)
+                            msgs, n = [], 0
+                            break
                     if room is not None and room > 0:
                         room = max(0, room - size)
                 if not mux.send(nid, self._group, m):
@@ -442,6 +448,16 @@ class GroupTransport(Transport):  # type: ignore[misc]
             self.holding = held
             if held:
                 self._host.mark_unflushed(self)
+
+    def _abandon(self, nid: NodeId, why: Exception) -> None:
+        """Drop what waits for ``nid`` because part of it cannot be read (a
+        journal entry compacted since it was queued, a snapshot file that
+        fails to read): as a lossy network would; the follower asks again.
+        One group's peer, never the node."""
+        level = logging.DEBUG if isinstance(why, LookupError) else logging.WARNING
+        log.log(level, "group %s: dropping what waits for %s: %s", self._group, nid, why)
+        self._sent.pop(nid, None)
+        self._drop_queue(nid)
 
     def _trim_resend(self, nid: NodeId, m: dict[str, Any]) -> dict[str, Any]:
         """Drop entries this connection already carried to ``nid``.
@@ -522,7 +538,7 @@ class _GroupSyncObj(SyncObj):  # type: ignore[misc]
         self._apply_fn = apply_fn
         super().__init__(*args, **kwargs)
         # The one pysyncobj internal replaced: see SnapshotSender (pinned by
-        # tests/test_pysyncobj_seams.py).
+        # tests/test_group_transport.py::test_pysyncobj_internals_we_lean_on).
         inner: Any = getattr(self, "_SyncObj__serializer")  # noqa: B009 - name-mangled
         self._SyncObj__serializer = SnapshotSender(inner, self._getConf().fullDumpFile)
 

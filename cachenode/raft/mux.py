@@ -393,6 +393,13 @@ class RaftMux:
                 self._reject(conn, "failed authentication (wrong or missing cluster secret)")
                 return
             conn.state = "up"
+            # A peer dials again only after giving up its old connection:
+            # what is still unread there is older than anything on this one
+            # and, read later, would reorder the peer's messages.  Drop it,
+            # as a lossy network would.
+            for other in list(self._inbound):
+                if other is not conn and other.peer == conn.peer:
+                    self._close(other, "replaced by a newer connection from the same peer", quiet=True)
         if conn.state != "up":
             return
         # Authenticated: parse frames.
