@@ -403,3 +403,31 @@ def test_a_snapshot_that_cannot_be_read_drops_that_peer_only(tmp_path: Path) -> 
     send(t, n2, ae(9, [e(10)]))  # the link goes on
     assert h.mux.sent[-1][2]["entries"] == [e(10)]
 
+
+class EmptyLog:
+    """A storage whose journal holds nothing (every entry was compacted away)."""
+
+    def log_entries(self, group: int, first: int, last: int) -> list[tuple[bytes, int, int]]:
+        return []
+
+
+def test_entries_read_from_disk_are_sent_as_bytes_or_not_at_all() -> None:
+    """An append may carry commands that left memory (DiskCommand): they
+    leave as bytes; one gone meanwhile (compacted) drops the peer's queue,
+    as a lossy network would, and the follower asks again."""
+    from cachenode.raft.journal import DiskCommand
+
+    class OneEntry(EmptyLog):
+        def log_entries(self, group: int, first: int, last: int) -> list[tuple[bytes, int, int]]:
+            return [(b"c10", 10, 1)] if first <= 10 <= last else []
+
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    send(t, n2, ae(9, [(DiskCommand(OneEntry(), 5, 10, 1, 3), 10, 1), e(11)]))  # type: ignore[arg-type]
+    assert h.mux.sent[-1][2]["entries"] == [e(10), e(11)]
+    gone = DiskCommand(EmptyLog(), 5, 12, 1, 3)  # type: ignore[arg-type]
+    t.send(n2, ae(11, [(gone, 12, 1)]))  # type: ignore[list-item]
+    t.send(n2, ae(12, [e(13)]))
+    t.flush()
+    assert len(h.mux.sent) == 1 and not t._queue and not t.holding

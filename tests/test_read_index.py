@@ -23,6 +23,7 @@ import pytest
 from cachenode._errors import NotLeader
 from cachenode.raft.group import BULK_FLUSH_BYTES, RaftGroup, RaftTiming
 from cachenode.raft.host import GroupHost
+from cachenode.raft.journal import DiskCommand
 from cachenode.storage.base import Record, StateReader, Storage
 from cachenode.storage.lmdb_store import LmdbStorage
 
@@ -232,6 +233,39 @@ def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_p
         assert max(n for n, _, _ in pieces) <= BULK_FLUSH_BYTES
         last = max(k for k, p in enumerate(pieces) if p[1])  # the transmission that was installed
         assert [p[2] for p in pieces[last:]] == [False] * (len(pieces) - last - 1) + [True]
+
+
+def test_a_follower_catches_up_from_entries_that_left_the_leaders_memory(tmp_path: Path) -> None:
+    """Only the newest ``log_memory_bytes`` of each journal stay in memory:
+    a follower cut off for 6 MB of writes (no snapshot: the log is below
+    its compaction size) catches up from entries the leader reads back from
+    its LMDB file, and ends with the leader's state."""
+    budget = 256 * 1024
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, log_memory_bytes=budget)
+    with three_hosts(tmp_path, timing) as ns:
+        for n in ns.values():
+            n.store_payloads = True
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        victim = next(n for n in ns.values() if n is not leader)
+        victim.block({n.id for n in ns.values() if n is not victim})
+        for n in ns.values():
+            if n is not victim:
+                n.block({victim.id})
+        for i in range(30):
+            leader.g.propose(bytes([i]) * 200_000).result(timeout=10)
+
+        def on_disk() -> int:
+            return sum(type(e[0]) is DiskCommand for e in leader.g.journal[:])
+        assert leader.on_driver(on_disk) >= 29
+        assert leader.on_driver(lambda: leader.g.journal.memory_held) <= budget
+        for n in ns.values():
+            n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
+        want = leader.on_driver(lambda: leader.g.status.applied_index)
+        wait_for(lambda: victim.on_driver(lambda: victim.g.status.applied_index) >= want, "the follower to catch up")
+        assert victim.on_driver(lambda: victim.g.snapshots_installed) == 0  # entries, not a snapshot
+        assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
+        assert len(dict(victim.storage.reader(GID).items())) == 30
+        assert victim.on_driver(lambda: victim.g.journal.memory_held) <= budget
 
 
 class _GatedDumps:

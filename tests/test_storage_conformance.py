@@ -487,6 +487,15 @@ class TestConformance:
             (b"replaced", 256, 9),
         ]
         assert storage.load_log_meta(7)["term"] == b"9"
+        assert storage.log_sizes(7) == [(2, 1, 4), (3, 9, 11), (255, 3, 6), (256, 9, 8)]
+        assert storage.log_entries(7, 3, 255) == [(b"overwritten", 3, 9), (b"cmd255", 255, 3)]
+        assert storage.log_entries(7, 4, 254) == [] and storage.log_entries(7, 9, 3) == []
+        assert storage.log_entries(7, 256, 10**9) == [(b"replaced", 256, 9)]
+        assert storage.log_entries(8, 0, 10**9) == [(b"other group", 1, 1)]
+        b = storage.begin()
+        b.log.append(7, 257, 9, b"not yet committed")
+        assert storage.log_entries(7, 257, 257) == [] and len(storage.log_sizes(7)) == 4
+        b.abort()
         b = storage.begin()
         b.log.clear(7)
         b.commit()
@@ -510,6 +519,9 @@ class TestConformance:
         assert [i for _, i, _ in storage.load_log(0)] == [6]
         assert [i for _, i, _ in storage.load_log(1)] == [5, 6]
         assert [i for _, i, _ in storage.load_log(META_GROUP_ID)] == [5]
+        assert storage.log_sizes(0) == [(6, 1, 2)] and storage.log_sizes(2) == []
+        assert storage.log_entries(META_GROUP_ID, 0, 2**64 - 1) == [(b"g%d" % META_GROUP_ID, 5, 1)]
+        assert storage.log_entries(1, 6, 2**64 - 1) == [(b"g1", 6, 1)]
 
     def test_groups(self, storage: Storage) -> None:
         assert storage.groups() == set()

@@ -34,7 +34,7 @@ from pysyncobj.transport import Transport
 
 from .._errors import CacheError, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .._types import NodeId
-from .journal import StorageJournal
+from .journal import StorageJournal, materialize
 
 if TYPE_CHECKING:
     from .host import GroupHost
@@ -104,6 +104,9 @@ class RaftTiming:
     the state's size if larger (so a snapshot, which writes the whole state,
     costs at most as much again as the log it replaces).  pysyncobj keeps
     the journal in memory: without this, 20,000 entries of 1 MiB would."""
+    log_memory_bytes: int = 8 * 1024 * 1024
+    """The newest commands of a group's journal kept in memory; older ones
+    are read back from the storage when needed (see raft/journal.py)."""
     log_compaction_s: float = 600.0
     queue_size: int = 20000
 
@@ -428,6 +431,16 @@ class GroupTransport(Transport):  # type: ignore[misc]
                             break
                     if room is not None and room > 0:
                         room = max(0, room - size)
+                ents = m.get("entries")
+                if ents:
+                    try:
+                        loaded = materialize(ents)
+                        if loaded is not ents:
+                            m = dict(m, entries=loaded)
+                    except LookupError as e:  # compacted or truncated since it was queued
+                        self._abandon(nid, e)
+                        msgs, n = [], 0
+                        break
                 if not mux.send(nid, self._group, m):
                     self._sent.pop(nid, None)
                     self._drop_queue(nid)  # link down: as a lossy network would
@@ -586,7 +599,9 @@ class RaftGroup:
         # The snapshot writer running, and how many snapshots had been installed when it started.
         self._snap: tuple[Future[int], int] | None = None
         self._snap_installs = 0  # snapshots loaded; a writer older than one is void
-        self.journal = StorageJournal(group_id, host.storage, host.batch, host.durable_batch)
+        self.journal = StorageJournal(
+            group_id, host.storage, host.batch, host.durable_batch, memory_bytes=timing.log_memory_bytes
+        )
         others = [m for m in members if m != self_id]
         self.transport = GroupTransport(host, group_id, others, hold, on_release)
         conf = SyncObjConf(

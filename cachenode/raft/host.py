@@ -411,9 +411,16 @@ class GroupHost:
             b, self._batch = self._batch, None
             b.commit()
             self.commits += 1
+            self._release_journals()
         self._flush_network()
         if done:
             _resolve(done)
+
+    def _release_journals(self) -> None:
+        """Right after a storage commit: every journal entry is committed,
+        so old commands may leave memory (StorageJournal.release_memory)."""
+        for g in self._groups.values():
+            g.journal.release_memory()
 
     def _flush_network(self, appends_only: bool = False) -> None:
         if self._probes:
@@ -445,6 +452,7 @@ class GroupHost:
             b, self._batch = self._batch, None
             b.commit()
             self.commits += 1
+            self._release_journals()
             self._last_commit = now
         done, self._completions = self._completions, []
         if due or self._batch is None:

@@ -211,6 +211,16 @@ class Storage(Protocol):
         """Committed journal of ``group`` as (command, index, term), index ascending."""
         ...
 
+    def log_sizes(self, group: int) -> list[tuple[int, int, int]]:
+        """Committed journal of ``group`` as (index, term, command size),
+        index ascending, without reading the commands into memory."""
+        ...
+
+    def log_entries(self, group: int, first: int, last: int) -> list[tuple[bytes, int, int]]:
+        """Committed journal entries of ``group`` with ``first <= index <=
+        last``, as (command, index, term), index ascending.  Any thread."""
+        ...
+
     def load_log_meta(self, group: int) -> dict[str, bytes]: ...
     def groups(self) -> set[int]:
         """Groups with any state or journal on disk."""

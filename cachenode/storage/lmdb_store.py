@@ -1036,6 +1036,39 @@ class LmdbStorage:
                 out.append((v[8:], unpack(k, 4)[0], unpack(v)[0]))
         return out
 
+    def log_sizes(self, group: int) -> list[tuple[int, int, int]]:
+        out: list[tuple[int, int, int]] = []
+        unpack = _U64.unpack_from
+        g = _U32.pack(group)
+        with self._env.begin(buffers=True) as txn:  # values stay in the map: no copies
+            cur = txn.cursor(db=self._dbs.log)
+            if not cur.set_range(g):
+                return out
+            for k, v in cur.iternext():
+                if bytes(k[:4]) != g:
+                    break
+                out.append((unpack(k, 4)[0], unpack(v)[0], len(v) - 8))
+        return out
+
+    def log_entries(self, group: int, first: int, last: int) -> list[tuple[bytes, int, int]]:
+        out: list[tuple[bytes, int, int]] = []
+        if first > last:
+            return out
+        g = _U32.pack(group)
+        unpack = _U64.unpack_from
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._dbs.log)
+            if not cur.set_range(g + _U64.pack(first)):
+                return out
+            for k, v in cur.iternext():
+                if k[:4] != g:
+                    break
+                idx = unpack(k, 4)[0]
+                if idx > last:
+                    break
+                out.append((v[8:], idx, unpack(v)[0]))
+        return out
+
     def load_log_meta(self, group: int) -> dict[str, bytes]:
         with self._env.begin() as txn:
             return {

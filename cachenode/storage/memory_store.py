@@ -358,6 +358,16 @@ class MemoryStorage:
             log = self._logs.get(group, {})
             return [(log[i][1], i, log[i][0]) for i in sorted(log)]
 
+    def log_sizes(self, group: int) -> list[tuple[int, int, int]]:
+        with self._lock:
+            log = self._logs.get(group, {})
+            return [(i, log[i][0], len(log[i][1])) for i in sorted(log)]
+
+    def log_entries(self, group: int, first: int, last: int) -> list[tuple[bytes, int, int]]:
+        with self._lock:
+            log = self._logs.get(group, {})
+            return [(log[i][1], i, log[i][0]) for i in sorted(log) if first <= i <= last]
+
     def load_log_meta(self, group: int) -> dict[str, bytes]:
         with self._lock:
             return dict(self._log_meta.get(group, {}))
