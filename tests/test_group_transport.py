@@ -14,7 +14,7 @@ from cachenode.raft.group import (
     BULK_STARVE_S,
     GroupTransport,
     SnapshotFile,
-    SnapshotSender,
+    SnapshotTransfer,
 )
 
 
@@ -264,7 +264,7 @@ def test_pysyncobj_internals_we_lean_on() -> None:
     assert so.PIPE_NOTIFIER_ENABLED is False
     assert hasattr(so, "Serializer")
     for name in ("getTransmissionData", "cancelTransmisstion", "setTransmissionData", "serialize", "deserialize"):
-        assert hasattr(so.Serializer, name), name  # SnapshotSender wraps SyncObj._SyncObj__serializer
+        assert hasattr(so.Serializer, name), name  # SnapshotTransfer wraps SyncObj._SyncObj__serializer
     for name in ("_getLeader", "raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "hasQuorum",
                  "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus"):
         assert hasattr(so.SyncObj, name), name
@@ -313,7 +313,7 @@ def snapshot(path: Path, size: int) -> bytes:
     return data
 
 
-def transmission(s: SnapshotSender, n2: Node) -> dict[str, Any]:
+def transmission(s: SnapshotTransfer, n2: Node) -> dict[str, Any]:
     """What pysyncobj's leader loop sends: one call, and it is done (isLast)."""
     data = s.getTransmissionData(n2)
     assert data is not None and data[1] and data[2]
@@ -330,7 +330,7 @@ def test_a_snapshot_is_read_only_as_fast_as_the_link_takes_it(tmp_path: Path) ->
     n2 = Node("n2")
     path = tmp_path / "snapshot.bin"
     data = snapshot(path, 3 * BULK_FLUSH_BYTES + 12345)
-    s = SnapshotSender(FakeSerializer(), str(path))
+    s = SnapshotTransfer(FakeSerializer(), str(path))
     assert s.checkSerializing() == "delegated"
     t.send(n2, transmission(s, n2))
     t.send(n2, ae(7, [e(8)]))
@@ -370,7 +370,7 @@ def test_a_dropped_transmission_never_ends_and_the_next_starts_over(tmp_path: Pa
     n2 = Node("n2")
     path = tmp_path / "snapshot.bin"
     data = snapshot(path, 2 * BULK_FLUSH_BYTES)
-    s = SnapshotSender(FakeSerializer(), str(path))
+    s = SnapshotTransfer(FakeSerializer(), str(path))
     first = transmission(s, n2)
     t.send(n2, first)
     t.flush()
@@ -395,7 +395,7 @@ def test_a_snapshot_that_cannot_be_read_drops_that_peer_only(tmp_path: Path) -> 
     n2 = Node("n2")
     path = tmp_path / "snapshot.bin"
     snapshot(path, 2 * BULK_FLUSH_BYTES)
-    m = transmission(SnapshotSender(FakeSerializer(), str(path)), n2)
+    m = transmission(SnapshotTransfer(FakeSerializer(), str(path)), n2)
     os.truncate(path, 1000)  # shrinks under the open file: a read error
     t.send(n2, m)
     t.flush()
@@ -431,3 +431,46 @@ def test_entries_read_from_disk_are_sent_as_bytes_or_not_at_all() -> None:
     t.send(n2, ae(12, [e(13)]))
     t.flush()
     assert len(h.mux.sent) == 1 and not t._queue and not t.holding
+
+
+def test_what_waited_during_an_install_is_released_in_order_a_part_at_a_time() -> None:
+    """A frozen replica (loading a snapshot) holds every message; thawed, it
+    takes about ``budget`` bytes of them per driver iteration, in order,
+    and what arrives meanwhile waits behind them."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    got: list[int] = []
+    t.setOnMessageReceivedCallback(lambda node, m: got.append(m["prevLogIdx"]))
+    t.frozen = True
+    for i in range(10):
+        t.deliver("n2", ae(i, [big(i + 1, 1 << 20)]))
+    assert got == [] and len(t.held_in) == 10
+    t.frozen = False
+    assert t.release_held(3 << 20) and got == [0, 1, 2]
+    t.deliver("n2", ae(10, [e(11)]))  # arrives while some still wait: goes behind them
+    assert t.release_held(3 << 20) and got == [0, 1, 2, 3, 4, 5]
+    assert not t.release_held(100 << 20) and got == list(range(11))
+    t.deliver("n2", ae(11, [e(12)]))  # nothing waits: straight through
+    assert got[-1] == 11
+
+
+def test_after_a_whole_snapshot_bulk_waits_until_the_follower_answers(tmp_path: Path) -> None:
+    """The follower loads a snapshot frozen, holding whatever arrives: the
+    backlog after the snapshot waits here (its commands lazily on disk)
+    until the follower answers, even past the starvation period."""
+    h = FakeHost()
+    clock = [100.0]
+    t = GroupTransport(h, 5, ["n2"], monotonic=lambda: clock[0])  # type: ignore[arg-type]
+    t.setOnMessageReceivedCallback(lambda node, m: None)
+    n2 = Node("n2")
+    path = tmp_path / "snapshot.bin"
+    snapshot(path, 100_000)
+    t.send(n2, transmission(SnapshotTransfer(FakeSerializer(), str(path)), n2))
+    t.send(n2, ae(20, [big(i, 40 * 1024) for i in range(21, 30)]))
+    for _ in range(50):
+        t.flush()
+        clock[0] += 0.01
+    assert [("serialized" in x[2]) for x in h.mux.sent] == [True] and t.holding  # the file, whole
+    t.deliver("n2", {"type": "next_node_idx", "term": 1, "next_node_idx": 21, "success": True})
+    t.flush()
+    assert h.mux.sent[-1][2]["entries"][0][1] == 21

@@ -192,7 +192,7 @@ def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_p
     the leader's snapshot, through real pysyncobj and real links.  pysyncobj
     reads a snapshot it sends in 64 KiB chunks, for 50 ms every heartbeat,
     far ahead of the link; the transport now reads the file as it sends it,
-    in pieces of up to BULK_FLUSH_BYTES (SnapshotSender)."""
+    in pieces of up to BULK_FLUSH_BYTES (SnapshotTransfer)."""
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
                         log_compaction_bytes=1 << 20)
     with three_hosts(tmp_path, timing) as ns:
@@ -224,7 +224,7 @@ def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_p
         for n in ns.values():
             n.on_driver(heal if n is leader else lambda n=n: setattr(n.host.mux, "blocked", set()))
         want = leader.on_driver(lambda: leader.g.status.applied_index)
-        wait_for(lambda: victim.on_driver(lambda: victim.g.status.applied_index) >= want, "the follower to catch up")
+        wait_for(lambda: victim.storage.reader(GID).applied_index() >= want, "the follower to catch up (committed)")
         assert victim.on_driver(lambda: victim.g.snapshots_installed) >= 1
         assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
         assert len(dict(victim.storage.reader(GID).items())) == 40
@@ -261,11 +261,155 @@ def test_a_follower_catches_up_from_entries_that_left_the_leaders_memory(tmp_pat
         for n in ns.values():
             n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
         want = leader.on_driver(lambda: leader.g.status.applied_index)
-        wait_for(lambda: victim.on_driver(lambda: victim.g.status.applied_index) >= want, "the follower to catch up")
+        wait_for(lambda: victim.storage.reader(GID).applied_index() >= want, "the follower to catch up (committed)")
         assert victim.on_driver(lambda: victim.g.snapshots_installed) == 0  # entries, not a snapshot
         assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
         assert len(dict(victim.storage.reader(GID).items())) == 30
         assert victim.on_driver(lambda: victim.g.journal.memory_held) <= budget
+
+
+class _GatedInstall:
+    """A Storage whose writers' ``install_records`` wait for ``gate`` from
+    the ``stop_at``-th call on (it blocks that host's driver: the install
+    is then caught half done)."""
+
+    def __init__(self, inner: Storage, gate: threading.Event, stop_at: int) -> None:
+        self._inner = inner
+        self.gate = gate
+        self.stop_at = stop_at
+        self.calls = 0
+
+    def begin(self) -> Any:
+        batch, outer = self._inner.begin(), self
+
+        class Batch:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(batch, name)
+
+            def state(self, group: int) -> Any:
+                w = batch.state(group)
+
+                class Writer:
+                    def __getattr__(self, name: str) -> Any:
+                        return getattr(w, name)
+
+                    def install_records(self, records: Any) -> None:
+                        outer.calls += 1
+                        if outer.calls >= outer.stop_at and not outer.gate.wait(30):
+                            raise TimeoutError("gate never opened")
+                        w.install_records(records)
+
+                return Writer()
+
+        return Batch()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) -> tuple[Node, Node]:
+    """(leader, follower): the follower missed ``writes`` writes of 200 KB and
+    the leader's log was compacted past it; the links are healed on return."""
+    for n in ns.values():
+        n.store_payloads = True
+    leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+    victim = next(n for n in ns.values() if n is not leader)
+    victim.block({n.id for n in ns.values() if n is not victim})
+    for n in ns.values():
+        if n is not victim:
+            n.block({victim.id})
+    for i in range(writes):
+        leader.g.propose(bytes([i]) * 200_000).result(timeout=10)
+    wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
+    for n in ns.values():
+        n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
+    return leader, victim
+
+
+def test_a_received_snapshot_is_loaded_in_steps_with_the_replica_frozen(tmp_path: Path) -> None:
+    """pysyncobj loaded a received snapshot in one storage batch: one commit
+    of all of it on the driver (3 s in a 2,000 MiB move, every group of the node
+    waiting) with all its pages in memory.  It is now loaded a chunk per
+    driver iteration, each committed, while the replica neither ticks nor
+    takes messages, and its state is marked installing (readers refuse it)."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
+                        log_compaction_bytes=1 << 20, snapshot_install_chunk_bytes=256 * 1024)
+    gate = threading.Event()
+    gated: list[_GatedInstall] = []
+
+    def wrap(s: Storage) -> Storage:
+        gated.append(_GatedInstall(s, gate, stop_at=4))
+        return gated[-1]  # type: ignore[return-value]
+    try:
+        with three_hosts(tmp_path, timing, wrap=wrap) as ns:
+            leader, victim = _cut_off_while_the_leader_compacts(ns)
+            g = gated[IDS.index(victim.id)]
+            wait_for(lambda: g.calls >= 4, "the install to reach its 4th chunk")
+            # Caught half done: three chunks are committed, under the mark.
+            assert victim.storage.reader(GID).installing()
+            assert victim.storage.reader(GID).applied_index() == 0
+            assert 0 < len(list(victim.storage.reader(GID).items())) < 40
+            gate.set()
+            want = leader.on_driver(lambda: leader.g.status.applied_index)
+            wait_for(lambda: victim.storage.reader(GID).applied_index() >= want, "the follower to catch up (committed)")
+            assert not victim.storage.reader(GID).installing()
+            assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
+            assert victim.on_driver(lambda: victim.g.snapshots_installed) == 1
+            assert victim.on_driver(lambda: victim.g.install_steps) >= 8
+            assert victim.on_driver(lambda: victim.g.transport.frozen) is False
+            # pysyncobj took the install: its log starts at the snapshot, and it goes on.
+            leader.g.propose(b"after").result(timeout=10)
+            wait_for(lambda: victim.storage.reader(GID).applied_index() > want, "the next write on the follower")
+    finally:
+        gate.set()
+
+
+def test_a_replica_whose_install_was_cut_short_is_rebuilt(tmp_path: Path) -> None:
+    """A node stopped half way through loading a snapshot finds its state
+    marked installing: it clears it and rebuilds the replica from its own
+    snapshot and journal (which the install had not touched), then catches
+    up; nothing of the half-loaded state survives."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8)
+    ns = {nid: Node(nid, tmp_path, timing) for nid in IDS}
+    try:
+        for n in ns.values():
+            for other in ns.values():
+                if other is not n:
+                    n.host.mux.set_address(other.id, other.host.mux.listen_address)
+            n.host.start()
+        for n in ns.values():
+            n.store_payloads = True
+            n.group = n.on_driver(lambda n=n: n.host.create_group(GID, IDS, n.apply, lambda: b"b"))
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        for i in range(10):
+            leader.g.propose(bytes([i]) * 1000).result(timeout=10)
+        victim = next(n for n in ns.values() if n is not leader)
+        wait_for(lambda: victim.storage.reader(GID).applied_index() >= 10, "the follower's applies")
+        victim.host.stop()
+        # What a stop in the middle of an install leaves: the mark, no meta,
+        # and a part of some other state.
+        b = victim.storage.begin()
+        w = b.state(GID)
+        w.begin_install()
+        w.install_records([(1, b"half-loaded", (0).to_bytes(8, "big") * 2 + b"junk")])
+        b.commit()
+        victim.storage.close()
+        again = ns[victim.id] = Node(victim.id, tmp_path, timing, reopen=True)
+        for other in ns.values():
+            if other is not again:
+                again.host.mux.set_address(other.id, other.host.mux.listen_address)
+                other.on_driver(lambda o=other: o.host.mux.set_address(again.id, again.host.mux.listen_address))
+        again.host.start()
+        again.store_payloads = True
+        again.group = again.on_driver(lambda: again.host.create_group(GID, IDS, again.apply, lambda: b"b"))
+        leader.g.propose(b"after").result(timeout=10)
+        want = leader.on_driver(lambda: leader.g.status.applied_index)
+        wait_for(lambda: again.storage.reader(GID).applied_index() >= want, "the rebuilt replica to catch up")
+        assert not again.storage.reader(GID).installing()
+        assert dict(again.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
+    finally:
+        for n in ns.values():
+            n.host.stop()
 
 
 class _GatedDumps:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,13 @@ import pytest
 from cachenode._types import META_GROUP_ID
 from cachenode.storage import lmdb_store
 from cachenode.storage.base import MAX_KEY_BYTES, Batch, Record, Storage, StorageFault
-from cachenode.storage.lmdb_store import INLINE_KEY_BYTES, DumpWriter, LmdbStorage, stored_key
+from cachenode.storage.lmdb_store import (
+    INLINE_KEY_BYTES,
+    DumpReader,
+    DumpWriter,
+    LmdbStorage,
+    stored_key,
+)
 from cachenode.storage.memory_store import MemoryStorage
 
 Factory = Callable[[], Storage]
@@ -395,6 +402,61 @@ class TestConformance:
         assert w.count() == 49
         b.commit()
         assert dump_bytes(storage, 2) == blob
+
+    def test_install_in_pieces_replaces_existing_state(self, storage: Storage) -> None:
+        """A snapshot loaded over several batches: marked installing (and
+        empty of meta) from the first, equal to a whole load at the end."""
+        populate(storage, 1)
+        blob = dump_bytes(storage, 1)
+        populate_long(storage, 2)
+        b = storage.begin()
+        w = b.state(2)
+        w.dedup_put(b"stale", 1, b"", 1)
+        w.put(b"stale-expiring", rec(b"x", 1, 5))
+        b.commit()
+        assert not storage.reader(2).installing()
+        b = storage.begin()
+        w = b.state(2)
+        w.begin_install()
+        assert w.installing() and (w.applied_index(), w.clock_ms(), w.size_bytes()) == (0, 0, 0)
+        b.commit()
+        assert storage.reader(2).installing() and storage.reader(2).applied_index() == 0
+        steps = 0
+        while True:  # clearing, a few records per batch
+            b = storage.begin()
+            done = b.state(2).clear_some(3)
+            b.commit()
+            steps += 1
+            if done:
+                break
+        assert steps > 3 and storage.reader(2).installing() and storage.reader(2).count() == 0
+        assert list(storage.reader(2).items()) == [] and storage.reader(2).expired(10**9, 10) == []
+        reader = DumpReader(io.BytesIO(blob))
+        records = reader.records()
+        while True:
+            chunk = list(itertools.islice(records, 7))
+            b = storage.begin()
+            b.state(2).install_records(chunk)
+            b.commit()
+            if not chunk:
+                break
+        assert storage.reader(2).installing()
+        b = storage.begin()
+        b.state(2).end_install(reader.applied_index, reader.clock_ms, reader.count, reader.size_bytes)
+        b.commit()
+        assert not storage.reader(2).installing()
+        assert dump_bytes(storage, 2) == blob
+        assert storage.reader(2).expired(10**9, 100) == storage.reader(1).expired(10**9, 100)
+
+    def test_clear_removes_the_install_mark(self, storage: Storage) -> None:
+        b = storage.begin()
+        b.state(4).begin_install()
+        b.commit()
+        assert 4 in storage.groups()
+        b = storage.begin()
+        b.state(4).clear()
+        b.commit()
+        assert not storage.reader(4).installing() and 4 not in storage.groups()
 
     def test_load_from_writer_dump_in_same_batch(self, storage: Storage) -> None:
         b = storage.begin()

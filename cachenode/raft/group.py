@@ -14,6 +14,7 @@ Threads:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -23,7 +24,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ from pysyncobj.transport import Transport
 
 from .._errors import CacheError, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .._types import NodeId
+from ..storage.base import StorageFault
+from ..storage.lmdb_store import DumpReader
 from .journal import StorageJournal, materialize
 
 if TYPE_CHECKING:
@@ -67,6 +70,12 @@ SMALL_MESSAGE_BYTES = 32 * 1024
 """Messages up to this size (less than one 64 KiB snapshot chunk) are never
 held back, so ordinary replication and other groups' heartbeats do not wait
 behind one group's catch-up."""
+HELD_RELEASE_BYTES = 8 * 1024 * 1024
+"""What a replica thawed after a snapshot install takes, per driver
+iteration, of the messages that waited meanwhile (see GroupTransport.release_held)."""
+INSTALL_CLEAR_RECORDS = 50_000
+"""Records of a replica's old state deleted per driver iteration before a
+received snapshot is loaded over it."""
 SNAPSHOT_PIECE_MIN = 64 * 1024
 """The smallest piece of a snapshot file sent at once (pysyncobj's chunk),
 also when a starved group sends one piece anyway."""
@@ -107,6 +116,10 @@ class RaftTiming:
     log_memory_bytes: int = 8 * 1024 * 1024
     """The newest commands of a group's journal kept in memory; older ones
     are read back from the storage when needed (see raft/journal.py)."""
+    snapshot_install_chunk_bytes: int = 16 * 1024 * 1024
+    """How much of a received snapshot one driver iteration loads (and then
+    commits) on a follower: the longest a snapshot install holds the node's
+    other groups up is about one such commit, not the whole snapshot's."""
     log_compaction_s: float = 600.0
     queue_size: int = 20000
 
@@ -148,7 +161,7 @@ class SnapshotFile:
     as it can in one heartbeat period, every heartbeat: far faster than a
     link carries them.  Paced, the chunks piled up in the transport (the
     whole snapshot in memory on the leader, and up to half the driver's time
-    spent reading).  :class:`SnapshotSender` hands the transport this open
+    spent reading).  :class:`SnapshotTransfer` hands the transport this open
     file instead, and the transport reads it piece by piece at flush time
     (:func:`_split_bulk`), only as fast as the link takes it.
 
@@ -185,27 +198,39 @@ class SnapshotFile:
         self._f.close()
 
 
-class SnapshotSender:
-    """Wraps pysyncobj's ``Serializer`` (``SyncObj._SyncObj__serializer``) so
-    that a snapshot transmission is a :class:`SnapshotFile` for the transport
-    to read, not bytes read ahead of the link.
+_INSTALLED = ("installed",)
+"""What the transport hands pysyncobj's serializer as the last piece of a
+snapshot this replica already loaded (see :meth:`RaftGroup._on_snapshot_piece`)."""
 
-    pysyncobj's leader loop asks ``getTransmissionData(node)`` for the next
-    ``(data, isFirst, isLast)`` until ``isLast``; it then points the
-    follower's nextIndex after the snapshot and queues the entries that
-    follow it.  Here one call returns the whole transmission: the open file,
-    ``isFirst`` and ``isLast``.  The transport sends the file's bytes in
-    pieces, in order, the first marked ``isFirst`` and only the last
-    ``isLast`` (:func:`_split_bulk`); the follower installs the file when
-    the last piece arrives, as before.  A transmission dropped part way
-    (reset, new term, lost link) never delivers ``isLast``, and the next one
-    starts over with ``isFirst``: no state is kept between calls, so no end
-    can ever be sent for bytes that were not.  Everything else is the
-    wrapped serializer's.  Driver thread only."""
+
+class SnapshotTransfer:
+    """Wraps pysyncobj's ``Serializer`` (``SyncObj._SyncObj__serializer``):
+    how a snapshot leaves a leader and how it lands on a follower.
+
+    Sending: pysyncobj's leader loop asks ``getTransmissionData(node)`` for
+    the next ``(data, isFirst, isLast)`` until ``isLast``; it then points
+    the follower's nextIndex after the snapshot and queues the entries that
+    follow it.  Here one call returns the whole transmission: the open file
+    (:class:`SnapshotFile`), ``isFirst`` and ``isLast``.  The transport
+    sends the file's bytes in pieces, in order, the first marked ``isFirst``
+    and only the last ``isLast`` (:func:`_split_bulk`).  A transmission
+    dropped part way (reset, new term, lost link) never delivers ``isLast``,
+    and the next one starts over with ``isFirst``: no state is kept between
+    calls, so no end can ever be sent for bytes that were not.
+
+    Receiving: the follower's transport writes the pieces itself and loads
+    the snapshot in steps (:meth:`RaftGroup._on_snapshot_piece`); pysyncobj
+    then gets :data:`_INSTALLED` as the data of the last piece, and
+    ``setTransmissionData`` moves the received file into place
+    (``on_installed``) and says "complete", so pysyncobj installs it (its
+    log, applied index and members), calling the deserializer, which finds
+    the state already loaded.  Everything else is the wrapped serializer's.
+    Driver thread only."""
 
     def __init__(self, inner: Any, path: str) -> None:
         self._inner = inner
         self._path = path
+        self.on_installed: Callable[[], None] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -216,6 +241,12 @@ class SnapshotSender:
         except OSError as e:
             log.warning("cannot send snapshot %s: %s", self._path, e)
             return None
+
+    def setTransmissionData(self, data: Any) -> bool:  # noqa: N802 - pysyncobj's name
+        if data is _INSTALLED and self.on_installed is not None:
+            self.on_installed()
+            return True
+        return bool(self._inner.setTransmissionData(data))
 
 
 def _bulk_size(m: dict[str, Any]) -> int:
@@ -304,6 +335,16 @@ class GroupTransport(Transport):  # type: ignore[misc]
         driver thread; read by the snapshot writer thread)."""
         self._now = monotonic
         self._bulk_at: dict[NodeId, float] = {}  # peer -> when bulk data last left for it
+        self._installing_peers: set[NodeId] = set()
+        """Peers sent a whole snapshot that have not answered since: they are
+        loading it, frozen, and would only hold what we send meanwhile in
+        memory; entries for them wait here (lazily read from the journal)."""
+        self.frozen = False
+        """While a received snapshot is loaded (driver thread): every message
+        for this replica waits in ``held_in`` (see RaftGroup._on_snapshot_piece)."""
+        self.held_in: collections.deque[tuple[NodeId, Any]] = collections.deque()
+        self.receiver: Callable[[NodeId, dict[str, Any]], dict[str, Any]] | None = None
+        """Takes each snapshot piece a leader sends; returns what pysyncobj gets instead."""
         self.trimmed = 0
         for m in members:
             self.addNode(Node(m))
@@ -327,6 +368,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
 
     def _drop_queue(self, nid: NodeId) -> None:
         """Forget what waits for ``nid`` (as a lossy network would)."""
+        self._installing_peers.discard(nid)
         for m in self._queue.pop(nid, ()):
             if _is_file(m):
                 m["serialized"][0].drop()
@@ -407,7 +449,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
                     if room is None:
                         room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
                         now = self._now()
-                        if room <= 0 and now - self._bulk_at.get(nid, now) >= BULK_STARVE_S:
+                        if nid in self._installing_peers:
+                            room = 0  # it is loading a snapshot: nothing more until it answers
+                        elif room <= 0 and now - self._bulk_at.get(nid, now) >= BULK_STARVE_S:
                             room = 1  # starved: one piece (at least one entry) anyway
                     if room <= 0:
                         break
@@ -450,6 +494,9 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 if rest is not None:
                     msgs[n] = rest
                     break
+                if _is_file(msgs[n]):  # that was the snapshot's last piece
+                    self._installing_peers.add(nid)
+                    room = 0
                 n += 1
             del msgs[:n]
             if msgs:
@@ -524,9 +571,39 @@ class GroupTransport(Transport):  # type: ignore[misc]
             (self._onNodeConnected if up else self._onNodeDisconnected)(node)
 
     def deliver(self, node_id: NodeId, message: Any) -> None:
-        node = self._nodes.get(node_id)
-        if node is None:
+        if node_id not in self._nodes:
             return  # not a member (removed, or not yet added): ignore, as Raft must
+        if self.frozen or self.held_in:
+            self.held_in.append((node_id, message))  # behind what already waits, in order
+            return
+        self._deliver_now(node_id, message)
+
+    def release_held(self, budget: int) -> bool:
+        """Deliver what waited while the replica was frozen, in order, about
+        ``budget`` bytes of entries or snapshot data (at least one message)
+        per call: a leader kept sending meanwhile, and all of it at once
+        would be journaled and applied in one driver iteration.  True if
+        more waits.  Driver thread (RaftGroup.tick)."""
+        n = 0
+        while self.held_in and not self.frozen:
+            node_id, m = self.held_in.popleft()
+            n += _bulk_size(m) if isinstance(m, dict) else 0
+            if node_id in self._nodes:
+                self._deliver_now(node_id, m)
+            if n >= budget:
+                break
+        return bool(self.held_in) and not self.frozen
+
+    def _deliver_now(self, node_id: NodeId, message: Any) -> None:
+        node = self._nodes[node_id]
+        if self._installing_peers and node_id in self._installing_peers:
+            self._installing_peers.discard(node_id)  # it answers: the snapshot is in
+            self._host.mark_unflushed(self)
+        if (
+            self.receiver is not None and message.get("type") == "append_entries"
+            and isinstance(message.get("serialized"), tuple)
+        ):
+            message = self.receiver(node_id, message)
         if message.get("type") == "next_node_idx" and message.get("reset"):
             # The follower wants a resend from an earlier point.  Appends
             # still held for it continue a chain it rejected: drop them (as a
@@ -541,19 +618,27 @@ class GroupTransport(Transport):  # type: ignore[misc]
             if self._on_release is not None:
                 self._on_release()
 
+    def pass_on(self, node_id: NodeId, message: dict[str, Any]) -> None:
+        """Hand ``message`` to pysyncobj as if it came from ``node_id`` now."""
+        node = self._nodes.get(node_id)
+        if node is not None:
+            self._onMessageReceived(node, message)
+
     def destroy(self) -> None:
         for node in list(self._nodes.values()):
             self.dropNode(node)
+        self.held_in.clear()
 
 
 class _GroupSyncObj(SyncObj):  # type: ignore[misc]
     def __init__(self, apply_fn: ApplyFn, *args: Any, **kwargs: Any) -> None:
         self._apply_fn = apply_fn
         super().__init__(*args, **kwargs)
-        # The one pysyncobj internal replaced: see SnapshotSender (pinned by
+        # The one pysyncobj internal replaced: see SnapshotTransfer (pinned by
         # tests/test_group_transport.py::test_pysyncobj_internals_we_lean_on).
         inner: Any = getattr(self, "_SyncObj__serializer")  # noqa: B009 - name-mangled
-        self._SyncObj__serializer = SnapshotSender(inner, self._getConf().fullDumpFile)
+        self.transfer = SnapshotTransfer(inner, self._getConf().fullDumpFile)
+        self._SyncObj__serializer = self.transfer
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, payload: bytes) -> bytes:
@@ -594,8 +679,21 @@ class RaftGroup:
         self.destroyed = False
         os.makedirs(snapshot_dir, exist_ok=True)
         self._snapshot_file = os.path.join(snapshot_dir, "snapshot.bin")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._snapshot_file + ".part")  # left by a writer cut short
+        self._incoming = self._snapshot_file + ".incoming"
+        for leftover in (self._snapshot_file + ".part", self._incoming):  # a writer or a transfer cut short
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        self._rx: tuple[NodeId, int, Any] | None = None  # receiving: (leader, term, open incoming file)
+        self._install: _Install | None = None
+        self._installed: tuple[Any, Any, Any] | None = None  # loaded, for the deserializer to return
+        self.install_steps = 0
+        if host.storage.reader(group_id).installing():
+            # The node stopped while loading a snapshot from a leader: the
+            # state is part old, part new.  Start from nothing; pysyncobj
+            # rebuilds it from this replica's own snapshot and journal,
+            # neither of which the install had touched yet.
+            log.warning("group %s: a snapshot install was cut short; rebuilding the replica", group_id)
+            host.durable_batch().state(group_id).clear()
         # The snapshot writer running, and how many snapshots had been installed when it started.
         self._snap: tuple[Future[int], int] | None = None
         self._snap_installs = 0  # snapshots loaded; a writer older than one is void
@@ -635,6 +733,8 @@ class RaftGroup:
             apply_fn, Node(self_id), [Node(m) for m in others], conf,
             transport=self.transport, nodeClass=Node,
         )
+        self.sync.transfer.on_installed = self._move_incoming_into_place
+        self.transport.receiver = self._on_snapshot_piece
         self.transport.announce_connected()
         self.snapshots_written = 0
         self.snapshots_installed = 0
@@ -804,6 +904,11 @@ class RaftGroup:
         return 0 <= pos < len(j) and bool(j[pos][2] == self.sync.raftCurrentTerm)
 
     def tick(self) -> None:
+        if self._install is not None:
+            self._install_step()
+            return
+        if self.transport.held_in and self.transport.release_held(HELD_RELEASE_BYTES):
+            self.host.wake(self)
         self.sync.doTick(0.0)
         self.status = self._read_status()
         if self.journal.bytes > self._timing.log_compaction_bytes and not self.destroyed:
@@ -855,6 +960,10 @@ class RaftGroup:
 
     def destroy(self) -> None:
         self.destroyed = True
+        self._close_rx()
+        if self._install is not None:
+            self._install.close()
+            self._install = None
         with self._reads_lock:
             reads, self._reads = self._reads, []
         for f in reads:
@@ -953,12 +1062,179 @@ class RaftGroup:
         log.info("group %s: snapshot at index %s written", self.group_id, fut.result())
         return int(SERIALIZER_STATE.SUCCESS)
 
+    # ---- receiving a snapshot (follower; transport and driver thread) ------
+
+    def _on_snapshot_piece(self, node_id: NodeId, message: dict[str, Any]) -> dict[str, Any]:
+        """The transport's receiver: one piece of a snapshot a leader sends.
+
+        Written to ``<snapshot>.incoming`` here, not by pysyncobj, whose
+        install would load the whole snapshot in one storage batch: one
+        commit of it all on the driver (3 s in a 2,000 MiB move, every group
+        of the node waiting) and all its pages in memory.  pysyncobj gets the
+        message without its data, so it still hears from its leader (term,
+        election timer), and with commit index 0: pysyncobj would otherwise
+        raise its commit index on a snapshot piece without checking its log
+        against the leader's.  A piece counts only if it belongs to the
+        transmission this replica is receiving (same leader and term, begun
+        with ``isFirst``).  The last piece starts the install."""
+        data, first, last = message["serialized"]
+        term = message.get("term", 0)
+        passed = dict(message, serialized=None, commit_index=0)
+        if term < self.sync.raftCurrentTerm or not isinstance(data, bytes | bytearray):
+            return passed  # an old leader's: pysyncobj ignores the message too
+        if first:
+            self._close_rx()
+            self._rx = (node_id, term, open(self._incoming, "wb"))  # noqa: SIM115 - closed at the last piece
+        rx = self._rx
+        if rx is None or rx[0] != node_id or rx[1] != term:
+            return passed  # a piece of a transmission this replica is not receiving
+        rx[2].write(data)
+        if last:
+            self._rx = None
+            rx[2].close()
+            self._begin_install(node_id, message)
+        return passed
+
+    def _close_rx(self) -> None:
+        if self._rx is not None:
+            self._rx[2].close()
+            self._rx = None
+
+    def _begin_install(self, node_id: NodeId, message: dict[str, Any]) -> None:
+        """Freeze the replica (no tick, every message held) and verify the
+        received file on a thread of its own; :meth:`_install_step` goes on."""
+        self.transport.frozen = True
+        inst = self._install = _Install(node_id, message)
+        threading.Thread(
+            target=self._verify_incoming, args=(inst.verified,),
+            name=f"install-{self.group_id}", daemon=True,
+        ).start()
+        log.info("group %s: snapshot received from %s; verifying it", self.group_id, node_id)
+
+    def _verify_incoming(self, fut: Future[tuple[tuple[Any, Any, Any], int]]) -> None:
+        """Install thread: CRC over the whole file, fsync it, read its header."""
+        try:
+            size = os.path.getsize(self._incoming)
+            crc = 0
+            with open(self._incoming, "rb") as f:
+                remaining = size - 4
+                while remaining > 0:
+                    chunk = f.read(min(remaining, 1 << 20))
+                    if not chunk:
+                        break
+                    crc = zlib.crc32(chunk, crc)
+                    remaining -= len(chunk)
+                tail = f.read(4)
+                if len(tail) != 4 or _U32.unpack(tail)[0] != crc:
+                    raise ValueError("crc mismatch")
+                os.fsync(f.fileno())
+                f.seek(0)
+                if f.read(len(_SNAP_MAGIC)) != _SNAP_MAGIC:
+                    raise ValueError("not a cachenode snapshot")
+                (hlen,) = _U32.unpack(f.read(4))
+                header = pickle.loads(f.read(hlen))
+                fut.set_result((header, f.tell()))
+        except BaseException as e:  # noqa: BLE001 - reported on the driver thread
+            fut.set_exception(e)
+        self.host.wake(self)
+
+    def _install_step(self) -> None:
+        """Driver thread, instead of pysyncobj's tick while installing: one
+        step, then wake for the next.  Steps: wait for the verification;
+        mark the state installing (readers refuse it) and delete the old
+        state, INSTALL_CLEAR_RECORDS at a time; load
+        ``snapshot_install_chunk_bytes`` of records at a time; then the meta, and hand pysyncobj the install
+        (:meth:`_finish_install`), all in the host's storage batches."""
+        inst = self._install
+        assert inst is not None
+        self.install_steps += 1
+        if inst.records is None:
+            if not inst.verified.done():
+                return  # the verifier wakes us
+            err = inst.verified.exception()
+            if err is not None:
+                log.warning("group %s: received snapshot rejected (%s); the leader will send it again",
+                            self.group_id, err)
+                self._install = None
+                inst.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self._incoming)
+                self._thaw()
+                return
+            (last, prev, cluster), offset = inst.verified.result()
+            inst.header = (last, prev, cluster)
+            state = self.host.durable_batch().state(self.group_id)
+            if last[1] <= state.applied_index():
+                self._finish_install()  # this replica's state is already as new
+                return
+            inst.open(self._incoming, offset)
+            state.begin_install()
+            log.info("group %s: installing the snapshot at index %s (%.1f MiB) in steps",
+                     self.group_id, last[1], inst.size / (1 << 20))
+        else:
+            state = self.host.durable_batch().state(self.group_id)
+            if inst.clearing:
+                inst.clearing = not state.clear_some(INSTALL_CLEAR_RECORDS)
+            else:
+                try:
+                    done = inst.load_into(state, self._timing.snapshot_install_chunk_bytes)
+                except ValueError as e:
+                    # The file passed its CRC: the disk returned something else.
+                    raise StorageFault(
+                        f"group {self.group_id}: the snapshot being installed became unreadable ({e}); "
+                        "the node stops, and rebuilds the replica when restarted"
+                    ) from e
+                if done:
+                    self._finish_install()
+                    return
+        self.host.wake(self)
+
+    def _finish_install(self) -> None:
+        """The state is loaded (in the current batch): pysyncobj installs
+        the snapshot now (log, applied index, members) as if its last piece
+        had just arrived; what waited meanwhile follows from the next tick
+        on, in order, a part per iteration."""
+        inst = self._install
+        assert inst is not None and inst.header is not None
+        self._install = None
+        inst.close()
+        self._installed = inst.header
+        self.transport.frozen = False
+        self.transport.pass_on(inst.node, dict(inst.message, serialized=_INSTALLED))
+        if self._installed is not None:  # pysyncobj did not take it (a newer term meanwhile?)
+            self._installed = None
+            log.warning("group %s: pysyncobj did not install the received snapshot", self.group_id)
+        else:
+            self.snapshots_installed += 1
+            log.info("group %s: installed snapshot at index %s", self.group_id, inst.header[0][1])
+        self.status = self._read_status()
+        self.host.wake(self)  # what waited meanwhile follows, a part per iteration (tick)
+
+    def _thaw(self) -> None:
+        self.transport.frozen = False
+        self.host.wake(self)
+
+    def _move_incoming_into_place(self) -> None:
+        """SnapshotTransfer.on_installed (driver thread, inside pysyncobj's
+        install): the received, verified and loaded file becomes this
+        replica's snapshot."""
+        os.replace(self._incoming, self._snapshot_file)
+        _fsync_dir(os.path.dirname(self._snapshot_file))
+
     def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
         """Load a snapshot (local restart, or one received from the leader).
 
         Replaces the LMDB state only when the snapshot is newer than what LMDB
         already holds; verifies the CRC over the whole file first, so a torn
         or corrupt file never leaves a half-loaded state."""
+        if self._installed is not None:
+            # Received from the leader and already loaded, piece by piece
+            # (_install_step); the file was verified before that.
+            last, prev, cluster = self._installed
+            self._installed = None
+            self._snap_installs += 1
+            self.journal.align_to(prev)
+            return last, prev, [Node(i) for i in cluster]
         size = os.path.getsize(filename)
         crc = 0
         with open(filename, "rb") as f:
@@ -990,6 +1266,50 @@ class RaftGroup:
         # member, needed 3 votes of 4 and could not elect a leader (or stay
         # one) with one peer down.
         return last, prev, [Node(i) for i in cluster]
+
+
+class _Install:
+    """A snapshot received from a leader, being loaded (driver thread, but
+    ``verified``, which the install thread resolves)."""
+
+    def __init__(self, node: NodeId, message: dict[str, Any]) -> None:
+        self.node = node
+        self.message = message  # the last piece, handed to pysyncobj at the end
+        self.verified: Future[tuple[tuple[Any, Any, Any], int]] = Future()
+        self.header: tuple[Any, Any, Any] | None = None
+        self.records: Iterator[tuple[int, bytes, bytes]] | None = None
+        self.clearing = True
+        self.size = 0
+        self._f: Any = None
+        self._dump: DumpReader | None = None
+
+    def open(self, path: str, offset: int) -> None:
+        self.size = os.path.getsize(path)
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._f.seek(offset)
+        self._dump = DumpReader(_LimitedReader(self._f, self.size - 4 - offset))  # type: ignore[arg-type]
+        self.records = self._dump.records()
+
+    def load_into(self, state: Any, budget: int) -> bool:
+        """Write about ``budget`` bytes of records; True (meta written) once all are."""
+        assert self.records is not None and self._dump is not None
+        chunk = []
+        n = 0
+        for rec in self.records:
+            chunk.append(rec)
+            n += len(rec[1]) + len(rec[2])
+            if n >= budget:
+                state.install_records(chunk)
+                return False
+        state.install_records(chunk)
+        d = self._dump
+        state.end_install(d.applied_index, d.clock_ms, d.count, d.size_bytes)
+        return True
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 def _fsync_dir(path: str) -> None:

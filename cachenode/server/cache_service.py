@@ -210,8 +210,11 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             consistency = V.STALE  # UNSAFE: no barrier, no forwarding
         if consistency == V.STALE and local is not None:
             reader = self.r.reader(shard.id)
-            clock = self.clock.wall_ms() if self.cfg.unsafe.local_ttl else reader.clock_ms()
-            return lambda: build(shard, clock, reader)
+            if not reader.installing():
+                clock = self.clock.wall_ms() if self.cfg.unsafe.local_ttl else reader.clock_ms()
+                return lambda: build(shard, clock, reader)
+            # This replica is loading a snapshot from its leader: its state is
+            # part old, part new.  The leader answers instead (forwarded below).
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:

@@ -30,7 +30,7 @@ Errors: :class:`StorageFault` when the disk refuses (fatal for the node);
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Protocol
 
 MAX_KEY_BYTES = 4096
@@ -79,6 +79,12 @@ class StateReader(Protocol):
 
     def count(self) -> int:
         """Number of stored records (O(1))."""
+        ...
+
+    def installing(self) -> bool:
+        """True while a snapshot is being loaded piece by piece
+        (:meth:`StateWriter.begin_install`): the state is then neither the
+        old one nor the new one, and must not be read."""
         ...
 
     def size_bytes(self) -> int:
@@ -150,6 +156,30 @@ class StateWriter(StateReader, Protocol):
 
         Atomic within the batch: on a truncated or corrupt stream it raises
         ``ValueError`` and the group is as it was before the call."""
+        ...
+
+    def begin_install(self) -> None:
+        """Start replacing this group's state with a dump loaded piece by
+        piece over several batches: marks the group :meth:`installing`
+        (readers must refuse it) and zeroes its applied index, clock and
+        counters.  Then :meth:`clear_some` until it returns True,
+        :meth:`install_records` for the dump's records, and
+        :meth:`end_install`.  A crash in between leaves the mark: the owner
+        must then :meth:`clear` the group and rebuild it."""
+        ...
+
+    def clear_some(self, limit: int) -> bool:
+        """Delete up to ``limit`` of this group's records (data, expiry
+        index, dedup); True once none is left."""
+        ...
+
+    def install_records(self, records: Iterable[tuple[int, bytes, bytes]]) -> None:
+        """Write ``(tag, key, value)`` records as :class:`~cachenode.storage.lmdb_store.DumpReader`
+        yields them (after :meth:`begin_install` and the clearing)."""
+        ...
+
+    def end_install(self, applied_index: int, clock_ms: int, count: int, size_bytes: int) -> None:
+        """Finish an install: the dump's meta, and the mark removed."""
         ...
 
     def clear(self) -> None:

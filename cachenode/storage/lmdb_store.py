@@ -79,7 +79,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import lmdb
@@ -123,6 +123,7 @@ assert MAX_KEY_BYTES - INLINE_KEY_BYTES <= 0xFFFF
 
 _APPLIED = b"applied"
 _STATS = b"stats"
+_INSTALLING = b"installing"
 _MAX_GROUP = 0xFFFF_FFFF
 _NO_FLOOR = 1 << 64  # larger than any u64 timestamp: "no dedup entry at all"
 
@@ -398,6 +399,31 @@ class _Dbs:
         self.all = (*self.state, self.log, self.logmeta)
 
 
+def _put_records(
+    txn: lmdb.Transaction[bytes], dbs: _Dbs, p: bytes, records: Iterable[tuple[int, bytes, bytes]]
+) -> None:
+    """Write dump records (``DumpReader.records()``) of group prefix ``p``."""
+    put = txn.put
+    for tag, key, value in records:
+        if tag == _TAG_DATA:
+            if len(key) > INLINE_KEY_BYTES:
+                rest = key[INLINE_KEY_BYTES:]
+                key = stored_key(key)
+                put(
+                    p + key,
+                    value[:_HDR_LEN] + _U16.pack(len(rest)) + rest + value[_HDR_LEN:],
+                    db=dbs.data,
+                )
+            else:
+                put(p + key, value, db=dbs.data)
+            exp = value[8:16]
+            if exp != b"\0\0\0\0\0\0\0\0":
+                put(p + exp + key, b"", db=dbs.expiry)
+        else:
+            put(p + key, value, db=dbs.dedup)
+            put(p + value[:8] + key, b"", db=dbs.dedupt)
+
+
 def _delete_prefix(txn: lmdb.Transaction[bytes], db: lmdb._Database, prefix: bytes) -> None:
     cur = txn.cursor(db=db)
     if not cur.set_range(prefix):
@@ -539,6 +565,13 @@ class _LmdbStateReader:
 
     def applied_index(self) -> int:
         return self._meta()[0]
+
+    def installing(self) -> bool:
+        try:
+            with self._env.begin() as txn:
+                return txn.get(self._p + _INSTALLING, db=self._dbs.gmeta) is not None
+        except lmdb.Error as e:
+            raise _fault(e) from e
 
     def clock_ms(self) -> int:
         return self._meta()[1]
@@ -810,25 +843,7 @@ class _LmdbStateWriter:
         try:
             for db in dbs.state:
                 _delete_prefix(child, db, p)
-            put = child.put
-            for tag, key, value in reader.records():
-                if tag == _TAG_DATA:
-                    if len(key) > INLINE_KEY_BYTES:
-                        rest = key[INLINE_KEY_BYTES:]
-                        key = stored_key(key)
-                        put(
-                            p + key,
-                            value[:_HDR_LEN] + _U16.pack(len(rest)) + rest + value[_HDR_LEN:],
-                            db=dbs.data,
-                        )
-                    else:
-                        put(p + key, value, db=dbs.data)
-                    exp = value[8:16]
-                    if exp != b"\0\0\0\0\0\0\0\0":
-                        put(p + exp + key, b"", db=dbs.expiry)
-                else:
-                    put(p + key, value, db=dbs.dedup)
-                    put(p + value[:8] + key, b"", db=dbs.dedupt)
+            _put_records(child, dbs, p, reader.records())
             _write_meta(
                 child,
                 dbs,
@@ -852,6 +867,53 @@ class _LmdbStateWriter:
         self._count, self._size = reader.count, reader.size_bytes
         self._dirty = False
         self._prune_floor = 0
+
+    def installing(self) -> bool:
+        try:
+            return self._txn.get(self._p + _INSTALLING, db=self._dbs.gmeta) is not None
+        except lmdb.Error as e:
+            raise _fault(e) from e
+
+    def begin_install(self) -> None:
+        try:
+            self._txn.put(self._p + _INSTALLING, b"1", db=self._dbs.gmeta)
+        except lmdb.Error as e:
+            raise _fault(e) from e
+        self._applied = self._clock = self._count = self._size = 0
+        self._dirty = True
+        self._prune_floor = 0
+
+    def clear_some(self, limit: int) -> bool:
+        p = self._p
+        n = 0
+        try:
+            for db in (self._dbs.data, self._dbs.expiry, self._dbs.dedup, self._dbs.dedupt):
+                cur = self._txn.cursor(db=db)
+                if not cur.set_range(p):
+                    continue
+                while cur.key()[:4] == p:
+                    if n >= limit:
+                        return False
+                    n += 1
+                    if not cur.delete():
+                        break
+        except lmdb.Error as e:
+            raise _fault(e) from e
+        return True
+
+    def install_records(self, records: Iterable[tuple[int, bytes, bytes]]) -> None:
+        try:
+            _put_records(self._txn, self._dbs, self._p, records)
+        except lmdb.Error as e:
+            raise _fault(e) from e
+
+    def end_install(self, applied_index: int, clock_ms: int, count: int, size_bytes: int) -> None:
+        try:
+            self._txn.delete(self._p + _INSTALLING, db=self._dbs.gmeta)
+        except lmdb.Error as e:
+            raise _fault(e) from e
+        self._applied, self._clock, self._count, self._size = applied_index, clock_ms, count, size_bytes
+        self._dirty = True
 
     def clear(self) -> None:
         try:

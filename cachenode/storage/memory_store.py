@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from .base import MAX_KEY_BYTES, Record, StateReader, StateWriter
@@ -47,7 +47,7 @@ def _stored(r: Record) -> bytes:
 class _Group:
     """State of one group.  Mutable only while private to one batch."""
 
-    __slots__ = ("data", "long", "dedup", "applied", "clock", "size", "floor")
+    __slots__ = ("data", "long", "dedup", "applied", "clock", "size", "floor", "installing")
 
     def __init__(self) -> None:
         self.data: dict[bytes, Record] = {}
@@ -59,6 +59,7 @@ class _Group:
         self.clock = 0
         self.size = 0
         self.floor = 0  # every dedup entry has now_ms >= floor
+        self.installing = False
 
     def copy(self) -> _Group:
         g = _Group()
@@ -66,10 +67,11 @@ class _Group:
         g.long = self.long.copy()
         g.dedup = self.dedup.copy()
         g.applied, g.clock, g.size, g.floor = self.applied, self.clock, self.size, self.floor
+        g.installing = self.installing
         return g
 
     def empty(self) -> bool:
-        return not (self.data or self.dedup or self.applied or self.clock)
+        return not (self.data or self.dedup or self.applied or self.clock or self.installing)
 
 
 _EMPTY = _Group()
@@ -88,6 +90,9 @@ class _View:
 
     def applied_index(self) -> int:
         return self._g().applied
+
+    def installing(self) -> bool:
+        return self._g().installing
 
     def clock_ms(self) -> int:
         return self._g().clock
@@ -233,6 +238,40 @@ class _MemWriter(_View):
         g.applied, g.clock, g.size = reader.applied_index, reader.clock_ms, reader.size_bytes
         # Only now, with the whole stream verified, replace the group.
         self._grp = g
+
+    def begin_install(self) -> None:
+        g = self._check()
+        g.installing = True
+        g.applied = g.clock = g.size = 0
+        g.floor = 0
+
+    def clear_some(self, limit: int) -> bool:
+        g = self._check()
+        for k in list(g.data)[:limit]:
+            del g.data[k]
+            limit -= 1
+        g.long = {sk: k for sk, k in g.long.items() if k in g.data}
+        for e in list(g.dedup)[: max(limit, 0)]:
+            del g.dedup[e]
+            limit -= 1
+        return not g.data and not g.dedup
+
+    def install_records(self, records: Iterable[tuple[int, bytes, bytes]]) -> None:
+        g = self._check()
+        for tag, key, value in records:
+            if tag == DumpReader.TAG_DATA:
+                g.data[key] = Record(
+                    value[16:], int.from_bytes(value[:8], "big"), int.from_bytes(value[8:16], "big")
+                )
+                if len(key) > INLINE_KEY_BYTES:
+                    g.long[stored_key(key)] = key
+            else:
+                g.dedup[key] = (int.from_bytes(value[:8], "big"), value[8:])
+
+    def end_install(self, applied_index: int, clock_ms: int, count: int, size_bytes: int) -> None:
+        g = self._check()
+        g.installing = False
+        g.applied, g.clock, g.size = applied_index, clock_ms, size_bytes
 
     def clear(self) -> None:
         self._check()

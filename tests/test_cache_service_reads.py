@@ -1,0 +1,93 @@
+"""CacheService's read routing, with fakes for the replicas and the forwarder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cachenode._clock import SystemClock
+from cachenode._errors import NotLeader
+from cachenode._types import NodeInfo, ShardDescriptor
+from cachenode.server.cache_service import CacheService
+from cachenode.server.config import NodeConfig
+from cachenode.storage.base import Record
+from cachenode.v1 import cache_pb2 as pb
+
+SHARD = ShardDescriptor(id=3, range_start=0, range_end=2**64 - 1, epoch=1, replicas=("n1", "n2", "n3"))
+
+
+class Reader:
+    def __init__(self, installing: bool) -> None:
+        self._installing = installing
+
+    def installing(self) -> bool:
+        return self._installing
+
+    def clock_ms(self) -> int:
+        return 1000
+
+    def applied_index(self) -> int:
+        return 7
+
+    def get(self, key: bytes) -> Record | None:
+        return Record(b"local value", 7) if key == b"k" else None
+
+
+class Map:
+    def node(self, nid: str) -> Any:
+        return type("N", (), {"address": f"{nid}:1"})()
+
+
+class Replicas:
+    """n2's view: a follower replica of SHARD, its leader on n1."""
+
+    def __init__(self, installing: bool) -> None:
+        self._reader = Reader(installing)
+
+    def shard_for_key(self, key: bytes) -> ShardDescriptor:
+        return SHARD
+
+    def local_group(self, shard_id: int) -> Any:
+        return object()
+
+    def reader(self, gid: int) -> Reader:
+        return self._reader
+
+    def leader_group(self, shard_id: int) -> Any:
+        raise NotLeader("not the leader", leader_id="n1", leader_address="n1:1")
+
+    def cluster_map(self) -> Map:
+        return Map()
+
+
+class Forwarder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool) -> pb.GetResponse:
+        self.calls.append((method, targets))
+        return pb.GetResponse(found=True, value=b"leader value")
+
+
+def service(installing: bool) -> tuple[CacheService, Forwarder]:
+    cfg = NodeConfig(node_id="n2", data_dir="/nonexistent", listen="127.0.0.1:0", raft_listen="127.0.0.1:0",
+                     initial_cluster=(NodeInfo("n2", "127.0.0.1:0", "127.0.0.1:0"),), secret=b"s")
+    fwd = Forwarder()
+    return CacheService(cfg, Replicas(installing), fwd, SystemClock()), fwd  # type: ignore[arg-type]
+
+
+def stale_get() -> pb.GetRequest:
+    return pb.GetRequest(key=b"k", header=pb.RequestHeader(consistency=pb.STALE))
+
+
+def test_a_stale_read_is_served_by_the_local_replica() -> None:
+    svc, fwd = service(installing=False)
+    resp = svc._start_get(stale_get(), deadline=1e18)()
+    assert resp.value == b"local value" and fwd.calls == []
+
+
+def test_a_replica_loading_a_snapshot_hands_stale_reads_to_its_leader() -> None:
+    """Its state is part old, part new: never read it; the leader answers."""
+    svc, fwd = service(installing=True)
+    resp = svc._start_get(stale_get(), deadline=1e18)()
+    assert resp.value == b"leader value"
+    assert fwd.calls and fwd.calls[0][0] == "Get" and fwd.calls[0][1][0] == "n1:1"
