@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from cachenode._clock import SystemClock
@@ -10,6 +13,7 @@ from cachenode._types import NodeInfo, ShardDescriptor
 from cachenode.server.cache_service import CacheService
 from cachenode.server.config import NodeConfig
 from cachenode.storage.base import Record
+from cachenode.storage.lmdb_store import LmdbStorage
 from cachenode.v1 import cache_pb2 as pb
 
 SHARD = ShardDescriptor(id=3, range_start=0, range_end=2**64 - 1, epoch=1, replicas=("n1", "n2", "n3"))
@@ -40,8 +44,9 @@ class Map:
 class Replicas:
     """n2's view: a follower replica of SHARD, its leader on n1."""
 
-    def __init__(self, installing: bool) -> None:
+    def __init__(self, installing: bool, storage: LmdbStorage | None = None) -> None:
         self._reader = Reader(installing)
+        self._storage = storage
 
     def shard_for_key(self, key: bytes) -> ShardDescriptor:
         return SHARD
@@ -50,7 +55,15 @@ class Replicas:
         return object()
 
     def reader(self, gid: int) -> Reader:
-        return self._reader
+        raise AssertionError("a stale read must read one view, not a reader that may see several commits")
+
+    @contextlib.contextmanager
+    def view(self, gid: int) -> Iterator[Any]:
+        if self._storage is not None:
+            with self._storage.view(gid) as v:
+                yield v
+        else:
+            yield self._reader
 
     def leader_group(self, shard_id: int) -> Any:
         raise NotLeader("not the leader", leader_id="n1", leader_address="n1:1")
@@ -68,11 +81,11 @@ class Forwarder:
         return pb.GetResponse(found=True, value=b"leader value")
 
 
-def service(installing: bool) -> tuple[CacheService, Forwarder]:
+def service(installing: bool, storage: LmdbStorage | None = None) -> tuple[CacheService, Forwarder]:
     cfg = NodeConfig(node_id="n2", data_dir="/nonexistent", listen="127.0.0.1:0", raft_listen="127.0.0.1:0",
                      initial_cluster=(NodeInfo("n2", "127.0.0.1:0", "127.0.0.1:0"),), secret=b"s")
     fwd = Forwarder()
-    return CacheService(cfg, Replicas(installing), fwd, SystemClock()), fwd  # type: ignore[arg-type]
+    return CacheService(cfg, Replicas(installing, storage), fwd, SystemClock()), fwd  # type: ignore[arg-type]
 
 
 def stale_get() -> pb.GetRequest:
@@ -91,3 +104,29 @@ def test_a_replica_loading_a_snapshot_hands_stale_reads_to_its_leader() -> None:
     resp = svc._start_get(stale_get(), deadline=1e18)()
     assert resp.value == b"leader value"
     assert fwd.calls and fwd.calls[0][0] == "Get" and fwd.calls[0][1][0] == "n1:1"
+
+
+def test_an_install_beginning_between_the_two_phases_of_a_read_is_seen(tmp_path: Path) -> None:
+    """A read starts (phase 1), the replica's first install step commits,
+    the read finishes (phase 2): the mark and the record are read in one
+    view, at the finish, so the half-installed state is never served.
+    Found by review: checked at the start, in its own transaction, the
+    record then read in another, it was."""
+    s = LmdbStorage(str(tmp_path / "db"), map_size=1 << 26, fsync=False)
+    try:
+        b = s.begin()
+        w = b.state(SHARD.id)
+        w.put(b"k", Record(b"local value", 5))
+        w.set_applied(5, 0)
+        b.commit()
+        svc, fwd = service(installing=False, storage=s)
+        finish = svc._start_get(stale_get(), deadline=1e18)
+        b = s.begin()  # the driver: the install's first step (mark, old state cleared)
+        w = b.state(SHARD.id)
+        w.begin_install()
+        w.clear_some(50_000)
+        b.commit()
+        resp = finish()
+        assert resp.value == b"leader value" and len(fwd.calls) == 1
+    finally:
+        s.close()

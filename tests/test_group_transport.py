@@ -468,9 +468,31 @@ def test_after_a_whole_snapshot_bulk_waits_until_the_follower_answers(tmp_path: 
     t.send(n2, transmission(SnapshotTransfer(FakeSerializer(), str(path)), n2))
     t.send(n2, ae(20, [big(i, 40 * 1024) for i in range(21, 30)]))
     for _ in range(50):
+        t.send(n2, dict(ae(29, []), commit_index=29))  # pysyncobj's heartbeats: merged into the held append
         t.flush()
         clock[0] += 0.01
-    assert [("serialized" in x[2]) for x in h.mux.sent] == [True] and t.holding  # the file, whole
+    assert "serialized" in h.mux.sent[0][2] and t.holding  # the file, whole
+    alive = [x[2] for x in h.mux.sent[1:]]
+    # ... then only keep-alives, one per BULK_STARVE_S, continuing where the snapshot ends
+    assert alive and len(alive) <= 0.5 / BULK_STARVE_S + 1
+    assert all(m["entries"] == [] and m["prevLogIdx"] == 20 for m in alive)
     t.deliver("n2", {"type": "next_node_idx", "term": 1, "next_node_idx": 21, "success": True})
     t.flush()
     assert h.mux.sent[-1][2]["entries"][0][1] == 21
+
+
+def test_an_installing_follower_is_remembered_when_nothing_else_waits(tmp_path: Path) -> None:
+    """The snapshot alone in the queue (the usual case after a fresh
+    compaction): the queue is empty once it left, and the bulk data queued
+    in a later iteration still waits for the follower's answer.  Found by
+    review: emptying the queue forgot the follower was installing."""
+    h = FakeHost()
+    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    n2 = Node("n2")
+    path = tmp_path / "snapshot.bin"
+    snapshot(path, 100_000)
+    t.send(n2, transmission(SnapshotTransfer(FakeSerializer(), str(path)), n2))
+    t.flush()
+    t.send(n2, ae(20, [big(i, 40 * 1024) for i in range(21, 30)]))
+    t.flush()
+    assert [m[2].get("entries") for m in h.mux.sent[1:]] in ([], [[]]), "bulk data left before the follower answered"

@@ -24,7 +24,7 @@ from cachenode._errors import NotLeader
 from cachenode.raft.group import BULK_FLUSH_BYTES, RaftGroup, RaftTiming
 from cachenode.raft.host import GroupHost
 from cachenode.raft.journal import DiskCommand
-from cachenode.storage.base import Record, StateReader, Storage
+from cachenode.storage.base import Record, StateReader, Storage, StorageFault
 from cachenode.storage.lmdb_store import LmdbStorage
 
 T = TypeVar("T")
@@ -45,7 +45,9 @@ class Node:
         self.storage: Storage = LmdbStorage(str(root / nid / "db"), map_size=T_MAP_SIZE, fsync=False)
         if wrap is not None:
             self.storage = wrap(self.storage)
-        self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=timing)
+        self.fatal: list[BaseException] = []  # what stopped the driver (the node would exit)
+        self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=timing,
+                              on_fatal=self.fatal.append)
         self.applied: list[bytes] = []
         self.store_payloads = False  # apply also writes each payload into the state
         self.last_index = 0
@@ -273,10 +275,11 @@ class _GatedInstall:
     the ``stop_at``-th call on (it blocks that host's driver: the install
     is then caught half done)."""
 
-    def __init__(self, inner: Storage, gate: threading.Event, stop_at: int) -> None:
+    def __init__(self, inner: Storage, gate: threading.Event, stop_at: int, fail: bool = False) -> None:
         self._inner = inner
         self.gate = gate
         self.stop_at = stop_at
+        self.fail = fail  # raise an I/O error at stop_at instead of waiting
         self.calls = 0
 
     def begin(self) -> Any:
@@ -295,6 +298,8 @@ class _GatedInstall:
 
                     def install_records(self, records: Any) -> None:
                         outer.calls += 1
+                        if outer.fail and outer.calls == outer.stop_at:
+                            raise OSError(5, "Input/output error (injected)")
                         if outer.calls >= outer.stop_at and not outer.gate.wait(30):
                             raise TimeoutError("gate never opened")
                         w.install_records(records)
@@ -364,6 +369,56 @@ def test_a_received_snapshot_is_loaded_in_steps_with_the_replica_frozen(tmp_path
         gate.set()
 
 
+def _restart(ns: dict[str, Node], victim: Node, root: Path, timing: RaftTiming) -> Node:
+    """Stop ``victim``'s host (if still running) and start its node again on the same files."""
+    victim.host.stop()
+    victim.storage.close()
+    again = ns[victim.id] = Node(victim.id, root, timing, reopen=True)
+    for other in ns.values():
+        if other is not again:
+            again.host.mux.set_address(other.id, other.host.mux.listen_address)
+            other.on_driver(lambda o=other: o.host.mux.set_address(again.id, again.host.mux.listen_address))
+    again.host.start()
+    again.store_payloads = True
+    again.group = again.on_driver(lambda: again.host.create_group(GID, IDS, again.apply, lambda: b"b"))
+    return again
+
+
+def test_a_failure_half_way_through_an_install_stops_the_node_and_a_restart_rebuilds(tmp_path: Path) -> None:
+    """Half the state is replaced when the disk fails: that can be neither
+    resumed nor undone in place, so the node stops (fail-stop), and at
+    restart the install mark makes it rebuild the replica.  Found by review:
+    the error was logged as a failed tick and the next step ended the
+    install with the rest of the records missing."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
+                        log_compaction_bytes=1 << 20, snapshot_install_chunk_bytes=256 * 1024)
+    gated: dict[str, _GatedInstall] = {}
+    ns: dict[str, Node] = {}
+    try:
+        for nid in IDS:
+            ns[nid] = Node(nid, tmp_path, timing, wrap=lambda s, nid=nid: gated.setdefault(
+                nid, _GatedInstall(s, threading.Event(), stop_at=3, fail=True)))  # type: ignore[arg-type, return-value]
+        for n in ns.values():
+            for other in ns.values():
+                if other is not n:
+                    n.host.mux.set_address(other.id, other.host.mux.listen_address)
+            n.host.start()
+        for n in ns.values():
+            n.group = n.on_driver(lambda n=n: n.host.create_group(GID, IDS, n.apply, lambda: b"b"))
+        leader, victim = _cut_off_while_the_leader_compacts(ns)
+        wait_for(lambda: victim.fatal, "the victim's driver to stop")
+        assert isinstance(victim.fatal[0], StorageFault) and "half way" in str(victim.fatal[0])
+        assert victim.storage.reader(GID).installing()  # never marked done over a partial state
+        again = _restart(ns, victim, tmp_path, timing)
+        want = leader.on_driver(lambda: leader.g.status.applied_index)
+        wait_for(lambda: again.storage.reader(GID).applied_index() >= want, "the rebuilt replica to catch up")
+        assert not again.storage.reader(GID).installing()
+        assert dict(again.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
+    finally:
+        for n in ns.values():
+            n.host.stop()
+
+
 def test_a_replica_whose_install_was_cut_short_is_rebuilt(tmp_path: Path) -> None:
     """A node stopped half way through loading a snapshot finds its state
     marked installing: it clears it and rebuilds the replica from its own
@@ -393,15 +448,7 @@ def test_a_replica_whose_install_was_cut_short_is_rebuilt(tmp_path: Path) -> Non
         w.begin_install()
         w.install_records([(1, b"half-loaded", (0).to_bytes(8, "big") * 2 + b"junk")])
         b.commit()
-        victim.storage.close()
-        again = ns[victim.id] = Node(victim.id, tmp_path, timing, reopen=True)
-        for other in ns.values():
-            if other is not again:
-                again.host.mux.set_address(other.id, other.host.mux.listen_address)
-                other.on_driver(lambda o=other: o.host.mux.set_address(again.id, again.host.mux.listen_address))
-        again.host.start()
-        again.store_payloads = True
-        again.group = again.on_driver(lambda: again.host.create_group(GID, IDS, again.apply, lambda: b"b"))
+        again = _restart(ns, victim, tmp_path, timing)
         leader.g.propose(b"after").result(timeout=10)
         want = leader.on_driver(lambda: leader.g.status.applied_index)
         wait_for(lambda: again.storage.reader(GID).applied_index() >= want, "the rebuilt replica to catch up")

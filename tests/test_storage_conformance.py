@@ -448,6 +448,24 @@ class TestConformance:
         assert dump_bytes(storage, 2) == blob
         assert storage.reader(2).expired(10**9, 100) == storage.reader(1).expired(10**9, 100)
 
+    def test_a_view_sees_one_committed_state(self, storage: Storage) -> None:
+        """Everything read through one view is of the same commit, also
+        across commits made meanwhile (a stale read checks the install mark
+        and reads the record in one view)."""
+        put_all(storage, 5, {b"k": rec(b"old", 1)}, applied=3, clock=30)
+        with storage.view(5) as v:
+            assert v.get(b"k") == rec(b"old", 1) and not v.installing()
+            b = storage.begin()
+            w = b.state(5)
+            w.put(b"k", rec(b"new", 4))
+            w.begin_install()
+            b.commit()
+            assert v.get(b"k") == rec(b"old", 1) and not v.installing()
+            assert (v.applied_index(), v.clock_ms(), v.count()) == (3, 30, 1)
+            assert [k for k, _ in v.items()] == [b"k"]
+        with storage.view(5) as v:
+            assert v.installing() and v.get(b"k") == rec(b"new", 4) and v.applied_index() == 0
+
     def test_clear_removes_the_install_mark(self, storage: Storage) -> None:
         b = storage.begin()
         b.state(4).begin_install()

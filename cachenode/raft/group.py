@@ -335,6 +335,7 @@ class GroupTransport(Transport):  # type: ignore[misc]
         driver thread; read by the snapshot writer thread)."""
         self._now = monotonic
         self._bulk_at: dict[NodeId, float] = {}  # peer -> when bulk data last left for it
+        self._alive_at: dict[NodeId, float] = {}  # installing peer -> last keep-alive
         self._installing_peers: set[NodeId] = set()
         """Peers sent a whole snapshot that have not answered since: they are
         loading it, frozen, and would only hold what we send meanwhile in
@@ -450,7 +451,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
                         room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
                         now = self._now()
                         if nid in self._installing_peers:
-                            room = 0  # it is loading a snapshot: nothing more until it answers
+                            room = 0  # it is loading a snapshot: no bulk data until it answers
+                            self._keep_alive(nid, m, now)
                         elif room <= 0 and now - self._bulk_at.get(nid, now) >= BULK_STARVE_S:
                             room = 1  # starved: one piece (at least one entry) anyway
                     if room <= 0:
@@ -502,12 +504,30 @@ class GroupTransport(Transport):  # type: ignore[misc]
             if msgs:
                 held = True
                 self._bulk_at.setdefault(nid, self._now())  # waiting since
-            else:
-                self._drop_queue(nid)
+            else:  # all sent (what an installing peer was sent stays noted)
+                self._queue.pop(nid, None)
+                self._bulk_at.pop(nid, None)
         if not appends_only:
             self.holding = held
             if held:
                 self._host.mark_unflushed(self)
+
+    def _keep_alive(self, nid: NodeId, head: dict[str, Any], now: float) -> None:
+        """An empty append for a peer loading a snapshot, every BULK_STARVE_S:
+        the entries held for it (``head`` first) continue after the
+        snapshot, so it can answer this one as soon as it has installed,
+        and hears from its leader then (its election timer) even if it
+        rejected the file.  Without it the peer got nothing, and a rejected
+        install ended in an election."""
+        if "prevLogIdx" not in head or "transmission" in head:
+            return
+        if now - self._alive_at.get(nid, 0.0) < BULK_STARVE_S:
+            return
+        self._alive_at[nid] = now
+        self._host.mux.send(nid, self._group, {
+            "type": "append_entries", "term": head["term"], "commit_index": head["commit_index"],
+            "entries": [], "prevLogIdx": head["prevLogIdx"], "prevLogTerm": head["prevLogTerm"],
+        })
 
     def _abandon(self, nid: NodeId, why: Exception) -> None:
         """Drop what waits for ``nid`` because part of it cannot be read (a
@@ -1167,26 +1187,39 @@ class RaftGroup:
             if last[1] <= state.applied_index():
                 self._finish_install()  # this replica's state is already as new
                 return
-            inst.open(self._incoming, offset)
+            try:
+                inst.open(self._incoming, offset)
+            except (OSError, ValueError) as e:
+                log.warning("group %s: received snapshot unreadable (%s); the leader will send it again",
+                            self.group_id, e)
+                self._install = None
+                inst.close()
+                self._thaw()
+                return
             state.begin_install()
             log.info("group %s: installing the snapshot at index %s (%.1f MiB) in steps",
                      self.group_id, last[1], inst.size / (1 << 20))
         else:
             state = self.host.durable_batch().state(self.group_id)
-            if inst.clearing:
-                inst.clearing = not state.clear_some(INSTALL_CLEAR_RECORDS)
-            else:
-                try:
+            try:
+                if inst.clearing:
+                    inst.clearing = not state.clear_some(INSTALL_CLEAR_RECORDS)
+                    done = False
+                else:
                     done = inst.load_into(state, self._timing.snapshot_install_chunk_bytes)
-                except ValueError as e:
-                    # The file passed its CRC: the disk returned something else.
-                    raise StorageFault(
-                        f"group {self.group_id}: the snapshot being installed became unreadable ({e}); "
-                        "the node stops, and rebuilds the replica when restarted"
-                    ) from e
-                if done:
-                    self._finish_install()
-                    return
+            except StorageFault:
+                raise
+            except Exception as e:
+                # Half the state is replaced and cannot be resumed or undone
+                # here (the file passed its CRC: the disk failed).  Stop; at
+                # restart the mark makes the node rebuild the replica.
+                raise StorageFault(
+                    f"group {self.group_id}: installing a snapshot failed half way ({type(e).__name__}: {e}); "
+                    "the node stops, and rebuilds the replica when restarted"
+                ) from e
+            if done:
+                self._finish_install()
+                return
         self.host.wake(self)
 
     def _finish_install(self) -> None:
@@ -1218,8 +1251,11 @@ class RaftGroup:
         """SnapshotTransfer.on_installed (driver thread, inside pysyncobj's
         install): the received, verified and loaded file becomes this
         replica's snapshot."""
-        os.replace(self._incoming, self._snapshot_file)
-        _fsync_dir(os.path.dirname(self._snapshot_file))
+        try:
+            os.replace(self._incoming, self._snapshot_file)
+            _fsync_dir(os.path.dirname(self._snapshot_file))
+        except OSError as e:  # the state is loaded, pysyncobj not told: stop, restart rebuilds
+            raise StorageFault(f"group {self.group_id}: cannot put the installed snapshot in place: {e}") from e
 
     def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
         """Load a snapshot (local restart, or one received from the leader).

@@ -198,8 +198,9 @@ class GroupHost:
             # back); the commit index goes with the entries it counted.
             b.log.set_meta(group_id, "commit", b"0")
             snap = os.path.join(self.data_dir, "snapshots", str(group_id), "snapshot.bin")
-            if os.path.exists(snap):
-                os.unlink(snap)
+            for path in (snap, snap + ".incoming", snap + ".part"):  # also one being received or written
+                if os.path.exists(path):
+                    os.unlink(path)
 
     def want_peer(self, node: NodeId) -> None:
         self._peer_refs[node] += 1

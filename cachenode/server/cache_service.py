@@ -25,7 +25,15 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from .._clock import Clock
-from .._errors import CacheError, EpochMismatch, Internal, InvalidArgument, NotLeader, Overloaded
+from .._errors import (
+    CacheError,
+    EpochMismatch,
+    Internal,
+    InvalidArgument,
+    NotLeader,
+    Overloaded,
+    Unavailable,
+)
 from .._types import STREAM_ACCEPTED, ShardDescriptor
 from ..fsm import commands as C
 from ..fsm.codec import decode_result, encode_command, encode_multi, split_multi_result
@@ -209,12 +217,20 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local is not None:
             consistency = V.STALE  # UNSAFE: no barrier, no forwarding
         if consistency == V.STALE and local is not None:
-            reader = self.r.reader(shard.id)
-            if not reader.installing():
-                clock = self.clock.wall_ms() if self.cfg.unsafe.local_ttl else reader.clock_ms()
-                return lambda: build(shard, clock, reader)
-            # This replica is loading a snapshot from its leader: its state is
-            # part old, part new.  The leader answers instead (forwarded below).
+            def stale() -> Any:
+                with self.r.view(shard.id) as reader:  # one consistent state
+                    if not reader.installing():
+                        clock = self.clock.wall_ms() if self.cfg.unsafe.local_ttl else reader.clock_ms()
+                        return build(shard, clock, reader)
+                # This replica is loading a snapshot from its leader: its
+                # state is part old, part new.  The leader answers instead.
+                try:
+                    self.r.leader_group(shard.id)
+                except NotLeader as e:
+                    return self._forward(method, req, shard, e, deadline, write=False)()
+                raise Unavailable(f"shard {shard.id}'s replica here is loading a snapshot; retry")
+
+            return stale
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
@@ -238,16 +254,12 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
         return finish
 
-    def _meta(self, shard: ShardDescriptor) -> pb.ReadMeta:
-        return pb.ReadMeta(
-            shard_id=shard.id,
-            applied_index=self.r.reader(shard.id).applied_index(),
-            served_by=self.cfg.node_id,
-        )
+    def _meta(self, shard: ShardDescriptor, reader: StateReader) -> pb.ReadMeta:
+        return pb.ReadMeta(shard_id=shard.id, applied_index=reader.applied_index(), served_by=self.cfg.node_id)
 
     def _start_get(self, req: pb.GetRequest, deadline: float) -> Finish:
         def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.GetResponse:
-            meta = self._meta(shard)
+            meta = self._meta(shard, reader)
             rec = read_get(reader, req.key, clock)
             if rec is None:
                 return pb.GetResponse(found=False, ttl_ms=-1, meta=meta)
@@ -258,7 +270,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     def _start_ttl(self, req: pb.TtlRequest, deadline: float) -> Finish:
         def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.TtlResponse:
-            meta = self._meta(shard)
+            meta = self._meta(shard, reader)
             rec = read_get(reader, req.key, clock)
             if rec is None:
                 return pb.TtlResponse(found=False, ttl_ms=-1, meta=meta)

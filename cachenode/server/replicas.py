@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import AbstractContextManager
 from typing import Any
 
 import msgpack
@@ -267,6 +268,10 @@ class ReplicaManager:
 
     def reader(self, gid: int) -> StateReader:
         return self.storage.reader(gid)
+
+    def view(self, gid: int) -> AbstractContextManager[StateReader]:
+        """The replica's committed state as of one read transaction (Storage.view)."""
+        return self.storage.view(gid)
 
     # ---- driver thread --------------------------------------------------------
 

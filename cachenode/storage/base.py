@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
 MAX_KEY_BYTES = 4096
@@ -237,6 +238,12 @@ class Storage(Protocol):
         ...
 
     def reader(self, group: int) -> StateReader: ...
+    def view(self, group: int) -> AbstractContextManager[StateReader]:
+        """A StateReader over one read transaction, for the ``with`` block:
+        every call sees the same committed state (a reader from
+        :meth:`reader` sees the latest commit at each call).  Any thread."""
+        ...
+
     def load_log(self, group: int) -> list[tuple[bytes, int, int]]:
         """Committed journal of ``group`` as (command, index, term), index ascending."""
         ...

@@ -74,6 +74,7 @@ This module also defines the storage-independent dump format
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -605,6 +606,66 @@ class _LmdbStateReader:
             raise _fault(e) from e
 
 
+class _LmdbView:
+    """One group's committed state as of one read transaction (LmdbStorage.view)."""
+
+    __slots__ = ("_txn", "_dbs", "_p")
+
+    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs, group: int) -> None:
+        self._txn = txn
+        self._dbs = dbs
+        self._p = _U32.pack(group)
+
+    def get(self, key: bytes) -> Record | None:
+        try:
+            if len(key) > INLINE_KEY_BYTES:
+                return _get_long(self._txn, self._dbs.data, self._p, key)
+            raw = self._txn.get(self._p + key, db=self._dbs.data)
+        except lmdb.Error as e:
+            raise _fault(e) from e
+        return None if raw is None else _decode_record(raw)
+
+    def _meta(self) -> tuple[int, int, int, int]:
+        try:
+            return _read_meta(self._txn, self._dbs, self._p)
+        except lmdb.Error as e:
+            raise _fault(e) from e
+
+    def applied_index(self) -> int:
+        return self._meta()[0]
+
+    def clock_ms(self) -> int:
+        return self._meta()[1]
+
+    def count(self) -> int:
+        return self._meta()[2]
+
+    def size_bytes(self) -> int:
+        return self._meta()[3]
+
+    def installing(self) -> bool:
+        try:
+            return self._txn.get(self._p + _INSTALLING, db=self._dbs.gmeta) is not None
+        except lmdb.Error as e:
+            raise _fault(e) from e
+
+    def expired(self, now_ms: int, limit: int) -> list[tuple[bytes, int]]:
+        try:
+            return _expired(self._txn, self._dbs, self._p, now_ms, limit)
+        except lmdb.Error as e:
+            raise _fault(e) from e
+
+    def items(self) -> Iterator[tuple[bytes, Record]]:
+        return _items(self._txn, self._dbs, self._p)
+
+    def dump(self, out: BinaryIO) -> None:
+        try:
+            applied, clock, _, _ = _read_meta(self._txn, self._dbs, self._p)
+            _dump(self._txn, self._dbs, self._p, applied, clock, out)
+        except lmdb.Error as e:
+            raise _fault(e) from e
+
+
 class _LmdbStateWriter:
     """One group's view of the batch's write transaction.  Driver thread only.
 
@@ -1089,6 +1150,17 @@ class LmdbStorage:
 
     def reader(self, group: int) -> StateReader:
         return _LmdbStateReader(self._env, self._dbs, group)
+
+    @contextlib.contextmanager
+    def view(self, group: int) -> Iterator[StateReader]:
+        try:
+            txn = self._env.begin()
+        except lmdb.Error as e:
+            raise _fault(e) from e
+        try:
+            yield _LmdbView(txn, self._dbs, group)
+        finally:
+            txn.abort()
 
     def load_log(self, group: int) -> list[tuple[bytes, int, int]]:
         out: list[tuple[bytes, int, int]] = []

@@ -24,6 +24,7 @@ other one's record is dropped (``_Group.long`` maps stored key -> key).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import threading
@@ -145,6 +146,16 @@ class _MemReader(_View):
 
     def _g(self) -> _Group:
         return self._storage._groups.get(self._group, _EMPTY)
+
+
+class _MemView(_View):
+    __slots__ = ("_grp",)
+
+    def __init__(self, g: _Group) -> None:
+        self._grp = g
+
+    def _g(self) -> _Group:
+        return self._grp
 
 
 class _MemWriter(_View):
@@ -391,6 +402,12 @@ class MemoryStorage:
 
     def reader(self, group: int) -> StateReader:
         return _MemReader(self, group)
+
+    @contextlib.contextmanager
+    def view(self, group: int) -> Iterator[StateReader]:
+        with self._lock:
+            g = self._groups.get(group, _EMPTY)  # published groups are never changed in place
+        yield _MemView(g)
 
     def load_log(self, group: int) -> list[tuple[bytes, int, int]]:
         with self._lock:
