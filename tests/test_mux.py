@@ -243,3 +243,16 @@ def test_a_newer_connection_from_a_peer_replaces_the_older(tmp_path: Any) -> Non
         new.close()
     finally:
         m.close()
+
+
+def test_queued_bytes_is_zero_once_everything_left(loop: Loop) -> None:
+    """The handshake's bytes are counted as they are queued, so the count of
+    unsent bytes (the transport's pacing) never goes below zero; it did by
+    60 bytes, and a snapshot piece was 60 bytes over its budget."""
+    a, b = loop.add("n1", b"k"), loop.add("n2", b"k")
+    loop.start()
+    _link(loop, a, b)
+    wait_for(lambda: a.is_up("n2"), what="link up")
+    loop.call(lambda: a.send("n2", 1, b"x" * 1000))
+    wait_for(lambda: any(m[2] == 1 for m in loop.inbox), what="the frame")
+    assert a.queued_bytes("n2") == 0

@@ -118,6 +118,14 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
         yield ns
 
 
+def caught_up(leader: Node, follower: Node, want: int, what: str) -> None:
+    """Wait until both have committed (not only applied) index ``want``:
+    a batch of applies alone is committed lazily, so the leader's own
+    committed state may lag its applied index too."""
+    wait_for(lambda: min(leader.storage.reader(GID).applied_index(),
+                         follower.storage.reader(GID).applied_index()) >= want, what)
+
+
 def leader_of(ns: dict[str, Node], among: list[str]) -> Node | None:
     leaders = [ns[i] for i in among if ns[i].role() == "leader"]
     return leaders[0] if len(leaders) == 1 else None
@@ -226,7 +234,7 @@ def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_p
         for n in ns.values():
             n.on_driver(heal if n is leader else lambda n=n: setattr(n.host.mux, "blocked", set()))
         want = leader.on_driver(lambda: leader.g.status.applied_index)
-        wait_for(lambda: victim.storage.reader(GID).applied_index() >= want, "the follower to catch up (committed)")
+        caught_up(leader, victim, want, "the follower to catch up (committed)")
         assert victim.on_driver(lambda: victim.g.snapshots_installed) >= 1
         assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
         assert len(dict(victim.storage.reader(GID).items())) == 40
@@ -263,7 +271,7 @@ def test_a_follower_catches_up_from_entries_that_left_the_leaders_memory(tmp_pat
         for n in ns.values():
             n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
         want = leader.on_driver(lambda: leader.g.status.applied_index)
-        wait_for(lambda: victim.storage.reader(GID).applied_index() >= want, "the follower to catch up (committed)")
+        caught_up(leader, victim, want, "the follower to catch up (committed)")
         assert victim.on_driver(lambda: victim.g.snapshots_installed) == 0  # entries, not a snapshot
         assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
         assert len(dict(victim.storage.reader(GID).items())) == 30
@@ -298,9 +306,10 @@ class _GatedInstall:
 
                     def install_records(self, records: Any) -> None:
                         outer.calls += 1
-                        if outer.fail and outer.calls == outer.stop_at:
-                            raise OSError(5, "Input/output error (injected)")
-                        if outer.calls >= outer.stop_at and not outer.gate.wait(30):
+                        if outer.fail:
+                            if outer.calls == outer.stop_at:
+                                raise OSError(5, "Input/output error (injected)")
+                        elif outer.calls >= outer.stop_at and not outer.gate.wait(30):
                             raise TimeoutError("gate never opened")
                         w.install_records(records)
 
@@ -356,7 +365,7 @@ def test_a_received_snapshot_is_loaded_in_steps_with_the_replica_frozen(tmp_path
             assert 0 < len(list(victim.storage.reader(GID).items())) < 40
             gate.set()
             want = leader.on_driver(lambda: leader.g.status.applied_index)
-            wait_for(lambda: victim.storage.reader(GID).applied_index() >= want, "the follower to catch up (committed)")
+            caught_up(leader, victim, want, "the follower to catch up (committed)")
             assert not victim.storage.reader(GID).installing()
             assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
             assert victim.on_driver(lambda: victim.g.snapshots_installed) == 1
@@ -392,31 +401,17 @@ def test_a_failure_half_way_through_an_install_stops_the_node_and_a_restart_rebu
     install with the rest of the records missing."""
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
                         log_compaction_bytes=1 << 20, snapshot_install_chunk_bytes=256 * 1024)
-    gated: dict[str, _GatedInstall] = {}
-    ns: dict[str, Node] = {}
-    try:
-        for nid in IDS:
-            ns[nid] = Node(nid, tmp_path, timing, wrap=lambda s, nid=nid: gated.setdefault(
-                nid, _GatedInstall(s, threading.Event(), stop_at=3, fail=True)))  # type: ignore[arg-type, return-value]
-        for n in ns.values():
-            for other in ns.values():
-                if other is not n:
-                    n.host.mux.set_address(other.id, other.host.mux.listen_address)
-            n.host.start()
-        for n in ns.values():
-            n.group = n.on_driver(lambda n=n: n.host.create_group(GID, IDS, n.apply, lambda: b"b"))
+    with three_hosts(tmp_path, timing, wrap=lambda s: _GatedInstall(  # type: ignore[arg-type, return-value]
+            s, threading.Event(), stop_at=3, fail=True)) as ns:
         leader, victim = _cut_off_while_the_leader_compacts(ns)
         wait_for(lambda: victim.fatal, "the victim's driver to stop")
         assert isinstance(victim.fatal[0], StorageFault) and "half way" in str(victim.fatal[0])
         assert victim.storage.reader(GID).installing()  # never marked done over a partial state
         again = _restart(ns, victim, tmp_path, timing)
         want = leader.on_driver(lambda: leader.g.status.applied_index)
-        wait_for(lambda: again.storage.reader(GID).applied_index() >= want, "the rebuilt replica to catch up")
+        caught_up(leader, again, want, "the rebuilt replica to catch up")
         assert not again.storage.reader(GID).installing()
         assert dict(again.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
-    finally:
-        for n in ns.values():
-            n.host.stop()
 
 
 def test_a_replica_whose_install_was_cut_short_is_rebuilt(tmp_path: Path) -> None:
@@ -425,16 +420,9 @@ def test_a_replica_whose_install_was_cut_short_is_rebuilt(tmp_path: Path) -> Non
     snapshot and journal (which the install had not touched), then catches
     up; nothing of the half-loaded state survives."""
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8)
-    ns = {nid: Node(nid, tmp_path, timing) for nid in IDS}
-    try:
-        for n in ns.values():
-            for other in ns.values():
-                if other is not n:
-                    n.host.mux.set_address(other.id, other.host.mux.listen_address)
-            n.host.start()
+    with three_hosts(tmp_path, timing) as ns:
         for n in ns.values():
             n.store_payloads = True
-            n.group = n.on_driver(lambda n=n: n.host.create_group(GID, IDS, n.apply, lambda: b"b"))
         leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
         for i in range(10):
             leader.g.propose(bytes([i]) * 1000).result(timeout=10)
@@ -451,12 +439,9 @@ def test_a_replica_whose_install_was_cut_short_is_rebuilt(tmp_path: Path) -> Non
         again = _restart(ns, victim, tmp_path, timing)
         leader.g.propose(b"after").result(timeout=10)
         want = leader.on_driver(lambda: leader.g.status.applied_index)
-        wait_for(lambda: again.storage.reader(GID).applied_index() >= want, "the rebuilt replica to catch up")
+        caught_up(leader, again, want, "the rebuilt replica to catch up")
         assert not again.storage.reader(GID).installing()
         assert dict(again.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
-    finally:
-        for n in ns.values():
-            n.host.stop()
 
 
 class _GatedDumps:

@@ -1134,25 +1134,9 @@ class RaftGroup:
     def _verify_incoming(self, fut: Future[tuple[tuple[Any, Any, Any], int]]) -> None:
         """Install thread: CRC over the whole file, fsync it, read its header."""
         try:
-            size = os.path.getsize(self._incoming)
-            crc = 0
             with open(self._incoming, "rb") as f:
-                remaining = size - 4
-                while remaining > 0:
-                    chunk = f.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        break
-                    crc = zlib.crc32(chunk, crc)
-                    remaining -= len(chunk)
-                tail = f.read(4)
-                if len(tail) != 4 or _U32.unpack(tail)[0] != crc:
-                    raise ValueError("crc mismatch")
+                header, _ = _checked_snapshot(f, self._incoming)
                 os.fsync(f.fileno())
-                f.seek(0)
-                if f.read(len(_SNAP_MAGIC)) != _SNAP_MAGIC:
-                    raise ValueError("not a cachenode snapshot")
-                (hlen,) = _U32.unpack(f.read(4))
-                header = pickle.loads(f.read(hlen))
                 fut.set_result((header, f.tell()))
         except BaseException as e:  # noqa: BLE001 - reported on the driver thread
             fut.set_exception(e)
@@ -1271,24 +1255,8 @@ class RaftGroup:
             self._snap_installs += 1
             self.journal.align_to(prev)
             return last, prev, [Node(i) for i in cluster]
-        size = os.path.getsize(filename)
-        crc = 0
         with open(filename, "rb") as f:
-            remaining = size - 4
-            while remaining > 0:
-                chunk = f.read(min(remaining, 1 << 20))
-                if not chunk:
-                    break
-                crc = zlib.crc32(chunk, crc)
-                remaining -= len(chunk)
-            (stored,) = _U32.unpack(f.read(4))
-        if stored != crc:
-            raise ValueError(f"snapshot {filename} is corrupt (crc mismatch)")
-        with open(filename, "rb") as f:
-            if f.read(len(_SNAP_MAGIC)) != _SNAP_MAGIC:
-                raise ValueError(f"{filename} is not a cachenode snapshot")
-            (hlen,) = _U32.unpack(f.read(4))
-            last, prev, cluster = pickle.loads(f.read(hlen))
+            (last, prev, cluster), size = _checked_snapshot(f, filename)
             self._snap_installs += 1
             state = self.host.durable_batch().state(self.group_id)
             if last[1] > state.applied_index():
@@ -1302,6 +1270,30 @@ class RaftGroup:
         # member, needed 3 votes of 4 and could not elect a leader (or stay
         # one) with one peer down.
         return last, prev, [Node(i) for i in cluster]
+
+
+def _checked_snapshot(f: Any, name: str) -> tuple[tuple[Any, Any, Any], int]:
+    """Verify the CRC over the whole snapshot file ``f`` (a torn or corrupt
+    file must never leave a half-loaded state), then read its header:
+    ((last entry, previous entry, member ids), file size), ``f`` left at
+    the start of the dump.  ValueError if it is not a sound snapshot."""
+    size = os.fstat(f.fileno()).st_size
+    crc = 0
+    remaining = size - 4
+    while remaining > 0:
+        chunk = f.read(min(remaining, 1 << 20))
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
+        remaining -= len(chunk)
+    tail = f.read(4)
+    if len(tail) != 4 or _U32.unpack(tail)[0] != crc:
+        raise ValueError(f"snapshot {name} is corrupt (crc mismatch)")
+    f.seek(0)
+    if f.read(len(_SNAP_MAGIC)) != _SNAP_MAGIC:
+        raise ValueError(f"{name} is not a cachenode snapshot")
+    (hlen,) = _U32.unpack(f.read(4))
+    return pickle.loads(f.read(hlen)), size
 
 
 class _Install:

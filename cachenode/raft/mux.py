@@ -179,7 +179,7 @@ class RaftMux:
     def queued_bytes(self, node: NodeId) -> int:
         """Bytes queued for ``node`` and not yet written to its socket."""
         conn = self._out.get(node)
-        return conn.wbytes if conn is not None else 0
+        return conn.wbytes if conn is not None else 0  # every byte queued is counted, handshake too
 
     def flush(self) -> None:
         """Write queued bytes to every socket that has some, without blocking."""
@@ -292,6 +292,7 @@ class RaftMux:
         hello = MAGIC + bytes([len(me)]) + me + bytes([len(peer)]) + peer + conn.nonce_c
         conn.state = "hello_sent"
         conn.wbuf.append(memoryview(hello))
+        conn.wbytes += len(hello)
         self._write(conn)
 
     def _accept(self) -> None:
@@ -341,7 +342,9 @@ class RaftMux:
             self.rejected += 1
             self._close(conn, "peer failed authentication (wrong cluster secret?)")
             return
-        conn.wbuf.append(memoryview(_mac(self._secret, b"C", nonce_s, conn.nonce_c, self.node_id.encode())))
+        proof = _mac(self._secret, b"C", nonce_s, conn.nonce_c, self.node_id.encode())
+        conn.wbuf.append(memoryview(proof))
+        conn.wbytes += len(proof)
         conn.state = "up"
         self._write(conn)
         log.info("raft link to %s (%s) up", conn.peer, conn.addr)
@@ -380,7 +383,9 @@ class RaftMux:
                 self._reject(conn, "bad node id in handshake")
                 return
             conn.nonce_s = os.urandom(16)
-            conn.wbuf.append(memoryview(conn.nonce_s + _mac(self._secret, b"S", conn.nonce_c, conn.nonce_s, to)))
+            challenge = conn.nonce_s + _mac(self._secret, b"S", conn.nonce_c, conn.nonce_s, to)
+            conn.wbuf.append(memoryview(challenge))
+            conn.wbytes += len(challenge)
             conn.state = "proof"
             self._write(conn)
         if conn.state == "proof":

@@ -80,8 +80,8 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, TypeVar
 
 import lmdb
 
@@ -97,6 +97,7 @@ __all__ = [
     "stored_key",
 ]
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DEFAULT_MAP_SIZE = 64 << 30
@@ -538,72 +539,53 @@ def _dump(
 
 class _LmdbStateReader:
     """Committed state of one group; every call opens its own short read
-    transaction (MVCC: never waits for the writer).  Any thread."""
+    transaction (MVCC: never waits for the writer) and reads it through an
+    :class:`_LmdbView`.  Any thread."""
 
-    __slots__ = ("_env", "_dbs", "_p")
+    __slots__ = ("_env", "_dbs", "_group")
 
     def __init__(self, env: lmdb.Environment, dbs: _Dbs, group: int) -> None:
         self._env = env
         self._dbs = dbs
-        self._p = _U32.pack(group)
+        self._group = group
+
+    def _in_txn(self, read: Callable[[_LmdbView], T]) -> T:
+        try:
+            with self._env.begin() as txn:
+                return read(_LmdbView(txn, self._dbs, self._group))
+        except lmdb.Error as e:
+            raise _fault(e) from e
 
     def get(self, key: bytes) -> Record | None:
-        try:
-            with self._env.begin() as txn:
-                if len(key) > INLINE_KEY_BYTES:
-                    return _get_long(txn, self._dbs.data, self._p, key)
-                raw = txn.get(self._p + key, db=self._dbs.data)
-        except lmdb.Error as e:
-            raise _fault(e) from e
-        return None if raw is None else _decode_record(raw)
-
-    def _meta(self) -> tuple[int, int, int, int]:
-        try:
-            with self._env.begin() as txn:
-                return _read_meta(txn, self._dbs, self._p)
-        except lmdb.Error as e:
-            raise _fault(e) from e
+        return self._in_txn(lambda v: v.get(key))
 
     def applied_index(self) -> int:
-        return self._meta()[0]
+        return self._in_txn(_LmdbView.applied_index)
 
     def installing(self) -> bool:
-        try:
-            with self._env.begin() as txn:
-                return txn.get(self._p + _INSTALLING, db=self._dbs.gmeta) is not None
-        except lmdb.Error as e:
-            raise _fault(e) from e
+        return self._in_txn(_LmdbView.installing)
 
     def clock_ms(self) -> int:
-        return self._meta()[1]
+        return self._in_txn(_LmdbView.clock_ms)
 
     def count(self) -> int:
-        return self._meta()[2]
+        return self._in_txn(_LmdbView.count)
 
     def size_bytes(self) -> int:
-        return self._meta()[3]
+        return self._in_txn(_LmdbView.size_bytes)
 
     def expired(self, now_ms: int, limit: int) -> list[tuple[bytes, int]]:
-        try:
-            with self._env.begin() as txn:
-                return _expired(txn, self._dbs, self._p, now_ms, limit)
-        except lmdb.Error as e:
-            raise _fault(e) from e
+        return self._in_txn(lambda v: v.expired(now_ms, limit))
 
     def items(self) -> Iterator[tuple[bytes, Record]]:
         with self._env.begin() as txn:
-            yield from _items(txn, self._dbs, self._p)
+            yield from _LmdbView(txn, self._dbs, self._group).items()
 
     def dump(self, out: BinaryIO) -> None:
         """One read transaction for the whole dump: a consistent snapshot.
         While it runs LMDB cannot reuse pages freed by later commits, so the
         file may grow by what is written meanwhile."""
-        try:
-            with self._env.begin() as txn:
-                applied, clock, _, _ = _read_meta(txn, self._dbs, self._p)
-                _dump(txn, self._dbs, self._p, applied, clock, out)
-        except lmdb.Error as e:
-            raise _fault(e) from e
+        self._in_txn(lambda v: v.dump(out))
 
 
 class _LmdbView:

@@ -236,16 +236,7 @@ class _MemWriter(_View):
         self._check()
         reader = DumpReader(inp)
         g = _Group()
-        for tag, key, value in reader.records():
-            if tag == DumpReader.TAG_DATA:
-                g.data[key] = Record(
-                    value[16:], int.from_bytes(value[:8], "big"), int.from_bytes(value[8:16], "big")
-                )
-                if len(key) > INLINE_KEY_BYTES:
-                    # The reader refuses two keys with the same stored key.
-                    g.long[stored_key(key)] = key
-            else:
-                g.dedup[key] = (int.from_bytes(value[:8], "big"), value[8:])
+        _put_records(g, reader.records())  # the reader refuses two keys with the same stored key
         g.applied, g.clock, g.size = reader.applied_index, reader.clock_ms, reader.size_bytes
         # Only now, with the whole stream verified, replace the group.
         self._grp = g
@@ -268,16 +259,7 @@ class _MemWriter(_View):
         return not g.data and not g.dedup
 
     def install_records(self, records: Iterable[tuple[int, bytes, bytes]]) -> None:
-        g = self._check()
-        for tag, key, value in records:
-            if tag == DumpReader.TAG_DATA:
-                g.data[key] = Record(
-                    value[16:], int.from_bytes(value[:8], "big"), int.from_bytes(value[8:16], "big")
-                )
-                if len(key) > INLINE_KEY_BYTES:
-                    g.long[stored_key(key)] = key
-            else:
-                g.dedup[key] = (int.from_bytes(value[:8], "big"), value[8:])
+        _put_records(self._check(), records)
 
     def end_install(self, applied_index: int, clock_ms: int, count: int, size_bytes: int) -> None:
         g = self._check()
@@ -287,6 +269,17 @@ class _MemWriter(_View):
     def clear(self) -> None:
         self._check()
         self._grp = _Group()
+
+
+def _put_records(g: _Group, records: Iterable[tuple[int, bytes, bytes]]) -> None:
+    """Dump records (``DumpReader.records()``) into ``g``."""
+    for tag, key, value in records:
+        if tag == DumpReader.TAG_DATA:
+            g.data[key] = Record(value[16:], int.from_bytes(value[:8], "big"), int.from_bytes(value[8:16], "big"))
+            if len(key) > INLINE_KEY_BYTES:
+                g.long[stored_key(key)] = key
+        else:
+            g.dedup[key] = (int.from_bytes(value[:8], "big"), value[8:])
 
 
 class _MemLog:
