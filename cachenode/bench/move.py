@@ -63,6 +63,8 @@ IDLE_TIMEOUT_S = 60.0
 MOVE_TIMEOUT_S = sum(STEP_TIMEOUT_S.values()) + 30.0
 """Past every step's own PD timeout: the operator has ended by then."""
 CATCH_UP_GRACE_S = 30.0
+MAP_SETTLE_S = 10.0
+"""How long after the operator's success every node may take to serve the new map."""
 POLL_S = 0.1
 STALE_SAMPLE = 64
 READ_BATCH = 16
@@ -471,9 +473,17 @@ class ReplicaMove:
     ) -> None:
         """The new replica holds the data, and every key reads back right (see the module docstring)."""
         problems: list[str] = []
-        desc = client.cluster_map(refresh=True).shard(shard)
-        assert desc is not None
-        if new_id not in desc.replicas or source in desc.replicas:
+        # The PD reports success with the new map committed; the node the
+        # client asks may adopt it a heartbeat later, so give it MAP_SETTLE_S.
+        end = time.monotonic() + MAP_SETTLE_S
+        while True:
+            desc = client.cluster_map(refresh=True).shard(shard)
+            assert desc is not None
+            moved = new_id in desc.replicas and source not in desc.replicas
+            if moved or time.monotonic() >= end:
+                break
+            time.sleep(POLL_S)
+        if not moved:
             problems.append(f"the map lists shard {shard} on {', '.join(desc.replicas)}")
         rep = self._replica(client, new_address, shard)
         if rep is None:
