@@ -253,16 +253,7 @@ def test_a_follower_catches_up_from_entries_that_left_the_leaders_memory(tmp_pat
     budget = 256 * 1024
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, log_memory_bytes=budget)
     with three_hosts(tmp_path, timing) as ns:
-        for n in ns.values():
-            n.store_payloads = True
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        victim = next(n for n in ns.values() if n is not leader)
-        victim.block({n.id for n in ns.values() if n is not victim})
-        for n in ns.values():
-            if n is not victim:
-                n.block({victim.id})
-        for i in range(30):
-            leader.g.propose(bytes([i]) * 200_000).result(timeout=10)
+        leader, victim = _cut_off(ns, writes=30)
 
         def on_disk() -> int:
             return sum(type(e[0]) is DiskCommand for e in leader.g.journal[:])
@@ -321,9 +312,9 @@ class _GatedInstall:
         return getattr(self._inner, name)
 
 
-def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) -> tuple[Node, Node]:
-    """(leader, follower): the follower missed ``writes`` writes of 200 KB and
-    the leader's log was compacted past it; the links are healed on return."""
+def _cut_off(ns: dict[str, Node], writes: int) -> tuple[Node, Node]:
+    """(leader, follower): the follower, cut off, missed ``writes`` writes
+    of 200 KB (every apply also stored in the state); still cut off on return."""
     for n in ns.values():
         n.store_payloads = True
     leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
@@ -334,6 +325,13 @@ def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) ->
             n.block({victim.id})
     for i in range(writes):
         leader.g.propose(bytes([i]) * 200_000).result(timeout=10)
+    return leader, victim
+
+
+def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) -> tuple[Node, Node]:
+    """(leader, follower): the follower missed ``writes`` writes of 200 KB and
+    the leader's log was compacted past it; the links are healed on return."""
+    leader, victim = _cut_off(ns, writes)
     wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
     for n in ns.values():
         n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
