@@ -267,6 +267,22 @@ def _is_file(m: dict[str, Any]) -> bool:
     return ser is not None and isinstance(ser[0], SnapshotFile)
 
 
+def _ready(m: dict[str, Any], limit: int | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What of ``m`` leaves now, as it goes on the wire, and the rest: split
+    after ``limit`` bytes of bulk data (None: whole), commands that left
+    memory read back (journal.materialize).  OSError if a snapshot file
+    cannot be read, LookupError if an entry is gone."""
+    rest = None
+    if limit is not None:
+        m, rest = _split_bulk(m, limit)
+    ents = m.get("entries")
+    if ents:
+        loaded = materialize(ents)
+        if loaded is not ents:
+            m = dict(m, entries=loaded)
+    return m, rest
+
+
 def _split_bulk(m: dict[str, Any], room: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Split ``m`` after ``room`` bytes of its bulk data: (head to send now,
     rest or None).  A :class:`SnapshotFile` message yields a piece of the
@@ -445,7 +461,6 @@ class GroupTransport(Transport):  # type: ignore[misc]
                 if appends_only and m.get("type") != "append_entries":
                     break
                 size = _bulk_size(m)
-                rest = None
                 if size > SMALL_MESSAGE_BYTES:
                     if room is None:
                         room = BULK_FLUSH_BYTES - mux.queued_bytes(nid)
@@ -457,36 +472,21 @@ class GroupTransport(Transport):  # type: ignore[misc]
                             room = 1  # starved: one piece (at least one entry) anyway
                     if room <= 0:
                         break
-                    try:
-                        if size > room or _is_file(m):
-                            m, rest = _split_bulk(m, room)
-                            size = _bulk_size(m)
-                    except OSError as e:
-                        self._abandon(nid, e)
-                        msgs, n = [], 0
-                        break
-                    room -= size
-                    self._bulk_at[nid] = self._now()
+                    limit: int | None = room if size > room or _is_file(m) else None
                 else:
-                    if _is_file(m):
-                        try:
-                            m, rest = _split_bulk(m, size)
-                        except OSError as e:
-                            self._abandon(nid, e)
-                            msgs, n = [], 0
-                            break
-                    if room is not None and room > 0:
-                        room = max(0, room - size)
-                ents = m.get("entries")
-                if ents:
-                    try:
-                        loaded = materialize(ents)
-                        if loaded is not ents:
-                            m = dict(m, entries=loaded)
-                    except LookupError as e:  # compacted or truncated since it was queued
-                        self._abandon(nid, e)
-                        msgs, n = [], 0
-                        break
+                    limit = size if _is_file(m) else None
+                try:
+                    m, rest = _ready(m, limit)
+                except (OSError, LookupError) as e:  # a snapshot read failed; an entry compacted since
+                    self._abandon(nid, e)
+                    msgs, n = [], 0
+                    break
+                if size > SMALL_MESSAGE_BYTES:
+                    assert room is not None
+                    room -= _bulk_size(m)
+                    self._bulk_at[nid] = self._now()
+                elif room is not None and room > 0:
+                    room = max(0, room - size)
                 if not mux.send(nid, self._group, m):
                     self._sent.pop(nid, None)
                     self._drop_queue(nid)  # link down: as a lossy network would
