@@ -65,7 +65,7 @@ class GroupHost:
     ) -> None:
         """``apply_commit_delay_s``: how long a batch holding only state-machine
         applies (re-derivable from the journal) may stay uncommitted, waiting
-        to share the fsync of the next journal write (see _finish_iteration)."""
+        to share a commit with the next journal write (see _finish_iteration)."""
         journal.install()
         self.node_id = node_id
         self.storage = storage
@@ -388,12 +388,13 @@ class GroupHost:
         # Votes, follower acks and read results wait for the commit.
         #
         # A batch holding only applies (no journal entry, term or vote: no
-        # durable_batch() use) need not be fsynced now: applies are re-derived
-        # from the journal after a crash.  It stays open, to share the fsync of
-        # the next journal write, unless a read result waits for it (readers
-        # see committed state only) or it is apply_commit_delay_s old.  Acks
-        # and votes leaving meanwhile depend on nothing in it.  That takes one
-        # fsync off every write's path (the apply's) on leader and followers.
+        # durable_batch() use) need not be committed now: applies are
+        # re-derived from the journal after a crash.  It stays open, to share
+        # one LMDB commit with the next journal write, unless a read result
+        # waits for it (readers see committed state only) or it is
+        # apply_commit_delay_s old.  Acks and votes leaving meanwhile depend on
+        # nothing in it.  (Before the journal moved to its own log, that took
+        # one fsync off every write's path; now it saves LMDB page writes.)
         done, self._completions = self._completions, []
         if (
             self._batch is not None and not self._must_sync

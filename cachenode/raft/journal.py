@@ -1,9 +1,10 @@
-"""A durable pysyncobj journal kept in the node's LMDB storage.
+"""A durable pysyncobj journal kept in the node's storage (its write-ahead log).
 
 pysyncobj's own ``FileJournal`` never fsyncs.  ``StorageJournal`` writes every
 change (append, truncate, compact, term/vote, commit index) into the driver
-loop's current storage batch; the host commits that batch (one fsync) *before*
-it flushes any network message or acknowledges any client.  So a follower
+loop's current storage batch; the host commits that batch (one journal
+fdatasync for every group) *before* it flushes any network message or
+acknowledges any client.  So a follower
 never acknowledges an entry, a voter never grants a vote, and a leader never
 acknowledges a write that is not on disk: group commit, with Raft's
 persistence rules intact.

@@ -18,7 +18,7 @@ from ..pd.driver import PdConfig, PlacementDriver
 from ..pd.planner import PlanConfig
 from ..raft.host import GroupHost
 from ..storage.base import Storage
-from ..storage.lmdb_store import LmdbStorage
+from ..storage.lmdb_store import LmdbStorage, read_boot_id
 from .admin_service import AdminService
 from .cache_service import CacheService
 from .config import NodeConfig
@@ -57,7 +57,10 @@ class Node:
             raise NodeStartError(f"data directory {cfg.data_dir} is in use by another cachenode process") from None
         self.clock = clock or SystemClock()
         fsync = cfg.fsync and not cfg.unsafe.skip_fsync
-        self.storage = storage or LmdbStorage(os.path.join(cfg.data_dir, "db"), map_size=cfg.map_size, fsync=fsync)
+        self.storage = storage or LmdbStorage(
+            os.path.join(cfg.data_dir, "db"), map_size=cfg.map_size, fsync=fsync,
+            boot_id=lambda: read_boot_id(cfg.boot_id_file),
+        )
         try:
             self.host = GroupHost(
                 cfg.node_id, self.storage, cfg.raft_listen, cfg.secret, cfg.data_dir,

@@ -6,6 +6,7 @@ import dataclasses
 
 from .._types import NodeInfo
 from ..raft.group import RaftTiming
+from ..storage.lmdb_store import BOOT_ID_PATH
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,6 +50,10 @@ class NodeConfig:
     timing: RaftTiming = RaftTiming()
     unsafe: Unsafe = Unsafe()
     map_size: int = 64 << 30
+    boot_id_file: str = BOOT_ID_PATH
+    """Where the machine's boot id is read: the state is trusted after an
+    unclean stop only within one boot (see LmdbStorage).  Tests point it at a
+    file of their own to play a machine restart."""
 
     def me(self) -> NodeInfo:
         """This node's addresses (a joining node lists only itself in

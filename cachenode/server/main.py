@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from .._types import NodeInfo
 from ..raft.group import RaftTiming
 from ..storage.base import MAX_KEY_BYTES
+from ..storage.lmdb_store import BOOT_ID_PATH
 from .config import NodeConfig, Unsafe
 
 log = logging.getLogger("cachenode")
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replication", type=int, help="replicas per shard (default 3, or N when N < 3)")
     s.add_argument("--secret-file", help="file holding the cluster secret (or env CACHENODE_SECRET)")
     s.add_argument("--fsync", choices=["always", "never"], help="always (default): fsync before acknowledging; never: benchmarks only, acknowledged writes can be lost on power loss")
+    s.add_argument("--boot-id-file", help="where to read the machine's boot id (default /proc/sys/kernel/random/boot_id); "
+                   "after an unclean stop in another boot the state is rebuilt from snapshots and the journal")
     s.add_argument("--max-key-bytes", type=int)
     s.add_argument("--max-value-bytes", type=int)
     s.add_argument("--log-compaction-entries", type=int, help="snapshot a shard after this many log entries (default 20000)")
@@ -215,6 +218,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         max_down_time_s=parse_duration("--max-down-time", opt("max_down_time", "30m")),
         down_after_s=parse_duration("--down-after", opt("down_after", "3s")),
         heartbeat_s=parse_duration("--heartbeat-interval", opt("heartbeat_interval", "0.5s")),
+        boot_id_file=str(opt("boot_id_file", BOOT_ID_PATH)),
     )
     if cfg.down_after_s <= cfg.heartbeat_s:
         raise ConfigError("--down-after must be longer than --heartbeat-interval")

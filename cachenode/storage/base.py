@@ -222,9 +222,12 @@ class Batch(Protocol):
     @property
     def log(self) -> LogWriter: ...
     def commit(self) -> None:
-        """Make every write of the batch durable (per the storage's fsync
-        mode) and visible to readers, atomically.  ``StorageFault`` if the
-        disk refuses; the batch is closed either way."""
+        """Make the batch's journal writes durable (per the storage's fsync
+        mode) and all its writes visible to readers.  The state writes need
+        not be durable: a storage may rebuild them from the journal and the
+        groups' snapshots after a machine crash (LmdbStorage does), but the
+        state is never ahead of the durable journal once the node runs again.
+        ``StorageFault`` if the disk refuses; the batch is closed either way."""
         ...
 
     def abort(self) -> None:

@@ -1,11 +1,17 @@
 """LMDB-backed :class:`~cachenode.storage.base.Storage`: one environment per node.
 
+The state of every group hosted here lives in one LMDB environment; the
+Raft journal of every group lives beside it in a write-ahead log
+(:mod:`.wal`, ``<path>/wal``; until session 9 it was in LMDB too, in the
+``log``/``logmeta`` databases, and a node of that time moves it on its
+first start).  One storage batch per driver-loop iteration carries every
+journal write, every apply and every term/vote update of every group: one
+journal ``fdatasync`` for all of them (group commit), and one LMDB commit
+that is not synced at all (see :class:`LmdbStorage` for why that is safe).
+
 Why one environment per node (not one per shard replica): LMDB allows one
-writer per environment and fsyncs once per commit, so a single environment
-lets one write transaction per driver-loop iteration carry every journal
-append, every apply and every term/vote update of every group hosted here:
-one commit, one fsync (group commit).  Per-replica environments would cost
-one fsync per group per iteration.
+writer per environment, so a single environment lets one write transaction
+per iteration carry every apply of every group.
 
 Why a fixed set of sub-databases with the group id as a key prefix (instead
 of one named database per group): LMDB's named databases are limited and
@@ -23,8 +29,8 @@ Layout (``G`` = group id, 4 bytes big-endian; ``BE8`` = u64 big-endian;
     dedupt   G + BE8 now_ms + (dedup entry)  -> b''   (time order, for pruning)
     gmeta    G + b"applied"                  -> BE8 applied_index + BE8 clock_ms
              G + b"stats"                    -> BE8 count + BE8 size_bytes
-    log      G + BE8 index                   -> BE8 term + command
-    logmeta  G + name (utf-8)                -> value
+    log      G + BE8 index                   -> BE8 term + command   (before session 9 only:
+    logmeta  G + name (utf-8)                -> value                 moved into the WAL at open)
 
 Big-endian keys make LMDB's byte order the numeric order, so ranges
 (expired keys, old dedup entries, journal suffixes) are cursor scans.
@@ -62,7 +68,8 @@ Counters and the applied index/clock are cached in the group's writer for
 the length of a batch and written once at commit: the hot path then costs
 no extra B-tree operations per apply.
 
-Opening: ``sync=fsync`` (commit fsyncs), ``metasync=fsync``, ``writemap``
+Opening: ``sync`` and ``metasync`` off (the state is derived from the
+journal and the snapshots; see :class:`LmdbStorage`), ``writemap``
 off (nested transactions, which make ``load`` atomic, need it off; it also
 keeps stray pointer writes from corrupting the file), ``lock`` on,
 ``max_readers`` 1024 so reader threads never run out of slots.  The map size
@@ -86,6 +93,7 @@ from typing import BinaryIO, TypeVar
 import lmdb
 
 from .base import MAX_KEY_BYTES, Record, StateReader, StateWriter, StorageFault
+from .wal import SEGMENT_BYTES, WalBatch, WriteAheadLog, fsync_dir
 
 __all__ = [
     "LmdbStorage",
@@ -122,6 +130,9 @@ _LONG_HDR = _HDR_LEN + 2  # header + BE2 length of the key's rest
 _LMDB_MAX_KEY = 511
 assert 12 + _LONG_K <= _LMDB_MAX_KEY and _LONG_K > INLINE_KEY_BYTES
 assert MAX_KEY_BYTES - INLINE_KEY_BYTES <= 0xFFFF
+
+_CLEAN = "state.clean"
+_BOOT = "state.boot"
 
 _APPLIED = b"applied"
 _STATS = b"stats"
@@ -976,58 +987,9 @@ class _LmdbStateWriter:
             self._dirty = False
 
 
-class _LmdbLogWriter:
-    """Journal writes of every group in the batch's transaction.  Driver thread only."""
-
-    __slots__ = ("_txn", "_dbs")
-
-    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs) -> None:
-        self._txn = txn
-        self._dbs = dbs
-
-    def append(self, group: int, index: int, term: int, command: bytes) -> None:
-        try:
-            self._txn.put(
-                _U32.pack(group) + _U64.pack(index), _U64.pack(term) + command, db=self._dbs.log
-            )
-        except lmdb.Error as e:
-            raise _fault(e) from e
-
-    def delete_from(self, group: int, index: int) -> None:
-        g = _U32.pack(group)
-        try:
-            _delete_range(self._txn, self._dbs.log, g + _U64.pack(index), g + b"\xff" * 8 + b"\xff")
-        except lmdb.Error as e:
-            raise _fault(e) from e
-
-    def delete_before(self, group: int, index: int) -> None:
-        g = _U32.pack(group)
-        try:
-            _delete_range(self._txn, self._dbs.log, g, g + _U64.pack(index))
-        except lmdb.Error as e:
-            raise _fault(e) from e
-
-    def clear(self, group: int) -> None:
-        try:
-            _delete_prefix(self._txn, self._dbs.log, _U32.pack(group))
-        except lmdb.Error as e:
-            raise _fault(e) from e
-
-    def set_meta(self, group: int, name: str, value: bytes) -> None:
-        try:
-            self._txn.put(_U32.pack(group) + name.encode(), value, db=self._dbs.logmeta)
-        except lmdb.Error as e:
-            raise _fault(e) from e
-
-    def clear_meta(self, group: int) -> None:
-        try:
-            _delete_prefix(self._txn, self._dbs.logmeta, _U32.pack(group))
-        except lmdb.Error as e:
-            raise _fault(e) from e
-
-
 class _LmdbBatch:
-    """The one write transaction of a driver-loop iteration.  Driver thread only."""
+    """The one write transaction of a driver-loop iteration, and its journal
+    writes (a :class:`~cachenode.storage.wal.WalBatch`).  Driver thread only."""
 
     __slots__ = ("_storage", "_txn", "_writers", "_log", "_open")
 
@@ -1035,7 +997,7 @@ class _LmdbBatch:
         self._storage = storage
         self._txn = txn
         self._writers: dict[int, _LmdbStateWriter] = {}
-        self._log = _LmdbLogWriter(txn, storage._dbs)
+        self._log = storage._wal.writer()
         self._open = True
 
     def state(self, group: int) -> StateWriter:
@@ -1053,7 +1015,7 @@ class _LmdbBatch:
         return w
 
     @property
-    def log(self) -> _LmdbLogWriter:
+    def log(self) -> WalBatch:
         return self._log
 
     def _close(self) -> None:
@@ -1062,17 +1024,30 @@ class _LmdbBatch:
         self._storage._batch = None
 
     def commit(self) -> None:
+        """The journal frame is written first (not yet synced), then the
+        state is committed (not synced: see LmdbStorage), then the journal
+        is synced and published.  A crash at any point leaves the journal
+        at least as new as the state, and a process crash loses neither
+        (both are in the page cache once written)."""
         if not self._open:
             raise RuntimeError("batch is closed")
+        wal = self._storage._wal
         try:
+            logged = self._log.write()
             for w in self._writers.values():
                 w._flush()
             self._txn.commit()
+            if logged:
+                wal.sync()
+                wal.publish()
         except BaseException as e:
             # Whatever failed, release the write lock: a transaction left open
             # would block every later batch.  (abort after a failed commit is
-            # a no-op.)
+            # a no-op.)  A journal frame written without its state commit is
+            # harmless: the node stops (StorageFault), and at restart the
+            # entries are in the journal as after any crash past the write.
             self._txn.abort()
+            self._log.discard()
             if isinstance(e, lmdb.Error):
                 raise _fault(e) from e
             raise
@@ -1082,16 +1057,44 @@ class _LmdbBatch:
     def abort(self) -> None:
         if self._open:
             self._txn.abort()
+            self._log.discard()
             self._close()
 
 
-class LmdbStorage:
-    """Durable storage of every group on this node in one LMDB environment.
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
-    ``path`` is a directory (created if missing).  ``fsync=True``: every
-    commit is fsynced before it returns.  ``fsync=False`` (benchmarks only):
-    no fsync at all; a crash of the machine may lose or corrupt recent
-    commits.  Open one ``LmdbStorage`` per path per process."""
+
+def read_boot_id(path: str = BOOT_ID_PATH) -> str:
+    """This boot of the machine (Linux), or "" if unknown (then every
+    unclean stop counts as a machine crash)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class LmdbStorage:
+    """Storage of every group on this node: the state in one LMDB
+    environment, the Raft journal in a write-ahead log beside it
+    (:mod:`.wal`, in ``<path>/wal``).
+
+    Durability: ``commit`` makes the journal durable (one ``fdatasync``) and
+    the state visible, but does not sync the state: it is derived from the
+    journal (apply is idempotent by index) and each group's snapshot file.
+    LMDB without syncs keeps its integrity across a *process* crash (the page
+    cache survives), but a *machine* crash can tear it.  So the state is
+    trusted at open only if the node shut down cleanly (``state.clean``,
+    written after a final sync) or the machine has not restarted since the
+    node last wrote it (``state.boot`` holds the boot id of that time);
+    otherwise it is deleted and rebuilt from the snapshots and the journal as
+    the groups start (``rebuilt`` is then True, and a warning says so).
+
+    ``fsync=False`` (benchmarks only): the journal is never synced either; a
+    machine crash may lose acknowledged entries.  ``boot_id``: reads this
+    boot's id (tests pass their own to play a machine restart).
+    ``wal_segment_bytes``: see :data:`cachenode.storage.wal.SEGMENT_BYTES`.
+    Open one ``LmdbStorage`` per path per process."""
 
     def __init__(
         self,
@@ -1099,17 +1102,23 @@ class LmdbStorage:
         map_size: int = DEFAULT_MAP_SIZE,
         fsync: bool = True,
         max_readers: int = 1024,
+        boot_id: Callable[[], str] = read_boot_id,
+        wal_segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         self.path = os.fspath(path)
         self.fsync = fsync
+        self.rebuilt = False
+        os.makedirs(self.path, exist_ok=True)
+        self._wal = WriteAheadLog(os.path.join(self.path, "wal"), fsync=fsync, segment_bytes=wal_segment_bytes)
         try:
+            self._trust_state(boot_id())
             self._env = lmdb.open(
                 self.path,
                 map_size=map_size,
                 subdir=True,
                 create=True,
-                sync=fsync,
-                metasync=fsync,
+                sync=False,
+                metasync=False,
                 writemap=False,
                 lock=True,
                 max_readers=max_readers,
@@ -1117,8 +1126,81 @@ class LmdbStorage:
             )
             self._dbs = _Dbs(self._env)
         except lmdb.Error as e:
+            self._wal.close()
             raise _fault(e) from e
+        except OSError as e:
+            self._wal.close()
+            raise StorageFault(f"cannot open the state in {self.path}: {e}") from e
         self._batch: _LmdbBatch | None = None
+        self._migrate_journal()
+
+    def _trust_state(self, boot: str) -> None:
+        """Decide whether the LMDB state survived (see the class docstring),
+        delete it if not, and record this boot before anything is written."""
+        clean_path = os.path.join(self.path, _CLEAN)
+        boot_path = os.path.join(self.path, _BOOT)
+        clean = os.path.exists(clean_path)
+        try:
+            with open(boot_path) as f:
+                last_boot: str | None = f.read().strip()
+        except FileNotFoundError:
+            last_boot = None  # never written without syncs (a new node, or one of before session 9)
+        data = os.path.join(self.path, "data.mdb")
+        if os.path.exists(data) and not clean and last_boot is not None and (last_boot != boot or not boot):
+            log.warning(
+                "the machine restarted since this node last wrote its state without a clean shutdown: "
+                "the state may be torn, so it is rebuilt from the snapshots and the journal"
+            )
+            for name in ("data.mdb", "lock.mdb"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+            self.rebuilt = True
+        if clean:
+            os.unlink(clean_path)
+        if last_boot != boot or clean:
+            tmp = boot_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(boot + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, boot_path)
+        fsync_dir(self.path)
+
+    def _migrate_journal(self) -> None:
+        """Move a journal kept in LMDB (nodes of before session 9) into the
+        write-ahead log, once: copied (idempotent: the same entries replace
+        themselves), synced, marked done (``wal/migrated``), then deleted
+        from LMDB.  A crash anywhere in between redoes or finishes it."""
+        with self._env.begin() as txn:
+            legacy = txn.cursor(db=self._dbs.log).first() or txn.cursor(db=self._dbs.logmeta).first()
+        if not legacy:
+            return
+        marker = os.path.join(self._wal.dir, "migrated")
+        if not os.path.exists(marker):
+            wb = self._wal.writer()
+            n = 0
+            with self._env.begin() as txn:
+                for k, v in txn.cursor(db=self._dbs.log):
+                    wb.append(_U32.unpack_from(k)[0], _U64.unpack_from(k, 4)[0], _U64.unpack_from(v)[0], v[8:])
+                    n += 1
+                for k, v in txn.cursor(db=self._dbs.logmeta):
+                    wb.set_meta(_U32.unpack_from(k)[0], k[4:].decode(), v)
+            if wb.write():
+                self._wal.sync()
+                self._wal.publish()
+            with open(marker, "w") as f:
+                f.write(f"{n} entries\n")
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self._wal.dir)
+            log.info("moved the Raft journal (%d entries) from LMDB into the write-ahead log", n)
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.drop(self._dbs.log, delete=False)
+                txn.drop(self._dbs.logmeta, delete=False)
+            self._env.sync(True)
+        except lmdb.Error as e:
+            raise _fault(e) from e
 
     def begin(self) -> _LmdbBatch:
         if self._batch is not None:
@@ -1145,56 +1227,25 @@ class LmdbStorage:
             txn.abort()
 
     def load_log(self, group: int) -> list[tuple[bytes, int, int]]:
-        out: list[tuple[bytes, int, int]] = []
-        unpack = _U64.unpack_from
-        with self._env.begin() as txn:
-            for k, v in _iter_prefix(txn, self._dbs.log, _U32.pack(group)):
-                out.append((v[8:], unpack(k, 4)[0], unpack(v)[0]))
-        return out
+        return self._wal.load_log(group)
 
     def log_sizes(self, group: int) -> list[tuple[int, int, int]]:
-        out: list[tuple[int, int, int]] = []
-        unpack = _U64.unpack_from
-        g = _U32.pack(group)
-        with self._env.begin(buffers=True) as txn:  # values stay in the map: no copies
-            cur = txn.cursor(db=self._dbs.log)
-            if not cur.set_range(g):
-                return out
-            for k, v in cur.iternext():
-                if bytes(k[:4]) != g:
-                    break
-                out.append((unpack(k, 4)[0], unpack(v)[0], len(v) - 8))
-        return out
+        return self._wal.log_sizes(group)
 
     def log_entries(self, group: int, first: int, last: int) -> list[tuple[bytes, int, int]]:
-        out: list[tuple[bytes, int, int]] = []
-        if first > last:
-            return out
-        g = _U32.pack(group)
-        unpack = _U64.unpack_from
-        with self._env.begin() as txn:
-            cur = txn.cursor(db=self._dbs.log)
-            if not cur.set_range(g + _U64.pack(first)):
-                return out
-            for k, v in cur.iternext():
-                if k[:4] != g:
-                    break
-                idx = unpack(k, 4)[0]
-                if idx > last:
-                    break
-                out.append((v[8:], idx, unpack(v)[0]))
-        return out
+        return self._wal.log_entries(group, first, last)
 
     def load_log_meta(self, group: int) -> dict[str, bytes]:
-        with self._env.begin() as txn:
-            return {
-                k[4:].decode(): v for k, v in _iter_prefix(txn, self._dbs.logmeta, _U32.pack(group))
-            }
+        return self._wal.load_log_meta(group)
+
+    def journal_stats(self) -> dict[str, int]:
+        """The write-ahead log's segments and bytes (for status and tests)."""
+        return self._wal.stats()
 
     def groups(self) -> set[int]:
-        out: set[int] = set()
+        out: set[int] = self._wal.groups()
         with self._env.begin() as txn:
-            for db in self._dbs.all:
+            for db in self._dbs.state:
                 cur = txn.cursor(db=db)
                 ok = cur.first()
                 while ok:
@@ -1206,8 +1257,20 @@ class LmdbStorage:
         return out
 
     def close(self) -> None:
+        """Abort an open batch, close the journal, sync the state and mark
+        the shutdown clean (so the next open trusts the state)."""
         if self._batch is not None:
             self._batch.abort()
+        self._wal.close()
+        try:
+            self._env.sync(True)
+            with open(os.path.join(self.path, _CLEAN), "w") as f:
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.path)
+        except (lmdb.Error, OSError) as e:
+            log.warning("could not mark a clean shutdown (the state will be rebuilt at the next start "
+                        "if the machine restarts meanwhile): %s", e)
         self._env.close()
 
     def __enter__(self) -> LmdbStorage:
