@@ -266,8 +266,10 @@ def test_pysyncobj_internals_we_lean_on() -> None:
     for name in ("getTransmissionData", "cancelTransmisstion", "setTransmissionData", "serialize", "deserialize"):
         assert hasattr(so.Serializer, name), name  # SnapshotTransfer wraps SyncObj._SyncObj__serializer
     for name in ("_getLeader", "raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "hasQuorum",
-                 "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus"):
+                 "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus",
+                 "_applyCommand", "_getFuncName"):  # _GroupSyncObj.propose_entry
         assert hasattr(so.SyncObj, name), name
+    assert isinstance(so._COMMAND_TYPE.REGULAR, int)
 
 
 def test_member_added_while_its_link_is_up_is_reported_connected() -> None:
