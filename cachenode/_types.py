@@ -102,11 +102,14 @@ class ClusterMap:
     shards: tuple[ShardDescriptor, ...]
     meta: tuple[NodeId, ...] = ()
     """Members of the metadata Raft group (where the placement driver runs)."""
+    _starts: tuple[int, ...] = dataclasses.field(default=(), init=False, repr=False, compare=False)
+    """Each shard's range_start, for bisect (computed once: every key's lookup uses it)."""
 
     def __post_init__(self) -> None:
-        starts = [s.range_start for s in self.shards]
-        if starts != sorted(starts):
+        starts = tuple(s.range_start for s in self.shards)
+        if list(starts) != sorted(starts):
             raise ValueError("shards must be sorted by range_start")
+        object.__setattr__(self, "_starts", starts)
 
     def node(self, node_id: NodeId) -> NodeInfo | None:
         for n in self.nodes:
@@ -136,8 +139,7 @@ class ClusterMap:
         return [meta, *self.shards] if meta is not None else list(self.shards)
 
     def shard_for_hash(self, h: int) -> ShardDescriptor:
-        starts = [s.range_start for s in self.shards]
-        i = bisect.bisect_right(starts, h) - 1
+        i = bisect.bisect_right(self._starts, h) - 1
         s = self.shards[i]
         if not s.owns(h):  # pragma: no cover - a gap would be a bug in the map
             raise LookupError(f"no shard owns hash {h}")

@@ -12,6 +12,7 @@ from pysyncobj.node import Node
 from cachenode.raft.group import (
     BULK_FLUSH_BYTES,
     BULK_STARVE_S,
+    QUIET_S,
     GroupTransport,
     SnapshotFile,
     SnapshotTransfer,
@@ -67,9 +68,21 @@ def e(i: int, t: int = 1) -> tuple[bytes, int, int]:
     return (b"c%d" % i, i, t)
 
 
+class SteppingClock:
+    """Each reading is ``step`` seconds after the previous one."""
+
+    def __init__(self, step: float = 1.0) -> None:
+        self.t = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.t += self.step
+        return self.t
+
+
 def test_lagging_ack_resend_is_trimmed_to_new_entries() -> None:
     h = FakeHost()
-    t = GroupTransport(h, 5, ["n2"])  # type: ignore[arg-type]
+    t = GroupTransport(h, 5, ["n2"], monotonic=SteppingClock())  # type: ignore[arg-type]  # no quieting
     n2 = Node("n2")
     send(t, n2, ae(9, [e(10)]))
     send(t, n2, ae(10, [e(11)]))
@@ -83,6 +96,78 @@ def test_lagging_ack_resend_is_trimmed_to_new_entries() -> None:
     send(t, n2, ae(10, [e(11), e(12)]))
     hb = h.mux.sent[-1][2]
     assert hb["entries"] == [] and hb["prevLogIdx"] == 12
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_an_entry_less_append_right_after_another_waits_and_its_commit_rides_the_next() -> None:
+    h = FakeHost()
+    clock = ManualClock()
+    t = GroupTransport(h, 5, ["n2"], monotonic=clock)  # type: ignore[arg-type]
+    n2 = Node("n2")
+    send(t, n2, ae(9, [e(10)]))
+    commit_only = dict(ae(10, []), commit_index=10)
+    send(t, n2, commit_only)  # pysyncobj announces the commit of 10
+    assert len(h.mux.sent) == 1 and t.quieted == 1
+    clock.t += 0.005
+    send(t, n2, ae(10, [e(11)]))  # the next write's append carries it
+    assert len(h.mux.sent) == 2 and h.mux.sent[-1][2]["commit_index"] == 10
+    t.release_quiet()
+    t.flush()
+    assert len(h.mux.sent) == 2  # nothing left waiting
+
+
+def test_a_waiting_entry_less_append_leaves_once_quiet_s_old() -> None:
+    h = FakeHost()
+    clock = ManualClock()
+    t = GroupTransport(h, 5, ["n2"], monotonic=clock)  # type: ignore[arg-type]
+    n2 = Node("n2")
+    send(t, n2, ae(9, [e(10)]))
+    send(t, n2, dict(ae(10, []), commit_index=9))
+    send(t, n2, dict(ae(10, []), commit_index=10))  # only the newest waits
+    clock.t += QUIET_S / 2
+    t.release_quiet()
+    t.flush()
+    assert len(h.mux.sent) == 1
+    clock.t += QUIET_S / 2
+    t.release_quiet()
+    t.flush()
+    assert len(h.mux.sent) == 2 and h.mux.sent[-1][2]["commit_index"] == 10
+    t.release_quiet()
+    t.flush()
+    assert len(h.mux.sent) == 2
+    # a heartbeat to a follower that heard nothing for a while leaves at once
+    clock.t += 1.0
+    send(t, n2, dict(ae(10, []), commit_index=10))
+    assert len(h.mux.sent) == 3
+
+
+def test_nothing_overtakes_a_waiting_entry_less_append() -> None:
+    """Another kind of message (a TimeoutNow, say) drops the waiting append
+    rather than leave before it; a new term's append does not take the old
+    term's commit index."""
+    h = FakeHost()
+    clock = ManualClock()
+    t = GroupTransport(h, 5, ["n2"], monotonic=clock)  # type: ignore[arg-type]
+    n2 = Node("n2")
+    send(t, n2, ae(9, [e(10)]))
+    send(t, n2, dict(ae(10, []), commit_index=10))
+    send(t, n2, {"type": "timeout_now", "term": 1})
+    clock.t += 1.0
+    t.release_quiet()
+    t.flush()
+    assert [m[2]["type"] for m in h.mux.sent] == ["append_entries", "timeout_now"]
+    send(t, n2, dict(ae(10, []), commit_index=10))
+    clock.t += QUIET_S / 5
+    send(t, n2, dict(ae(10, []), commit_index=11))  # waits
+    send(t, n2, dict(ae(10, [e(11, 2)], term=2), commit_index=0))
+    assert h.mux.sent[-1][2]["term"] == 2 and h.mux.sent[-1][2]["commit_index"] == 0
 
 
 def test_reset_and_disconnect_disable_trimming() -> None:

@@ -512,6 +512,9 @@ def test_a_snapshot_is_written_beside_the_driver_not_on_it(tmp_path: Path) -> No
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.g.snapshots_written) >= 1, f"{n.id}'s snapshot")
             wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s journal to shrink")
+            # Once no writer runs (a follower that learned its last commits
+            # late may start a second one), none leaves its temp file behind.
+            wait_for(lambda n=n: n.on_driver(lambda: n.g._snap is None), f"{n.id}'s snapshot writers to finish")
             assert not list(tmp_path.joinpath(n.id).rglob("snapshot.bin.part")), "the writer's temp file is left"
             assert list(tmp_path.joinpath(n.id).rglob("snapshot.bin")), f"{n.id} has no snapshot file"
 
