@@ -94,6 +94,32 @@ def _key(x: object) -> bytes:
     return k
 
 
+def _mset_items(items: tuple[Any, ...] | list[Any], kind: Any) -> tuple[tuple[bytes, bytes, int], ...]:
+    """Check MSet items (each a ``kind``, tuple or list, of key, value,
+    expires_at_ms) and return them as tuples.  One tight loop: every replica
+    runs it for every key of every MSet."""
+    out: list[tuple[bytes, bytes, int]] = []
+    append = out.append
+    it: Any
+    k: Any
+    v: Any
+    e: Any
+    for it in items:
+        if it.__class__ is kind and len(it) == 3:
+            k, v, e = it
+            if (
+                type(k) is bytes and 0 < len(k) <= MAX_KEY_BYTES and type(v) is bytes
+                and type(e) is int and 0 <= e <= _U64_MAX
+            ):
+                append((k, v, e))
+                continue
+            _key(k)
+            _bytes(v, "value")
+            _int(e, "expires_at_ms")
+        raise ValueError("MSet items must be (key, value, expires_at_ms)")
+    return tuple(out)
+
+
 def _bool(x: object, name: str) -> bool:
     if not isinstance(x, bool):
         raise ValueError(f"{name} must be a bool, got {type(x).__name__}")
@@ -147,12 +173,7 @@ def validate_command(cmd: object) -> None:
     elif isinstance(cmd, MSet):
         if not isinstance(cmd.items, tuple):
             raise ValueError("MSet.items must be a tuple")
-        for m_item in cmd.items:
-            if not isinstance(m_item, tuple) or len(m_item) != 3:
-                raise ValueError("MSet items must be (key, value, expires_at_ms)")
-            _key(m_item[0])
-            _bytes(m_item[1], "value")
-            _int(m_item[2], "expires_at_ms")
+        _mset_items(cmd.items, tuple)
     elif isinstance(cmd, Expire):
         if not isinstance(cmd.keys, tuple):
             raise ValueError("Expire.keys must be a tuple")
@@ -255,7 +276,9 @@ def _tuples(x: object, width: int, name: str) -> tuple[Any, ...]:
 
 def _d_mset(f: list[Any]) -> Command:
     rid = _split_rid(f, 2)
-    return MSet(_tuples(f[0], 3, "MSet items"), f[1], rid)
+    if not isinstance(f[0], list):
+        raise ValueError("MSet items must be an array")
+    return MSet(_mset_items(f[0], list), f[1], rid)
 
 
 def _d_expire(f: list[Any]) -> Command:
@@ -303,7 +326,11 @@ def decode_command(b: bytes) -> Command:
         if dec is None:
             raise ValueError(f"unknown command tag {tag}")
         cmd = dec(fields)
-        validate_command(cmd)
+        if tag == _T_MSET:  # its items were checked while decoding (_mset_items)
+            _int(cmd.now_ms, "now_ms")
+            _rid(cmd.rid)  # type: ignore[union-attr]
+        else:
+            validate_command(cmd)
         return cmd
     except ValueError:
         raise

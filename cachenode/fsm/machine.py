@@ -262,8 +262,9 @@ class ShardStateMachine:
             return CasResult(False, 0, True, live.value, live.version), []
 
         if isinstance(cmd, MSet):
+            # _value_write inlined: this runs for every key of every MSet on every replica.
             return MSetResult(len(cmd.items), index), [
-                _value_write(k, v, e, index, clock) for k, v, e in cmd.items
+                (k, None) if e and e <= clock else (k, Record(v, index, e)) for k, v, e in cmd.items
             ]
 
         if isinstance(cmd, Expire):

@@ -58,7 +58,7 @@ class GroupHost:
         secret: bytes,
         data_dir: str,
         timing: RaftTiming | None = None,
-        tick_interval: float = 0.01,
+        tick_interval: float = 0.025,
         on_fatal: Callable[[BaseException], None] | None = None,
         unsafe_lazy_commit_s: float = 0.0,
         apply_commit_delay_s: float = 0.05,

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-compaction-entries", type=int, help="snapshot a shard after this many log entries (default 20000)")
     s.add_argument("--log-compaction-mb", type=float,
                    help="also snapshot a shard once its log holds this many MiB, or its state's size if larger (default 16)")
-    s.add_argument("--tick-ms", type=float, help="driver loop tick (default 10)")
+    s.add_argument("--tick-ms", type=float, help="every group is ticked at least this often: heartbeats, election timers (default 25)")
     s.add_argument("--grpc-workers", type=int, help="client gRPC worker threads (default 64); half of them at most serve BatchStream streams")
     s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 2; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
@@ -210,7 +210,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         fsync=fsync == "always",
         max_key_bytes=max_key,
         max_value_bytes=max_value,
-        tick_interval_s=float(opt("tick_ms", 10.0)) / 1000.0,  # type: ignore[arg-type]
+        tick_interval_s=float(opt("tick_ms", 25.0)) / 1000.0,  # type: ignore[arg-type]
         grpc_workers=workers,
         timing=timing, unsafe=unsafe,
         leader_balance_s=float(opt("leader_balance_s", 2.0)),  # type: ignore[arg-type]
