@@ -421,7 +421,9 @@ def test_a_leader_change_after_the_fill_does_not_fail_the_move(
     code, err, mv = _move_phase_only(tmp_path, tmp_path / "results")
     assert moved["new"] != moved["old"] and moved["commit"] > moved["applied"], moved
     assert code == 0, err
-    assert mv["verified"] is True and mv["leader_applied_index"] == moved["applied"]
+    # The new leader may apply the last data entries only after the change
+    # (followers learn an idle group's commit index up to ~50 ms late).
+    assert mv["verified"] is True and mv["leader_applied_index"] >= moved["applied"]
     assert mv["caught_up_s"] is not None
 
 

@@ -356,27 +356,33 @@ def test_a_clean_shutdown_is_trusted_after_a_machine_restart(tmp_path: Path) -> 
         third.close()
 
 
-def test_a_journal_kept_in_lmdb_moves_into_the_log_once(tmp_path: Path) -> None:
+U32, U64 = struct.Struct(">I"), struct.Struct(">Q")
+
+
+def make_legacy(path: Path, entries: int = 5, term: int = 2) -> None:
     """A data directory of before session 9: journal and meta in LMDB, synced."""
-    path = tmp_path / "db"
     env = lmdb.open(str(path), map_size=1 << 30, subdir=True, max_dbs=8)
     log_db, meta_db = env.open_db(b"log"), env.open_db(b"logmeta")
     for name in (b"data", b"expiry", b"dedup", b"dedupt", b"gmeta"):
         env.open_db(name)
-    u32, u64 = struct.Struct(">I"), struct.Struct(">Q")
     with env.begin(write=True) as txn:
         for g in (1, 2):
-            for i in range(1, 6):
-                txn.put(u32.pack(g) + u64.pack(i), u64.pack(2) + b"g%d-%d" % (g, i), db=log_db)
-            txn.put(u32.pack(g) + b"term", b"2", db=meta_db)
+            for i in range(1, entries + 1):
+                txn.put(U32.pack(g) + U64.pack(i), U64.pack(term) + b"g%d-%d" % (g, i), db=log_db)
+            txn.put(U32.pack(g) + b"term", b"%d" % term, db=meta_db)
+    env.sync(True)
     env.close()
+
+
+def test_a_journal_kept_in_lmdb_moves_into_the_log_once(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_legacy(path)
     s = LmdbStorage(path, boot_id=lambda: "boot-1")
     try:
         assert s.load_log(2) == [(b"g2-%d" % i, i, 2) for i in range(1, 6)]
         assert s.load_log_meta(1) == {"term": b"2"}
         with s._env.begin() as txn:
             assert txn.cursor(db=s._dbs.log).first() is False
-        assert (path / "wal" / "migrated").exists()
     finally:
         s.close()
     again = LmdbStorage(path, boot_id=lambda: "boot-1")
@@ -384,3 +390,158 @@ def test_a_journal_kept_in_lmdb_moves_into_the_log_once(tmp_path: Path) -> None:
         assert again.load_log(1) == [(b"g1-%d" % i, i, 2) for i in range(1, 6)]
     finally:
         again.close()
+
+
+def test_a_migration_cut_short_is_redone_and_a_reboot_meanwhile_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The legacy LMDB holds the only copy of the journal until the move is
+    done: a machine restart in between must not count it as torn.  Frames
+    of 100 bytes here, so the move takes several; the process dies after
+    the second."""
+    from cachenode.storage import lmdb_store
+
+    path = tmp_path / "db"
+    make_legacy(path, entries=20)
+    monkeypatch.setattr(lmdb_store, "MIGRATE_FRAME_BYTES", 100)
+    real_publish = WriteAheadLog.publish
+    calls = []
+
+    def dies_on_the_third(self: WriteAheadLog) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise SystemExit("the process dies half way")
+        real_publish(self)
+
+    monkeypatch.setattr(WriteAheadLog, "publish", dies_on_the_third)
+    with pytest.raises(SystemExit):
+        LmdbStorage(path, boot_id=lambda: "boot-1")
+    monkeypatch.setattr(WriteAheadLog, "publish", real_publish)
+    assert not (path / "state.boot").exists()
+    s = LmdbStorage(path, boot_id=lambda: "boot-2")  # the machine restarted meanwhile
+    try:
+        assert not s.rebuilt
+        assert s.load_log(1) == [(b"g1-%d" % i, i, 2) for i in range(1, 21)]
+        assert s.load_log_meta(2) == {"term": b"2"}
+    finally:
+        s.close()
+
+
+def test_the_legacy_journal_replaces_what_the_log_held_for_its_groups(tmp_path: Path) -> None:
+    """A node upgraded, downgraded (its old version wrote the LMDB journal
+    again) and upgraded again: the LMDB journal is the newer one."""
+    path = tmp_path / "db"
+    make_legacy(path, entries=5, term=2)
+    LmdbStorage(path, boot_id=lambda: "boot-1").close()
+    make_legacy(path, entries=3, term=7)  # what the old version wrote meanwhile
+    s = LmdbStorage(path, boot_id=lambda: "boot-1")
+    try:
+        assert s.load_log(1) == [(b"g1-%d" % i, i, 7) for i in range(1, 4)]
+        assert s.load_log_meta(1) == {"term": b"7"}
+    finally:
+        s.close()
+
+
+def test_short_writes_are_finished_and_a_failed_write_is_never_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux moves at most 2 GiB per pwrite, and a full disk may write part
+    of a frame: the log writes the rest, or fails the batch."""
+    from cachenode.storage import wal as walmod
+
+    real = os.pwrite
+    monkeypatch.setattr(walmod.os, "pwrite", lambda fd, data, off: real(fd, bytes(data)[:700], off))
+    wal = WriteAheadLog(tmp_path / "w", segment_bytes=1 << 20)
+    commit(wal, [("append", 1, i, 1, bytes([i]) * 3000) for i in range(1, 5)])
+    monkeypatch.setattr(walmod.os, "pwrite", lambda fd, data, off: 0)  # the disk is full
+    b = wal.writer()
+    b.append(1, 5, 1, b"never acknowledged")
+    with pytest.raises(StorageFault, match="check the disk"):
+        b.write()
+    monkeypatch.setattr(walmod.os, "pwrite", real)
+    assert [i for _, i, _ in wal.load_log(1)] == [1, 2, 3, 4]
+    copy = crash_copy(tmp_path / "w", tmp_path / "crashed")
+    wal.close()
+    again = WriteAheadLog(copy)
+    assert again.load_log(1) == [(bytes([i]) * 3000, i, 1) for i in range(1, 5)]
+    again.close()
+
+
+def test_a_segment_cut_short_while_created_is_ignored(tmp_path: Path) -> None:
+    """A new segment gets its header and meta under a temporary name and is
+    renamed only when complete: what a crash leaves half made is dropped."""
+    wal = WriteAheadLog(tmp_path / "w", segment_bytes=4096)
+    commit(wal, [("append", 1, 1, 1, b"acked"), ("set_meta", 1, "term", b"7")])
+    wal.close()
+    (tmp_path / "w" / f"{99:016x}.wal.tmp").write_bytes(bytes(4096))
+    again = WriteAheadLog(tmp_path / "w", segment_bytes=4096)
+    assert again.load_log(1) == [(b"acked", 1, 1)] and again.load_log_meta(1) == {"term": b"7"}
+    assert not list((tmp_path / "w").glob("*.tmp"))
+    again.close()
+
+
+def test_a_bad_frame_followed_by_good_ones_is_corruption_not_a_torn_write(tmp_path: Path) -> None:
+    """Each frame is synced before the next is written: frames after a bad
+    one prove it was synced (maybe acknowledged), so it is not ignored."""
+    wal = WriteAheadLog(tmp_path / "w")
+    for i in range(1, 11):
+        commit(wal, [("append", 1, i, 1, b"entry %d" % i), ("set_meta", 1, "term", b"%d" % i)])
+    copy = crash_copy(tmp_path / "w", tmp_path / "crashed")
+    wal.close()
+    data = bytearray(segments(copy)[-1].read_bytes())
+    at = data.find(b"entry 3")
+    data[at] ^= 0x01
+    segments(copy)[-1].write_bytes(bytes(data))
+    with pytest.raises(StorageFault, match="corrupt"):
+        WriteAheadLog(copy)
+
+
+def test_a_failed_deletion_deletes_nothing_newer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer segment may hold the deletions of an older one's entries:
+    deleting it while the older one stays would bring them back."""
+    from cachenode.storage import wal as walmod
+
+    wal = WriteAheadLog(tmp_path / "w", segment_bytes=4096)
+    for i in range(1, 101):
+        commit(wal, [("append", 1, i, 1, b"e" * 64)])
+    real = os.unlink
+    monkeypatch.setattr(walmod.os, "unlink", lambda path: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    commit(wal, [("delete_before", 1, 100)])
+    assert wal.stats()["deleted_segments"] == 0
+    monkeypatch.setattr(walmod.os, "unlink", real)
+    wal.close()
+    again = WriteAheadLog(tmp_path / "w", segment_bytes=4096)
+    assert [i for _, i, _ in again.load_log(1)] == [100]
+    again.close()
+
+
+def test_a_clean_restart_goes_on_writing_in_the_last_segment(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path / "w", segment_bytes=1 << 20)
+    commit(wal, [("append", 1, 1, 1, b"live")])
+    wal.close()
+    for _ in range(10):
+        WriteAheadLog(tmp_path / "w", segment_bytes=1 << 20).close()
+    assert len(segments(tmp_path / "w")) == 1
+    again = WriteAheadLog(tmp_path / "w", segment_bytes=1 << 20)
+    commit(again, [("append", 1, 2, 1, b"after")])
+    copy = crash_copy(tmp_path / "w", tmp_path / "crashed")
+    again.close()
+    third = WriteAheadLog(copy, segment_bytes=1 << 20)
+    assert [c for c, _, _ in third.load_log(1)] == [b"live", b"after"]
+    third.close()
+
+
+def test_a_large_live_log_at_the_oldest_end_moves_forward_once_the_log_grows(tmp_path: Path) -> None:
+    """Group 9 keeps more than a quarter of the oldest segment live (it has
+    not compacted yet) while group 1 writes and compacts: once the log
+    holds much more than it needs, group 9's entries move forward."""
+    clock = FakeClock()
+    wal = WriteAheadLog(tmp_path / "w", segment_bytes=4096, monotonic=clock)
+    commit(wal, [("append", 9, 1, 1, b"p" * 1500)])
+    for i in range(1, 3001):
+        commit(wal, [("append", 1, i, 1, b"busy" * 16), ("delete_before", 1, i)])
+        clock.t += 0.1
+    st_ = wal.stats()
+    assert st_["rewritten_bytes"] >= 1500 and st_["segments"] <= 8
+    assert wal.load_log(9) == [(b"p" * 1500, 1, 1)]
+    wal.close()

@@ -22,6 +22,7 @@ runs on the driver thread.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -80,6 +81,7 @@ class GroupHost:
         self._must_sync = False
         self.apply_commit_delay_s = apply_commit_delay_s
         self._completions: list[tuple[Future[Any], Any, Any, bool]] = []
+        self._after_commit: list[Callable[[], None]] = []  # run right after the next storage commit
         self._held: list[tuple[Future[Any], Any, Any, bool]] = []
         self._last_commit = time.monotonic()
         self.unsafe_lazy_commit_s = unsafe_lazy_commit_s
@@ -106,11 +108,15 @@ class GroupHost:
         self._thread = threading.Thread(target=self._run, name="raft-driver", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the driver; True once it has stopped (False: it is still in
+        an iteration after ``timeout``, and may still write)."""
         self._stop.set()
         self.mux.wake()
         if self._thread is not None:
             self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def wake(self, group: RaftGroup | None = None) -> None:
         """Tick ``group`` (pysyncobj and read work) in the next iteration."""
@@ -198,9 +204,16 @@ class GroupHost:
             # back); the commit index goes with the entries it counted.
             b.log.set_meta(group_id, "commit", b"0")
             snap = os.path.join(self.data_dir, "snapshots", str(group_id), "snapshot.bin")
-            for path in (snap, snap + ".incoming", snap + ".part"):  # also one being received or written
-                if os.path.exists(path):
-                    os.unlink(path)
+
+            def delete_snapshots() -> None:
+                for path in (snap, snap + ".incoming", snap + ".part"):  # also one being received or written
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+
+            # Only once the journal's CLEAR is durable: a machine crash before
+            # it would otherwise leave a compacted journal and no snapshot to
+            # rebuild the replica's state from.
+            self._after_commit.append(delete_snapshots)
 
     def want_peer(self, node: NodeId) -> None:
         self._peer_refs[node] += 1
@@ -414,9 +427,18 @@ class GroupHost:
             b.commit()
             self.commits += 1
             self._release_journals()
+            self._run_after_commit()
         self._flush_network()
         if done:
             _resolve(done)
+
+    def _run_after_commit(self) -> None:
+        todo, self._after_commit = self._after_commit, []
+        for fn in todo:
+            try:
+                fn()
+            except OSError as e:
+                log.warning("after a commit: %s", e)
 
     def _release_journals(self) -> None:
         """Right after a storage commit: every journal entry is committed,
@@ -455,6 +477,7 @@ class GroupHost:
             b.commit()
             self.commits += 1
             self._release_journals()
+            self._run_after_commit()
             self._last_commit = now
         done, self._completions = self._completions, []
         if due or self._batch is None:
@@ -472,6 +495,7 @@ class GroupHost:
             if self._batch is not None:
                 self._batch.commit()
                 self._batch = None
+                self._run_after_commit()
         except Exception:
             log.exception("final commit failed")
         self.mux.close()

@@ -267,6 +267,8 @@ class Storage(Protocol):
         """Groups with any state or journal on disk."""
         ...
 
-    def close(self) -> None:
-        """Abort an open batch and release the storage."""
+    def close(self, clean: bool = True) -> None:
+        """Abort an open batch and release the storage.  ``clean=False``:
+        a writer may still be running (its driver did not stop), so the
+        storage must not vouch for its state at the next open."""
         ...

@@ -86,6 +86,7 @@ import hashlib
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, TypeVar
@@ -133,6 +134,10 @@ assert MAX_KEY_BYTES - INLINE_KEY_BYTES <= 0xFFFF
 
 _CLEAN = "state.clean"
 _BOOT = "state.boot"
+MIGRATE_FRAME_BYTES = 64 << 20
+"""A legacy journal moves into the write-ahead log in frames of about this size."""
+SYNC_EVERY_S = 30.0
+"""How often the state is synced in the background (see LmdbStorage._sync_loop)."""
 
 _APPLIED = b"applied"
 _STATS = b"stats"
@@ -1088,7 +1093,14 @@ class LmdbStorage:
     written after a final sync) or the machine has not restarted since the
     node last wrote it (``state.boot`` holds the boot id of that time);
     otherwise it is deleted and rebuilt from the snapshots and the journal as
-    the groups start (``rebuilt`` is then True, and a warning says so).
+    the groups start (``rebuilt`` is then True, and a warning says so).  A
+    thread syncs the state every SYNC_EVERY_S, so a failed write-back (a
+    failing disk) stops the node at its next batch instead of being read
+    back after a restart in the same boot.  A data directory of before
+    session 9 keeps its journal in LMDB: it moves into the log at the first
+    open, before any boot is recorded (so the only copy of the journal is
+    never taken for a torn state); going back to an older version after
+    that is not supported.
 
     ``fsync=False`` (benchmarks only): the journal is never synced either; a
     machine crash may lose acknowledged entries.  ``boot_id``: reads this
@@ -1110,8 +1122,11 @@ class LmdbStorage:
         self.rebuilt = False
         os.makedirs(self.path, exist_ok=True)
         self._wal = WriteAheadLog(os.path.join(self.path, "wal"), fsync=fsync, segment_bytes=wal_segment_bytes)
+        self._sync_error: str | None = None
+        self._stop_sync = threading.Event()
         try:
-            self._trust_state(boot_id())
+            boot = boot_id()
+            self._trust_state(boot)
             self._env = lmdb.open(
                 self.path,
                 map_size=map_size,
@@ -1125,26 +1140,29 @@ class LmdbStorage:
                 max_dbs=8,
             )
             self._dbs = _Dbs(self._env)
+            self._batch: _LmdbBatch | None = None
+            self._migrate_journal()
+            self._record_boot(boot)
         except lmdb.Error as e:
             self._wal.close()
             raise _fault(e) from e
         except OSError as e:
             self._wal.close()
             raise StorageFault(f"cannot open the state in {self.path}: {e}") from e
-        self._batch: _LmdbBatch | None = None
-        self._migrate_journal()
+        self._syncer = threading.Thread(target=self._sync_loop, name="lmdb-sync", daemon=True)
+        self._syncer.start()
 
     def _trust_state(self, boot: str) -> None:
         """Decide whether the LMDB state survived (see the class docstring),
-        delete it if not, and record this boot before anything is written."""
-        clean_path = os.path.join(self.path, _CLEAN)
-        boot_path = os.path.join(self.path, _BOOT)
-        clean = os.path.exists(clean_path)
+        and delete it if not.  Writes nothing else."""
+        clean = os.path.exists(os.path.join(self.path, _CLEAN))
         try:
-            with open(boot_path) as f:
+            with open(os.path.join(self.path, _BOOT)) as f:
                 last_boot: str | None = f.read().strip()
         except FileNotFoundError:
-            last_boot = None  # never written without syncs (a new node, or one of before session 9)
+            # Never written without syncs: a new node, or one of before
+            # session 9 (whose journal is still in LMDB until it has moved).
+            last_boot = None
         data = os.path.join(self.path, "data.mdb")
         if os.path.exists(data) and not clean and last_boot is not None and (last_boot != boot or not boot):
             log.warning(
@@ -1155,45 +1173,64 @@ class LmdbStorage:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.path, name))
             self.rebuilt = True
-        if clean:
+
+    def _record_boot(self, boot: str) -> None:
+        """From here on the state is written without syncs: drop the clean
+        mark and record this boot, both durably, before the first batch."""
+        clean_path = os.path.join(self.path, _CLEAN)
+        boot_path = os.path.join(self.path, _BOOT)
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(clean_path)
-        if last_boot != boot or clean:
-            tmp = boot_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(boot + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, boot_path)
+        tmp = boot_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(boot + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, boot_path)
         fsync_dir(self.path)
 
     def _migrate_journal(self) -> None:
         """Move a journal kept in LMDB (nodes of before session 9) into the
-        write-ahead log, once: copied (idempotent: the same entries replace
-        themselves), synced, marked done (``wal/migrated``), then deleted
-        from LMDB.  A crash anywhere in between redoes or finishes it."""
+        write-ahead log: each group's log there is cleared, then filled
+        from LMDB, in frames of at most MIGRATE_FRAME_BYTES, each synced;
+        then the LMDB copy is deleted and LMDB synced.  A crash anywhere in
+        between redoes it (the copy is authoritative and complete each
+        time).  Until it is done no boot is recorded, so a machine restart
+        meanwhile never makes the state (which holds the journal) count as
+        torn."""
         with self._env.begin() as txn:
             legacy = txn.cursor(db=self._dbs.log).first() or txn.cursor(db=self._dbs.logmeta).first()
         if not legacy:
             return
-        marker = os.path.join(self._wal.dir, "migrated")
-        if not os.path.exists(marker):
-            wb = self._wal.writer()
-            n = 0
-            with self._env.begin() as txn:
-                for k, v in txn.cursor(db=self._dbs.log):
-                    wb.append(_U32.unpack_from(k)[0], _U64.unpack_from(k, 4)[0], _U64.unpack_from(v)[0], v[8:])
-                    n += 1
-                for k, v in txn.cursor(db=self._dbs.logmeta):
-                    wb.set_meta(_U32.unpack_from(k)[0], k[4:].decode(), v)
-            if wb.write():
+        wb = self._wal.writer()
+        n = 0
+        cleared: set[int] = set()
+
+        def flush_if(full: bool) -> None:
+            nonlocal wb
+            if (full or len(wb) >= MIGRATE_FRAME_BYTES) and wb.write():
                 self._wal.sync()
                 self._wal.publish()
-            with open(marker, "w") as f:
-                f.write(f"{n} entries\n")
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(self._wal.dir)
-            log.info("moved the Raft journal (%d entries) from LMDB into the write-ahead log", n)
+                wb = self._wal.writer()
+
+        with self._env.begin() as txn:
+            for k, v in txn.cursor(db=self._dbs.logmeta):
+                g = _U32.unpack_from(k)[0]
+                if g not in cleared:
+                    cleared.add(g)
+                    wb.clear(g)
+                    wb.clear_meta(g)
+                wb.set_meta(g, k[4:].decode(), v)
+            for k, v in txn.cursor(db=self._dbs.log):
+                g = _U32.unpack_from(k)[0]
+                if g not in cleared:
+                    cleared.add(g)
+                    wb.clear(g)
+                    wb.clear_meta(g)
+                wb.append(g, _U64.unpack_from(k, 4)[0], _U64.unpack_from(v)[0], v[8:])
+                n += 1
+                flush_if(False)
+        flush_if(True)
         try:
             with self._env.begin(write=True) as txn:
                 txn.drop(self._dbs.log, delete=False)
@@ -1201,10 +1238,25 @@ class LmdbStorage:
             self._env.sync(True)
         except lmdb.Error as e:
             raise _fault(e) from e
+        log.info("moved the Raft journal (%d entries of %d groups) from LMDB into the write-ahead log", n, len(cleared))
+
+    def _sync_loop(self) -> None:
+        """Every SYNC_EVERY_S: sync the state, so a failed write-back of
+        its pages (a failing disk) is noticed (the next batch fails) rather
+        than read back torn after a restart in the same boot."""
+        while not self._stop_sync.wait(SYNC_EVERY_S):
+            try:
+                self._env.sync(True)
+            except lmdb.Error as e:
+                self._sync_error = f"{type(e).__name__}: {e}"
+                log.error("the state could not be written back to disk: %s", e)
+                return
 
     def begin(self) -> _LmdbBatch:
         if self._batch is not None:
             raise RuntimeError("a batch is already open (one batch at a time, driver thread only)")
+        if self._sync_error is not None:
+            raise StorageFault(f"the state could not be written back to disk ({self._sync_error}); check the disk")
         try:
             txn = self._env.begin(write=True)
         except lmdb.Error as e:
@@ -1256,12 +1308,20 @@ class LmdbStorage:
                     ok = cur.set_range(_U32.pack(g + 1))  # skip the rest of g
         return out
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         """Abort an open batch, close the journal, sync the state and mark
-        the shutdown clean (so the next open trusts the state)."""
+        the shutdown clean (so the next open trusts the state even in
+        another boot).  ``clean=False``: the caller may still write (a
+        driver that did not stop): no mark."""
+        self._stop_sync.set()
+        if self._syncer.is_alive():
+            self._syncer.join()
         if self._batch is not None:
             self._batch.abort()
         self._wal.close()
+        if not clean or self._sync_error is not None:
+            self._env.close()
+            return
         try:
             self._env.sync(True)
             with open(os.path.join(self.path, _CLEAN), "w") as f:

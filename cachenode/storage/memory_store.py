@@ -429,6 +429,6 @@ class MemoryStorage:
                 | {g for g, m in self._log_meta.items() if m}
             )
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         if self._batch is not None:
             self._batch.abort()

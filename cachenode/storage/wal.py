@@ -17,8 +17,8 @@ Files (in one directory)::
                        (``posix_fallocate``) to ``segment_bytes`` or more
 
     segment  = header | frame* | zeros
-    header   = b"CNWAL1\\0\\0" | BE8 seq | BE8 sealed_end (0 while open)
-    frame    = BE4 body length | BE4 crc32(body) | body
+    header   = b"CNWAL1\\0\\0" | BE8 seq | BE8 sealed_end (0 while open) | u8 closed cleanly
+    frame    = b"CNwf" | BE4 body length | BE4 crc32(body) | body
     body     = record*
     record   = u8 type | fields (big-endian):
         APPEND      1  BE4 group, BE8 index, BE8 term, BE4 n, n bytes command
@@ -34,26 +34,34 @@ segment's frames in order rebuilds each group's journal and meta.
 
 Crash safety:
 
-* A frame counts only if its length fits and its CRC matches.  A segment
-  that was current when a process or machine crashed may end in a torn
-  frame: nothing after its last valid frame was ever synced, so nothing
-  acknowledged is lost by ignoring it.  Every run starts a new segment and
-  seals the previous run's last one at its valid end (``sealed_end`` in its
-  header), so no garbage is ever read twice and no frame is ever written
-  after a torn one.
-* A sealed segment must parse cleanly to its ``sealed_end``: anything else
-  is corruption, and the log refuses to open (``StorageFault``) rather than
-  silently drop entries that may have been acknowledged.
+* A frame counts only if its magic, length and CRC hold.  Each frame is
+  synced before the next one is written, so a crash can tear only the last
+  frame of the segment that was current: nothing after it was ever synced,
+  so nothing acknowledged is lost by ignoring it.  A bad frame that a valid
+  frame follows is therefore not a torn write but corruption of synced
+  (maybe acknowledged) entries, and so is any bad frame in a sealed
+  segment (``sealed_end`` in its header): the log refuses to open
+  (``StorageFault``) rather than silently drop them.
+* A run that ends cleanly seals its segment and marks it closed; the next
+  run appends to it.  After a crash the next run seals the last segment at
+  its valid end and starts a new one, so no frame is ever written after a
+  torn one.  A new segment is created under a temporary name, preallocated,
+  given its header, synced and only then renamed into place: a crash never
+  leaves a segment without a header.
+* A short ``pwrite`` (a full disk, a write over 2 GiB) is finished or
+  fails the batch (``StorageFault``); it is never published.
 * Each new segment starts with a frame of every group's meta (term, vote,
   commit hint), so an older segment never holds the only copy of a meta
   value.
 
 Space: a segment is deleted once it and every older segment hold no live
 entry (oldest first, so a deletion record is never dropped while an entry it
-deleted survives in an older file).  A group that stays idle would pin the
-oldest segment forever, so once at least two sealed segments exist and the
-oldest holds at most a quarter of a segment of live entries, a batch copies
-them forward (``REWRITE_BYTES`` per batch at most): replaying the copy
+deleted survives in an older file; if a deletion fails, nothing newer is
+deleted).  A group that stays idle would pin the oldest segment forever, so
+once at least two sealed segments exist and the oldest holds at most a
+quarter of a segment of live entries, or the log holds more than twice its
+live bytes plus four segments, a batch copies the oldest segment's live
+entries forward (``REWRITE_BYTES`` per batch at most): replaying the copy
 replaces the original, and the old file can go.
 
 Threads: one writer, the storage's batch owner (the Raft driver thread):
@@ -66,6 +74,7 @@ Threads: one writer, the storage's batch owner (the Raft driver thread):
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import re
@@ -89,9 +98,10 @@ REWRITE_EVERY_S = 0.5
 """How often a batch checks whether the oldest segment should be copied forward."""
 
 _MAGIC = b"CNWAL1\0\0"
-_HEADER = struct.Struct(">8sQQ")
+_HEADER = struct.Struct(">8sQQB")  # magic, seq, sealed_end, closed cleanly
 _HEADER_LEN = _HEADER.size
-_FRAME = struct.Struct(">II")
+_FRAME_MAGIC = b"CNwf"
+_FRAME = struct.Struct(">4sII")  # frame magic, body length, crc32(body)
 _APPEND = struct.Struct(">BIQQI")
 _IDX = struct.Struct(">BIQ")
 _GROUP = struct.Struct(">BI")
@@ -101,9 +111,36 @@ _MAX_FRAME = 0xFFFF_FFFF
 
 APPEND, DEL_FROM, DEL_BEFORE, CLEAR, META, CLEAR_META = 1, 2, 3, 4, 5, 6
 _NAME = re.compile(r"^[0-9a-f]{16}\.wal$")
+_TMP = ".tmp"
 
 Loc = tuple[int, int, int, int]
 """(term, segment seq, offset of the command in the segment, command size)."""
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` (Linux moves at most 2 GiB per call, and a
+    full disk may write part): OSError if it cannot."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"pwrite wrote {n} bytes at offset {offset}")
+        view = view[n:]
+        offset += n
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """Read ``size`` bytes (or fewer at the end of the file), in calls of at
+    most 1 GiB."""
+    parts = []
+    while size > 0:
+        chunk = os.pread(fd, min(size, 1 << 30), offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def fsync_dir(path: str) -> None:
@@ -113,6 +150,19 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _valid_frame_after(data: bytes, pos: int) -> bool:
+    """Whether a valid frame starts anywhere after ``pos`` in ``data``."""
+    at = data.find(_FRAME_MAGIC, pos + 1)
+    while at >= 0:
+        if at + _FRAME.size <= len(data):
+            _, n, crc = _FRAME.unpack_from(data, at)
+            body_at = at + _FRAME.size
+            if body_at + n <= len(data) and zlib.crc32(memoryview(data)[body_at:body_at + n]) == crc:
+                return True
+        at = data.find(_FRAME_MAGIC, at + 1)
+    return False
 
 
 class _GroupLog:
@@ -250,8 +300,10 @@ class WriteAheadLog:
         self.torn_frames = 0
         os.makedirs(self.dir, exist_ok=True)
         try:
-            self._recover()
-            self._start_segment(0)
+            if self._recover():
+                self._reopen(self._segments[-1])
+            else:
+                self._start_segment(0)
             self._collect()
         except OSError as e:
             raise StorageFault(f"cannot open the journal in {self.dir}: {e}") from e
@@ -336,7 +388,7 @@ class WriteAheadLog:
             self._by_seq = {}
         if segs and not segs[-1].sealed:
             try:
-                self._seal(segs[-1])
+                self._seal(segs[-1], clean=True)
             except OSError as e:
                 log.warning("could not seal journal segment %s: %s", segs[-1].path, e)
         for s in segs:
@@ -347,25 +399,27 @@ class WriteAheadLog:
     def _write_frame(self, b: WalBatch) -> None:
         if self._pending is not None:
             raise RuntimeError("the previous WAL batch was written but not published")
-        body = bytes(b._body)
+        body = b._body
         if len(body) > _MAX_FRAME:
             raise StorageFault(f"a journal batch of {len(body)} bytes is larger than a frame can hold")
-        frame = _FRAME.pack(len(body), zlib.crc32(body)) + body
+        head = _FRAME.pack(_FRAME_MAGIC, len(body), zlib.crc32(body))
         seg = self._segments[-1]
-        if seg.end + len(frame) > seg.size:
-            self._seal(seg)
-            seg = self._start_segment(len(frame))
         try:
-            os.pwrite(seg.fd, frame, seg.end)
+            if seg.end + len(head) + len(body) > seg.size:
+                self._seal(seg)
+                seg = self._start_segment(len(head) + len(body))
+            _pwrite_all(seg.fd, head + body, seg.end)
         except OSError as e:
-            raise StorageFault(f"journal write failed: {e}") from e
+            raise StorageFault(f"journal write failed: {e}; check the disk (space, errors) and restart the node") from e
         self._pending = b
         self._pending_at = (seg, seg.end + _FRAME.size)
-        seg.end += len(frame)
+        seg.end += len(head) + len(body)
 
     def _start_segment(self, need: int) -> _Segment:
         """Create, preallocate and (durably) name the next segment; it starts
-        with a frame of every group's meta."""
+        with a frame of every group's meta.  Created under a temporary name
+        and renamed once complete, so a crash never leaves a segment without
+        its header.  OSError if the disk refuses."""
         seq = self._segments[-1].seq + 1 if self._segments else 1
         path = os.path.join(self.dir, f"{seq:016x}.wal")
         meta = WalBatch(self)
@@ -374,17 +428,22 @@ class WriteAheadLog:
                 for name, value in g.meta.items():
                     meta.set_meta(gid, name, value)
         body = bytes(meta._body)
-        first = _FRAME.pack(len(body), zlib.crc32(body)) + body if body else b""
+        first = _FRAME.pack(_FRAME_MAGIC, len(body), zlib.crc32(body)) + body if body else b""
         size = max(self.segment_bytes, _HEADER_LEN + len(first) + need + 4096)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        tmp = path + _TMP
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.posix_fallocate(fd, 0, size)
-            os.pwrite(fd, _HEADER.pack(_MAGIC, seq, 0) + first, 0)
+            _pwrite_all(fd, _HEADER.pack(_MAGIC, seq, 0, 0) + first, 0)
             if self.fsync:
                 os.fsync(fd)
+            os.rename(tmp, path)
+            if self.fsync:
                 fsync_dir(self.dir)
         except OSError:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
         seg = _Segment(seq, path, fd, size, _HEADER_LEN + len(first), sealed=False)
         with self._lock:
@@ -392,11 +451,18 @@ class WriteAheadLog:
             self._by_seq[seq] = seg
         return seg
 
-    def _seal(self, seg: _Segment) -> None:
-        os.pwrite(seg.fd, _HEADER.pack(_MAGIC, seg.seq, seg.end), 0)
+    def _seal(self, seg: _Segment, clean: bool = False) -> None:
+        _pwrite_all(seg.fd, _HEADER.pack(_MAGIC, seg.seq, seg.end, int(clean)), 0)
         if self.fsync:
             os.fdatasync(seg.fd)
         seg.sealed = True
+
+    def _reopen(self, seg: _Segment) -> None:
+        """Go on writing in ``seg``, which the previous run closed cleanly."""
+        _pwrite_all(seg.fd, _HEADER.pack(_MAGIC, seg.seq, 0, 0), 0)
+        if self.fsync:
+            os.fdatasync(seg.fd)
+        seg.sealed = False
 
     def _rewrites(self) -> WalBatch | None:
         """Copies of the oldest segment's live entries, when it is mostly
@@ -411,8 +477,13 @@ class WriteAheadLog:
         if sum(1 for s in self._segments if s.sealed) < 2:
             return None
         old = self._segments[0]
-        if not old.sealed or old.entries == 0 or old.live > self.segment_bytes // 4:
+        if not old.sealed or old.entries == 0:
             return None
+        if old.live > self.segment_bytes // 4:
+            total = sum(s.end for s in self._segments)
+            live = sum(s.live for s in self._segments)
+            if total <= 2 * live + 4 * self.segment_bytes:
+                return None  # mostly live, and the log is not much larger than what it holds
         rw = WalBatch(self)
         budget = REWRITE_BYTES
         with self._lock:
@@ -498,57 +569,74 @@ class WriteAheadLog:
     def _collect(self) -> None:
         """Delete the oldest segments while none of them holds a live entry."""
         while len(self._segments) > 1 and self._segments[0].sealed and self._segments[0].entries == 0:
-            with self._lock:
-                seg = self._segments.pop(0)
-                del self._by_seq[seg.seq]
-            os.close(seg.fd)
+            seg = self._segments[0]
             try:
                 os.unlink(seg.path)
             except OSError as e:
-                log.warning("could not delete journal segment %s: %s", seg.path, e)
+                # Keep it, and everything newer: a newer segment may hold the
+                # deletions of this one's entries.
+                log.warning("could not delete journal segment %s (will retry): %s", seg.path, e)
+                return
+            with self._lock:
+                self._segments.pop(0)
+                del self._by_seq[seg.seq]
+            os.close(seg.fd)
             self.deleted_segments += 1
 
     # ---- internals: recovery ------------------------------------------------
 
-    def _recover(self) -> None:
+    def _recover(self) -> bool:
+        """Replay every segment; True if the last one was closed cleanly
+        (then this run goes on writing in it)."""
+        for name in os.listdir(self.dir):
+            if name.endswith(_TMP):  # a segment whose creation a crash cut short: it held nothing yet
+                os.unlink(os.path.join(self.dir, name))
         names = sorted(n for n in os.listdir(self.dir) if _NAME.match(n))
+        clean = False
         for name in names:
             path = os.path.join(self.dir, name)
             fd = os.open(path, os.O_RDWR)
             try:
-                seg = self._replay(fd, path, int(name[:16], 16))
+                seg, clean = self._replay(fd, path, int(name[:16], 16))
             except BaseException:
                 os.close(fd)
                 raise
             self._segments.append(seg)
             self._by_seq[seg.seq] = seg
-        for seg in self._segments:
-            if not seg.sealed:
-                self._seal(seg)  # a crashed run's last segment: seal it at its valid end
+        for seg in self._segments[:-1]:
+            if not seg.sealed:  # a crashed run's last segment (a later run started after it)
+                self._seal(seg)
+        if self._segments and not self._segments[-1].sealed:
+            self._seal(self._segments[-1])  # the crashed run's: seal it at its valid end, start anew
+            return False
+        return clean and self._segments[-1].end < self._segments[-1].size
 
-    def _replay(self, fd: int, path: str, seq: int) -> _Segment:
+    def _replay(self, fd: int, path: str, seq: int) -> tuple[_Segment, bool]:
         size = os.fstat(fd).st_size
         head = os.pread(fd, _HEADER_LEN, 0)
         if len(head) != _HEADER_LEN:
             raise StorageFault(f"journal segment {path} has no header ({size} bytes); the journal is damaged")
-        magic, hseq, sealed_end = _HEADER.unpack(head)
+        magic, hseq, sealed_end, clean = _HEADER.unpack(head)
         if magic != _MAGIC or hseq != seq:
             raise StorageFault(f"{path} is not journal segment {seq} (bad header); the journal is damaged")
         seg = _Segment(seq, path, fd, size, _HEADER_LEN, sealed=sealed_end != 0)
         self._by_seq[seq] = seg
         limit = sealed_end if sealed_end else size
-        data = os.pread(fd, limit - _HEADER_LEN, _HEADER_LEN) if limit > _HEADER_LEN else b""
+        data = _pread_all(fd, limit - _HEADER_LEN, _HEADER_LEN) if limit > _HEADER_LEN else b""
         pos = 0
         while pos + _FRAME.size <= len(data):
-            n, crc = _FRAME.unpack_from(data, pos)
+            fmagic, n, crc = _FRAME.unpack_from(data, pos)
             body_at = pos + _FRAME.size
-            if n == 0 and crc == 0:
-                break
-            if body_at + n > len(data) or zlib.crc32(data[body_at:body_at + n]) != crc:
-                if sealed_end:
+            if fmagic == b"\0\0\0\0" and n == 0 and crc == 0 and not sealed_end:
+                break  # the end of what was ever written
+            if (
+                fmagic != _FRAME_MAGIC or body_at + n > len(data)
+                or zlib.crc32(memoryview(data)[body_at:body_at + n]) != crc
+            ):
+                if sealed_end or _valid_frame_after(data, pos):
                     raise StorageFault(
                         f"journal segment {path} is corrupt at byte {_HEADER_LEN + pos} (a frame fails its "
-                        "checksum in a completed segment): entries may be lost, so the node will not start. "
+                        "checksum, and it was synced: entries may be lost), so the node will not start. "
                         "Remove this node's data directory and let it rejoin to rebuild it from its peers"
                     )
                 self.torn_frames += 1
@@ -565,7 +653,7 @@ class WriteAheadLog:
         seg.end = _HEADER_LEN + pos
         if sealed_end and seg.end != sealed_end:
             raise StorageFault(f"journal segment {path} ends at byte {seg.end}, its header says {sealed_end}")
-        return seg
+        return seg, bool(clean)
 
     def _replay_body(self, data: bytes, at: int, n: int, seg: _Segment) -> None:
         end = at + n
