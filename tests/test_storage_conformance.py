@@ -588,6 +588,18 @@ class TestConformance:
         assert storage.load_log_meta(7) == {}
         assert storage.load_log(99) == [] and storage.load_log_meta(99) == {}
 
+    def test_commit_journal_makes_the_journal_readable_before_the_state(self, storage: Storage) -> None:
+        b = storage.begin()
+        b.log.append(3, 1, 1, b"entry")
+        b.state(3).put(b"k", rec(b"v"))
+        b.commit_journal()
+        assert storage.log_entries(3, 1, 1) == [(b"entry", 1, 1)]
+        assert storage.reader(3).get(b"k") is None  # the state waits for commit()
+        b.commit()
+        assert storage.reader(3).get(b"k") == rec(b"v")
+        with pytest.raises(RuntimeError):
+            b.commit()
+
     def test_log_edges_of_group_id_space(self, storage: Storage) -> None:
         b = storage.begin()
         for g in (0, 1, META_GROUP_ID):

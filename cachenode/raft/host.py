@@ -437,11 +437,16 @@ class GroupHost:
             _resolve([c for c in done if not c[3]])
             done = [c for c in done if c[3]]
             b, self._batch = self._batch, None
+            # Acks and votes depend on the journal only: they leave once it is
+            # durable, before the state's page writes (LMDB's commit).
+            b.commit_journal()
+            self._flush_network()
             b.commit()
             self.commits += 1
             self._release_journals()
             self._run_after_commit()
-        self._flush_network()
+        else:
+            self._flush_network()
         if done:
             _resolve(done)
 

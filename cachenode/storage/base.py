@@ -222,12 +222,22 @@ class Batch(Protocol):
 
     @property
     def log(self) -> LogWriter: ...
+    def commit_journal(self) -> None:
+        """Make the batch's journal writes durable now (per the storage's
+        fsync mode) and readable through ``log_entries``; the state writes
+        stay invisible until :meth:`commit`.  The batch stays open for
+        nothing but :meth:`commit`.  Lets the caller release what depends
+        on the journal only (Raft acknowledgements, votes) before the state
+        commit.  ``StorageFault`` if the disk refuses."""
+        ...
+
     def commit(self) -> None:
         """Make the batch's journal writes durable (per the storage's fsync
         mode) and all its writes visible to readers.  The state writes need
         not be durable: a storage may rebuild them from the journal and the
         groups' snapshots after a machine crash (LmdbStorage does), but the
         state is never ahead of the durable journal once the node runs again.
+        Does :meth:`commit_journal` first unless it was called.
         ``StorageFault`` if the disk refuses; the batch is closed either way."""
         ...
 

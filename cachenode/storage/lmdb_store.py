@@ -996,7 +996,7 @@ class _LmdbBatch:
     """The one write transaction of a driver-loop iteration, and its journal
     writes (a :class:`~cachenode.storage.wal.WalBatch`).  Driver thread only."""
 
-    __slots__ = ("_storage", "_txn", "_writers", "_log", "_open")
+    __slots__ = ("_storage", "_txn", "_writers", "_log", "_open", "_journaled")
 
     def __init__(self, storage: LmdbStorage, txn: lmdb.Transaction[bytes]) -> None:
         self._storage = storage
@@ -1004,6 +1004,7 @@ class _LmdbBatch:
         self._writers: dict[int, _LmdbStateWriter] = {}
         self._log = storage._wal.writer()
         self._open = True
+        self._journaled = False
 
     def state(self, group: int) -> StateWriter:
         w = self._writers.get(group)
@@ -1028,31 +1029,45 @@ class _LmdbBatch:
         self._writers.clear()
         self._storage._batch = None
 
-    def commit(self) -> None:
-        """The journal frame is written first (not yet synced), then the
-        state is committed (not synced: see LmdbStorage), then the journal
-        is synced and published.  A crash at any point leaves the journal
-        at least as new as the state, and a process crash loses neither
-        (both are in the page cache once written)."""
-        if not self._open:
-            raise RuntimeError("batch is closed")
+    def commit_journal(self) -> None:
+        """Write the journal frame, sync it and publish it (readers of the
+        log see it); the state transaction stays open until :meth:`commit`.
+        So acknowledgements wait for one ``pwrite`` and one ``fdatasync``,
+        not for the state's page writes too."""
+        if not self._open or self._journaled:
+            raise RuntimeError("batch is closed" if not self._open else "journal already committed")
+        self._journaled = True
         wal = self._storage._wal
         try:
-            logged = self._log.write()
+            if self._log.write():
+                wal.sync()
+                wal.publish()
+        except BaseException:
+            # The node stops (StorageFault).  A frame written but not synced
+            # is like any write a crash interrupts: at most unacknowledged.
+            self._txn.abort()
+            self._log.discard()
+            self._close()
+            raise
+
+    def commit(self) -> None:
+        """The journal first (:meth:`commit_journal`, unless done), then the
+        state (not synced: see LmdbStorage).  The journal is never behind the
+        state, and a process crash loses neither (both are in the page cache
+        once written)."""
+        if not self._open:
+            raise RuntimeError("batch is closed")
+        if not self._journaled:
+            self.commit_journal()
+        try:
             for w in self._writers.values():
                 w._flush()
             self._txn.commit()
-            if logged:
-                wal.sync()
-                wal.publish()
         except BaseException as e:
             # Whatever failed, release the write lock: a transaction left open
             # would block every later batch.  (abort after a failed commit is
-            # a no-op.)  A journal frame written without its state commit is
-            # harmless: the node stops (StorageFault), and at restart the
-            # entries are in the journal as after any crash past the write.
+            # a no-op.)
             self._txn.abort()
-            self._log.discard()
             if isinstance(e, lmdb.Error):
                 raise _fault(e) from e
             raise

@@ -352,9 +352,21 @@ class _MemBatch:
     def log(self) -> _MemLog:
         return self._log
 
+    def commit_journal(self) -> None:
+        if not self._open:
+            raise RuntimeError("batch is closed")
+        s = self._storage
+        with s._lock:
+            for gid, log in self._log.logs.items():
+                s._logs[gid] = log
+            for gid, meta in self._log.metas.items():
+                s._log_meta[gid] = meta
+        self._log.logs, self._log.metas = {}, {}
+
     def commit(self) -> None:
         if not self._open:
             raise RuntimeError("batch is closed")
+        self.commit_journal()
         s = self._storage
         with s._lock:
             for gid, w in self._writers.items():
@@ -362,10 +374,6 @@ class _MemBatch:
                     s._groups.pop(gid, None)
                 else:
                     s._groups[gid] = w._grp
-            for gid, log in self._log.logs.items():
-                s._logs[gid] = log
-            for gid, meta in self._log.metas.items():
-                s._log_meta[gid] = meta
         self._close()
 
     def abort(self) -> None:
