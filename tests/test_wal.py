@@ -338,6 +338,27 @@ def test_state_is_rebuilt_after_a_machine_crash_and_the_journal_kept(tmp_path: P
         again.close()
 
 
+def test_a_failed_write_back_of_the_state_makes_the_next_open_rebuild_it(tmp_path: Path) -> None:
+    s = LmdbStorage(tmp_path / "db", boot_id=lambda: "boot-1")
+    _write(s, 1, {b"a": b"1"}, 5)
+    s._state_torn("EIO: simulated")  # what the sync thread does when env.sync fails
+    with pytest.raises(StorageFault, match="could not be written back"):
+        s.begin()
+    s.close()
+    again = LmdbStorage(tmp_path / "db", boot_id=lambda: "boot-1")  # same boot, clean close or not
+    try:
+        assert again.rebuilt and again.reader(1).get(b"a") is None
+        assert again.load_log(1) == [(b"entry 5", 5, 1)]
+        assert not (tmp_path / "db" / "state.torn").exists()
+    finally:
+        again.close()
+    third = LmdbStorage(tmp_path / "db", boot_id=lambda: "boot-1")
+    try:
+        assert not third.rebuilt
+    finally:
+        third.close()
+
+
 def test_a_clean_shutdown_is_trusted_after_a_machine_restart(tmp_path: Path) -> None:
     s = LmdbStorage(tmp_path / "db", boot_id=lambda: "boot-1")
     _write(s, 1, {b"a": b"1"}, 5)

@@ -134,6 +134,8 @@ assert MAX_KEY_BYTES - INLINE_KEY_BYTES <= 0xFFFF
 
 _CLEAN = "state.clean"
 _BOOT = "state.boot"
+_TORN = "state.torn"
+"""Written when a sync of the state failed: the next open rebuilds it, even in the same boot."""
 MIGRATE_FRAME_BYTES = 64 << 20
 """A legacy journal moves into the write-ahead log in frames of about this size."""
 SYNC_EVERY_S = 30.0
@@ -1179,15 +1181,19 @@ class LmdbStorage:
             # session 9 (whose journal is still in LMDB until it has moved).
             last_boot = None
         data = os.path.join(self.path, "data.mdb")
-        if os.path.exists(data) and not clean and last_boot is not None and (last_boot != boot or not boot):
+        torn = os.path.exists(os.path.join(self.path, _TORN))
+        if os.path.exists(data) and (torn or (not clean and last_boot is not None and (last_boot != boot or not boot))):
             log.warning(
-                "the machine restarted since this node last wrote its state without a clean shutdown: "
-                "the state may be torn, so it is rebuilt from the snapshots and the journal"
+                "%s: the state may be torn, so it is rebuilt from the snapshots and the journal",
+                "a sync of the state failed before" if torn else
+                "the machine restarted since this node last wrote its state without a clean shutdown",
             )
             for name in ("data.mdb", "lock.mdb"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.path, name))
             self.rebuilt = True
+        if torn:
+            os.unlink(os.path.join(self.path, _TORN))
 
     def _record_boot(self, boot: str) -> None:
         """From here on the state is written without syncs: drop the clean
@@ -1263,9 +1269,24 @@ class LmdbStorage:
             try:
                 self._env.sync(True)
             except lmdb.Error as e:
-                self._sync_error = f"{type(e).__name__}: {e}"
-                log.error("the state could not be written back to disk: %s", e)
+                self._state_torn(f"{type(e).__name__}: {e}")
                 return
+
+    def _state_torn(self, why: str) -> None:
+        """The state could not be written back: refuse further batches, and
+        make the next open rebuild it (its pages on disk may be stale even
+        if the machine does not restart)."""
+        self._sync_error = why
+        log.error("the state could not be written back to disk (%s); the node stops, and rebuilds "
+                  "its state from the snapshots and the journal when restarted", why)
+        try:
+            with open(os.path.join(self.path, _TORN), "w") as f:
+                f.write(why + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.path)
+        except OSError as e:
+            log.error("could not mark the state torn either (%s): restart only after checking the disk", e)
 
     def begin(self) -> _LmdbBatch:
         if self._batch is not None:

@@ -92,7 +92,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 16 << 20
 """Default segment size (a batch larger than that gets a segment of its own size)."""
-REWRITE_BYTES = 4 << 20
+REWRITE_BYTES = 1 << 20
 """Live entries copied forward out of the oldest segment per batch, at most."""
 REWRITE_EVERY_S = 0.5
 """How often a batch checks whether the oldest segment should be copied forward."""
