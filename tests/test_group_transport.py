@@ -106,12 +106,18 @@ class ManualClock:
         return self.t
 
 
-def test_an_entry_less_append_right_after_another_waits_and_its_commit_rides_the_next() -> None:
+def quiet_transport() -> tuple[FakeHost, ManualClock, GroupTransport, Node]:
+    """A transport to n2 on a manual clock that has just sent n2 an append."""
     h = FakeHost()
     clock = ManualClock()
     t = GroupTransport(h, 5, ["n2"], monotonic=clock)  # type: ignore[arg-type]
     n2 = Node("n2")
     send(t, n2, ae(9, [e(10)]))
+    return h, clock, t, n2
+
+
+def test_an_entry_less_append_right_after_another_waits_and_its_commit_rides_the_next() -> None:
+    h, clock, t, n2 = quiet_transport()
     commit_only = dict(ae(10, []), commit_index=10)
     send(t, n2, commit_only)  # pysyncobj announces the commit of 10
     assert len(h.mux.sent) == 1 and t.quieted == 1
@@ -124,11 +130,7 @@ def test_an_entry_less_append_right_after_another_waits_and_its_commit_rides_the
 
 
 def test_a_waiting_entry_less_append_leaves_once_quiet_s_old() -> None:
-    h = FakeHost()
-    clock = ManualClock()
-    t = GroupTransport(h, 5, ["n2"], monotonic=clock)  # type: ignore[arg-type]
-    n2 = Node("n2")
-    send(t, n2, ae(9, [e(10)]))
+    h, clock, t, n2 = quiet_transport()
     send(t, n2, dict(ae(10, []), commit_index=9))
     send(t, n2, dict(ae(10, []), commit_index=10))  # only the newest waits
     clock.t += QUIET_S / 2
@@ -152,11 +154,7 @@ def test_nothing_overtakes_a_waiting_entry_less_append() -> None:
     """Another kind of message (a TimeoutNow, say) drops the waiting append
     rather than leave before it; a new term's append does not take the old
     term's commit index."""
-    h = FakeHost()
-    clock = ManualClock()
-    t = GroupTransport(h, 5, ["n2"], monotonic=clock)  # type: ignore[arg-type]
-    n2 = Node("n2")
-    send(t, n2, ae(9, [e(10)]))
+    h, clock, t, n2 = quiet_transport()
     send(t, n2, dict(ae(10, []), commit_index=10))
     send(t, n2, {"type": "timeout_now", "term": 1})
     clock.t += 1.0

@@ -38,6 +38,7 @@ from .._errors import CacheError, NotLeader, OutcomeUnknown, Overloaded, Unavail
 from .._types import NodeId
 from ..storage.base import StorageFault
 from ..storage.lmdb_store import DumpReader
+from ..storage.wal import fsync_dir
 from .journal import StorageJournal, materialize
 
 if TYPE_CHECKING:
@@ -1171,7 +1172,7 @@ class RaftGroup:
         if err is None:
             try:
                 os.replace(part, self._snapshot_file)
-                _fsync_dir(os.path.dirname(self._snapshot_file))
+                fsync_dir(os.path.dirname(self._snapshot_file))
             except OSError as e:
                 err = e
         if err is not None:
@@ -1339,7 +1340,7 @@ class RaftGroup:
         replica's snapshot."""
         try:
             os.replace(self._incoming, self._snapshot_file)
-            _fsync_dir(os.path.dirname(self._snapshot_file))
+            fsync_dir(os.path.dirname(self._snapshot_file))
         except OSError as e:  # the state is loaded, pysyncobj not told: stop, restart rebuilds
             raise StorageFault(f"group {self.group_id}: cannot put the installed snapshot in place: {e}") from e
 
@@ -1440,15 +1441,6 @@ class _Install:
         if self._f is not None:
             self._f.close()
             self._f = None
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _CrcWriter:

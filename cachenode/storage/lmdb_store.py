@@ -1234,21 +1234,20 @@ class LmdbStorage:
                 self._wal.publish()
                 wb = self._wal.writer()
 
+        def group(k: bytes) -> int:
+            """The group of a legacy key; its log is cleared at its first key."""
+            g: int = _U32.unpack_from(k)[0]
+            if g not in cleared:
+                cleared.add(g)
+                wb.clear(g)
+                wb.clear_meta(g)
+            return g
+
         with self._env.begin() as txn:
             for k, v in txn.cursor(db=self._dbs.logmeta):
-                g = _U32.unpack_from(k)[0]
-                if g not in cleared:
-                    cleared.add(g)
-                    wb.clear(g)
-                    wb.clear_meta(g)
-                wb.set_meta(g, k[4:].decode(), v)
+                wb.set_meta(group(k), k[4:].decode(), v)
             for k, v in txn.cursor(db=self._dbs.log):
-                g = _U32.unpack_from(k)[0]
-                if g not in cleared:
-                    cleared.add(g)
-                    wb.clear(g)
-                    wb.clear_meta(g)
-                wb.append(g, _U64.unpack_from(k, 4)[0], _U64.unpack_from(v)[0], v[8:])
+                wb.append(group(k), _U64.unpack_from(k, 4)[0], _U64.unpack_from(v)[0], v[8:])
                 n += 1
                 flush_if(False)
         flush_if(True)
