@@ -399,9 +399,8 @@ class GroupTransport(Transport):  # type: ignore[misc]
         if self._nodes.pop(node.id, None) is not None:
             self.members_epoch += 1
             self._host.unwant_peer(node.id)
-        self._drop_queue(node.id)
+        self._drop_queue(node.id)  # also the quiet append waiting for it
         self._sent.pop(node.id, None)
-        self._quiet.pop(node.id, None)
 
     def _drop_queue(self, nid: NodeId) -> None:
         """Forget what waits for ``nid`` (as a lossy network would)."""

@@ -7,8 +7,10 @@ The driver loop, per iteration::
     propose one read barrier per group with waiting reads
     tick the groups that have work (all of them every ``tick_interval``)
     resolve write results            <- durable on a majority already (see _resolve_writes)
-    commit the storage batch         <- the one fsync for everything above
+    send the leaders' appends        <- they depend on nothing this iteration commits
+    commit the batch's journal       <- the one fsync for everything above
     flush outbound frames            <- only now may peers see acks and votes
+    commit the batch's state         <- LMDB, not synced (rebuilt from the journal after a crash)
     resolve read results             <- only now may readers see the state
 
 That order is what makes the journal durable before any acknowledgement and

@@ -67,6 +67,7 @@ from ..fsm.meta_machine import (
 from ..raft.group import RaftGroup
 from ..raft.host import GroupHost
 from ..storage.base import StateReader, Storage
+from ..storage.wal import write_durably
 from .config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -476,13 +477,8 @@ class MetaGroupStore:
 
 
 def _write_json(path: str, obj: object) -> None:
-    """Atomically replace ``path`` (write, fsync, rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically and durably replace ``path`` (storage.wal.write_durably)."""
+    write_durably(path, json.dumps(obj))
 
 
 def wait_future(fut: Future[bytes], deadline: float, writes: bool) -> bytes:

@@ -94,7 +94,7 @@ from typing import BinaryIO, TypeVar
 import lmdb
 
 from .base import MAX_KEY_BYTES, Record, StateReader, StateWriter, StorageFault
-from .wal import SEGMENT_BYTES, WalBatch, WriteAheadLog, fsync_dir
+from .wal import SEGMENT_BYTES, WalBatch, WriteAheadLog, write_durably
 
 __all__ = [
     "LmdbStorage",
@@ -1198,17 +1198,9 @@ class LmdbStorage:
     def _record_boot(self, boot: str) -> None:
         """From here on the state is written without syncs: drop the clean
         mark and record this boot, both durably, before the first batch."""
-        clean_path = os.path.join(self.path, _CLEAN)
-        boot_path = os.path.join(self.path, _BOOT)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(clean_path)
-        tmp = boot_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(boot + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, boot_path)
-        fsync_dir(self.path)
+            os.unlink(os.path.join(self.path, _CLEAN))
+        write_durably(os.path.join(self.path, _BOOT), boot + "\n")  # its directory sync covers the unlink too
 
     def _migrate_journal(self) -> None:
         """Move a journal kept in LMDB (nodes of before session 9) into the
@@ -1279,11 +1271,7 @@ class LmdbStorage:
         log.error("the state could not be written back to disk (%s); the node stops, and rebuilds "
                   "its state from the snapshots and the journal when restarted", why)
         try:
-            with open(os.path.join(self.path, _TORN), "w") as f:
-                f.write(why + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(self.path)
+            write_durably(os.path.join(self.path, _TORN), why + "\n")
         except OSError as e:
             log.error("could not mark the state torn either (%s): restart only after checking the disk", e)
 
@@ -1359,10 +1347,7 @@ class LmdbStorage:
             return
         try:
             self._env.sync(True)
-            with open(os.path.join(self.path, _CLEAN), "w") as f:
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(self.path)
+            write_durably(os.path.join(self.path, _CLEAN), "")
         except (lmdb.Error, OSError) as e:
             log.warning("could not mark a clean shutdown (the state will be rebuilt at the next start "
                         "if the machine restarts meanwhile): %s", e)

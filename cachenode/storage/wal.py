@@ -86,7 +86,7 @@ from collections.abc import Callable, Iterable
 
 from .base import StorageFault
 
-__all__ = ["WriteAheadLog", "WalBatch", "SEGMENT_BYTES", "fsync_dir"]
+__all__ = ["WriteAheadLog", "WalBatch", "SEGMENT_BYTES", "fsync_dir", "write_durably"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,19 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durably(path: str, text: str) -> None:
+    """Replace the small file ``path`` with ``text`` atomically and durably:
+    write a temporary file, fsync it, rename it over ``path``, fsync the
+    directory.  OSError if the disk refuses."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def _valid_frame_after(data: bytes, pos: int) -> bool:
