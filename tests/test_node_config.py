@@ -42,3 +42,13 @@ def test_out_of_range_grpc_workers_are_refused(value: str, capsys: pytest.Captur
     assert serve_main([*BASE, "--grpc-workers", value], env={"CACHENODE_SECRET": "s"}) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["cachenode: error: --grpc-workers must be 2..1024"]
+
+
+def test_lmdb_writemap_is_on_unless_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
+    assert cfg.lmdb_writemap is True
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--lmdb-writemap", "off"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.lmdb_writemap is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*BASE, "--lmdb-writemap", "maybe"])
+    assert "invalid choice: 'maybe'" in capsys.readouterr().err

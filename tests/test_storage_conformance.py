@@ -1,8 +1,8 @@
 """Conformance suite for the storage contract (cachenode.storage.base).
 
 Every test in ``TestConformance`` runs against each storage: ``LmdbStorage``
-(real files under pytest's tmp_path, fsync on) and the ``MemoryStorage``
-test double.  LMDB-only behaviour (reopen, map full) is tested below it.
+(real files under pytest's tmp_path, fsync on; with writemap, the default,
+and without) and the ``MemoryStorage`` test double.  LMDB-only behaviour (reopen, map full) is tested below it.
 """
 
 from __future__ import annotations
@@ -32,15 +32,17 @@ from cachenode.storage.memory_store import MemoryStorage
 Factory = Callable[[], Storage]
 
 
-@pytest.fixture(params=["lmdb", "memory"])
+@pytest.fixture(params=["lmdb", "lmdb-nowritemap", "memory"])
 def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     """A factory of fresh, empty storages of the parametrized kind."""
     opened: list[Storage] = []
 
     def make() -> Storage:
         s: Storage
-        if request.param == "lmdb":
-            s = LmdbStorage(tmp_path / f"db{len(opened)}", map_size=1 << 30, fsync=True)
+        if request.param.startswith("lmdb"):
+            s = LmdbStorage(
+                tmp_path / f"db{len(opened)}", map_size=1 << 30, fsync=True, writemap=request.param == "lmdb"
+            )
         else:
             s = MemoryStorage()
         opened.append(s)
@@ -1144,11 +1146,94 @@ def test_lmdb_fsync_flags(tmp_path: Path) -> None:
     """The state is never synced by LMDB (it is rebuilt from the journal and
     snapshots after a machine crash: see LmdbStorage); the journal is, unless
     fsync=False."""
-    for fsync in (True, False):
-        s = LmdbStorage(tmp_path / str(fsync), fsync=fsync)
+    for fsync, writemap in ((True, True), (False, True), (True, False)):
+        s = LmdbStorage(tmp_path / f"{fsync}-{writemap}", fsync=fsync, writemap=writemap)
         try:
             flags = s._env.flags()
-            assert (flags["sync"], flags["metasync"], flags["writemap"]) == (False, False, False)
+            assert (flags["sync"], flags["metasync"], flags["writemap"]) == (False, False, writemap)
             assert s._wal.fsync is fsync
         finally:
             s.close()
+
+
+def test_lmdb_writemap_file_is_sparse(tmp_path: Path) -> None:
+    """With writemap the data file is as large as the map but takes only the
+    disk its pages use (the module docstring's promise to operators)."""
+    s = LmdbStorage(tmp_path / "db", map_size=1 << 30, fsync=False)
+    try:
+        put_all(s, 1, {b"k%d" % i: rec(b"v" * 100) for i in range(1000)})
+        st = (tmp_path / "db" / "data.mdb").stat()
+        assert st.st_size == 1 << 30
+        assert st.st_blocks * 512 < 16 << 20
+    finally:
+        s.close()
+
+
+class _Changing(io.BytesIO):
+    """A seekable dump whose bytes change after the first pass has read them."""
+
+    def __init__(self, good: bytes, bad: bytes) -> None:
+        super().__init__(good)
+        self._bad = bad
+        self._seeks = 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._seeks += 1
+        if self._seeks == 1:  # the rewind before the second pass
+            at = self.tell()
+            self.getbuffer()[:] = self._bad
+            super().seek(at)
+        return super().seek(pos, whence)
+
+
+class _OnePass(io.RawIOBase):
+    """A stream that can be read once, like a socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self._b = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray) -> int:  # type: ignore[override]
+        return self._b.readinto(buf)
+
+
+def test_lmdb_writemap_load_reads_a_stream_once_and_stops_at_the_end(tmp_path: Path) -> None:
+    s = LmdbStorage(tmp_path / "db", fsync=False)
+    try:
+        populate(s, 1)
+        blob = dump_bytes(s, 1)
+        src = _OnePass(blob + b"TRAILER")
+        b = s.begin()
+        b.state(2).load(src)  # type: ignore[arg-type]
+        b.commit()
+        assert src.read() == b"TRAILER"  # the caller's stream ends where the dump did
+        seekable = io.BytesIO(b"HEAD" + blob + b"TRAILER")
+        seekable.seek(4)
+        b = s.begin()
+        b.state(3).load(seekable)
+        b.commit()
+        assert seekable.read() == b"TRAILER"
+        assert dump_bytes(s, 2) == dump_bytes(s, 3) == blob
+    finally:
+        s.close()
+
+
+def test_lmdb_writemap_load_that_changes_between_passes_is_a_storage_fault(tmp_path: Path) -> None:
+    """The first pass validated the dump, the second finds other bytes: the
+    group is half-written inside the batch, so it is a fault (the node
+    stops; the batch never commits), never a silent partial load."""
+    s = LmdbStorage(tmp_path / "db", fsync=False)
+    try:
+        populate(s, 1)
+        blob = dump_bytes(s, 1)
+        bad = blob[: len(blob) // 2] + bytes([blob[len(blob) // 2] ^ 0xFF]) + blob[len(blob) // 2 + 1 :]
+        before = dump_bytes(s, 2)
+        b = s.begin()
+        with pytest.raises(StorageFault, match="changed or could not be read again"):
+            b.state(2).load(_Changing(blob, bad))
+        b.abort()
+        assert dump_bytes(s, 2) == before
+    finally:
+        s.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
@@ -47,9 +48,14 @@ def snapshot_of(wal: WriteAheadLog, groups: range | list[int]) -> dict[int, tupl
 
 
 def crash_copy(src: Path, dst: Path) -> Path:
-    """What the disk holds now, as a process crash would leave it."""
-    shutil.copytree(src, dst)
+    """What the disk holds now, as a process crash would leave it.  Holes
+    stay holes: with writemap, LMDB's data file is as large as its map."""
+    shutil.copytree(src, dst, copy_function=_copy_sparse)
     return dst
+
+
+def _copy_sparse(src: str, dst: str) -> None:
+    subprocess.run(["cp", "--sparse=always", "--preserve=mode,timestamps", src, dst], check=True)
 
 
 def segments(d: Path) -> list[Path]:

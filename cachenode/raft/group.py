@@ -1471,3 +1471,14 @@ class _LimitedReader:
         data = self.read(len(buf))
         buf[: len(data)] = data
         return len(data)
+
+    # Seekable within the limit (LmdbStorage's load reads a dump twice).
+    def seekable(self) -> bool:
+        return bool(self._f.seekable())
+
+    def tell(self) -> int:
+        return int(self._f.tell())
+
+    def seek(self, pos: int) -> int:
+        self._left += self._f.tell() - pos
+        return int(self._f.seek(pos))

@@ -59,6 +59,7 @@ class Node:
         fsync = cfg.fsync and not cfg.unsafe.skip_fsync
         self.storage = storage or LmdbStorage(
             os.path.join(cfg.data_dir, "db"), map_size=cfg.map_size, fsync=fsync,
+            writemap=cfg.lmdb_writemap,
             boot_id=lambda: read_boot_id(cfg.boot_id_file),
         )
         try:

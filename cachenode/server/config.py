@@ -50,6 +50,7 @@ class NodeConfig:
     timing: RaftTiming = RaftTiming()
     unsafe: Unsafe = Unsafe()
     map_size: int = 64 << 30
+    lmdb_writemap: bool = True  # LMDB writes pages through its map (faster; the data file is sparse, map_size apparent)
     boot_id_file: str = BOOT_ID_PATH
     """Where the machine's boot id is read: the state is trusted after an
     unclean stop only within one boot (see LmdbStorage).  Tests point it at a

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replication", type=int, help="replicas per shard (default 3, or N when N < 3)")
     s.add_argument("--secret-file", help="file holding the cluster secret (or env CACHENODE_SECRET)")
     s.add_argument("--fsync", choices=["always", "never"], help="always (default): fsync before acknowledging; never: benchmarks only, acknowledged writes can be lost on power loss")
+    s.add_argument("--lmdb-writemap", choices=["on", "off"],
+                   help="on (default): LMDB changes pages in place through its memory map (faster; the data file "
+                   "is sparse and its apparent size is the map size, 64 GiB); off: for filesystems without sparse files")
     s.add_argument("--boot-id-file", help="where to read the machine's boot id (default /proc/sys/kernel/random/boot_id); "
                    "after an unclean stop in another boot the state is rebuilt from snapshots and the journal")
     s.add_argument("--max-key-bytes", type=int)
@@ -182,6 +185,9 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
     fsync = str(opt("fsync", "always"))
     if fsync not in ("always", "never"):
         raise ConfigError("--fsync must be always or never")
+    writemap = str(opt("lmdb_writemap", "on"))
+    if writemap not in ("on", "off"):
+        raise ConfigError("--lmdb-writemap must be on or off")
     shards = int(opt("shards", 16))  # type: ignore[call-overload]
     if not 1 <= shards <= 4096:
         raise ConfigError("--shards must be 1..4096")
@@ -208,6 +214,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         listen=str(opt("listen") or me.address), raft_listen=str(opt("raft_listen") or me.raft_address),
         initial_cluster=cluster, secret=secret, shards=shards, replication=rep,
         fsync=fsync == "always",
+        lmdb_writemap=writemap == "on",
         max_key_bytes=max_key,
         max_value_bytes=max_value,
         tick_interval_s=float(opt("tick_ms", 25.0)) / 1000.0,  # type: ignore[arg-type]
