@@ -840,7 +840,7 @@ class RaftGroup:
             fullDumpFile=self._snapshot_file,
             serializer=self._start_snapshot,
             serializeChecker=self._snapshot_state,
-            deserializer=self._read_snapshot,
+            deserializer=self._read_snapshot_or_fail,
             useFork=False,
             onStateChanged=self._on_state_changed,
         )
@@ -1342,6 +1342,17 @@ class RaftGroup:
             fsync_dir(os.path.dirname(self._snapshot_file))
         except OSError as e:  # the state is loaded, pysyncobj not told: stop, restart rebuilds
             raise StorageFault(f"group {self.group_id}: cannot put the installed snapshot in place: {e}") from e
+
+    def _read_snapshot_or_fail(self, filename: str) -> tuple[Any, Any, Any]:
+        """The deserializer pysyncobj calls.  pysyncobj logs and swallows any
+        exception from it, so a StorageFault (the state may be half-loaded
+        in the open batch) is also handed to the host, which stops the
+        driver before that batch can commit."""
+        try:
+            return self._read_snapshot(filename)
+        except StorageFault as e:
+            self.host.fail(e)
+            raise
 
     def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
         """Load a snapshot (local restart, or one received from the leader).

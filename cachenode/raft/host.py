@@ -100,6 +100,7 @@ class GroupHost:
         self.snapshot_lock = threading.Lock()
         """Held by a group's snapshot writer thread while it dumps: one dump
         at a time per node, so snapshots of many groups never pile up."""
+        self._fault: StorageFault | None = None
         self.iterations = 0
         self.commits = 0
         self.handler_errors = 0
@@ -231,6 +232,14 @@ class GroupHost:
         """A group transport queued messages this iteration (driver thread)."""
         self._unflushed.add(transport)
 
+    def fail(self, e: StorageFault) -> None:
+        """A StorageFault was raised where pysyncobj catches every exception
+        (its snapshot loading: ``SyncObj.__loadDumpFile`` logs and goes on),
+        so it cannot propagate: the driver stops at its next check, before
+        this iteration resolves, sends or commits anything (driver thread)."""
+        if self._fault is None:
+            self._fault = e
+
     def probe(self, node: NodeId, group_id: int, seq: int) -> None:
         """Queue a term probe for ``group_id`` on ``node`` (driver thread);
         all of one iteration's probes to a peer leave in one frame."""
@@ -316,6 +325,7 @@ class GroupHost:
 
     def _run(self) -> None:
         next_tick = time.monotonic()
+        failed = False
         try:
             while not self._stop.is_set():
                 with self._dirty_lock:
@@ -327,7 +337,10 @@ class GroupHost:
                     fn, fut = self._calls.popleft()
                     if fut.set_running_or_notify_cancel():
                         try:
-                            fut.set_result(fn())
+                            res = fn()
+                            if self._fault is not None:  # e.g. create_group's snapshot load failed
+                                raise self._fault
+                            fut.set_result(res)
                         except StorageFault:
                             raise
                         except BaseException as e:  # noqa: BLE001 - handed to the caller
@@ -353,6 +366,8 @@ class GroupHost:
                         raise
                     except Exception as e:
                         self._handler_failed(g, "tick", e)
+                if self._fault is not None:
+                    raise self._fault
                 if self._completions:
                     self._resolve_writes()
                 t1 = time.monotonic()
@@ -365,11 +380,12 @@ class GroupHost:
                         t2 - t0, t1 - t0, t2 - t1, len(todo),
                     )
         except BaseException as e:  # noqa: BLE001 - fail-stop, never diverge
+            failed = True
             log.critical("raft driver failed: %s: %.200s", type(e).__name__, e, exc_info=True)
             self._on_fatal(e)
             return
         finally:
-            self._shutdown()
+            self._shutdown(commit=not failed)
 
     def _run_periodic(self, now: float) -> None:
         for i, (period, due, fn) in enumerate(self._periodic):
@@ -508,16 +524,25 @@ class GroupHost:
         self._held.extend(c for c in done if c[3])
         _resolve(writes)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, commit: bool = True) -> None:
+        """Commit what is open (a clean stop) or, when the driver failed,
+        abort it: a batch the failure interrupted may hold half of something
+        (a snapshot half loaded), and the journal entries in it were never
+        acknowledged."""
         try:
-            for g in list(self._groups.values()):
-                g.journal.flush_meta()
-            if self._batch is not None:
-                self._batch.commit()
-                self._batch = None
-                self._run_after_commit()
+            if not commit:
+                if self._batch is not None:
+                    b, self._batch = self._batch, None
+                    b.abort()
+            else:
+                for g in list(self._groups.values()):
+                    g.journal.flush_meta()
+                if self._batch is not None:
+                    self._batch.commit()
+                    self._batch = None
+                    self._run_after_commit()
         except Exception:
-            log.exception("final commit failed")
+            log.exception("final commit failed" if commit else "aborting the open batch failed")
         self.mux.close()
 
 
