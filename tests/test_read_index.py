@@ -344,11 +344,23 @@ def _cut_off(ns: dict[str, Node], writes: int) -> tuple[Node, Node]:
     return leader, victim
 
 
+def _compaction_settled(n: Node) -> bool:
+    """No snapshot writer runs on ``n`` and its journal is below the size
+    that forces one (driver thread)."""
+    g = n.g
+    state = n.storage.reader(GID).size_bytes()
+    return g._snap is None and g.journal.bytes <= max(g._timing.log_compaction_bytes, state)
+
+
 def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) -> tuple[Node, Node]:
     """(leader, follower): the follower missed ``writes`` writes of 200 KB and
     the leader's log was compacted past it; the links are healed on return."""
     leader, victim = _cut_off(ns, writes)
     wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
+    # ...and its last one: compaction by size must be over before the links
+    # heal, or the follower may install a snapshot that a newer one replaces
+    # in the leader's log while it loads (then it needs a second one).
+    wait_for(lambda: leader.on_driver(lambda: _compaction_settled(leader)), "the leader's compactions to end")
     for n in ns.values():
         n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
     return leader, victim
