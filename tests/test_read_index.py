@@ -11,6 +11,7 @@ and fails with NotLeader once the partition heals and it learns the new term.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -285,17 +286,15 @@ def test_a_follower_catches_up_from_entries_that_left_the_leaders_memory(tmp_pat
         assert victim.on_driver(lambda: victim.g.journal.memory_held) <= budget
 
 
-class _GatedInstall:
-    """A Storage whose writers' ``install_records`` wait for ``gate`` from
-    the ``stop_at``-th call on (it blocks that host's driver: the install
-    is then caught half done)."""
+class _HookedWriters:
+    """A Storage whose batch writers call ``self.<name>(writer, *args)``
+    instead of ``writer.<name>(*args)`` for each name in ``HOOKED``;
+    everything else goes to the wrapped storage."""
 
-    def __init__(self, inner: Storage, gate: threading.Event, stop_at: int, fail: bool = False) -> None:
+    HOOKED: tuple[str, ...] = ()
+
+    def __init__(self, inner: Storage) -> None:
         self._inner = inner
-        self.gate = gate
-        self.stop_at = stop_at
-        self.fail = fail  # raise an I/O error at stop_at instead of waiting
-        self.calls = 0
 
     def begin(self) -> Any:
         batch, outer = self._inner.begin(), self
@@ -309,16 +308,9 @@ class _GatedInstall:
 
                 class Writer:
                     def __getattr__(self, name: str) -> Any:
+                        if name in outer.HOOKED:
+                            return functools.partial(getattr(outer, name), w)
                         return getattr(w, name)
-
-                    def install_records(self, records: Any) -> None:
-                        outer.calls += 1
-                        if outer.fail:
-                            if outer.calls == outer.stop_at:
-                                raise OSError(5, "Input/output error (injected)")
-                        elif outer.calls >= outer.stop_at and not outer.gate.wait(30):
-                            raise TimeoutError("gate never opened")
-                        w.install_records(records)
 
                 return Writer()
 
@@ -326,6 +318,30 @@ class _GatedInstall:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class _GatedInstall(_HookedWriters):
+    """A Storage whose writers' ``install_records`` wait for ``gate`` from
+    the ``stop_at``-th call on (it blocks that host's driver: the install
+    is then caught half done)."""
+
+    HOOKED = ("install_records",)
+
+    def __init__(self, inner: Storage, gate: threading.Event, stop_at: int, fail: bool = False) -> None:
+        super().__init__(inner)
+        self.gate = gate
+        self.stop_at = stop_at
+        self.fail = fail  # raise an I/O error at stop_at instead of waiting
+        self.calls = 0
+
+    def install_records(self, w: Any, records: Any) -> None:
+        self.calls += 1
+        if self.fail:
+            if self.calls == self.stop_at:
+                raise OSError(5, "Input/output error (injected)")
+        elif self.calls >= self.stop_at and not self.gate.wait(30):
+            raise TimeoutError("gate never opened")
+        w.install_records(records)
 
 
 def _cut_off(ns: dict[str, Node], writes: int) -> tuple[Node, Node]:
@@ -609,39 +625,20 @@ def test_a_write_is_acknowledged_only_once_durable_on_a_majority(nodes: dict[str
     assert all(durable >= 2 for _, durable in seen), [s for s in seen if s[1] < 2]
 
 
-class _HalfLoad:
+class _HalfLoad(_HookedWriters):
     """A Storage whose writers' ``load`` writes a record and then fails with
     a StorageFault: a snapshot load cut off half way by the disk."""
 
+    HOOKED = ("load",)
+
     def __init__(self, inner: Storage) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.loads = 0
 
-    def begin(self) -> Any:
-        batch, outer = self._inner.begin(), self
-
-        class Batch:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(batch, name)
-
-            def state(self, group: int) -> Any:
-                w = batch.state(group)
-
-                class Writer:
-                    def __getattr__(self, name: str) -> Any:
-                        return getattr(w, name)
-
-                    def load(self, inp: Any) -> None:
-                        outer.loads += 1
-                        w.put(b"half", Record(b"loaded", 1))
-                        raise StorageFault("injected: the disk failed half way through a snapshot load")
-
-                return Writer()
-
-        return Batch()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    def load(self, w: Any, inp: Any) -> None:
+        self.loads += 1
+        w.put(b"half", Record(b"loaded", 1))
+        raise StorageFault("injected: the disk failed half way through a snapshot load")
 
 
 def test_a_snapshot_load_that_fails_at_start_stops_the_node_and_commits_nothing(tmp_path: Path) -> None:

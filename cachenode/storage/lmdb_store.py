@@ -940,8 +940,6 @@ class _LmdbStateWriter:
             self._load_validated(inp)
             return
         reader = DumpReader(inp)
-        dbs = self._dbs
-        p = self._p
         # A child transaction makes the load atomic inside the batch: on any
         # error it is aborted and the group is exactly as before.
         try:
@@ -949,18 +947,7 @@ class _LmdbStateWriter:
         except lmdb.Error as e:
             raise _fault(e) from e
         try:
-            for db in dbs.state:
-                _delete_prefix(child, db, p)
-            _put_records(child, dbs, p, reader.records())
-            _write_meta(
-                child,
-                dbs,
-                p,
-                reader.applied_index,
-                reader.clock_ms,
-                reader.count,
-                reader.size_bytes,
-            )
+            self._replace_with(child, reader)
         except lmdb.Error as e:
             child.abort()
             raise _fault(e) from e
@@ -971,6 +958,18 @@ class _LmdbStateWriter:
             child.commit()
         except lmdb.Error as e:
             raise _fault(e) from e
+        self._loaded(reader)
+
+    def _replace_with(self, txn: lmdb.Transaction[bytes], reader: DumpReader) -> None:
+        """Delete the group's state in ``txn`` and write the dump's records and meta."""
+        dbs, p = self._dbs, self._p
+        for db in dbs.state:
+            _delete_prefix(txn, db, p)
+        _put_records(txn, dbs, p, reader.records())
+        _write_meta(txn, dbs, p, reader.applied_index, reader.clock_ms, reader.count, reader.size_bytes)
+
+    def _loaded(self, reader: DumpReader) -> None:
+        """The cached meta after a load of ``reader``'s dump (already written)."""
         self._applied, self._clock = reader.applied_index, reader.clock_ms
         self._count, self._size = reader.count, reader.size_bytes
         self._dirty = False
@@ -1000,17 +999,13 @@ class _LmdbStateWriter:
             end = inp.tell() if start is not None else None
             src.seek(start or 0)
             reader = DumpReader(src)
-            txn, dbs, p = self._txn, self._dbs, self._p
             try:
-                for db in dbs.state:
-                    _delete_prefix(txn, db, p)
-                _put_records(txn, dbs, p, reader.records())
-                _write_meta(txn, dbs, p, reader.applied_index, reader.clock_ms, reader.count, reader.size_bytes)
+                self._replace_with(self._txn, reader)
             except lmdb.Error as e:
                 raise _fault(e) from e
             except (ValueError, OSError) as e:
                 raise StorageFault(
-                    f"a dump validated for group {_U32.unpack(p)[0]} failed while it was loaded "
+                    f"a dump validated for group {_U32.unpack(self._p)[0]} failed while it was loaded "
                     f"({type(e).__name__}: {e}): its file changed or could not be read again; "
                     "the batch holds half of it and must not commit"
                 ) from e
@@ -1019,10 +1014,7 @@ class _LmdbStateWriter:
         finally:
             if spool is not None:
                 spool.close()
-        self._applied, self._clock = reader.applied_index, reader.clock_ms
-        self._count, self._size = reader.count, reader.size_bytes
-        self._dirty = False
-        self._prune_floor = 0
+        self._loaded(reader)
 
     def installing(self) -> bool:
         try:
