@@ -19,9 +19,11 @@ wrong and what to do next.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class CacheError(Exception):
-    kind = "internal"
+    kind: ClassVar[str] = "internal"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -29,19 +31,19 @@ class CacheError(Exception):
 
 
 class InvalidArgument(CacheError):
-    kind = "invalid_argument"
+    kind: ClassVar[str] = "invalid_argument"
 
 
 class FailedPrecondition(CacheError):
-    kind = "failed_precondition"
+    kind: ClassVar[str] = "failed_precondition"
 
 
 class NotFound(CacheError):
-    kind = "not_found"
+    kind: ClassVar[str] = "not_found"
 
 
 class NotLeader(CacheError):
-    kind = "not_leader"
+    kind: ClassVar[str] = "not_leader"
 
     def __init__(self, message: str, leader_id: str | None = None, leader_address: str | None = None) -> None:
         super().__init__(message)
@@ -50,23 +52,23 @@ class NotLeader(CacheError):
 
 
 class EpochMismatch(CacheError):
-    kind = "epoch_mismatch"
+    kind: ClassVar[str] = "epoch_mismatch"
 
 
 class Overloaded(CacheError):
-    kind = "overloaded"
+    kind: ClassVar[str] = "overloaded"
 
 
 class Unavailable(CacheError):
-    kind = "unavailable"
+    kind: ClassVar[str] = "unavailable"
 
 
 class OutcomeUnknown(CacheError):
-    kind = "outcome_unknown"
+    kind: ClassVar[str] = "outcome_unknown"
 
 
 class Internal(CacheError):
-    kind = "internal"
+    kind: ClassVar[str] = "internal"
 
 
 ALL_KINDS: dict[str, type[CacheError]] = {

@@ -9,7 +9,7 @@ from typing import Any
 
 from cachenode._clock import SystemClock
 from cachenode._errors import NotLeader
-from cachenode._types import NodeInfo, ShardDescriptor
+from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor
 from cachenode.server.cache_service import CacheService
 from cachenode.server.config import NodeConfig
 from cachenode.storage.base import Record
@@ -36,9 +36,9 @@ class Reader:
         return Record(b"local value", 7) if key == b"k" else None
 
 
-class Map:
-    def node(self, nid: str) -> Any:
-        return type("N", (), {"address": f"{nid}:1"})()
+MAP = ClusterMap(
+    version=1, nodes=tuple(NodeInfo(n, f"{n}:1", f"{n}:2") for n in ("n1", "n2", "n3")), shards=(SHARD,)
+)
 
 
 class Replicas:
@@ -51,8 +51,8 @@ class Replicas:
     def shard_for_key(self, key: bytes) -> ShardDescriptor:
         return SHARD
 
-    def local_group(self, shard_id: int) -> Any:
-        return object()
+    def has_replica(self, shard_id: int) -> bool:
+        return True
 
     def reader(self, gid: int) -> Reader:
         raise AssertionError("a stale read must read one view, not a reader that may see several commits")
@@ -68,8 +68,8 @@ class Replicas:
     def leader_group(self, shard_id: int) -> Any:
         raise NotLeader("not the leader", leader_id="n1", leader_address="n1:1")
 
-    def cluster_map(self) -> Map:
-        return Map()
+    def cluster_map(self) -> ClusterMap:
+        return MAP
 
 
 class Forwarder:

@@ -236,16 +236,14 @@ def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_p
             leader.g.propose(bytes([i]) * 200_000).result(timeout=10)
         wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
         pieces: list[tuple[int, bool, bool]] = []
-        real_send = leader.host.mux.send
 
-        def spy(node: str, group: int, message: Any) -> bool:
+        def spy(node: str, group: int, message: Any) -> None:
             ser = message.get("serialized") if isinstance(message, dict) else None
             if ser is not None and node == victim.id:
                 pieces.append((len(ser[0]), ser[1], ser[2]))
-            return real_send(node, group, message)
 
         def heal() -> None:
-            leader.host.mux.send = spy  # type: ignore[method-assign]
+            leader.host.mux.tap = spy
             for n in ns.values():
                 n.host.mux.blocked = set()
         for n in ns.values():

@@ -419,33 +419,28 @@ def test_a_journal_kept_in_lmdb_moves_into_the_log_once(tmp_path: Path) -> None:
         again.close()
 
 
-def test_a_migration_cut_short_is_redone_and_a_reboot_meanwhile_loses_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_migration_cut_short_is_redone_and_a_reboot_meanwhile_loses_nothing(tmp_path: Path) -> None:
     """The legacy LMDB holds the only copy of the journal until the move is
     done: a machine restart in between must not count it as torn.  Frames
     of 100 bytes here, so the move takes several; the process dies after
     the second."""
-    from cachenode.storage import lmdb_store
-
     path = tmp_path / "db"
     make_legacy(path, entries=20)
-    monkeypatch.setattr(lmdb_store, "MIGRATE_FRAME_BYTES", 100)
-    real_publish = WriteAheadLog.publish
-    calls = []
 
-    def dies_on_the_third(self: WriteAheadLog) -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            raise SystemExit("the process dies half way")
-        real_publish(self)
+    class DiesOnTheThird(WriteAheadLog):
+        calls = 0
 
-    monkeypatch.setattr(WriteAheadLog, "publish", dies_on_the_third)
+        def publish(self) -> None:
+            DiesOnTheThird.calls += 1
+            if DiesOnTheThird.calls == 3:
+                raise SystemExit("the process dies half way")
+            super().publish()
+
     with pytest.raises(SystemExit):
-        LmdbStorage(path, boot_id=lambda: "boot-1")
-    monkeypatch.setattr(WriteAheadLog, "publish", real_publish)
+        LmdbStorage(path, boot_id=lambda: "boot-1", wal_class=DiesOnTheThird, migrate_frame_bytes=100)
+    assert DiesOnTheThird.calls == 3
     assert not (path / "state.boot").exists()
-    s = LmdbStorage(path, boot_id=lambda: "boot-2")  # the machine restarted meanwhile
+    s = LmdbStorage(path, boot_id=lambda: "boot-2", migrate_frame_bytes=100)  # the machine restarted meanwhile
     try:
         assert not s.rebuilt
         assert s.load_log(1) == [(b"g1-%d" % i, i, 2) for i in range(1, 21)]

@@ -199,11 +199,11 @@ class Coalescer:
                     if not fut.done():
                         fut.set_exception(e)
                 return
-            except BaseException as e:  # cancelled / closed channel: never strand a caller
+            except BaseException as exc:  # cancelled / closed channel: never strand a caller
                 for _, _, fut, _ in batch:
                     if not fut.done():
-                        fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
-                if not isinstance(e, Exception):
+                        fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                if not isinstance(exc, Exception):
                     raise
                 return
             for (_, _, fut, _), outcome in zip(batch, op_outcomes([f for f, _, _, _ in batch], resp), strict=True):

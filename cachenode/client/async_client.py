@@ -362,12 +362,12 @@ class AsyncCacheClient:
                     return await co.call(op.method, op.build(state.header(target)), state.attempt_timeout())
                 call = getattr(self._cache_stub(target.address), op.method)
                 return await call(op.build(state.header(target)), timeout=state.attempt_timeout())
-            except grpc.RpcError as err:
+            except grpc.RpcError as rpc_err:
                 if self._closed:
                     raise Unavailable(
                         f"{op.display}: the client was closed during the call"
                     ) from None
-                delay = state.failed(err, target)
+                delay = state.failed(rpc_err, target)
             if delay > 0:
                 await asyncio.sleep(delay)
 

@@ -172,13 +172,13 @@ class ShardStateMachine:
             result, writes = self._plan(cmd, index, clock, w)
         except StorageFault:
             raise
-        except _Refused as e:
-            result, writes = ErrorResult(FailedPrecondition.kind, str(e)), []
-        except Exception as e:  # a bug: answer it, keep the group moving
+        except _Refused as refused:
+            result, writes = ErrorResult(FailedPrecondition.kind, str(refused)), []
+        except Exception as bug:  # a bug: answer it, keep the group moving
             log.exception("apply of %s at index %d failed", type(cmd).__name__, index)
             # The message becomes replicated state (dedup table), so it names
             # only the exception type: a repr could differ between replicas.
-            msg = f"apply of {type(cmd).__name__} failed at index {index}: {type(e).__name__}"
+            msg = f"apply of {type(cmd).__name__} failed at index {index}: {type(bug).__name__}"
             result, writes = ErrorResult(Internal.kind, msg), []
         encoded = encode_result(result)
 
@@ -192,10 +192,10 @@ class ShardStateMachine:
                 w.dedup_put(rid.client_id, rid.seq, encoded, clock)
         except StorageFault:
             raise
-        except Exception as e:
+        except Exception as fault:
             # The write set is half applied: continuing would let this
             # replica diverge, so this is as fatal as a disk error.
-            raise StorageFault(f"storage failed while applying index {index}: {e!r}") from e
+            raise StorageFault(f"storage failed while applying index {index}: {fault!r}") from fault
         return encoded, clock
 
     def _finish(self, w: StateWriter, index: int, clock: int, encoded: bytes) -> bytes:

@@ -26,25 +26,50 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import SyncObjConf
 from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
 from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE
-from pysyncobj.transport import Transport
 
 from .._errors import CacheError, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .._types import NodeId
 from ..storage.base import StorageFault
 from ..storage.lmdb_store import DumpReader
 from ..storage.wal import fsync_dir
+from ._syncobj import GroupSyncObj
 from .journal import StorageJournal, materialize
 
 if TYPE_CHECKING:
     from .host import GroupHost
 
 log = logging.getLogger(__name__)
+
+
+class PeerLinks(Protocol):
+    """What a :class:`GroupTransport` uses of the node's Raft port
+    (:class:`~cachenode.raft.mux.RaftMux`; tests pass fakes)."""
+
+    def is_up(self, node: NodeId) -> bool: ...
+
+    def send(self, node: NodeId, group: int, message: Any) -> bool: ...
+
+    def queued_bytes(self, node: NodeId) -> int: ...
+
+
+class TransportHost(Protocol):
+    """What a :class:`GroupTransport` uses of its host (:class:`GroupHost`;
+    tests pass fakes).  Called on the driver thread only."""
+
+    @property
+    def mux(self) -> PeerLinks: ...
+
+    def want_peer(self, node: NodeId) -> None: ...
+
+    def unwant_peer(self, node: NodeId) -> None: ...
+
+    def mark_unflushed(self, transport: Any) -> None: ...
 
 ApplyFn = Callable[[bytes, int], bytes]
 """(payload, raft index) -> encoded result; runs on the driver thread inside the batch."""
@@ -210,9 +235,15 @@ class SnapshotFile:
         self._f.close()
 
 
-_INSTALLED = ("installed",)
+class _Installed:
+    """Type of :data:`_INSTALLED`, a sentinel compared by identity."""
+
+
+_INSTALLED = _Installed()
 """What the transport hands pysyncobj's serializer as the last piece of a
-snapshot this replica already loaded (see :meth:`RaftGroup._on_snapshot_piece`)."""
+snapshot this replica already loaded (see :meth:`RaftGroup._on_snapshot_piece`).
+An instance, not a constant tuple: compiled code rebuilds a tuple constant
+where it is used, so ``is`` would never match."""
 
 
 class SnapshotTransfer:
@@ -336,11 +367,16 @@ def _split_append(m: dict[str, Any], room: int) -> tuple[dict[str, Any], dict[st
     return head, rest
 
 
-class GroupTransport(Transport):  # type: ignore[misc]
-    """pysyncobj transport for one group, multiplexed over the node's RaftMux."""
+class GroupTransport:
+    """pysyncobj transport for one group, multiplexed over the node's RaftMux.
+
+    It implements the interface of ``pysyncobj.transport.Transport`` (the
+    transport seam: the ``set...Callback`` setters, ``addNode``, ``dropNode``,
+    ``send``, ``ready``, ``destroy``) without inheriting it, so that it
+    compiles to a native class."""
 
     def __init__(
-        self, host: GroupHost, group: int, members: list[NodeId],
+        self, host: TransportHost, group: int, members: list[NodeId],
         hold: bool = False, on_release: Callable[[], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -350,7 +386,10 @@ class GroupTransport(Transport):  # type: ignore[misc]
         peer as connected (so pysyncobj never starts an election) until a
         leader's append reaches it: an empty replica cannot win, and its
         growing term would only depose the leader that is adding it."""
-        super().__init__(None, None, None)
+        self._on_message: Callable[[Node, Any], None] | None = None
+        self._on_connected: Callable[[Node], None] | None = None
+        self._on_disconnected: Callable[[Node], None] | None = None
+        self._utility: dict[str, Callable[..., Any]] = {}
         self._host = host
         self._group = group
         self.hold = hold
@@ -382,6 +421,51 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self.quieted = 0
         for m in members:
             self.addNode(Node(m))
+
+    # ---- the pysyncobj transport interface -----------------------------
+
+    def setOnMessageReceivedCallback(self, callback: Callable[[Node, Any], None] | None) -> None:
+        self._on_message = callback
+
+    def setOnNodeConnectedCallback(self, callback: Callable[[Node], None] | None) -> None:
+        self._on_connected = callback
+
+    def setOnNodeDisconnectedCallback(self, callback: Callable[[Node], None] | None) -> None:
+        self._on_disconnected = callback
+
+    def setOnReadonlyNodeConnectedCallback(self, callback: Any) -> None:
+        pass  # no read-only nodes here
+
+    def setOnReadonlyNodeDisconnectedCallback(self, callback: Any) -> None:
+        pass
+
+    def setOnUtilityMessageCallback(self, message: str, callback: Callable[..., Any] | None) -> None:
+        if callback is not None:
+            self._utility[message] = callback
+        else:
+            self._utility.pop(message, None)
+
+    def tryGetReady(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def waitReady(self) -> None:
+        pass
+
+    def _onMessageReceived(self, node: Node, message: Any) -> None:
+        if self._on_message is not None:
+            self._on_message(node, message)
+
+    def _onNodeConnected(self, node: Node) -> None:
+        if self._on_connected is not None:
+            self._on_connected(node)
+
+    def _onNodeDisconnected(self, node: Node) -> None:
+        if self._on_disconnected is not None:
+            self._on_disconnected(node)
 
     def addNode(self, node: Node) -> None:
         if node.id in self._nodes:
@@ -710,58 +794,6 @@ class GroupTransport(Transport):  # type: ignore[misc]
         self.held_in.clear()
 
 
-class _NoPoller:
-    """Stands in for a group's pysyncobj poller: our transport has no
-    sockets of its own (the host polls the one Raft port), so the poller
-    every tick ends with watched nothing, yet cost a ``poll`` system call per
-    group per tick (1,700 a second on an idle node of 16 shards)."""
-
-    def subscribe(self, *args: Any) -> None:
-        raise RuntimeError("a pysyncobj group here watches no socket (the host's RaftMux does)")
-
-    def unsubscribe(self, *args: Any) -> None:
-        pass
-
-    def poll(self, timeout: float) -> None:
-        pass
-
-
-class _GroupSyncObj(SyncObj):  # type: ignore[misc]
-    def __init__(self, apply_fn: ApplyFn, *args: Any, **kwargs: Any) -> None:
-        self._apply_fn = apply_fn
-        self._apply_entry_id: int | None = None
-        super().__init__(*args, **kwargs)
-        self._poller = _NoPoller()
-        # The one pysyncobj internal replaced: see SnapshotTransfer (pinned by
-        # tests/test_group_transport.py::test_pysyncobj_internals_we_lean_on).
-        inner: Any = getattr(self, "_SyncObj__serializer")  # noqa: B009 - name-mangled
-        self.transfer = SnapshotTransfer(inner, self._getConf().fullDumpFile)
-        self._SyncObj__serializer = self.transfer
-
-    @replicated  # type: ignore[untyped-decorator]
-    def apply_entry(self, payload: bytes) -> bytes:
-        # pysyncobj raises raftLastApplied only after this returns, so the
-        # index of the entry being applied is raftLastApplied + 1.
-        return self._apply_fn(payload, self.raftLastApplied + 1)
-
-    def propose_entry(self, payload: bytes, callback: Callable[[Any, int], None]) -> None:
-        """What ``apply_entry(payload, callback=...)`` does, but the command
-        pickled with protocol 5 instead of the decorator's protocol 2: any
-        thread.
-
-        Protocol 2 pickles ``bytes`` as a latin-1 *string* (``_codecs.encode``),
-        so every payload byte over 127 became two in the log, on the wire
-        and in the journal (random values: 1.5x), and took 8-9 us per 7 KiB
-        to pickle and to unpickle again on every replica (protocol 5: 0.4 us,
-        a copy).  pysyncobj unpickles whatever protocol it gets (its
-        ``__doApplyCommand`` calls ``pickle.loads``) and dispatches by the
-        method id exactly as for the decorator's commands."""
-        func_id = self._apply_entry_id
-        if func_id is None:
-            func_id = self._apply_entry_id = self._methodToID[self._getFuncName("apply_entry")]
-        self._applyCommand(pickle.dumps((func_id, (payload,)), protocol=5), callback, _REGULAR)
-
-
 class RaftGroup:
     def __init__(
         self,
@@ -844,7 +876,7 @@ class RaftGroup:
             useFork=False,
             onStateChanged=self._on_state_changed,
         )
-        self.sync = _GroupSyncObj(
+        self.sync = GroupSyncObj(SnapshotTransfer,
             apply_fn, Node(self_id), [Node(m) for m in others], conf,
             transport=self.transport, nodeClass=Node,
         )
@@ -1295,18 +1327,25 @@ class RaftGroup:
                     done = inst.load_into(state, self._timing.snapshot_install_chunk_bytes)
             except StorageFault:
                 raise
-            except Exception as e:
+            except Exception as err:
                 # Half the state is replaced and cannot be resumed or undone
                 # here (the file passed its CRC: the disk failed).  Stop; at
                 # restart the mark makes the node rebuild the replica.
                 raise StorageFault(
-                    f"group {self.group_id}: installing a snapshot failed half way ({type(e).__name__}: {e}); "
+                    f"group {self.group_id}: installing a snapshot failed half way ({type(err).__name__}: {err}); "
                     "the node stops, and rebuilds the replica when restarted"
-                ) from e
+                ) from err
             if done:
                 self._finish_install()
                 return
         self.host.wake(self)
+
+    def _installed_taken(self) -> bool:
+        """Whether pysyncobj's deserializer took ``_installed``.  A method,
+        not an inline test: right after the assignment, the type checker
+        (and so the compiled code, which trusts it) takes the attribute for
+        the tuple just stored, though the call in between may reset it."""
+        return self._installed is None
 
     def _finish_install(self) -> None:
         """The state is loaded (in the current batch): pysyncobj installs
@@ -1320,7 +1359,7 @@ class RaftGroup:
         self._installed = inst.header
         self.transport.frozen = False
         self.transport.pass_on(inst.node, dict(inst.message, serialized=_INSTALLED))
-        if self._installed is not None:  # pysyncobj did not take it (a newer term meanwhile?)
+        if not self._installed_taken():  # pysyncobj did not take it (a newer term meanwhile?)
             self._installed = None
             log.warning("group %s: pysyncobj did not install the received snapshot", self.group_id)
         else:

@@ -96,7 +96,7 @@ class GroupHost:
         self._probes: dict[NodeId, dict[int, int]] = {}
         self._periodic: list[tuple[float, float, Callable[[], None]]] = []
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._driver: threading.Thread | None = None
         self.snapshot_lock = threading.Lock()
         """Held by a group's snapshot writer thread while it dumps: one dump
         at a time per node, so snapshots of many groups never pile up."""
@@ -108,17 +108,17 @@ class GroupHost:
     # ---- any thread -------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="raft-driver", daemon=True)
-        self._thread.start()
+        self._driver = threading.Thread(target=self._run, name="raft-driver", daemon=True)
+        self._driver.start()
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the driver; True once it has stopped (False: it is still in
         an iteration after ``timeout``, and may still write)."""
         self._stop.set()
         self.mux.wake()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
+        if self._driver is not None:
+            self._driver.join(timeout)
+            return not self._driver.is_alive()
         return True
 
     def wake(self, group: RaftGroup | None = None) -> None:
@@ -139,7 +139,7 @@ class GroupHost:
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the driver thread; the future holds its result."""
         fut: Future[T] = Future()
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._driver:
             try:
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - handed to the caller
@@ -364,8 +364,8 @@ class GroupHost:
                         g.tick()
                     except StorageFault:
                         raise
-                    except Exception as e:
-                        self._handler_failed(g, "tick", e)
+                    except Exception as err:
+                        self._handler_failed(g, "tick", err)
                 if self._fault is not None:
                     raise self._fault
                 if self._completions:

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pysyncobj.syncobj as _syncobj_module
-from pysyncobj.journal import Journal
 
 from ..storage.base import Batch, Storage
 
@@ -79,11 +78,13 @@ class DiskCommand:
     def __len__(self) -> int:
         return self._size
 
-    def __getitem__(self, item: Any) -> Any:
-        if item == slice(None, 1, None):
-            if self._head is None:
-                self._head = self.load()[:1]
-            return self._head
+    def __getitem__(self, item: int | slice) -> Any:
+        if isinstance(item, slice):
+            if item == slice(None, 1, None):
+                if self._head is None:
+                    self._head = self.load()[:1]
+                return self._head
+            return self.load()[item.start : item.stop : item.step]
         return self.load()[item]
 
     def __eq__(self, other: object) -> bool:
@@ -110,7 +111,12 @@ def materialize(entries: list[Entry]) -> list[Entry]:
     return [(e[0].load(), e[1], e[2]) if type(e[0]) is DiskCommand else e for e in entries]
 
 
-class StorageJournal(Journal):  # type: ignore[misc]
+class StorageJournal:
+    """pysyncobj's journal interface (``pysyncobj.journal.Journal``: every method
+    it declares is implemented here), on the node's storage.  It does not inherit
+    ``Journal``, which declares only that interface, so that it compiles to a
+    native class."""
+
     def __init__(
         self, group: int, storage: Storage, batch: Callable[[], Batch],
         durable_batch: Callable[[], Batch] | None = None,
@@ -207,7 +213,11 @@ class StorageJournal(Journal):  # type: ignore[misc]
         """Bytes of commands held in memory."""
         return self._mem_bytes
 
-    def __getitem__(self, item: Any) -> Any:
+    def __getitem__(self, item: int | slice) -> Any:
+        # Slicing spelled out: compiled code given a slice object where it
+        # expects an index raises TypeError instead of slicing.
+        if isinstance(item, slice):
+            return self._entries[item.start : item.stop : item.step]
         return self._entries[item]
 
     def __len__(self) -> int:

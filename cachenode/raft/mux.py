@@ -129,6 +129,9 @@ class RaftMux:
         self._dirty: set[_Conn] = set()
         self.blocked: set[NodeId] = set()
         """Fault filter (testing): traffic to and from these nodes is dropped."""
+        self.tap: Callable[[NodeId, int, Any], None] | None = None
+        """Observer (testing): called with every message :meth:`send` queues,
+        on the sending thread, before it is pickled."""
         self._rbuf = bytearray(1 << 20)
         self._rview = memoryview(self._rbuf)
         self.frames_in = 0
@@ -168,6 +171,8 @@ class RaftMux:
         conn = self._out.get(node)
         if conn is None or conn.state != "up" or node in self.blocked:
             return False
+        if self.tap is not None:
+            self.tap(node, group, message)
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         conn.wbuf.append(memoryview(_HDR.pack(len(payload) + 4, group)))
         conn.wbuf.append(memoryview(payload))

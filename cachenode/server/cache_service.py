@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import grpc
 
@@ -156,12 +156,12 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             return fn(self._deadline(ctx))
         except CacheError as e:
             abort(ctx, e)
-        except ForwardedError as e:
-            ctx.set_trailing_metadata(e.metadata)
-            ctx.abort(e.code, e.details)
-        except Exception as e:  # a bug: report it precisely, never a hung call
+        except ForwardedError as fwd:
+            ctx.set_trailing_metadata(fwd.metadata)
+            ctx.abort(fwd.code, fwd.details)
+        except Exception as bug:  # a bug: report it precisely, never a hung call
             log.exception("internal error")
-            abort(ctx, Internal(f"internal error: {type(e).__name__}: {e}"))
+            abort(ctx, Internal(f"internal error: {type(bug).__name__}: {bug}"))
         raise AssertionError("unreachable")
 
     def _unary(self, ctx: grpc.ServicerContext, start: Callable[[Any, float], Finish], req: Any) -> Any:
@@ -213,10 +213,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             header = req.header
         shard = self._shard(key, header)
         consistency = V.consistency(header)
-        local = self.r.local_group(shard.id)
-        if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local is not None:
+        local = self.r.has_replica(shard.id)
+        if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local:
             consistency = V.STALE  # UNSAFE: no barrier, no forwarding
-        if consistency == V.STALE and local is not None:
+        if consistency == V.STALE and local:
             def stale() -> Any:
                 with self.r.view(shard.id) as reader:  # one consistent state
                     if not reader.installing():
@@ -398,8 +398,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     # ---- Batch ------------------------------------------------------------------------------
 
-    _BATCH_WRITES = frozenset({"set", "delete", "cas", "incr", "mset"})
-    _BATCH_START = {
+    _BATCH_WRITES: ClassVar[frozenset[str]] = frozenset({"set", "delete", "cas", "incr", "mset"})
+    _BATCH_START: ClassVar[dict[str, str]] = {
         "get": "_start_get", "set": "_start_set", "delete": "_start_delete",
         "cas": "_start_cas", "incr": "_start_incr", "ttl": "_start_ttl",
         "mget": "_start_mget", "mset": "_start_mset",
@@ -431,9 +431,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                 yield self._run_batch(req, deadline)
             except (CacheError, ForwardedError) as e:
                 yield pb.BatchResponse(error=_op_error(e))
-            except Exception as e:  # a bug: report it precisely, keep the stream
+            except Exception as bug:  # a bug: report it precisely, keep the stream
                 log.exception("internal error")
-                yield pb.BatchResponse(error=_op_error(Internal(f"internal error: {type(e).__name__}: {e}")))
+                yield pb.BatchResponse(error=_op_error(Internal(f"internal error: {type(bug).__name__}: {bug}")))
 
     def _run_batch(self, req: pb.BatchRequest, deadline: float) -> pb.BatchResponse:
         V.check_batch(sum(len(op.mset.items) if op.HasField("mset") else len(op.mget.keys)

@@ -80,7 +80,7 @@ class Forwarder:
             except grpc.RpcError as e:
                 code = e.code()
                 md: tuple[tuple[str, str], ...] = tuple(
-                    (str(m.key), str(m.value)) for m in (e.trailing_metadata() or ()) if isinstance(m.value, str)
+                    (str(m.key), str(m.value)) for m in (e.trailing_metadata() or ()) if isinstance(m.value, str)  # type: ignore[unreachable]  # grpc-stubs say bytes; text keys carry str
                 )
                 kinds = dict(md)
                 kind = kinds.get(ERROR_KEY)

@@ -182,6 +182,10 @@ class ReplicaManager:
     def local_group(self, shard_id: int) -> RaftGroup | None:
         return self.host.group(shard_id)
 
+    def has_replica(self, shard_id: int) -> bool:
+        """Whether this node holds a replica of ``shard_id`` (any thread)."""
+        return self.host.group(shard_id) is not None
+
     def leader_hint(self, shard_id: int) -> tuple[NodeId | None, str | None]:
         g = self.host.group(shard_id)
         leader = g.status.leader if g is not None else None

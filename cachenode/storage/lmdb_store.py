@@ -110,7 +110,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, ClassVar, TypeVar
 
 import lmdb
 
@@ -333,8 +333,8 @@ class DumpReader:
     counter or checksum mismatch) raises ``ValueError``.  A consumer must
     exhaust :meth:`records` before trusting anything it yielded."""
 
-    TAG_DATA = _TAG_DATA
-    TAG_DEDUP = _TAG_DEDUP
+    TAG_DATA: ClassVar[int] = _TAG_DATA
+    TAG_DEDUP: ClassVar[int] = _TAG_DEDUP
 
     def __init__(self, inp: BinaryIO) -> None:
         self._inp = inp
@@ -1003,12 +1003,12 @@ class _LmdbStateWriter:
                 self._replace_with(self._txn, reader)
             except lmdb.Error as e:
                 raise _fault(e) from e
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError) as reread:
                 raise StorageFault(
                     f"a dump validated for group {_U32.unpack(self._p)[0]} failed while it was loaded "
-                    f"({type(e).__name__}: {e}): its file changed or could not be read again; "
+                    f"({type(reread).__name__}: {reread}): its file changed or could not be read again; "
                     "the batch holds half of it and must not commit"
-                ) from e
+                ) from reread
             if end is not None:
                 src.seek(end)  # the caller's stream ends where the dump did, as after one pass
         finally:
@@ -1214,6 +1214,9 @@ class LmdbStorage:
     files).  ``boot_id``: reads this
     boot's id (tests pass their own to play a machine restart).
     ``wal_segment_bytes``: see :data:`cachenode.storage.wal.SEGMENT_BYTES`.
+    ``wal_class`` and ``migrate_frame_bytes``: the write-ahead log's class
+    and the frame size of the legacy journal's move into it (tests pass a
+    subclass that dies half way, and small frames).
     Open one ``LmdbStorage`` per path per process."""
 
     def __init__(
@@ -1225,13 +1228,16 @@ class LmdbStorage:
         boot_id: Callable[[], str] = read_boot_id,
         wal_segment_bytes: int = SEGMENT_BYTES,
         writemap: bool = True,
+        wal_class: type[WriteAheadLog] = WriteAheadLog,
+        migrate_frame_bytes: int = MIGRATE_FRAME_BYTES,
     ) -> None:
         self.path = os.fspath(path)
+        self._migrate_frame_bytes = migrate_frame_bytes
         self.fsync = fsync
         self.writemap = writemap
         self.rebuilt = False
         os.makedirs(self.path, exist_ok=True)
-        self._wal = WriteAheadLog(os.path.join(self.path, "wal"), fsync=fsync, segment_bytes=wal_segment_bytes)
+        self._wal = wal_class(os.path.join(self.path, "wal"), fsync=fsync, segment_bytes=wal_segment_bytes)
         self._sync_error: str | None = None
         self._stop_sync = threading.Event()
         try:
@@ -1256,9 +1262,9 @@ class LmdbStorage:
         except lmdb.Error as e:
             self._wal.close()
             raise _fault(e) from e
-        except OSError as e:
+        except OSError as os_err:
             self._wal.close()
-            raise StorageFault(f"cannot open the state in {self.path}: {e}") from e
+            raise StorageFault(f"cannot open the state in {self.path}: {os_err}") from os_err
         self._syncer = threading.Thread(target=self._sync_loop, name="lmdb-sync", daemon=True)
         self._syncer.start()
 
@@ -1298,7 +1304,7 @@ class LmdbStorage:
     def _migrate_journal(self) -> None:
         """Move a journal kept in LMDB (nodes of before session 9) into the
         write-ahead log: each group's log there is cleared, then filled
-        from LMDB, in frames of at most MIGRATE_FRAME_BYTES, each synced;
+        from LMDB, in frames of at most ``migrate_frame_bytes``, each synced;
         then the LMDB copy is deleted and LMDB synced.  A crash anywhere in
         between redoes it (the copy is authoritative and complete each
         time).  Until it is done no boot is recorded, so a machine restart
@@ -1314,7 +1320,7 @@ class LmdbStorage:
 
         def flush_if(full: bool) -> None:
             nonlocal wb
-            if (full or len(wb) >= MIGRATE_FRAME_BYTES) and wb.write():
+            if (full or len(wb) >= self._migrate_frame_bytes) and wb.write():
                 self._wal.sync()
                 self._wal.publish()
                 wb = self._wal.writer()

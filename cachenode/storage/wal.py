@@ -84,6 +84,8 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 
+from mypy_extensions import mypyc_attr
+
 from .base import StorageFault
 
 __all__ = ["WriteAheadLog", "WalBatch", "SEGMENT_BYTES", "fsync_dir", "write_durably"]
@@ -282,6 +284,7 @@ class WalBatch:
         self._ops = []
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it to die half way
 class WriteAheadLog:
     """The journal of every group on a node: see the module docstring.
 
