@@ -7,3 +7,11 @@ commands. Everything else is internal.
 
 __version__ = "0.1.0"
 __all__ = ["__version__"]
+
+import os as _os
+
+if _os.environ.get("CACHENODE_NATIVE_CHECK", "1") != "0":
+    # Compiled extensions shadow their .py: refuse to run code older than its source.
+    from ._compiled import check_fresh as _check_fresh
+
+    _check_fresh()

@@ -487,10 +487,20 @@ def _facts_line(doc: Mapping[str, Any]) -> str:
         where += "; "
     return where + (
         f"{m.get('cores')} cores ({m.get('cpu_model') or 'unknown CPU'}), Python {m.get('python')}, "
+        f"{_native_line(m.get('native'))}, "
         f"{load}; {c.get('seconds')} s per phase, medians of {c.get('rounds')} round(s), "
         f"{c.get('clients')} client processes, {c.get('inflight')} requests in flight; "
         f"data on {m.get('data_fs')}"
     )
+
+
+def _native_line(native: Any) -> str:
+    """How much of cachenode ran compiled (mypyc), from the machine facts."""
+    if not isinstance(native, Mapping):
+        return "compiled: not recorded"
+    if not native.get("compiled"):
+        return "interpreted (not compiled)"
+    return f"compiled ({native.get('compiled')} of {native.get('of')} hot modules)"
 
 
 def rich_tables(doc: Mapping[str, Any]) -> list[Table]:

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._compiled import status as native_status
+
 __all__ = [
     "BenchError",
     "code_facts",
@@ -538,4 +540,5 @@ def machine_facts(data_dir: Path) -> dict[str, Any]:
         },
         "data_dir": str(data_dir),
         "data_fs": fs_type(data_dir),
+        "native": native_status(),
     }
