@@ -55,6 +55,14 @@ $(NATIVE): $(STAMP) $(NATIVE_SRC)
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null) \
 	  || echo "warning: could not install gcc"; \
 	fi
+	@# Debian's own python3.X ships its C headers separately (python3.X-dev).
+	@if ! $(PY) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+	    && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	  pkg=python$$($(PY) -c "import sys; print('%d.%d' % sys.version_info[:2])")-dev; \
+	  echo "installing $$pkg (Python's C headers, to compile with mypyc)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null) \
+	  || echo "warning: could not install $$pkg"; \
+	fi
 	@if CACHENODE_NATIVE_CHECK=0 $(PY) -m cachenode.native build; then \
 	  echo compiled > $(NATIVE); \
 	else \
