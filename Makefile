@@ -50,18 +50,16 @@ NATIVE_SRC := $(wildcard cachenode/*.py cachenode/*/*.py)
 native: $(NATIVE)
 
 $(NATIVE): $(STAMP) $(NATIVE_SRC)
-	@if ! command -v $${CC:-cc} >/dev/null 2>&1 && [ "$$(id -u)" = "0" ]; then \
-	  echo "installing gcc (to compile cachenode's hot modules with mypyc)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null) \
-	  || echo "warning: could not install gcc"; \
-	fi
-	@# Debian's own python3.X ships its C headers separately (python3.X-dev).
-	@if ! $(PY) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
-	    && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	  pkg=python$$($(PY) -c "import sys; print('%d.%d' % sys.version_info[:2])")-dev; \
-	  echo "installing $$pkg (Python's C headers, to compile with mypyc)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null) \
-	  || echo "warning: could not install $$pkg"; \
+	@# What the build needs and the machine lacks, in one apt-get when root:
+	@# gcc, and Python's C headers (Debian's own python3.X ships them as python3.X-dev).
+	@pkgs=""; \
+	command -v $${CC:-cc} >/dev/null 2>&1 || pkgs=" gcc libc6-dev"; \
+	$(PY) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+	  || pkgs="$$pkgs python$$($(PY) -c "import sys; print('%d.%d' % sys.version_info[:2])")-dev"; \
+	if [ -n "$$pkgs" ] && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing$$pkgs (to compile cachenode's hot modules with mypyc)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null) \
+	  || echo "warning: could not install$$pkgs"; \
 	fi
 	@if CACHENODE_NATIVE_CHECK=0 $(PY) -m cachenode.native build; then \
 	  echo compiled > $(NATIVE); \

@@ -50,15 +50,6 @@ def source(module: str) -> Path:
     return PACKAGE_DIR.parent.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def extensions_of(py: Path) -> list[Path]:
-    """The extension files that would shadow ``py`` (any ABI suffix)."""
-    return [
-        py.with_name(py.stem + suffix)
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES
-        if py.with_name(py.stem + suffix).exists()
-    ]
-
-
 def built(package_dir: Path = PACKAGE_DIR) -> list[Path]:
     """Every extension file in the package, of any build (listed or not)."""
     return sorted(

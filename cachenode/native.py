@@ -38,9 +38,9 @@ from ._compiled import (
     COMPILED,
     GROUP,
     PACKAGE_DIR,
+    built,
     check_fresh,
     clean,
-    extensions_of,
     source,
     status,
 )
@@ -70,9 +70,8 @@ def build(build_dir: Path) -> None:
     # shim whose C did not change keeps an old time, which check_fresh would
     # take for stale.  Every module was just compiled from its current source.
     now = time.time()
-    for module in COMPILED:
-        for ext in extensions_of(source(module)):
-            os.utime(ext, (now, now))
+    for ext in built():
+        os.utime(ext, (now, now))
     console.print(f"mypyc: {len(paths)} modules compiled in {time.monotonic() - t0:.0f} s")
 
 

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from pysyncobj import SyncObjConf
 from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
 from pysyncobj.node import Node
-from pysyncobj.syncobj import _COMMAND_TYPE
 
 from .._errors import CacheError, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .._types import NodeId
@@ -74,7 +73,6 @@ class TransportHost(Protocol):
 ApplyFn = Callable[[bytes, int], bytes]
 """(payload, raft index) -> encoded result; runs on the driver thread inside the batch."""
 
-_REGULAR = _COMMAND_TYPE.REGULAR
 _SNAP_MAGIC = b"CNSNAP1\0"
 APPEND_BATCH_BYTES = 300 * 1024 * 1024
 """Larger than any entry can be (requests are capped at 256 MiB), so

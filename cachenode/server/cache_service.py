@@ -213,10 +213,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             header = req.header
         shard = self._shard(key, header)
         consistency = V.consistency(header)
-        local = self.r.has_replica(shard.id)
-        if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and local:
+        has_local = self.r.has_replica(shard.id)
+        if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and has_local:
             consistency = V.STALE  # UNSAFE: no barrier, no forwarding
-        if consistency == V.STALE and local:
+        if consistency == V.STALE and has_local:
             def stale() -> Any:
                 with self.r.view(shard.id) as reader:  # one consistent state
                     if not reader.installing():
