@@ -91,6 +91,25 @@ def test_group_items_keeps_pairs_and_order(m: ClusterMap, items: list[tuple[byte
         assert group == [it for it in items if table.shard_for_key(it[0]).id == shard_id]
 
 
+@settings(max_examples=100, deadline=None)
+@given(cluster_maps(), st.lists(keys, min_size=1, max_size=12), st.data())
+def test_route_all_routes_a_group_only_while_every_key_is_on_its_shard(
+    m: ClusterMap, ks: list[bytes], data: st.DataObject
+) -> None:
+    table = RouteTable(m)
+    # A group as a multi-key call builds it (one shard's keys), then perhaps
+    # with one key of whatever shard: the same map, or one that moved a range.
+    group = table.group_keys(ks)[table.shard_for_key(ks[0]).id]
+    extra = data.draw(st.lists(keys, max_size=1))
+    ids = {table.shard_for_key(k).id for k in group + extra}
+    route = table.route_all(group + extra)
+    if len(ids) == 1:
+        assert route is not None
+        assert route == table.route(ks[0])
+    else:
+        assert route is None
+
+
 def test_boundaries_of_bootstrap_ranges() -> None:
     m = make_map(4)
     table = RouteTable(m)

@@ -441,13 +441,13 @@ class CallState:
     def target(self) -> Target:
         """Where the next attempt goes.  Raises :class:`Regroup` for a split multi-key op."""
         table = self.core.table
-        if table is not None:
-            route = table.route(self.op.keys[0])
-            for key in self.op.keys[1:]:
-                if table.shard_for_key(key).id != route.shard.id:
-                    raise Regroup(self.op.display)
-            self._shard = route.shard
-        if self.core.routing == "proxy" or table is None:
+        if table is None:
+            return self.core.proxy_target()
+        route = table.route_all(self.op.keys)
+        if route is None:
+            raise Regroup(self.op.display)
+        self._shard = route.shard
+        if self.core.routing == "proxy":
             return self.core.proxy_target()
 
         candidates: list[tuple[NodeId | None, str]] = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from cachenode._types import ClusterMap, NodeId, NodeInfo, ShardDescriptor, ShardId, key_hash
@@ -126,6 +126,19 @@ class RouteTable:
         h = key_hash(key)
         with self._lock:
             shard = _find_shard(self._map, self._starts, h)
+            leader_id, address = self._leader_locked(shard.id)
+            return Route(shard, leader_id, address)
+
+    def route_all(self, keys: Sequence[bytes]) -> Route | None:
+        """The route of ``keys[0]`` when every key lives on its shard, else
+        ``None`` (the keys were grouped by an older map: regroup them).  One
+        look at the map for all keys: a multi-key call's parts are checked on
+        every attempt."""
+        with self._lock:
+            shard = _find_shard(self._map, self._starts, key_hash(keys[0]))
+            for i in range(1, len(keys)):
+                if not shard.owns(key_hash(keys[i])):
+                    return None
             leader_id, address = self._leader_locked(shard.id)
             return Route(shard, leader_id, address)
 
