@@ -52,3 +52,19 @@ def test_lmdb_writemap_is_on_unless_turned_off(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         build_parser().parse_args([*BASE, "--lmdb-writemap", "maybe"])
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+def test_tune_gc_freezes_what_exists_and_raises_the_thresholds() -> None:
+    # In a fresh interpreter: the test process's own collector stays as it is.
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from cachenode.server.main import tune_gc, GC_THRESHOLDS; "
+        "before = gc.get_freeze_count(); tune_gc(); "
+        "print(before, gc.get_freeze_count(), gc.get_threshold() == GC_THRESHOLDS, GC_THRESHOLDS[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, after, thresholds, gen0 = out.stdout.split()
+    assert int(before) == 0 and int(after) > 1000  # the imported modules' objects, at least
+    assert thresholds == "True" and int(gen0) > 700  # above Python's default

@@ -7,6 +7,7 @@ start (port in use, data dir locked), 70 stopped to protect data (disk fault).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -244,6 +245,26 @@ def setup_logging(fmt: str, level: str, node_id: str) -> None:
     logging.getLogger("pysyncobj").setLevel(logging.WARNING)
 
 
+GC_THRESHOLDS = (50_000, 20, 1_000)
+"""The cyclic collector's generation thresholds in a node process (Python's
+defaults: 700, 10, 10).  A node allocates a few container objects per
+request and frees nearly all of them by reference count; with the defaults
+the collector ran every few hundred requests and scanned the young objects
+each time.  Measured (A/B on fresh 3-node clusters, the bench's load
+generator, 4 rounds each): 100-key msets +3-4 % msets/s and -3-5 % node CPU
+per mset, single-key sets unchanged."""
+
+
+def tune_gc() -> None:
+    """Called once by :func:`main` on the main thread, after the node started:
+    everything built so far (modules, the node's long-lived objects) moves
+    to the collector's permanent generation, which it never scans again,
+    and the thresholds become :data:`GC_THRESHOLDS`."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
     env = dict(os.environ) if env is None else env
     args = build_parser().parse_args(argv)
@@ -272,6 +293,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     node.start()
+    tune_gc()
     while not stop.wait(0.5):
         pass
     log.info("stopping")
