@@ -123,11 +123,9 @@ class RouteTable:
 
     def route(self, key: bytes) -> Route:
         """The shard of ``key`` and its leader as known right now."""
-        h = key_hash(key)
-        with self._lock:
-            shard = _find_shard(self._map, self._starts, h)
-            leader_id, address = self._leader_locked(shard.id)
-            return Route(shard, leader_id, address)
+        route = self.route_all((key,))
+        assert route is not None  # one key always lies on its own shard
+        return route
 
     def route_all(self, keys: Sequence[bytes]) -> Route | None:
         """The route of ``keys[0]`` when every key lives on its shard, else
