@@ -50,6 +50,11 @@ def source(module: str) -> Path:
     return PACKAGE_DIR.parent.joinpath(*module.split(".")).with_suffix(".py")
 
 
+def shadowed(ext: Path) -> Path:
+    """The ``.py`` that the extension file ``ext`` would shadow (any ABI suffix)."""
+    return ext.with_name(ext.name.split(".", 1)[0] + ".py")
+
+
 def built(package_dir: Path = PACKAGE_DIR) -> list[Path]:
     """Every extension file in the package, of any build (listed or not)."""
     return sorted(
@@ -67,7 +72,7 @@ def check_fresh(package_dir: Path = PACKAGE_DIR) -> None:
     thread); lists the package's extensions and ``stat``s them."""
     stale = []
     for ext in built(package_dir):
-        py = ext.with_name(ext.name.split(".", 1)[0] + ".py")
+        py = shadowed(ext)
         if py.exists() and py.stat().st_mtime > ext.stat().st_mtime:
             stale.append(str(py.relative_to(package_dir.parent)))
     if stale:

@@ -41,6 +41,7 @@ from ._compiled import (
     built,
     check_fresh,
     clean,
+    shadowed,
     source,
     status,
 )
@@ -68,10 +69,14 @@ def build(build_dir: Path) -> None:
         dist.run_command("build_ext")
     # build_ext copies each extension with the time of its build-dir copy; a
     # shim whose C did not change keeps an old time, which check_fresh would
-    # take for stale.  Every module was just compiled from its current source.
+    # take for stale.  Every listed module was just compiled from its current
+    # source; an extension of a module no longer listed keeps its time, so
+    # check_fresh still refuses it once its source has changed.
     now = time.time()
+    sources = {source(m) for m in COMPILED}
     for ext in built():
-        os.utime(ext, (now, now))
+        if shadowed(ext) in sources:
+            os.utime(ext, (now, now))
     console.print(f"mypyc: {len(paths)} modules compiled in {time.monotonic() - t0:.0f} s")
 
 
