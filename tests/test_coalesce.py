@@ -15,11 +15,12 @@ import pytest
 from _cluster import FakeCluster, Fault
 from _nodes import wait_for
 
-from cachenode._errors import Overloaded, Unavailable
+from cachenode._errors import CacheError, Overloaded, Unavailable
 from cachenode.client import AsyncCacheClient, CacheClient
 from cachenode.client._coalesce import Coalescer
 from cachenode.client._status import classify
 from cachenode.client._sync_coalesce import SyncCoalescer
+from cachenode.client.async_client import _all_done
 from cachenode.v1 import cache_pb2 as pb
 
 
@@ -102,6 +103,105 @@ def test_one_failing_op_does_not_fail_its_batch_mates(cluster: FakeCluster) -> N
     errors = [r for r in res if isinstance(r, Exception)]
     assert len(errors) == 1 and type(errors[0]).__name__ == "FailedPrecondition"
     assert all(r is True for i, r in enumerate(res) if i != 5)
+
+
+def test_async_multi_key_parts_that_fail_first_go_on_alone_and_apply_once(cluster: FakeCluster) -> None:
+    """An mset's and an mget's per-shard parts leave together; a part whose
+    first attempt fails (here: not the leader, then an answer lost after the
+    write applied) is retried on its own with its request id, and every part
+    applies exactly once."""
+    cluster.inject(Fault("MSet", grpc.StatusCode.UNAVAILABLE, kind="not_leader", count=1))
+    cluster.inject(Fault("MSet", grpc.StatusCode.UNAVAILABLE, kind="unavailable", count=1, apply_first=True))
+    cluster.inject(Fault("MGet", grpc.StatusCode.UNAVAILABLE, kind="not_leader", count=2))
+    data = {f"k{i}": f"v{i}" for i in range(100)}
+
+    async def run() -> tuple[int, dict[str, Any]]:
+        async with AsyncCacheClient(cluster.endpoints, timeout=5) as c:
+            n = await c.mset(data)
+            return n, await c.mget([*data, "absent"])
+
+    n, got = asyncio.run(run())
+    assert n == 100
+    assert got["absent"] is None
+    assert {k: v.value.decode() for k, v in got.items() if v is not None} == data
+    msets = cluster.calls("MSet")
+    assert len(msets) >= 4 + 2  # one per shard, and the two failed first attempts again (a not_leader
+    # without a hint may first try another replica, which points at the leader)
+    assert len({c.request.header.request_id.seq for c in msets}) == 4
+    assert sorted(cluster.state.applies.values()) == [1, 1, 1, 1]
+    assert len(cluster.calls("MGet")) >= 4 + 2
+
+
+def test_async_multi_key_call_on_a_hung_node_ends_at_its_deadline(cluster: FakeCluster) -> None:
+    """The parts' first attempts share one timer: a node that never answers
+    fails its part at the call's deadline with a readable error, while the
+    other parts succeed; the call never hangs."""
+    hung = cluster.leader_of_key(b"k0")
+    cluster.inject(Fault("MGet", grpc.StatusCode.OK, node=hung, delay_s=2.5, count=100))
+
+    async def run() -> tuple[BaseException | None, float]:
+        async with AsyncCacheClient(cluster.endpoints, timeout=0.8) as c:
+            await c.set("k0", "v")
+            t0 = time.monotonic()
+            try:
+                await c.mget([f"k{i}" for i in range(40)])
+            except Exception as e:  # noqa: BLE001 - the assertion below names it
+                return e, time.monotonic() - t0
+            return None, time.monotonic() - t0
+
+    err, took = asyncio.run(run())
+    assert isinstance(err, CacheError), err
+    assert "mget" in str(err) and "shard" in str(err)
+    assert took < 2.0
+
+
+def test_cancelling_an_async_multi_key_call_ends_it_at_once(cluster: FakeCluster) -> None:
+    hung = cluster.leader_of_key(b"k0")
+    cluster.inject(Fault("MGet", grpc.StatusCode.OK, node=hung, delay_s=2.0, count=100))
+
+    async def run() -> tuple[bool, float]:
+        async with AsyncCacheClient(cluster.endpoints, timeout=10) as c:
+            await c.set("k0", "v")
+            task = asyncio.ensure_future(c.mget([f"k{i}" for i in range(40)]))
+            await wait_for_async(lambda: any(co._inflight for co in c._coalescers.values()))
+            t0 = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return task.cancelled(), time.monotonic() - t0
+
+    cancelled, took = asyncio.run(run())
+    assert cancelled and took < 0.5
+
+
+def test_waiting_for_the_parts_expires_or_cancels_them_together() -> None:
+    """``_all_done``: the parts still waiting at the timeout fail with
+    DEADLINE_EXCEEDED; cancelling the wait cancels every part."""
+
+    async def run() -> tuple[list[Any], list[bool]]:
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in range(3)]
+        futs[0].set_result("early")
+        await _all_done(futs, 0.05)
+        outcomes = [f.result() if f.exception() is None else f.exception().code() for f in futs]
+        waiting = [loop.create_future() for _ in range(3)]
+        task = asyncio.ensure_future(_all_done(waiting, 10.0))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return outcomes, [f.cancelled() for f in waiting]
+
+    outcomes, cancelled = asyncio.run(run())
+    assert outcomes == ["early", grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DEADLINE_EXCEEDED]
+    assert cancelled == [True, True, True]
+
+
+async def wait_for_async(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 def test_uncoalesced_mode_still_works(cluster: FakeCluster) -> None:

@@ -126,6 +126,12 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(DeadlineError())
 
 
+def expire_all(futs: list[asyncio.Future[Any]]) -> None:
+    """Fail every op of ``futs`` still waiting with DEADLINE_EXCEEDED (a timer's callback)."""
+    for fut in futs:
+        _expire(fut)
+
+
 class Coalescer:
     def __init__(
         self, batch_call: Callable[..., Any], max_batch: int = 256, max_inflight: int = 1,
@@ -155,6 +161,20 @@ class Coalescer:
         self.largest = 0
 
     async def call(self, method: str, request: Any, timeout: float) -> Any:
+        """One op: its response message, or the ``RpcError`` it failed with."""
+        fut = self.submit(method, request, timeout)
+        # One timer per call instead of wait_for(shield(...)), which costs a
+        # task, two futures and their callbacks per op on the client's loop.
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def submit(self, method: str, request: Any, timeout: float) -> asyncio.Future[Any]:
+        """Queue one op without waiting; the future gets what :meth:`call`
+        returns or raises.  No timer: the caller expires the future (with
+        :func:`expire_all`) once ``timeout`` has passed."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._queue.append((BATCH_FIELD[method], request, fut, loop.time() + timeout))
@@ -163,13 +183,7 @@ class Coalescer:
             # in it (a gather, an mset's per-shard parts) leave together.
             self._launch_pending = True
             loop.call_soon(self._launch_soon)
-        # One timer per call instead of wait_for(shield(...)), which costs a
-        # task, two futures and their callbacks per op on the client's loop.
-        timer = loop.call_later(timeout, _expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        return fut
 
     def _launch_soon(self) -> None:
         self._launch_pending = False

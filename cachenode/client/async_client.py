@@ -18,7 +18,7 @@ import grpc.aio
 
 from cachenode._errors import CacheError, Unavailable
 from cachenode._types import ClusterMap, NodeId, ShardId
-from cachenode.client._coalesce import BATCH_FIELD, Coalescer
+from cachenode.client._coalesce import BATCH_FIELD, Coalescer, expire_all
 from cachenode.client._convert import (
     KeyLike,
     check_ttl,
@@ -32,11 +32,13 @@ from cachenode.client._convert import (
 )
 from cachenode.client._core import (
     CHANNEL_OPTIONS,
+    CallState,
     ClientCore,
     Consistency,
     Op,
     Regroup,
     Routing,
+    Target,
     parse_consistency,
 )
 from cachenode.client._results import CasResult, GetResult, NodeStatus
@@ -340,8 +342,15 @@ class AsyncCacheClient:
         raise last
 
     async def _run(self, op: Op, deadline: float | None = None) -> Any:
-        state = self._core.begin(op, deadline)
+        return await self._attempts(self._core.begin(op, deadline))
+
+    async def _attempts(self, state: CallState, delay: float = 0.0) -> Any:
+        """The call's attempts until one answers, from after ``delay``;
+        raises its final error."""
+        op = state.op
         while True:
+            if delay > 0:
+                await asyncio.sleep(delay)
             delay = 0.0
             if state.need_map():
                 try:
@@ -349,27 +358,80 @@ class AsyncCacheClient:
                     state.map_refreshed()
                 except Unavailable as err:
                     delay = state.map_failed(err)
-                if delay > 0:
-                    await asyncio.sleep(delay)
                 continue
             target = state.target()
             try:
                 if self._coalesce and op.method in BATCH_FIELD:
-                    co = self._coalescers.get(target.address)
-                    if co is None:
-                        stub = self._cache_stub(target.address)
-                        co = self._coalescers[target.address] = Coalescer(stub.Batch, stream_call=stub.BatchStream)
-                    return await co.call(op.method, op.build(state.header(target)), state.attempt_timeout())
+                    return await self._coalescer(target.address).call(
+                        op.method, op.build(state.header(target)), state.attempt_timeout())
                 call = getattr(self._cache_stub(target.address), op.method)
                 return await call(op.build(state.header(target)), timeout=state.attempt_timeout())
             except grpc.RpcError as rpc_err:
-                if self._closed:
-                    raise Unavailable(
-                        f"{op.display}: the client was closed during the call"
-                    ) from None
-                delay = state.failed(rpc_err, target)
-            if delay > 0:
-                await asyncio.sleep(delay)
+                delay = self._failed(state, rpc_err, target)
+
+    def _failed(self, state: CallState, err: grpc.RpcError, target: Target) -> float:
+        """An attempt failed: the backoff before the next, or raises the call's error."""
+        if self._closed:
+            raise Unavailable(f"{state.op.display}: the client was closed during the call") from None
+        return state.failed(err, target)
+
+    def _coalescer(self, address: str) -> Coalescer:
+        co = self._coalescers.get(address)
+        if co is None:
+            stub = self._cache_stub(address)
+            co = self._coalescers[address] = Coalescer(stub.Batch, stream_call=stub.BatchStream)
+        return co
+
+    async def _run_all(self, ops: list[Op], deadline: float) -> list[Any]:
+        """What ``gather(*(self._run(op, deadline) for op in ops),
+        return_exceptions=True)`` returns: each op's response or error.
+
+        For an mget's or mset's per-shard parts.  Their first attempts are
+        queued on the coalescers in one go, with one timer for all of them
+        and no task per part; a part whose first attempt fails goes on in
+        :meth:`_attempts` like any call.  A task, its coroutine and a timer
+        per part cost the client about as much CPU as the part's share of
+        the batch it rides in (100-key mget, 16 shards: ``docs/benchmarks.md``,
+        *Session 15*)."""
+        if not self._coalesce:
+            return await asyncio.gather(*(self._run(op, deadline) for op in ops), return_exceptions=True)
+        results: list[Any] = [None] * len(ops)
+        later: list[tuple[int, CallState, float]] = []  # parts to go on in _attempts
+        sent: list[tuple[int, CallState, Target, asyncio.Future[Any]]] = []
+        timeout = 0.0
+        for i, op in enumerate(ops):
+            state = self._core.begin(op, deadline)
+            if state.need_map() or op.method not in BATCH_FIELD:
+                later.append((i, state, 0.0))
+                continue
+            try:
+                target = state.target()
+                timeout = state.attempt_timeout()
+                fut = self._coalescer(target.address).submit(op.method, op.build(state.header(target)), timeout)
+            except Exception as e:  # Regroup, or the client was closed
+                results[i] = e
+                continue
+            sent.append((i, state, target, fut))
+        if sent:
+            futs = [fut for _, _, _, fut in sent]
+            await _all_done(futs, timeout)
+            for i, state, target, fut in sent:
+                err = fut.exception()
+                if err is None:
+                    results[i] = fut.result()
+                elif isinstance(err, grpc.RpcError):
+                    try:
+                        later.append((i, state, self._failed(state, err, target)))
+                    except Exception as e:
+                        results[i] = e
+                else:
+                    results[i] = err
+        if later:
+            outcomes = await asyncio.gather(
+                *(self._attempts(state, delay) for _, state, delay in later), return_exceptions=True)
+            for (i, _, _), outcome in zip(later, outcomes, strict=True):
+                results[i] = outcome
+        return results
 
     async def _fan_out(
         self,
@@ -387,9 +449,7 @@ class AsyncCacheClient:
         for _ in range(MAX_REGROUPS + 1):
             if not pending:
                 break
-            results = await asyncio.gather(
-                *(self._run(make_op(g.items), deadline) for g in pending), return_exceptions=True
-            )
+            results = await self._run_all([make_op(g.items) for g in pending], deadline)
             next_pending: list[_Group[X]] = []
             errors: list[BaseException] = []
             for group, result in zip(pending, results, strict=True):
@@ -409,3 +469,29 @@ class AsyncCacheClient:
         if pending:
             raise Unavailable(f"{what}: the shard layout kept changing; retry")
         return done
+
+
+async def _all_done(futs: list[asyncio.Future[Any]], timeout: float) -> None:
+    """Wait until every future is done; those still waiting after
+    ``timeout`` fail with DEADLINE_EXCEEDED.  Cancelled: cancels them all."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    left = len(futs)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    for fut in futs:
+        fut.add_done_callback(one_done)
+    timer = loop.call_later(timeout, expire_all, futs)
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        for fut in futs:
+            fut.cancel()
+        raise
+    finally:
+        timer.cancel()
