@@ -530,6 +530,49 @@ def test_a_failed_rpc_fails_every_op_in_it_and_a_refused_launch_strands_no_calle
     assert out == [err]
 
 
+def test_a_blocking_mset_and_mget_send_one_rpc_per_node_and_retry_failed_parts_alone(cluster: FakeCluster) -> None:
+    """The blocking client queues an mget's or mset's per-shard parts on the
+    nodes' coalescers in one go: one RPC per node that leads a part.  A part
+    whose first attempt fails goes on alone with its request id; every part
+    applies exactly once."""
+    data = {f"k{i}": f"v{i}" for i in range(100)}
+    with CacheClient(cluster.endpoints, timeout=5) as c:
+        c.set("warm-up", "x")
+        leaders = {cluster.leader_of_key(k.encode()) for k in data}
+        rpcs = sum(co.rpcs for co in c._coalescers.values())
+        assert c.mset(data) == 100
+        assert sum(co.rpcs for co in c._coalescers.values()) - rpcs == len(leaders)
+        got = c.mget([*data, "absent"])
+        assert sum(co.rpcs for co in c._coalescers.values()) - rpcs == 2 * len(leaders)
+        assert got["absent"] is None
+        assert {k: v.value.decode() for k, v in got.items() if v is not None} == data
+
+        cluster.clear_calls()
+        applies_before = dict(cluster.state.applies)
+        cluster.inject(Fault("MSet", grpc.StatusCode.UNAVAILABLE, kind="not_leader", count=1))
+        cluster.inject(Fault("MSet", grpc.StatusCode.UNAVAILABLE, kind="unavailable", count=1, apply_first=True))
+        cluster.inject(Fault("MGet", grpc.StatusCode.UNAVAILABLE, kind="not_leader", count=2))
+        again = {k: v + "!" for k, v in data.items()}
+        assert c.mset(again) == 100
+        got = c.mget(list(again))
+    assert {k: v.value.decode() for k, v in got.items() if v is not None} == again
+    msets = cluster.calls("MSet")
+    assert len(msets) >= 4 + 2
+    new = {rid: n for rid, n in cluster.state.applies.items() if rid not in applies_before}
+    assert sorted(new.values()) == [1, 1, 1, 1]
+
+
+def test_a_blocking_multi_key_call_on_a_hung_node_ends_at_its_deadline(cluster: FakeCluster) -> None:
+    hung = cluster.leader_of_key(b"k0")
+    cluster.inject(Fault("MGet", grpc.StatusCode.OK, node=hung, delay_s=2.5, count=100))
+    with CacheClient(cluster.endpoints, timeout=0.8) as c:
+        c.set("k0", "v")
+        t0 = time.monotonic()
+        with pytest.raises(CacheError, match="mget.*shard"):
+            c.mget([f"k{i}" for i in range(40)])
+        assert time.monotonic() - t0 < 2.0
+
+
 def test_threads_sharing_a_blocking_client_share_batches(cluster: FakeCluster) -> None:
     """Real gRPC: while two slow calls to a node are in flight (the most per
     node), the calls other threads make to that node queue, then leave as

@@ -138,6 +138,27 @@ class SyncCoalescer:
                 raise _not_started(err) from None
             finally:
                 self._next()
+        return self.result(slot)
+
+    def start(self, calls: list[tuple[str, Any, float]]) -> list[_Slot]:
+        """Queue several ``(method, request, timeout)`` at once and return
+        without waiting: they leave together, as few Batch RPCs as the limits
+        allow (an mget's or mset's parts on this node: one).  Wait for each
+        with :meth:`result`.  Any thread."""
+        now = self._clock()
+        slots = [_Slot(method, request, now + timeout) for method, request, timeout in calls]
+        batches: list[list[_Slot]] = []
+        with self._lock:
+            self._queue += slots
+            while (batch := self._take()) is not None:
+                batches.append(batch)
+        for batch in batches:
+            self._launch(batch)
+        return slots
+
+    def result(self, slot: _Slot) -> Any:
+        """The response of a :meth:`start`-ed call, waiting until its deadline;
+        raises a ``grpc.RpcError`` as :meth:`call` does."""
         if not slot.done.wait(max(0.0, slot.deadline - self._clock())):
             with self._lock:
                 if slot in self._queue:  # never sent: it must never be

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -37,11 +37,13 @@ from cachenode.client._convert import (
 )
 from cachenode.client._core import (
     CHANNEL_OPTIONS,
+    CallState,
     ClientCore,
     Consistency,
     Op,
     Regroup,
     Routing,
+    Target,
     parse_consistency,
 )
 from cachenode.client._results import CasResult, GetResult, NodeStatus
@@ -460,8 +462,14 @@ class CacheClient:
 
     def _run(self, op: Op, deadline: float | None = None) -> Any:
         """Run one single-shard op with routing and retries; returns the response message."""
-        state = self._core.begin(op, deadline)
+        return self._attempts(self._core.begin(op, deadline))
+
+    def _attempts(self, state: CallState, delay: float = 0.0) -> Any:
+        """The call's attempts until one answers, from after ``delay``; raises its final error."""
+        op = state.op
         while True:
+            if delay > 0:
+                time.sleep(delay)
             delay = 0.0
             if state.need_map():
                 try:
@@ -469,8 +477,6 @@ class CacheClient:
                     state.map_refreshed()
                 except Unavailable as err:
                     delay = state.map_failed(err)
-                if delay > 0:
-                    time.sleep(delay)
                 continue
             target = state.target()
             try:
@@ -481,13 +487,72 @@ class CacheClient:
                 call = getattr(self._cache_stub(target.address), op.method)
                 return call(op.build(state.header(target)), timeout=state.attempt_timeout())
             except grpc.RpcError as rpc_err:
-                if self._closed:
-                    raise Unavailable(
-                        f"{op.display}: the client was closed during the call"
-                    ) from None
-                delay = state.failed(rpc_err, target)
-            if delay > 0:
-                time.sleep(delay)
+                delay = self._failed(state, rpc_err, target)
+
+    def _failed(self, state: CallState, err: grpc.RpcError, target: Target) -> float:
+        """An attempt failed: the backoff before the next, or raises the call's error."""
+        if self._closed:
+            raise Unavailable(f"{state.op.display}: the client was closed during the call") from None
+        return state.failed(err, target)
+
+    def _run_all(self, ops: list[Op], deadline: float) -> list[Any]:
+        """Each op's response, or the ``CacheError``/``Regroup`` it ended
+        with: the per-shard parts of one mget or mset.
+
+        Their first attempts are queued on the nodes' coalescers in one go
+        from this thread, so each node gets one Batch for all its parts; only
+        a part whose first attempt fails goes on in :meth:`_attempts`, on the
+        client's threads.  Running every part on a thread of its own instead
+        cost 5.5 ms of client CPU and 10.6 ms per 100-key mget over 16
+        shards (``docs/benchmarks.md``, *Session 15*)."""
+        if len(ops) == 1:  # one part: the plain call, in this thread
+            try:
+                return [self._run(ops[0], deadline)]
+            except (CacheError, Regroup) as err:
+                return [err]
+        results: list[Any] = [None] * len(ops)
+        later: list[tuple[int, CallState, float]] = []
+        queued: dict[SyncCoalescer, list[tuple[int, CallState, Target, str, Any, float]]] = {}
+        for i, op in enumerate(ops):
+            state = self._core.begin(op, deadline)
+            if not self._coalesce or state.need_map() or op.method not in BATCH_FIELD:
+                later.append((i, state, 0.0))
+                continue
+            try:
+                target = state.target()
+                co = self._coalescer(target.address)
+                part = (i, state, target, op.method, op.build(state.header(target)), state.attempt_timeout())
+            except (CacheError, Regroup) as err:
+                results[i] = err
+                continue
+            queued.setdefault(co, []).append(part)
+        started = []
+        for co, parts in queued.items():
+            slots = co.start([(method, req, timeout) for _, _, _, method, req, timeout in parts])
+            started += [(co, part, slot) for part, slot in zip(parts, slots, strict=True)]
+        for co, (i, state, target, _, _, _), slot in started:
+            try:
+                results[i] = co.result(slot)
+            except grpc.RpcError as err:
+                try:
+                    later.append((i, state, self._failed(state, err, target)))
+                except (CacheError, Regroup) as e:
+                    results[i] = e
+        if len(later) == 1:
+            i, state, delay = later[0]
+            try:
+                results[i] = self._attempts(state, delay)
+            except (CacheError, Regroup) as err:
+                results[i] = err
+        elif later:
+            pool = self._executor()
+            futures = [(i, pool.submit(self._attempts, state, delay)) for i, state, delay in later]
+            for i, fut in futures:
+                try:
+                    results[i] = fut.result()
+                except (CacheError, Regroup) as err:
+                    results[i] = err
+        return results
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -516,24 +581,11 @@ class CacheClient:
         for _ in range(MAX_REGROUPS + 1):
             if not pending:
                 break
-            outcomes: list[tuple[_Group[X], Future[Any] | None, Any]] = []
-            if len(pending) == 1:
-                group = pending[0]
-                try:
-                    outcomes.append((group, None, self._run(make_op(group.items), deadline)))
-                except (CacheError, Regroup) as err:
-                    outcomes.append((group, None, err))
-            else:
-                pool = self._executor()
-                futures = [(g, pool.submit(self._run, make_op(g.items), deadline)) for g in pending]
-                for group, fut in futures:
-                    try:
-                        outcomes.append((group, fut, fut.result()))
-                    except (CacheError, Regroup) as err:
-                        outcomes.append((group, fut, err))
+            results = self._run_all([make_op(g.items) for g in pending], deadline)
+            outcomes = list(zip(pending, results, strict=True))
             pending = []
             errors: list[CacheError] = []
-            for group, _, result in outcomes:
+            for group, result in outcomes:
                 if isinstance(result, Regroup):
                     pending += [_Group(items) for items in regroup(group.items).values()]
                 elif isinstance(result, CacheError):
