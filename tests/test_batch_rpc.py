@@ -77,6 +77,20 @@ def test_mset_and_mget_ops_inside_a_batch(cluster: LocalCluster) -> None:
         assert [it.value for it in got[:9]] == [b"1" + k for k in one_shard[1:]]
         assert [it.value for it in got[9:39]] == [b"2" + k for k in spread]
         assert not got[39].found
+        # one shard (the smart client's parts), with a repeated and an absent
+        # key: answered in request order, through the leader or forwarded
+        absent = next(k for k in (b"absent%d" % i for i in range(400)) if cluster.shard_of(k) == 1)
+        keys = [one_shard[3], absent, one_shard[1], one_shard[3]]
+        r = cluster.cache(nid).Batch(pb.BatchRequest(ops=[
+            pb.BatchOp(mget=pb.MGetRequest(keys=keys)), pb.BatchOp(get=pb.GetRequest(key=one_shard[2])),
+        ]), timeout=10)
+        got = r.results[0].mget.items
+        assert [(it.key, it.found, it.value) for it in got] == [
+            (one_shard[3], True, b"1" + one_shard[3]), (absent, False, b""),
+            (one_shard[1], True, b"1" + one_shard[1]), (one_shard[3], True, b"1" + one_shard[3])]
+        assert r.results[1].get.value == b"1" + one_shard[2]
+        unary = cluster.cache(nid).MGet(pb.MGetRequest(keys=keys), timeout=10)
+        assert list(unary.items) == list(got)
 
 
 def test_batch_key_limit_counts_the_keys_of_multi_key_ops(cluster: LocalCluster) -> None:

@@ -9,7 +9,7 @@ cluster map is fetched on the first call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -341,8 +341,9 @@ class AsyncCacheClient:
         assert last is not None
         raise last
 
-    async def _run(self, op: Op, deadline: float | None = None) -> Any:
-        return await self._attempts(self._core.begin(op, deadline))
+    def _run(self, op: Op, deadline: float | None = None) -> Coroutine[Any, Any, Any]:
+        """The call's coroutine (no frame of its own around :meth:`_attempts`)."""
+        return self._attempts(self._core.begin(op, deadline))
 
     async def _attempts(self, state: CallState, delay: float = 0.0) -> Any:
         """The call's attempts until one answers, from after ``delay``;
