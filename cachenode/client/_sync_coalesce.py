@@ -39,9 +39,14 @@ from typing import Any
 
 import grpc
 
-from cachenode.client._coalesce import BATCH_FIELD, DeadlineError, batch_length, op_outcomes
+from cachenode.client._coalesce import (
+    BATCH_FIELD,
+    DeadlineError,
+    batch_length,
+    batch_request,
+    op_outcomes,
+)
 from cachenode.client._status import ERROR_KEY
-from cachenode.v1 import cache_pb2 as pb
 
 
 class NotSentError(grpc.RpcError):
@@ -214,7 +219,7 @@ class SyncCoalescer:
                 if len(batch) == 1:
                     fut = getattr(self._stub, batch[0].method).future(batch[0].request, timeout=max(timeout, 0.001))
                 else:
-                    req = pb.BatchRequest(ops=[pb.BatchOp(**{s.field: s.request}) for s in batch])
+                    req = batch_request([(s.field, s.request) for s in batch])
                     fut = self._stub.Batch.future(req, timeout=max(timeout, 0.001))
             except Exception as err:  # closed channel and the like: never strand a caller
                 for s in batch:
