@@ -381,7 +381,6 @@ class ClientCore:
         )
 
 
-
 def _mset_request(header: pb.RequestHeader, kvs: Sequence[tuple[bytes, bytes]], ttl: int) -> pb.MSetRequest:
     """Items added in place: half the CPU of building ``KeyValue`` messages
     and copying them into the request (3.1 vs 6.0 us per 7 items)."""
