@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _cluster import FakeCluster, Fault
+from _cluster import FakeCluster, Fault, key_hash
 from _nodes import wait_for
 
 from cachenode._errors import CacheError, Overloaded, Unavailable
@@ -130,6 +130,51 @@ def test_async_multi_key_parts_that_fail_first_go_on_alone_and_apply_once(cluste
     assert len({c.request.header.request_id.seq for c in msets}) == 4
     assert sorted(cluster.state.applies.values()) == [1, 1, 1, 1]
     assert len(cluster.calls("MGet")) >= 4 + 2
+
+
+def _slow_sibling_and_moved_leader(cluster: FakeCluster) -> tuple[list[str], list[str], int, str]:
+    """Keys of two shards led by different nodes: shard X's leader will
+    answer slowly once; shard Y's leadership moves (the client's map goes
+    stale) to the third node, which answers in 0.7 s.  Returns (X's keys,
+    Y's keys, Y's id, the third node)."""
+    groups: dict[int, list[str]] = {}
+    for i in range(400):
+        groups.setdefault(cluster.state.map.shard_for_hash(key_hash(f"k{i}".encode())).id, []).append(f"k{i}")
+    leaders = cluster.state.leaders
+    x, y = next((a, b) for a in groups for b in groups if a != b and leaders[a] != leaders[b])
+    third = next(n for n in cluster.nodes if n not in (leaders[x], leaders[y]))
+    cluster.inject(Fault("MGet", grpc.StatusCode.OK, node=leaders[x], delay_s=0.9, count=1))
+    cluster.inject(Fault("MGet", grpc.StatusCode.OK, node=third, delay_s=0.7, count=3))
+    return groups[x][:5], groups[y][:5], y, third
+
+
+@pytest.mark.parametrize("client", ["async", "blocking"])
+def test_a_part_that_fails_first_goes_on_without_waiting_for_its_siblings(cluster: FakeCluster, client: str) -> None:
+    """A part redirected to a new leader is retried at once, not after its
+    slow sibling answers: the call takes the slowest part's time (0.9 s),
+    not the sum, and fits its 2 s budget."""
+    kx, ky, y, third = _slow_sibling_and_moved_leader(cluster)
+
+    async def run_async() -> float:
+        async with AsyncCacheClient(cluster.endpoints, timeout=2.0) as c:
+            await c.set(kx[0], "v")
+            cluster.move_leader(y, third)
+            t0 = time.monotonic()
+            got = await c.mget(kx + ky)
+            assert got[kx[0]] is not None and got[kx[0]].value == b"v"
+            return time.monotonic() - t0
+
+    def run_blocking() -> float:
+        with CacheClient(cluster.endpoints, timeout=2.0) as c:
+            c.set(kx[0], "v")
+            cluster.move_leader(y, third)
+            t0 = time.monotonic()
+            got = c.mget(kx + ky)
+            assert got[kx[0]] is not None and got[kx[0]].value == b"v"
+            return time.monotonic() - t0
+
+    took = asyncio.run(run_async()) if client == "async" else run_blocking()
+    assert took < 1.5
 
 
 def test_async_multi_key_call_on_a_hung_node_ends_at_its_deadline(cluster: FakeCluster) -> None:

@@ -32,6 +32,7 @@ unary call's, so the caller's retry rules treat both alike.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -84,19 +85,23 @@ def _queued_too_long(inflight: int) -> NotSentError:
 class _Slot:
     """One caller's op and, once known, its outcome."""
 
-    __slots__ = ("method", "field", "request", "deadline", "done", "outcome")
+    __slots__ = ("method", "field", "request", "deadline", "done", "outcome", "notify")
 
-    def __init__(self, method: str, request: Any, deadline: float) -> None:
+    def __init__(self, method: str, request: Any, deadline: float,
+                 notify: queue.SimpleQueue[_Slot] | None = None) -> None:
         self.method = method
         self.field = BATCH_FIELD[method]
         self.request = request
         self.deadline = deadline
         self.done = threading.Event()
         self.outcome: Any = None  # the response message, or the exception to raise
+        self.notify = notify  # also told when the outcome is known
 
     def finish(self, outcome: Any) -> None:
         self.outcome = outcome
         self.done.set()
+        if self.notify is not None:
+            self.notify.put(self)
 
 
 class SyncCoalescer:
@@ -145,13 +150,15 @@ class SyncCoalescer:
                 self._next()
         return self.result(slot)
 
-    def start(self, calls: list[tuple[str, Any, float]]) -> list[_Slot]:
+    def start(self, calls: list[tuple[str, Any, float]],
+              notify: queue.SimpleQueue[_Slot] | None = None) -> list[_Slot]:
         """Queue several ``(method, request, timeout)`` at once and return
         without waiting: they leave together, as few Batch RPCs as the limits
-        allow (an mget's or mset's parts on this node: one).  Wait for each
-        with :meth:`result`.  Any thread."""
+        allow (an mget's or mset's parts on this node: one).  Each slot is put
+        on ``notify`` when its outcome is known; take it with :meth:`result`,
+        which also waits for it until its deadline.  Any thread."""
         now = self._clock()
-        slots = [_Slot(method, request, now + timeout) for method, request, timeout in calls]
+        slots = [_Slot(method, request, now + timeout, notify) for method, request, timeout in calls]
         batches: list[list[_Slot]] = []
         with self._lock:
             self._queue += slots

@@ -9,6 +9,7 @@ cluster map is fetched on the first call.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -389,21 +390,40 @@ class AsyncCacheClient:
 
         For an mget's or mset's per-shard parts.  Their first attempts are
         queued on the coalescers in one go, with one timer for all of them
-        and no task per part; a part whose first attempt fails goes on in
-        :meth:`_attempts` like any call.  A task, its coroutine and a timer
-        per part cost the client about as much CPU as the part's share of
-        the batch it rides in (100-key mget, 16 shards: ``docs/benchmarks.md``,
+        and no task per part.  A part whose first attempt fails goes on in
+        :meth:`_attempts` at once, in a task of its own, like any call: it
+        never waits for its siblings.  A task, its coroutine and a timer per
+        part cost the client about as much CPU as the part's share of the
+        batch it rides in (100-key mget, 16 shards: ``docs/benchmarks.md``,
         *Session 15*)."""
         if not self._coalesce:
             return await asyncio.gather(*(self._run(op, deadline) for op in ops), return_exceptions=True)
+        loop = asyncio.get_running_loop()
         results: list[Any] = [None] * len(ops)
-        later: list[tuple[int, CallState, float]] = []  # parts to go on in _attempts
-        sent: list[tuple[int, CallState, Target, asyncio.Future[Any]]] = []
+        tasks: list[tuple[int, asyncio.Future[Any]]] = []  # parts going on in _attempts
+
+        def first_done(i: int, state: CallState, target: Target, fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled():
+                return
+            err = fut.exception()
+            if err is None:
+                results[i] = fut.result()
+            elif not isinstance(err, grpc.RpcError):
+                results[i] = err
+            else:
+                try:
+                    delay = self._failed(state, err, target)
+                except Exception as e:  # noqa: BLE001 - the part's outcome
+                    results[i] = e
+                    return
+                tasks.append((i, loop.create_task(self._attempts(state, delay))))
+
+        futs: list[asyncio.Future[Any]] = []
         timeout = 0.0
         for i, op in enumerate(ops):
             state = self._core.begin(op, deadline)
             if state.need_map() or op.method not in BATCH_FIELD:
-                later.append((i, state, 0.0))
+                tasks.append((i, loop.create_task(self._attempts(state))))
                 continue
             try:
                 target = state.target()
@@ -412,26 +432,21 @@ class AsyncCacheClient:
             except Exception as e:  # Regroup, or the client was closed
                 results[i] = e
                 continue
-            sent.append((i, state, target, fut))
-        if sent:
-            futs = [fut for _, _, _, fut in sent]
-            await _all_done(futs, timeout)
-            for i, state, target, fut in sent:
-                err = fut.exception()
-                if err is None:
-                    results[i] = fut.result()
-                elif isinstance(err, grpc.RpcError):
-                    try:
-                        later.append((i, state, self._failed(state, err, target)))
-                    except Exception as e:
-                        results[i] = e
-                else:
-                    results[i] = err
-        if later:
-            outcomes = await asyncio.gather(
-                *(self._attempts(state, delay) for _, state, delay in later), return_exceptions=True)
-            for (i, _, _), outcome in zip(later, outcomes, strict=True):
-                results[i] = outcome
+            fut.add_done_callback(functools.partial(first_done, i, state, target))
+            futs.append(fut)
+        try:
+            if futs:
+                # Every first_done has run once this returns: each future's
+                # callbacks run in the order they were added.
+                await _all_done(futs, timeout)
+            if tasks:
+                await asyncio.wait([t for _, t in tasks])
+        except asyncio.CancelledError:
+            for _, t in tasks:
+                t.cancel()
+            raise
+        for i, t in tasks:
+            results[i] = asyncio.CancelledError() if t.cancelled() else t.exception() or t.result()
         return results
 
     async def _fan_out(
