@@ -401,11 +401,14 @@ class AsyncCacheClient:
         loop = asyncio.get_running_loop()
         results: list[Any] = [None] * len(ops)
         tasks: list[tuple[int, asyncio.Future[Any]]] = []  # parts going on in _attempts
+        cancelled = False  # the call was: start no more attempts
 
         def first_done(i: int, state: CallState, target: Target, fut: asyncio.Future[Any]) -> None:
             if fut.cancelled():
                 return
-            err = fut.exception()
+            err = fut.exception()  # read, so that it is never reported as unretrieved
+            if cancelled:
+                return
             if err is None:
                 results[i] = fut.result()
             elif not isinstance(err, grpc.RpcError):
@@ -442,6 +445,7 @@ class AsyncCacheClient:
             if tasks:
                 await asyncio.wait([t for _, t in tasks])
         except asyncio.CancelledError:
+            cancelled = True
             for _, t in tasks:
                 t.cancel()
             raise

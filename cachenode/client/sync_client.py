@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -519,6 +519,8 @@ class CacheClient:
                 going_on.append((i, self._executor().submit(self._attempts, state, delay)))
             except CacheError as err:  # the client was closed meanwhile
                 results[i] = err
+            except RuntimeError:  # ... while this submitted (its pool is shut down)
+                results[i] = Unavailable(f"{state.op.display}: the client was closed during the call")
 
         queued: dict[SyncCoalescer, list[tuple[int, CallState, Target, str, Any, float]]] = {}
         for i, op in enumerate(ops):
@@ -569,6 +571,8 @@ class CacheClient:
                 results[i] = fut.result()
             except (CacheError, Regroup) as err:
                 results[i] = err
+            except CancelledError:  # close() cancelled it before it ran
+                results[i] = Unavailable(f"{ops[i].display}: the client was closed during the call")
         return results
 
     def _executor(self) -> ThreadPoolExecutor:
