@@ -381,6 +381,11 @@ class ClientCore:
         )
 
 
+def closed_during(op: Op) -> Unavailable:
+    """The error of a call whose client was closed under it."""
+    return Unavailable(f"{op.display}: the client was closed during the call")
+
+
 def _mset_request(header: pb.RequestHeader, kvs: Sequence[tuple[bytes, bytes]], ttl: int) -> pb.MSetRequest:
     """Items added in place: half the CPU of building ``KeyValue`` messages
     and copying them into the request (3.1 vs 6.0 us per 7 items)."""

@@ -40,6 +40,7 @@ from cachenode.client._core import (
     Regroup,
     Routing,
     Target,
+    closed_during,
     parse_consistency,
 )
 from cachenode.client._results import CasResult, GetResult, NodeStatus
@@ -374,7 +375,7 @@ class AsyncCacheClient:
     def _failed(self, state: CallState, err: grpc.RpcError, target: Target) -> float:
         """An attempt failed: the backoff before the next, or raises the call's error."""
         if self._closed:
-            raise Unavailable(f"{state.op.display}: the client was closed during the call") from None
+            raise closed_during(state.op) from None
         return state.failed(err, target)
 
     def _coalescer(self, address: str) -> Coalescer:
@@ -494,21 +495,9 @@ class AsyncCacheClient:
 async def _all_done(futs: list[asyncio.Future[Any]], timeout: float) -> None:
     """Wait until every future is done; those still waiting after
     ``timeout`` fail with DEADLINE_EXCEEDED.  Cancelled: cancels them all."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    left = len(futs)
-
-    def one_done(_: asyncio.Future[Any]) -> None:
-        nonlocal left
-        left -= 1
-        if left == 0 and not waiter.done():
-            waiter.set_result(None)
-
-    for fut in futs:
-        fut.add_done_callback(one_done)
-    timer = loop.call_later(timeout, expire_all, futs)
+    timer = asyncio.get_running_loop().call_later(timeout, expire_all, futs)
     try:
-        await waiter
+        await asyncio.wait(futs)
     except asyncio.CancelledError:
         for fut in futs:
             fut.cancel()

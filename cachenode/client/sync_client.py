@@ -45,6 +45,7 @@ from cachenode.client._core import (
     Regroup,
     Routing,
     Target,
+    closed_during,
     parse_consistency,
 )
 from cachenode.client._results import CasResult, GetResult, NodeStatus
@@ -493,7 +494,7 @@ class CacheClient:
     def _failed(self, state: CallState, err: grpc.RpcError, target: Target) -> float:
         """An attempt failed: the backoff before the next, or raises the call's error."""
         if self._closed:
-            raise Unavailable(f"{state.op.display}: the client was closed during the call") from None
+            raise closed_during(state.op) from None
         return state.failed(err, target)
 
     def _run_all(self, ops: list[Op], deadline: float) -> list[Any]:
@@ -503,9 +504,9 @@ class CacheClient:
         Their first attempts are queued on the nodes' coalescers in one go
         from this thread, so each node gets one Batch for all its parts; only
         a part whose first attempt fails goes on in :meth:`_attempts`, on the
-        client's threads, as soon as that answer arrives.  Running every part on a thread of its own instead
-        cost 5.5 ms of client CPU and 10.6 ms per 100-key mget over 16
-        shards (``docs/benchmarks.md``, *Session 15*)."""
+        client's threads, as soon as that answer arrives.  Running every part
+        on a thread of its own instead cost 5.5 ms of client CPU and 10.6 ms
+        per 100-key mget over 16 shards (``docs/benchmarks.md``, *Session 15*)."""
         if len(ops) == 1:  # one part: the plain call, in this thread
             try:
                 return [self._run(ops[0], deadline)]
@@ -520,7 +521,7 @@ class CacheClient:
             except CacheError as err:  # the client was closed meanwhile
                 results[i] = err
             except RuntimeError:  # ... while this submitted (its pool is shut down)
-                results[i] = Unavailable(f"{state.op.display}: the client was closed during the call")
+                results[i] = closed_during(state.op)
 
         queued: dict[SyncCoalescer, list[tuple[int, CallState, Target, str, Any, float]]] = {}
         for i, op in enumerate(ops):
@@ -563,7 +564,7 @@ class CacheClient:
                 break
             entry = waiting.pop(slot, None)
             if entry is not None:
-                settle(entry[0], entry[1], entry[2], entry[3], slot)
+                settle(*entry, slot)
         for slot, (co, i, state, target) in waiting.items():  # past the deadline: result() expires them
             settle(co, i, state, target, slot)
         for i, fut in going_on:
@@ -572,7 +573,7 @@ class CacheClient:
             except (CacheError, Regroup) as err:
                 results[i] = err
             except CancelledError:  # close() cancelled it before it ran
-                results[i] = Unavailable(f"{ops[i].display}: the client was closed during the call")
+                results[i] = closed_during(ops[i])
         return results
 
     def _executor(self) -> ThreadPoolExecutor:
