@@ -326,7 +326,8 @@ def test_a_call_ends_at_its_own_deadline_even_if_the_batch_hangs() -> None:
 class _FakeStream:
     """A BatchStream call as grpc.aio hands it out: ``write``, ``read``,
     ``cancel``; answers each request with ``answer(req)``, or never when
-    ``answer`` is None (a node that hangs)."""
+    ``answer`` is None or returns None (a node that hangs).  ``writers``
+    records the task that wrote each request."""
 
     _CANCEL = object()
 
@@ -334,6 +335,7 @@ class _FakeStream:
         self._answer = answer
         self._q: asyncio.Queue[Any] = asyncio.Queue()
         self.requests: list[Any] = []
+        self.writers: list[Any] = []
         self.cancelled = False
 
     async def initial_metadata(self) -> Any:
@@ -341,8 +343,10 @@ class _FakeStream:
 
     async def write(self, req: Any) -> None:
         self.requests.append(req)
-        if self._answer is not None:
-            self._q.put_nowait(self._answer(req))
+        self.writers.append(asyncio.current_task())
+        answer = self._answer(req) if self._answer is not None else None
+        if answer is not None:
+            self._q.put_nowait(answer)
 
     async def read(self) -> Any:
         item = await self._q.get()
@@ -415,6 +419,102 @@ def test_a_hung_stream_fails_its_batch_at_the_deadline_and_is_replaced() -> None
     code, cancelled, got = asyncio.run(run())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and cancelled
     assert got.value == b"k2" and len(streams) == 2
+
+
+def _answer_first(n: int) -> Any:
+    """Answers the first ``n`` requests of a stream, then hangs."""
+    seen = [0]
+
+    def answer(req: Any) -> Any:
+        seen[0] += 1
+        return _answer_gets(req) if seen[0] <= n else None
+
+    return answer
+
+
+def _no_unary(req: Any, timeout: float) -> Any:
+    raise AssertionError("unexpected unary Batch")
+
+
+def test_a_lone_call_is_sent_by_its_own_task_and_calls_of_the_same_turn_join_it() -> None:
+    """On an open stream, a call that finds its node idle sends its one-op
+    batch from the caller's task (no task of the coalescer's); calls made in
+    the same loop turn still leave together, in one batch."""
+
+    streams: list[_FakeStream] = []
+
+    def stream_call() -> _FakeStream:
+        streams.append(_FakeStream(_answer_gets))
+        return streams[-1]
+
+    async def run() -> tuple[Any, Any, list[Any]]:
+        co = Coalescer(_no_unary, stream_call=stream_call)
+        await co.call("Get", pb.GetRequest(key=b"opens"), 2.0)  # the first call opens the stream
+        lone = await co.call("Get", pb.GetRequest(key=b"lone"), 2.0)
+        me = asyncio.current_task()
+        together = await asyncio.gather(*(co.call("Get", pb.GetRequest(key=b"g%d" % i), 2.0) for i in range(3)))
+        return lone, me, together
+
+    lone, me, together = asyncio.run(run())
+    assert len(streams) == 1
+    s = streams[0]
+    assert [len(r.ops) for r in s.requests] == [1, 1, 3]
+    assert s.writers[1] is me  # carried by the caller
+    assert s.writers[0] is not me and s.writers[2] is not me  # batches go from the coalescer's task
+    assert lone.value == b"lone" and [g.value for g in together] == [b"g0", b"g1", b"g2"]
+
+
+def test_a_carried_call_ends_at_its_own_deadline_and_its_stream_is_replaced() -> None:
+
+    streams: list[_FakeStream] = []
+
+    def stream_call() -> _FakeStream:
+        streams.append(_FakeStream(_answer_first(1) if not streams else _answer_gets))
+        return streams[-1]
+
+    async def run() -> tuple[grpc.StatusCode, float, Any]:
+        # a long grace: the carried call must not wait for it
+        co = Coalescer(_no_unary, stream_call=stream_call, stream_grace_s=5.0)
+        loop = asyncio.get_running_loop()
+        await co.call("Get", pb.GetRequest(key=b"opens"), 2.0)
+        t0 = loop.time()
+        try:
+            await co.call("Get", pb.GetRequest(key=b"hangs"), 0.2)
+            raise AssertionError("the call did not fail")
+        except grpc.RpcError as e:
+            code, took = e.code(), loop.time() - t0
+        got = await co.call("Get", pb.GetRequest(key=b"next"), 1.0)
+        return code, took, got
+
+    code, took, got = asyncio.run(run())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and 0.15 <= took < 1.0
+    assert streams[0].cancelled and len(streams) == 2 and got.value == b"next"
+
+
+def test_cancelling_a_carried_call_leaves_the_calls_queued_behind_it_their_batch() -> None:
+
+    streams: list[_FakeStream] = []
+
+    def stream_call() -> _FakeStream:
+        streams.append(_FakeStream(_answer_first(1) if not streams else _answer_gets))
+        return streams[-1]
+
+    async def run() -> tuple[bool, Any]:
+        co = Coalescer(_no_unary, stream_call=stream_call)
+        await co.call("Get", pb.GetRequest(key=b"opens"), 2.0)
+        carried = asyncio.ensure_future(co.call("Get", pb.GetRequest(key=b"hangs"), 5.0))
+        while len(streams[0].requests) < 2:  # the carried call is on the wire
+            await asyncio.sleep(0.001)
+        behind = asyncio.ensure_future(co.call("Get", pb.GetRequest(key=b"behind"), 5.0))
+        await asyncio.sleep(0.01)
+        assert not behind.done()  # it waits for the node's one batch in flight
+        carried.cancel()
+        got = await asyncio.wait_for(behind, 2.0)
+        return carried.cancelled(), got
+
+    was_cancelled, got = asyncio.run(run())
+    assert was_cancelled and got.value == b"behind"
+    assert streams[0].cancelled and len(streams) == 2
 
 
 def test_a_node_without_streams_gets_unary_batches(cluster: FakeCluster) -> None:

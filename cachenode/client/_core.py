@@ -32,7 +32,6 @@ to fetch the cluster map from every known address counts as one attempt.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import itertools
 import os
@@ -40,7 +39,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import grpc
 
@@ -98,9 +97,9 @@ class Regroup(Exception):
     """A multi-key call's keys no longer share one shard: split them again."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Target:
-    """Where one attempt goes."""
+class Target(NamedTuple):
+    """Where one attempt goes.  (A NamedTuple: built on every attempt, and a
+    frozen dataclass's ``__init__`` costs several times a tuple's.)"""
 
     address: str
     node_id: NodeId | None
@@ -112,16 +111,31 @@ class Target:
         )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Op:
-    """One single-shard RPC: what to call, how to build it, how to route it."""
+_VERBS = {
+    "Get": "get", "Set": "set", "Delete": "delete", "CompareAndSet": "cas", "Incr": "incr",
+    "Ttl": "ttl", "MGet": "mget", "MSet": "mset",
+}
 
-    display: str  # for messages: "set 'k'"
+
+class Op(NamedTuple):
+    """One single-shard RPC: what to call, how to build it, how to route it.
+    (A NamedTuple, like :class:`Target`: one per call.)"""
+
     method: str  # stub attribute: "Set"
     keys: tuple[bytes, ...]  # all must live on one shard; the first routes the call
-    build: Callable[[pb.RequestHeader], Any]  # header -> request message
+    build: Callable[[], Any]  # the request message, header not filled in (CallState.request does)
     write: bool
     stale: bool = False
+
+    @property
+    def display(self) -> str:
+        """The op for messages: ``set 'k'``, ``mget of 3 key(s) starting at 'a'``.
+        Made only when a message needs it (rendering the key on every call
+        cost a few microseconds)."""
+        verb = _VERBS.get(self.method, self.method)
+        if self.method in ("MGet", "MSet"):
+            return f"{verb} of {len(self.keys)} key(s) starting at {show_key(self.keys[0])}"
+        return f"{verb} {show_key(self.keys[0])}"
 
 
 def parse_endpoints(endpoints: Sequence[str] | str) -> tuple[str, ...]:
@@ -201,8 +215,7 @@ class ClientCore:
 
     @property
     def table(self) -> RouteTable | None:
-        with self._lock:
-            return self._table
+        return self._table  # one reference read: atomic, no lock needed
 
     def apply_map(self, msg: pb.ClusterMap) -> RouteTable:
         """Adopt a ``GetClusterMap`` answer; returns the table now in use."""
@@ -214,10 +227,11 @@ class ClientCore:
                 self._table.update(cluster_map, leaders)
             return self._table
 
-    def next_request_id(self) -> pb.RequestId:
-        with self._lock:
-            seq = next(self._seq)
-        return pb.RequestId(client_id=self.client_id, seq=seq)
+    def next_request_seq(self) -> int:
+        """The next write's request sequence number (with :attr:`client_id`,
+        its request id).  ``next`` of an ``itertools.count`` is one C call,
+        atomic under the GIL: no lock."""
+        return next(self._seq)
 
     def deadline(self) -> float:
         return self.clock() + self.timeout
@@ -242,6 +256,8 @@ class ClientCore:
             self._suspects.pop(address, None)
 
     def is_suspect(self, address: str) -> bool:
+        if not self._suspects:  # the common case, without the lock: a dict's size is read atomically
+            return False
         with self._lock:
             until = self._suspects.get(address)
             if until is None:
@@ -272,17 +288,16 @@ class ClientCore:
 
     def get_op(self, key: bytes, stale: bool) -> Op:
         return Op(
-            f"get {show_key(key)}",
             "Get",
             (key,),
-            lambda h: pb.GetRequest(header=h, key=key),
+            lambda: pb.GetRequest(key=key),
             write=False,
             stale=stale,
         )
 
     def ttl_op(self, key: bytes) -> Op:
         return Op(
-            f"ttl {show_key(key)}", "Ttl", (key,), lambda h: pb.TtlRequest(header=h, key=key), False
+            "Ttl", (key,), lambda: pb.TtlRequest(key=key), False
         )
 
     def set_op(
@@ -295,21 +310,17 @@ class ClientCore:
         ttl = check_ttl(ttl_ms)
         condition = pb.IF_ABSENT if if_absent else pb.IF_PRESENT if if_present else pb.ALWAYS
         return Op(
-            f"set {show_key(key)}",
             "Set",
             (key,),
-            lambda h: pb.SetRequest(
-                header=h, key=key, value=value, ttl_ms=ttl, condition=condition
-            ),
+            lambda: pb.SetRequest(key=key, value=value, ttl_ms=ttl, condition=condition),
             write=True,
         )
 
     def delete_op(self, key: bytes) -> Op:
         return Op(
-            f"delete {show_key(key)}",
             "Delete",
             (key,),
-            lambda h: pb.DeleteRequest(header=h, key=key),
+            lambda: pb.DeleteRequest(key=key),
             True,
         )
 
@@ -338,8 +349,8 @@ class ClientCore:
                     f"expected_version must be an int >= 0, not {expected_version!r}"
                 )
 
-        def build(h: pb.RequestHeader) -> pb.CompareAndSetRequest:
-            req = pb.CompareAndSetRequest(header=h, key=key, new_value=new, ttl_ms=ttl)
+        def build() -> pb.CompareAndSetRequest:
+            req = pb.CompareAndSetRequest(key=key, new_value=new, ttl_ms=ttl)
             if expected is not None:
                 req.expected_value = expected
             elif expected_version is not None:
@@ -348,35 +359,32 @@ class ClientCore:
                 req.expect_absent = True
             return req
 
-        return Op(f"cas {show_key(key)}", "CompareAndSet", (key,), build, write=True)
+        return Op("CompareAndSet", (key,), build, write=True)
 
     def incr_op(self, key: bytes, delta: int) -> Op:
         d = check_int64(delta, "delta")
         return Op(
-            f"incr {show_key(key)}",
             "Incr",
             (key,),
-            lambda h: pb.IncrRequest(header=h, key=key, delta=d),
+            lambda: pb.IncrRequest(key=key, delta=d),
             True,
         )
 
     def mget_op(self, keys: Sequence[bytes]) -> Op:
         ks = tuple(keys)
         return Op(
-            f"mget of {len(ks)} key(s) starting at {show_key(ks[0])}",
             "MGet",
             ks,
-            lambda h: pb.MGetRequest(header=h, keys=ks),
+            lambda: pb.MGetRequest(keys=ks),
             write=False,
         )
 
     def mset_op(self, items: Sequence[tuple[bytes, bytes]], ttl: int) -> Op:
         kvs = tuple(items)
         return Op(
-            f"mset of {len(kvs)} key(s) starting at {show_key(kvs[0][0])}",
             "MSet",
             tuple(k for k, _ in kvs),
-            lambda h: _mset_request(h, kvs, ttl),
+            lambda: _mset_request(kvs, ttl),
             write=True,
         )
 
@@ -386,10 +394,10 @@ def closed_during(op: Op) -> Unavailable:
     return Unavailable(f"{op.display}: the client was closed during the call")
 
 
-def _mset_request(header: pb.RequestHeader, kvs: Sequence[tuple[bytes, bytes]], ttl: int) -> pb.MSetRequest:
+def _mset_request(kvs: Sequence[tuple[bytes, bytes]], ttl: int) -> pb.MSetRequest:
     """Items added in place: half the CPU of building ``KeyValue`` messages
     and copying them into the request (3.1 vs 6.0 us per 7 items)."""
-    req = pb.MSetRequest(header=header)
+    req = pb.MSetRequest()
     add = req.items.add
     for k, v in kvs:
         add(key=k, value=v, ttl_ms=ttl)
@@ -399,12 +407,18 @@ def _mset_request(header: pb.RequestHeader, kvs: Sequence[tuple[bytes, bytes]], 
 class CallState:
     """One user-visible single-shard call across its attempts.  Not thread-safe."""
 
+    __slots__ = (
+        "core", "op", "deadline", "started", "request_seq", "attempts", "counted", "backoffs",
+        "maybe_applied", "last", "_refresh", "_saw_stale_route", "_no_map", "_shard",
+    )
+
     def __init__(self, core: ClientCore, op: Op, deadline: float) -> None:
         self.core = core
         self.op = op
         self.deadline = deadline
         self.started = core.clock()
-        self.request_id = core.next_request_id() if op.write else None
+        # A write's request id is (core.client_id, request_seq), the same on every attempt.
+        self.request_seq = core.next_request_seq() if op.write else 0
         self.attempts = 0
         self.counted = 0  # attempts that count against max_attempts
         self.backoffs = 0
@@ -453,15 +467,19 @@ class CallState:
 
     def target(self) -> Target:
         """Where the next attempt goes.  Raises :class:`Regroup` for a split multi-key op."""
-        table = self.core.table
+        core = self.core
+        table = core.table
         if table is None:
-            return self.core.proxy_target()
+            return core.proxy_target()
         route = table.route_all(self.op.keys)
         if route is None:
             raise Regroup(self.op.display)
         self._shard = route.shard
-        if self.core.routing == "proxy":
-            return self.core.proxy_target()
+        if core.routing == "proxy":
+            return core.proxy_target()
+        leader = route.leader_address
+        if leader is not None and not core.is_suspect(leader):
+            return Target(leader, route.leader_id, True)  # the common case, without the lists below
 
         candidates: list[tuple[NodeId | None, str]] = []
         if route.leader_address is not None:
@@ -480,15 +498,23 @@ class CallState:
             chosen = usable[self.attempts % len(usable)]
         return Target(chosen[1], chosen[0], no_forward=True)
 
-    def header(self, target: Target) -> pb.RequestHeader:
-        h = pb.RequestHeader(no_forward=target.no_forward)
-        if not self.op.write:
-            h.consistency = pb.STALE if self.op.stale else pb.LINEARIZABLE
-        if self.request_id is not None:
-            h.request_id.CopyFrom(self.request_id)
+    def request(self, target: Target) -> Any:
+        """This attempt's request message: the op's, its header filled in place
+        (a header built apart and passed in would be copied)."""
+        op = self.op
+        req = op.build()
+        h = req.header
+        if target.no_forward:
+            h.no_forward = True
+        if not op.write:
+            h.consistency = pb.STALE if op.stale else pb.LINEARIZABLE
+        if self.request_seq:
+            rid = h.request_id
+            rid.client_id = self.core.client_id
+            rid.seq = self.request_seq
         if self._shard is not None:
             h.shard_epoch = self._shard.epoch
-        return h
+        return req
 
     # ---- failures --------------------------------------------------------
 

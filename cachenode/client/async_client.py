@@ -366,9 +366,9 @@ class AsyncCacheClient:
             try:
                 if self._coalesce and op.method in BATCH_FIELD:
                     return await self._coalescer(target.address).call(
-                        op.method, op.build(state.header(target)), state.attempt_timeout())
+                        op.method, state.request(target), state.attempt_timeout())
                 call = getattr(self._cache_stub(target.address), op.method)
-                return await call(op.build(state.header(target)), timeout=state.attempt_timeout())
+                return await call(state.request(target), timeout=state.attempt_timeout())
             except grpc.RpcError as rpc_err:
                 delay = self._failed(state, rpc_err, target)
 
@@ -432,7 +432,7 @@ class AsyncCacheClient:
             try:
                 target = state.target()
                 timeout = state.attempt_timeout()
-                fut = self._coalescer(target.address).submit(op.method, op.build(state.header(target)), timeout)
+                fut = self._coalescer(target.address).submit(op.method, state.request(target), timeout)
             except Exception as e:  # Regroup, or the client was closed
                 results[i] = e
                 continue

@@ -484,10 +484,10 @@ class CacheClient:
             try:
                 if self._coalesce and op.method in BATCH_FIELD:
                     return self._coalescer(target.address).call(
-                        op.method, op.build(state.header(target)), state.attempt_timeout()
+                        op.method, state.request(target), state.attempt_timeout()
                     )
                 call = getattr(self._cache_stub(target.address), op.method)
-                return call(op.build(state.header(target)), timeout=state.attempt_timeout())
+                return call(state.request(target), timeout=state.attempt_timeout())
             except grpc.RpcError as rpc_err:
                 delay = self._failed(state, rpc_err, target)
 
@@ -532,7 +532,7 @@ class CacheClient:
             try:
                 target = state.target()
                 co = self._coalescer(target.address)
-                part = (i, state, target, op.method, op.build(state.header(target)), state.attempt_timeout())
+                part = (i, state, target, op.method, state.request(target), state.attempt_timeout())
             except (CacheError, Regroup) as err:
                 results[i] = err
                 continue
