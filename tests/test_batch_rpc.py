@@ -99,3 +99,30 @@ def test_batch_key_limit_counts_the_keys_of_multi_key_ops(cluster: LocalCluster)
         cluster.cache(cluster.node_ids[0]).Batch(pb.BatchRequest(ops=[big, big]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "12000 keys" in (e.value.details() or "")
+
+
+def test_a_stale_shard_epoch_fails_a_multi_key_op_whole(cluster: LocalCluster) -> None:
+    """An mset or mget naming an epoch that one of its shards does not have
+    fails as a whole with EPOCH_MISMATCH, through every node, and the mset
+    writes nothing (no shard's part went ahead)."""
+    epochs = {s.epoch for s in cluster.admin(cluster.node_ids[0]).GetClusterMap(pb.ClusterMapRequest(), timeout=5).shards}
+    assert len(epochs) == 1  # nothing in this module splits or merges shards
+    epoch = epochs.pop()
+    keys = [b"ep%d" % i for i in range(30)]  # several shards
+    assert len({cluster.shard_of(k) for k in keys}) > 1
+    stale = pb.RequestHeader(shard_epoch=epoch + 7)
+    for nid in cluster.node_ids:
+        for op in (pb.BatchOp(mset=pb.MSetRequest(header=stale, items=[pb.KeyValue(key=k, value=b"x") for k in keys])),
+                   pb.BatchOp(mget=pb.MGetRequest(header=stale, keys=keys))):
+            r = cluster.cache(nid).Batch(pb.BatchRequest(ops=[op]), timeout=5)
+            err = r.results[0].error
+            assert err.kind == "epoch_mismatch" and err.code == grpc.StatusCode.ABORTED.value[0], err
+            assert "refresh the cluster map" in err.message
+        with pytest.raises(grpc.RpcError) as e:
+            cluster.cache(nid).MSet(pb.MSetRequest(header=stale, items=[pb.KeyValue(key=k, value=b"x") for k in keys]), timeout=5)
+        assert e.value.code() == grpc.StatusCode.ABORTED
+    r = cluster.cache(cluster.node_ids[1]).MGet(pb.MGetRequest(keys=keys), timeout=5)
+    assert [it.key for it in r.items] == keys and not any(it.found for it in r.items)
+    right = pb.RequestHeader(shard_epoch=epoch)
+    r = cluster.cache(cluster.node_ids[2]).MGet(pb.MGetRequest(header=right, keys=keys), timeout=5)
+    assert len(r.items) == len(keys)  # the current epoch is accepted

@@ -175,6 +175,28 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             )
         return s
 
+    def _by_shard(self, keys: list[bytes], header: pb.RequestHeader) -> dict[int, tuple[ShardDescriptor, list[int]]]:
+        """The positions of ``keys`` per shard, in order of first appearance.
+        One look at the map and at the header for all keys; the epoch is
+        checked once per shard, as :meth:`_shard` would for each key (routing
+        key by key was a tenth of a leader's CPU in 100-key msets)."""
+        m = self.r.cluster_map()
+        by_shard: dict[int, tuple[ShardDescriptor, list[int]]] = {}
+        for i, k in enumerate(keys):
+            s = m.shard_for_key(k)
+            part = by_shard.get(s.id)
+            if part is None:
+                part = by_shard[s.id] = (s, [])
+            part[1].append(i)
+        epoch = header.shard_epoch
+        if epoch:
+            for s, _ in by_shard.values():
+                if s.epoch != epoch:
+                    raise EpochMismatch(
+                        f"shard {s.id} is at epoch {s.epoch}, the request named {epoch}; refresh the cluster map"
+                    )
+        return by_shard
+
     def _now(self, gid: int) -> int:
         return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.cluster_now(gid)
 
@@ -478,12 +500,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         """Start a linearizable (or stale) read of every shard the keys touch
         at once; the finish thunk waits for all and answers in key order."""
         V.check_batch(len(req.keys), self.cfg.max_batch_keys)
-        keys = [V.check_key(k, self.cfg.max_key_bytes) for k in req.keys]
+        max_key = self.cfg.max_key_bytes
+        keys = [V.check_key(k, max_key) for k in req.keys]
         V.consistency(req.header)
-        by_shard: dict[int, tuple[ShardDescriptor, list[bytes]]] = {}
-        for k in keys:
-            s = self._shard(k, req.header)
-            by_shard.setdefault(s.id, (s, []))[1].append(k)
+        by_shard = [[keys[i] for i in pos] for _, pos in self._by_shard(keys, req.header).values()]
 
         def start(ks: list[bytes]) -> Finish:
             def build(shard: ShardDescriptor, clock: int, reader: StateReader) -> pb.MGetResponse:
@@ -502,7 +522,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
             return self._start_read("MGet", lambda: pb.MGetRequest(header=req.header, keys=ks), ks[0], deadline, build, req.header)
 
-        parts = [start(ks) for _, ks in by_shard.values()]
+        parts = [start(ks) for ks in by_shard]
 
         def finish() -> pb.MGetResponse:
             if len(parts) == 1:  # one shard (the smart client's parts): already in key order
@@ -519,16 +539,15 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         """Start one write per shard the items touch (atomic per shard); with
         a ``collector`` each joins its shard's one entry of the Batch."""
         V.check_batch(len(req.items), self.cfg.max_batch_keys)
+        max_key, max_value = self.cfg.max_key_bytes, self.cfg.max_value_bytes
         items = []
+        keys = []
         for it in req.items:
-            items.append((V.check_key(it.key, self.cfg.max_key_bytes),
-                          V.check_value(it.value, self.cfg.max_value_bytes),
-                          V.check_ttl(it.ttl_ms)))
+            k = V.check_key(it.key, max_key)
+            items.append((k, V.check_value(it.value, max_value), V.check_ttl(it.ttl_ms)))
+            keys.append(k)
         rid = V.request_id(req.header)
-        by_shard: dict[int, tuple[ShardDescriptor, list[tuple[bytes, bytes, int]]]] = {}
-        for k, v, t in items:
-            s = self._shard(k, req.header)
-            by_shard.setdefault(s.id, (s, []))[1].append((k, v, t))
+        by_shard = [(s, [items[i] for i in pos]) for s, pos in self._by_shard(keys, req.header).values()]
 
         def reply(res: C.Result) -> pb.MSetResponse:
             assert isinstance(res, C.MSetResult), res
@@ -541,7 +560,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             return self._start_write("MSet", sub, shard, deadline, lambda now: C.MSet(
                 items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid), reply, collector)
 
-        parts = [start(s, its) for s, its in by_shard.values()]
+        parts = [start(s, its) for s, its in by_shard]
 
         def finish() -> pb.MSetResponse:
             count, versions = 0, []
