@@ -517,6 +517,45 @@ def test_cancelling_a_carried_call_leaves_the_calls_queued_behind_it_their_batch
     assert streams[0].cancelled and len(streams) == 2
 
 
+def test_a_carried_call_stays_cancellable_when_its_deadline_lands_in_the_same_turn() -> None:
+    """The stream's expiry and the caller's own timeout come due in one loop
+    iteration (the loop stalled past both): the caller's cancellation wins,
+    it is not turned into a deadline error that the client would retry.
+    (Found by review: the carried call runs the stream in the caller's task.)"""
+
+    streams: list[_FakeStream] = []
+
+    def stream_call() -> _FakeStream:
+        streams.append(_FakeStream(_answer_first(1) if not streams else _answer_gets))
+        return streams[-1]
+
+    async def run() -> str:
+        co = Coalescer(_no_unary, stream_call=stream_call)
+        await co.call("Get", pb.GetRequest(key=b"opens"), 2.0)
+
+        async def user_call() -> Any:  # as AsyncCacheClient._attempts: an RpcError -> another attempt
+            try:
+                return await co.call("Get", pb.GetRequest(key=b"hangs"), 0.05)
+            except grpc.RpcError:
+                return await co.call("Get", pb.GetRequest(key=b"retry"), 1.0)
+
+        async def guarded() -> Any:
+            async with asyncio.timeout(0.06):  # the user's own timeout, just after the call's
+                return await user_call()
+
+        t = asyncio.ensure_future(guarded())
+        while len(streams[0].requests) < 2:  # the carried call is on the wire
+            await asyncio.sleep(0.001)
+        time.sleep(0.15)  # a loop stall: both timers are due when it ends
+        try:
+            r = await t
+            return f"returned {r.value!r}"
+        except TimeoutError:
+            return "timeout"
+
+    assert asyncio.run(run()) == "timeout"
+
+
 def test_a_node_without_streams_gets_unary_batches(cluster: FakeCluster) -> None:
     """The fake nodes do not implement BatchStream (UNIMPLEMENTED, like a node
     older than the client): every batch goes unary, and the client asks for

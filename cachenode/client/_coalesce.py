@@ -337,7 +337,12 @@ class Coalescer:
             resp = await call.read()
         except asyncio.CancelledError:
             self._drop_stream(call)
-            if not expired:
+            # Our timer's cancel of the call is a deadline; the task's own
+            # cancellation (the caller's timeout, a TaskGroup, shutdown) must
+            # stay one, even when both land in one loop iteration (a carried
+            # call runs here in the caller's task).
+            task = asyncio.current_task()
+            if not expired or (task is not None and task.cancelling()):
                 raise
             raise DeadlineError() from None
         except grpc.RpcError:
