@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cachenode._clock import SystemClock
-from cachenode._errors import NotLeader
-from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor
+from cachenode._errors import EpochMismatch, NotLeader
+from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor, key_hash
 from cachenode.server.cache_service import CacheService
 from cachenode.server.config import NodeConfig
 from cachenode.storage.base import Record
@@ -130,3 +132,33 @@ def test_an_install_beginning_between_the_two_phases_of_a_read_is_seen(tmp_path:
         assert resp.value == b"leader value" and len(fwd.calls) == 1
     finally:
         s.close()
+
+
+def test_a_multi_key_request_names_the_first_shard_whose_epoch_differs() -> None:
+    """Two shards at different epochs: a request naming either epoch fails
+    with EPOCH_MISMATCH for the other shard, before anything starts; every
+    shard of the request is checked, not only the first key's."""
+    low = ShardDescriptor(id=1, range_start=0, range_end=2**63 - 1, epoch=4, replicas=("n1", "n2", "n3"))
+    high = ShardDescriptor(id=2, range_start=2**63, range_end=2**64 - 1, epoch=9, replicas=("n1", "n2", "n3"))
+    two = ClusterMap(version=2, nodes=MAP.nodes, shards=(low, high))
+
+    class TwoShards(Replicas):
+        def cluster_map(self) -> ClusterMap:
+            return two
+
+        def leader_group(self, shard_id: int) -> Any:
+            raise AssertionError("nothing may start when an epoch differs")
+
+    svc, fwd = service(installing=False)
+    svc.r = TwoShards(False)
+    k_low = next(k for k in (b"e%d" % i for i in range(1000)) if key_hash(k) < 2**63)
+    k_high = next(k for k in (b"e%d" % i for i in range(1000)) if key_hash(k) >= 2**63)
+    for epoch, wrong in ((4, high), (9, low)):
+        header = pb.RequestHeader(shard_epoch=epoch)
+        mget = pb.MGetRequest(header=header, keys=[k_low, k_high])
+        mset = pb.MSetRequest(header=header, items=[pb.KeyValue(key=k_low, value=b"v"), pb.KeyValue(key=k_high, value=b"v")])
+        for request, start in ((mget, svc._start_mget), (mset, svc._start_mset)):
+            with pytest.raises(EpochMismatch) as e:
+                start(request, 1e18)
+            assert f"shard {wrong.id} is at epoch {wrong.epoch}, the request named {epoch}" in str(e.value)
+    assert fwd.calls == []

@@ -452,15 +452,17 @@ def test_a_lone_call_is_sent_by_its_own_task_and_calls_of_the_same_turn_join_it(
         await co.call("Get", pb.GetRequest(key=b"opens"), 2.0)  # the first call opens the stream
         lone = await co.call("Get", pb.GetRequest(key=b"lone"), 2.0)
         me = asyncio.current_task()
-        together = await asyncio.gather(*(co.call("Get", pb.GetRequest(key=b"g%d" % i), 2.0) for i in range(3)))
-        return lone, me, together
+        callers = [asyncio.ensure_future(co.call("Get", pb.GetRequest(key=b"g%d" % i), 2.0)) for i in range(3)]
+        together = await asyncio.gather(*callers)
+        return lone, [me, *callers], together
 
-    lone, me, together = asyncio.run(run())
+    lone, callers, together = asyncio.run(run())
     assert len(streams) == 1
     s = streams[0]
     assert [len(r.ops) for r in s.requests] == [1, 1, 3]
-    assert s.writers[1] is me  # carried by the caller
-    assert s.writers[0] is not me and s.writers[2] is not me  # batches go from the coalescer's task
+    assert s.writers[1] is callers[0]  # carried by the caller
+    # batches go from the coalescer's own task, not from any caller's
+    assert s.writers[0] not in callers and s.writers[2] not in callers
     assert lone.value == b"lone" and [g.value for g in together] == [b"g0", b"g1", b"g2"]
 
 
@@ -533,20 +535,26 @@ def test_a_carried_call_stays_cancellable_when_its_deadline_lands_in_the_same_tu
         co = Coalescer(_no_unary, stream_call=stream_call)
         await co.call("Get", pb.GetRequest(key=b"opens"), 2.0)
 
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+
         async def user_call() -> Any:  # as AsyncCacheClient._attempts: an RpcError -> another attempt
             try:
-                return await co.call("Get", pb.GetRequest(key=b"hangs"), 0.05)
+                return await co.call("Get", pb.GetRequest(key=b"hangs"), 0.5)
             except grpc.RpcError:
                 return await co.call("Get", pb.GetRequest(key=b"retry"), 1.0)
 
         async def guarded() -> Any:
-            async with asyncio.timeout(0.06):  # the user's own timeout, just after the call's
+            async with asyncio.timeout(0.51):  # the user's own timeout, just after the call's
                 return await user_call()
 
         t = asyncio.ensure_future(guarded())
         while len(streams[0].requests) < 2:  # the carried call is on the wire
             await asyncio.sleep(0.001)
-        time.sleep(0.15)  # a loop stall: both timers are due when it ends
+        # A loop stall from before the call's deadline to after both: the
+        # two timers then run in one iteration.
+        assert loop.time() - sent < 0.45, "the machine was too slow to set the scene"
+        time.sleep(0.7)
         try:
             r = await t
             return f"returned {r.value!r}"

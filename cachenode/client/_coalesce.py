@@ -17,7 +17,8 @@ Transport: with ``stream_call`` (the stub's ``BatchStream``) and one batch in
 flight, batches travel over one long-lived bidirectional stream per node,
 which costs about half as much CPU per batch as a unary call on both the
 client and the node.  Each message carries its own timeout; a stream that
-does not answer within it (plus a grace) is cancelled, its batch fails like a
+does not answer within it (plus a grace; no grace for a lone call carried by
+its caller, see ``Coalescer._carry``) is cancelled, its batch fails like a
 unary call past its deadline, and the next batch opens a new stream.  A node
 that refuses the stream before reading it (UNIMPLEMENTED: an older node;
 RESOURCE_EXHAUSTED: its stream slots are full) gets unary Batch calls, for
@@ -52,7 +53,8 @@ BATCH_FIELD = {
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 STREAM_GRACE_S = 0.25
-"""How long past a batch's timeout its stream may stay silent before it is cancelled."""
+"""How long past a batch's timeout its stream may stay silent before it is
+cancelled (a lone call carried by its caller: no grace, its own timeout)."""
 STREAM_IDLE_S = 30.0
 """A stream unused this long is closed."""
 STREAM_RETRY_S = 30.0
@@ -313,6 +315,8 @@ class Coalescer:
             self.streams_opened += 1
         req.timeout_ms = max(1, int(timeout * 1000))
         expired = False
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
 
         def expire() -> None:
             nonlocal expired
@@ -340,9 +344,10 @@ class Coalescer:
             # Our timer's cancel of the call is a deadline; the task's own
             # cancellation (the caller's timeout, a TaskGroup, shutdown) must
             # stay one, even when both land in one loop iteration (a carried
-            # call runs here in the caller's task).
-            task = asyncio.current_task()
-            if not expired or (task is not None and task.cancelling()):
+            # call runs here in the caller's task).  Compared with the count
+            # on entry: a cancellation swallowed earlier without uncancel()
+            # leaves the count above zero for good.
+            if not expired or (task is not None and task.cancelling() > cancels):
                 raise
             raise DeadlineError() from None
         except grpc.RpcError:
