@@ -139,6 +139,17 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(DeadlineError())
 
 
+async def _wait_op(fut: asyncio.Future[Any], timeout: float) -> Any:
+    """``fut``'s outcome, or DEADLINE_EXCEEDED after ``timeout``.  One timer
+    per op instead of wait_for(shield(...)), which costs a task, two futures
+    and their callbacks per op on the client's loop."""
+    timer = asyncio.get_running_loop().call_later(max(0.0, timeout), _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
 def expire_all(futs: list[asyncio.Future[Any]]) -> None:
     """Fail every op of ``futs`` still waiting with DEADLINE_EXCEEDED (a timer's callback)."""
     for fut in futs:
@@ -177,14 +188,7 @@ class Coalescer:
         """One op: its response message, or the ``RpcError`` it failed with."""
         if self._inflight == 0 and not self._queue and self._stream is not None:
             return await self._carry(BATCH_FIELD[method], request, timeout)
-        fut = self.submit(method, request, timeout)
-        # One timer per call instead of wait_for(shield(...)), which costs a
-        # task, two futures and their callbacks per op on the client's loop.
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        return await _wait_op(self.submit(method, request, timeout), timeout)
 
     async def _carry(self, field: str, request: Any, timeout: float) -> Any:
         """An op that finds this node idle and its stream open.  It yields
@@ -208,11 +212,8 @@ class Coalescer:
                 fut = loop.create_future()
                 self._queue.insert(0, (field, request, fut, deadline))
             else:
-                req = pb.BatchRequest()
-                getattr(req.ops.add(), field).CopyFrom(request)
-                self.batches += 1
-                self.ops += 1
-                self.largest = max(self.largest, 1)
+                req = batch_request([(field, request)])
+                self._count(1)
                 resp = await self._exchange(req, max(deadline - loop.time(), 0.001), 0.0)
                 outcome = op_outcomes([field], resp)[0]
                 if isinstance(outcome, OpRpcError):
@@ -223,11 +224,13 @@ class Coalescer:
             if self._queue and self._inflight < self._max_inflight:
                 self._launch()
         assert fut is not None  # not carried: it left in the batch just launched
-        timer = loop.call_later(max(0.0, deadline - loop.time()), _expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        return await _wait_op(fut, deadline - loop.time())
+
+    def _count(self, n: int) -> None:
+        """Statistics of one batch of ``n`` ops leaving."""
+        self.batches += 1
+        self.ops += n
+        self.largest = max(self.largest, n)
 
     def submit(self, method: str, request: Any, timeout: float) -> asyncio.Future[Any]:
         """Queue one op without waiting; the future gets what :meth:`call`
@@ -261,11 +264,9 @@ class Coalescer:
         try:
             timeout = max(d for _, _, _, d in batch) - loop.time()
             req = batch_request([(field, r) for field, r, _, _ in batch])
-            self.batches += 1
-            self.ops += len(batch)
-            self.largest = max(self.largest, len(batch))
+            self._count(len(batch))
             try:
-                resp = await self._exchange(req, max(timeout, 0.001))
+                resp = await self._exchange(req, max(timeout, 0.001), self._grace_s)
             except grpc.RpcError as e:
                 for _, _, fut, _ in batch:
                     if not fut.done():
@@ -290,13 +291,12 @@ class Coalescer:
             if self._queue and self._inflight < self._max_inflight:
                 self._launch()
 
-    async def _exchange(self, req: pb.BatchRequest, timeout: float, grace: float = -1.0) -> pb.BatchResponse:
+    async def _exchange(self, req: pb.BatchRequest, timeout: float, grace: float) -> pb.BatchResponse:
         """Send one batch, over the stream when there is one; raises an
         ``RpcError`` shaped like the unary call's when the whole batch fails.
-        ``grace``: how long past ``timeout`` the stream may stay silent
-        (negative: the coalescer's ``stream_grace_s``)."""
+        ``grace``: how long past ``timeout`` the stream may stay silent."""
         if self._stream_call is not None and asyncio.get_running_loop().time() >= self._stream_retry_at:
-            resp = await self._over_stream(req, timeout, self._grace_s if grace < 0 else grace)
+            resp = await self._over_stream(req, timeout, grace)
             if resp is not None:
                 if resp.HasField("error"):
                     raise OpRpcError(resp.error)

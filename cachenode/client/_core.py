@@ -52,6 +52,7 @@ from cachenode._errors import (
     Unavailable,
 )
 from cachenode._types import NodeId, ShardDescriptor
+from cachenode.client._coalesce import BATCH_FIELD
 from cachenode.client._convert import (
     check_int64,
     check_ttl,
@@ -111,12 +112,6 @@ class Target(NamedTuple):
         )
 
 
-_VERBS = {
-    "Get": "get", "Set": "set", "Delete": "delete", "CompareAndSet": "cas", "Incr": "incr",
-    "Ttl": "ttl", "MGet": "mget", "MSet": "mset",
-}
-
-
 class Op(NamedTuple):
     """One single-shard RPC: what to call, how to build it, how to route it.
     (A NamedTuple, like :class:`Target`: one per call.)"""
@@ -132,7 +127,7 @@ class Op(NamedTuple):
         """The op for messages: ``set 'k'``, ``mget of 3 key(s) starting at 'a'``.
         Made only when a message needs it (rendering the key on every call
         cost a few microseconds)."""
-        verb = _VERBS.get(self.method, self.method)
+        verb = BATCH_FIELD.get(self.method, self.method)  # an op's Batch field is its verb
         if self.method in ("MGet", "MSet"):
             return f"{verb} of {len(self.keys)} key(s) starting at {show_key(self.keys[0])}"
         return f"{verb} {show_key(self.keys[0])}"

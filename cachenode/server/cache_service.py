@@ -169,10 +169,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     def _shard(self, key: bytes, header: pb.RequestHeader) -> ShardDescriptor:
         s = self.r.shard_for_key(key)
-        if header.shard_epoch and header.shard_epoch != s.epoch:
-            raise EpochMismatch(
-                f"shard {s.id} is at epoch {s.epoch}, the request named {header.shard_epoch}; refresh the cluster map"
-            )
+        _check_epoch(s, header.shard_epoch)
         return s
 
     def _by_shard(self, keys: list[bytes], header: pb.RequestHeader) -> dict[int, tuple[ShardDescriptor, list[int]]]:
@@ -191,10 +188,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         epoch = header.shard_epoch
         if epoch:
             for s, _ in by_shard.values():
-                if s.epoch != epoch:
-                    raise EpochMismatch(
-                        f"shard {s.id} is at epoch {s.epoch}, the request named {epoch}; refresh the cluster map"
-                    )
+                _check_epoch(s, epoch)
         return by_shard
 
     def _now(self, gid: int) -> int:
@@ -577,6 +571,12 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     def MSet(self, req: pb.MSetRequest, ctx: grpc.ServicerContext) -> pb.MSetResponse:
         return self._unary(ctx, self._start_mset, req)  # type: ignore[no-any-return]
+
+
+def _check_epoch(s: ShardDescriptor, epoch: int) -> None:
+    """EPOCH_MISMATCH unless the request named no epoch (0) or ``s``'s."""
+    if epoch and epoch != s.epoch:
+        raise EpochMismatch(f"shard {s.id} is at epoch {s.epoch}, the request named {epoch}; refresh the cluster map")
 
 
 def _op_error(e: CacheError | ForwardedError) -> pb.OpError:
