@@ -678,3 +678,28 @@ def test_a_snapshot_load_that_fails_at_start_stops_the_node_and_commits_nothing(
         assert reopened.reader(GID).applied_index() == 0
     finally:
         reopened.close()
+
+
+def test_a_log_over_its_size_is_compacted_once(tmp_path: Path) -> None:
+    """A log that outgrows ``log_compaction_bytes`` once is snapshotted once.
+
+    The size check runs every tick; while the snapshot writer runs, the log
+    is still long.  Asking pysyncobj to compact again then left its flag set,
+    so the node dumped the whole shard a second time as soon as the first
+    dump was in (seen in the nodes' logs: two snapshots 50 ms apart)."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
+                        log_compaction_bytes=1 << 20)
+    with three_hosts(tmp_path, timing) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        for i in range(14):  # 1.4 MB: over the bound once, not twice
+            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.g.snapshots_written) >= 1, f"{n.id}'s snapshot")
+            wait_for(lambda n=n: n.on_driver(lambda: _compaction_settled(n)), f"{n.id}'s compaction to end")
+        # A few more ticks' worth of small writes: any compaction still asked
+        # for starts now.
+        for i in range(20):
+            leader.g.propose(b"small %d" % i).result(timeout=10)
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.g._snap is None), f"{n.id}'s writer to finish")
+            assert n.on_driver(lambda n=n: n.g.snapshots_written) == 1, n.id

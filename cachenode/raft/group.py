@@ -1036,6 +1036,13 @@ class RaftGroup:
             self._acked[node_id] = seq
 
     def _maybe_compact_by_size(self) -> None:
+        """Ask pysyncobj for a snapshot when the log outgrew its bound
+        (driver thread, after ``doTick``).  Not while one is being written:
+        the log is still long then, and pysyncobj keeps the request until
+        its next idle tick, so asking again would dump the whole shard a
+        second time right after the first dump is in."""
+        if self._snap is not None:
+            return
         state = self.host.storage.reader(self.group_id).size_bytes()
         if self.journal.bytes > max(self._timing.log_compaction_bytes, state):
             self.sync.forceLogCompaction()
