@@ -717,8 +717,11 @@ def test_a_leader_keeps_the_log_a_lagging_follower_still_needs(tmp_path: Path) -
     reports its snapshot (and pysyncobj drops the log it covers) only once
     every follower has acknowledged up to it.  Before, the log went at once
     and the follower was sent the whole shard (the bench saw 7 shards sent
-    to a follower that was merely slow under 10 KiB writes)."""
-    timing = RaftTiming(heartbeat_s=0.05, election_min_s=1.5, election_max_s=3.0,
+    to a follower that was merely slow under 10 KiB writes).  The cut-off
+    follower hears nothing meanwhile: its election timeout is long enough
+    (3-6 s) that it never campaigns, which would depose the leader on its
+    return and end the hold."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=3.0, election_max_s=6.0,
                         log_compaction_bytes=1 << 20, snapshot_follower_wait_s=30.0)
     with three_hosts(tmp_path, timing) as ns:
         leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
@@ -746,10 +749,11 @@ def test_a_leader_keeps_the_log_a_lagging_follower_still_needs(tmp_path: Path) -
 
 def test_a_follower_that_stays_away_does_not_hold_compaction(tmp_path: Path) -> None:
     """The leader keeps its log for a lagging follower only
-    ``snapshot_follower_wait_s``: one that stays out of reach gets the
-    snapshot when it returns, and the leader's log is bounded meanwhile."""
-    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8,
-                        log_compaction_bytes=1 << 20, snapshot_follower_wait_s=0.5)
+    ``snapshot_follower_wait_s``: it holds the log at first, then compacts
+    it although the follower never answered, and the follower gets the
+    snapshot when it returns."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=3.0, election_max_s=6.0,
+                        log_compaction_bytes=1 << 20, snapshot_follower_wait_s=3.0)
     with three_hosts(tmp_path, timing) as ns:
         leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
         victim = next(n for n in ns.values() if n is not leader)
@@ -760,5 +764,12 @@ def test_a_follower_that_stays_away_does_not_hold_compaction(tmp_path: Path) -> 
                 n.block({victim.id})
         for i in range(12):
             leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
-        wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
+        wait_for(lambda: leader.on_driver(lambda: _dump_done(leader)), "the leader's dump")
+        leader.g.propose(b"more ticks").result(timeout=10)
+        assert leader.on_driver(lambda: leader.g.snapshots_written) == 0, "reported at once: the log was not held"
+        wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot, reported")
         assert leader.on_driver(lambda: leader.g.journal.bytes) < 1 << 20
+        for n in ns.values():
+            n.block(set())
+        wait_for(lambda: victim.on_driver(lambda: victim.g.snapshots_installed) >= 1, "the snapshot on the follower")
+        wait_for(lambda: victim.last_index >= leader.last_index, "the follower to catch up")

@@ -155,7 +155,7 @@ class RaftTiming:
     log_compaction_s: float = 600.0
     snapshot_follower_wait_s: float = 2.0
     """How long a leader whose snapshot is written keeps the log it covers
-    for a follower that has not yet acknowledged up to it.  pysyncobj drops
+    for a connected follower that has not yet acknowledged up to it.  pysyncobj drops
     those entries as soon as it hears the snapshot is in, and a follower
     whose next index then falls at or below the log's first entry (an
     acknowledgement still on its way pulls it back there) is sent the whole
@@ -1211,10 +1211,12 @@ class RaftGroup:
 
     def _a_follower_lacks(self, first_kept: int) -> bool:
         """True while this leader's snapshot may not be reported yet: a
-        follower has not acknowledged entry ``first_kept`` (the first one
-        pysyncobj keeps once it hears the snapshot is in) and the dump has
-        been done for less than ``snapshot_follower_wait_s`` (see there).
-        Followers receiving a snapshot are not waited for.  Driver thread."""
+        connected follower has not acknowledged entry ``first_kept`` (the
+        first one pysyncobj keeps once it hears the snapshot is in) and the
+        dump has been done for less than ``snapshot_follower_wait_s`` (see
+        there).  Not waited for: a follower whose link is down (it cannot
+        answer meanwhile) and one sent a whole snapshot that has not
+        answered since.  Driver thread."""
         if self._role != 2:
             return False
         now = time.monotonic()
@@ -1224,8 +1226,10 @@ class RaftGroup:
             return False
         match = self.match_index()
         installing = self.transport.installing_peers
+        sync = self.sync
         return any(
-            match.get(n.id, 0) < first_kept and n.id not in installing for n in self.sync.otherNodes
+            match.get(n.id, 0) < first_kept and n.id not in installing and sync.isNodeConnected(n)
+            for n in sync.otherNodes
         )
 
     def _snapshot_state(self) -> int:
