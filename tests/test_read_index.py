@@ -342,17 +342,24 @@ class _GatedInstall(_HookedWriters):
         w.install_records(records)
 
 
-def _cut_off(ns: dict[str, Node], writes: int) -> tuple[Node, Node]:
-    """(leader, follower): the follower, cut off, missed ``writes`` writes
-    of 200 KB (every apply also stored in the state); still cut off on return."""
-    for n in ns.values():
-        n.store_payloads = True
+def _isolate_a_follower(ns: dict[str, Node]) -> tuple[Node, Node]:
+    """(leader, follower): messages between the follower and the others are
+    dropped from now on; the links stay up."""
     leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
     victim = next(n for n in ns.values() if n is not leader)
     victim.block({n.id for n in ns.values() if n is not victim})
     for n in ns.values():
         if n is not victim:
             n.block({victim.id})
+    return leader, victim
+
+
+def _cut_off(ns: dict[str, Node], writes: int) -> tuple[Node, Node]:
+    """(leader, follower): the follower, cut off, missed ``writes`` writes
+    of 200 KB (every apply also stored in the state); still cut off on return."""
+    for n in ns.values():
+        n.store_payloads = True
+    leader, victim = _isolate_a_follower(ns)
     for i in range(writes):
         leader.g.propose(bytes([i]) * 200_000).result(timeout=10)
     return leader, victim
@@ -705,6 +712,15 @@ def test_a_log_over_its_size_is_compacted_once(tmp_path: Path) -> None:
             assert n.on_driver(lambda n=n: n.g.snapshots_written) == 1, n.id
 
 
+def _cut_off_over_the_bound(ns: dict[str, Node]) -> tuple[Node, Node]:
+    """(leader, follower): the follower, cut off (its link stays up), missed
+    1.2 MB of writes, so the leader's log (1 MiB bound) is over it once."""
+    leader, victim = _isolate_a_follower(ns)
+    for i in range(12):
+        leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+    return leader, victim
+
+
 def _dump_done(n: Node) -> bool:
     """``n``'s snapshot writer has finished, reported or not (driver thread)."""
     g = n.g
@@ -724,15 +740,7 @@ def test_a_leader_keeps_the_log_a_lagging_follower_still_needs(tmp_path: Path) -
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=3.0, election_max_s=6.0,
                         log_compaction_bytes=1 << 20, snapshot_follower_wait_s=30.0)
     with three_hosts(tmp_path, timing) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        victim = next(n for n in ns.values() if n is not leader)
-        others = {n.id for n in ns.values() if n is not victim}
-        victim.block(others)
-        for n in ns.values():
-            if n is not victim:
-                n.block({victim.id})
-        for i in range(12):  # 1.2 MB: over the bound once
-            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        leader, victim = _cut_off_over_the_bound(ns)
         wait_for(lambda: leader.on_driver(lambda: _dump_done(leader)), "the leader's snapshot dump")
         last = leader.last_index
         # pysyncobj sends entries only from after its log's first entry.
@@ -755,15 +763,7 @@ def test_a_follower_that_stays_away_does_not_hold_compaction(tmp_path: Path) -> 
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=3.0, election_max_s=6.0,
                         log_compaction_bytes=1 << 20, snapshot_follower_wait_s=3.0)
     with three_hosts(tmp_path, timing) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        victim = next(n for n in ns.values() if n is not leader)
-        others = {n.id for n in ns.values() if n is not victim}
-        victim.block(others)
-        for n in ns.values():
-            if n is not victim:
-                n.block({victim.id})
-        for i in range(12):
-            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        leader, victim = _cut_off_over_the_bound(ns)
         wait_for(lambda: leader.on_driver(lambda: _dump_done(leader)), "the leader's dump")
         leader.g.propose(b"more ticks").result(timeout=10)
         assert leader.on_driver(lambda: leader.g.snapshots_written) == 0, "reported at once: the log was not held"
