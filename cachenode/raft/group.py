@@ -155,13 +155,13 @@ class RaftTiming:
     log_compaction_s: float = 600.0
     snapshot_follower_wait_s: float = 2.0
     """How long a leader whose snapshot is written keeps the log it covers
-    for a connected follower that has not yet acknowledged up to it.  pysyncobj drops
-    those entries as soon as it hears the snapshot is in, and a follower
-    whose next index then falls at or below the log's first entry (an
-    acknowledgement still on its way pulls it back there) is sent the whole
-    snapshot instead of the few entries it lacks: under 10 KiB writes the
-    bench saw 7 whole shards sent to a follower that was only slow.  After
-    this long a follower still behind is sent the snapshot."""
+    for a connected follower that has not yet acknowledged up to it.
+    pysyncobj drops those entries as soon as it hears the snapshot is in,
+    and a follower whose next index then falls at or below the log's first
+    entry (an acknowledgement still on its way pulls it back there) is sent
+    the whole snapshot instead of the few entries it lacks: under 10 KiB
+    writes the bench saw 7 whole shards sent to a follower that was only
+    slow.  After this long a follower still behind is sent the snapshot."""
     queue_size: int = 20000
 
 
@@ -1054,8 +1054,8 @@ class RaftGroup:
         """Ask pysyncobj for a snapshot when the log outgrew its bound
         (driver thread, after ``doTick``).  Not while one is being written:
         the log is still long then, and pysyncobj keeps the request until
-        its next idle tick, so asking again would dump the whole shard a
-        second time right after the first dump is in."""
+        the next tick with no snapshot in progress, so asking again would
+        dump the whole shard a second time right after the first is in."""
         if self._snap is not None:
             return
         state = self.host.storage.reader(self.group_id).size_bytes()
