@@ -17,6 +17,7 @@ install finds it wherever the process's working directory is."""
 
 COMPILED: tuple[str, ...] = (
     "cachenode._errors",
+    "cachenode._value",
     "cachenode._types",
     "cachenode.storage.base",
     "cachenode.storage.wal",

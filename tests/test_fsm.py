@@ -723,12 +723,10 @@ def _stamp(cmd: Command, now: int) -> Command:
         return now + ttl if ttl else 0
 
     if isinstance(cmd, Set | CompareAndSet):
-        return dataclasses.replace(cmd, expires_at_ms=exp(cmd.expires_at_ms), now_ms=now)
+        return cmd.replace(expires_at_ms=exp(cmd.expires_at_ms), now_ms=now)
     if isinstance(cmd, MSet):
-        return dataclasses.replace(
-            cmd, items=tuple((k, v, exp(t)) for k, v, t in cmd.items), now_ms=now
-        )
-    return dataclasses.replace(cmd, now_ms=now)
+        return cmd.replace(items=tuple((k, v, exp(t)) for k, v, t in cmd.items), now_ms=now)
+    return cmd.replace(now_ms=now)
 
 
 def _timed(steps: list[tuple[Command | ExpireScan | bytes, int]]) -> list[bytes]:

