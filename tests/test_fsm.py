@@ -931,3 +931,35 @@ def test_multi_entry_same_state_on_lmdb_and_memory(tmp_path: Path) -> None:
             n.apply_raw(encode_multi(cmds))
         n.apply(Expire(((b"s0", 150),), 10_000))
     assert a.state() == b.state()
+
+
+def test_the_stored_map_is_parsed_again_only_when_rewritten() -> None:
+    """``StoredMap`` (what the node reads every 0.1 s) answers what
+    ``current_map`` answers, from one parse per write of the map."""
+    from cachenode._types import ClusterMap, NodeInfo
+    from cachenode.fsm.meta_machine import (
+        MetaStateMachine,
+        StoredMap,
+        bootstrap_command,
+        current_map,
+        set_map_command,
+    )
+
+    s = MemoryStorage()
+    meta, stored = MetaStateMachine(), StoredMap()
+
+    def apply(payload: bytes, index: int) -> None:
+        b = s.begin()
+        meta.apply(payload, index, b.state(9))
+        b.commit()
+
+    assert stored.read(s.reader(9)) is None
+    nodes = [NodeInfo(f"n{i}", f"127.0.0.1:{i + 1}", f"127.0.0.1:{i + 11}") for i in range(3)]
+    first = ClusterMap.bootstrap(nodes, 4, 3)
+    apply(bootstrap_command(first), 1)
+    got = stored.read(s.reader(9))
+    assert got == first == current_map(s.reader(9))
+    assert stored.read(s.reader(9)) is got  # unchanged: not parsed again
+    second = first.with_replicas(0, ["n0", "n1"])
+    apply(set_map_command(first.version, second), 2)
+    assert stored.read(s.reader(9)) == second == current_map(s.reader(9))

@@ -15,6 +15,7 @@ Pure functions; any thread.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,6 @@ from .commands import (
     CasResult,
     Command,
     CompareAndSet,
-    Condition,
     Delete,
     DeleteResult,
     ErrorResult,
@@ -52,11 +52,19 @@ _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 
 
+_packers = threading.local()
+
+
 def _packb(obj: object) -> bytes:
-    # A fresh packer per call: a shared msgpack.Packer is not thread-safe and
-    # commands are encoded on server threads while results are encoded on the
-    # driver thread.
-    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    # One packer per thread: a msgpack.Packer is not thread-safe, and commands
+    # are encoded on server threads while results are encoded on the driver
+    # thread.  ``msgpack.packb`` builds a new Packer (and its buffer) on every
+    # call: 0.59 us against 0.23 us for a small command.
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    out: bytes = packer.pack(obj)
     return out
 
 
@@ -247,7 +255,9 @@ def _split_rid(f: list[Any], n: int) -> RequestId | None:
 
 def _d_set(f: list[Any]) -> Command:
     rid = _split_rid(f, 5)
-    return Set(f[0], f[1], f[2], Condition(_int(f[3], "condition", 0, 2)), f[4], rid)
+    # The range check makes it a Condition's value; building the IntEnum
+    # itself runs interpreted enum code (about 0.5 % of a node's CPU in `set`).
+    return Set(f[0], f[1], f[2], _int(f[3], "condition", 0, 2), f[4], rid)
 
 
 def _d_delete(f: list[Any]) -> Command:

@@ -67,6 +67,27 @@ def current_map(reader: StateReader) -> ClusterMap | None:
     return ClusterMap.from_dict(json.loads(rec.value))
 
 
+class StoredMap:
+    """:func:`current_map`, parsed again only when the stored map was
+    rewritten (a record's version is the Raft index that wrote it, and one
+    index of the metadata group always holds the same entry).  The node
+    reads the map every 0.1 s; parsing it each time was about 0.6 % of a
+    node's CPU.  One caller thread at a time."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._map: ClusterMap | None = None
+
+    def read(self, reader: StateReader) -> ClusterMap | None:
+        rec = reader.get(MAP_KEY)
+        if rec is None:
+            return None
+        if rec.version != self._version:
+            self._map = ClusterMap.from_dict(json.loads(rec.value))
+            self._version = rec.version
+        return self._map
+
+
 class MetaStateMachine:
     def apply(self, payload: bytes, index: int, w: StateWriter) -> bytes:
         if index <= w.applied_index():

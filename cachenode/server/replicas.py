@@ -59,6 +59,7 @@ from ..fsm.codec import decode_result, encode_command
 from ..fsm.machine import ShardStateMachine
 from ..fsm.meta_machine import (
     MetaStateMachine,
+    StoredMap,
     barrier_command,
     bootstrap_command,
     current_map,
@@ -85,6 +86,7 @@ class ReplicaManager:
         self._clock_file = os.path.join(cfg.data_dir, "cluster-clock.json")
         self._clock_floor = self._load_clock_floor()
         self._map: ClusterMap | None = None
+        self._stored_map = StoredMap()  # the metadata replica's map (driver thread)
         self._map_lock = threading.Lock()
         self._expiring: dict[int, Future[bytes]] = {}
         self._bootstrap_inflight: Future[bytes] | None = None
@@ -300,7 +302,7 @@ class ReplicaManager:
 
     def _reconcile(self) -> None:
         meta = self.host.group(META_GROUP_ID)
-        m = current_map(self.storage.reader(META_GROUP_ID)) if meta is not None else None
+        m = self._stored_map.read(self.storage.reader(META_GROUP_ID)) if meta is not None else None
         if m is None and meta is not None and self._adopted is None:
             if meta.is_leader and (self._bootstrap_inflight is None or self._bootstrap_inflight.done()):
                 boot = ClusterMap.bootstrap(self.cfg.initial_cluster, self.cfg.shards, self.cfg.replication)
