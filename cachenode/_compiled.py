@@ -36,6 +36,7 @@ COMPILED: tuple[str, ...] = (
     "cachenode.client._status",
     "cachenode.client._convert",
     "cachenode.client._results",
+    "cachenode.client._call",
     "cachenode.client.route_table",
     "cachenode.client._coalesce",
     "cachenode.client._sync_coalesce",

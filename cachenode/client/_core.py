@@ -39,7 +39,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import grpc
 
@@ -52,12 +52,11 @@ from cachenode._errors import (
     Unavailable,
 )
 from cachenode._types import NodeId, ShardDescriptor
-from cachenode.client._coalesce import BATCH_FIELD
+from cachenode.client._call import Op, Target
 from cachenode.client._convert import (
     check_int64,
     check_ttl,
     cluster_map_from_wire,
-    show_key,
 )
 from cachenode.client._status import Failure, Retry, classify
 from cachenode.client.route_table import RouteTable
@@ -96,41 +95,6 @@ class _Wait(enum.Enum):
 
 class Regroup(Exception):
     """A multi-key call's keys no longer share one shard: split them again."""
-
-
-class Target(NamedTuple):
-    """Where one attempt goes.  (A NamedTuple: built on every attempt, and a
-    frozen dataclass's ``__init__`` costs several times a tuple's.)"""
-
-    address: str
-    node_id: NodeId | None
-    no_forward: bool
-
-    def describe(self) -> str:
-        return (
-            f"node {self.node_id} at {self.address}" if self.node_id else f"endpoint {self.address}"
-        )
-
-
-class Op(NamedTuple):
-    """One single-shard RPC: what to call, how to build it, how to route it.
-    (A NamedTuple, like :class:`Target`: one per call.)"""
-
-    method: str  # stub attribute: "Set"
-    keys: tuple[bytes, ...]  # all must live on one shard; the first routes the call
-    build: Callable[[], Any]  # the request message, header not filled in (CallState.request does)
-    write: bool
-    stale: bool = False
-
-    @property
-    def display(self) -> str:
-        """The op for messages: ``set 'k'``, ``mget of 3 key(s) starting at 'a'``.
-        Made only when a message needs it (rendering the key on every call
-        cost a few microseconds)."""
-        verb = BATCH_FIELD.get(self.method, self.method)  # an op's Batch field is its verb
-        if self.method in ("MGet", "MSet"):
-            return f"{verb} of {len(self.keys)} key(s) starting at {show_key(self.keys[0])}"
-        return f"{verb} {show_key(self.keys[0])}"
 
 
 def parse_endpoints(endpoints: Sequence[str] | str) -> tuple[str, ...]:

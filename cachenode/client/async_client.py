@@ -19,6 +19,7 @@ import grpc.aio
 
 from cachenode._errors import CacheError, Unavailable
 from cachenode._types import ClusterMap, NodeId, ShardId
+from cachenode.client._call import Op, Target
 from cachenode.client._coalesce import BATCH_FIELD, Coalescer, expire_all
 from cachenode.client._convert import (
     KeyLike,
@@ -36,10 +37,8 @@ from cachenode.client._core import (
     CallState,
     ClientCore,
     Consistency,
-    Op,
     Regroup,
     Routing,
-    Target,
     closed_during,
     parse_consistency,
 )

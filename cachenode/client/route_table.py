@@ -15,29 +15,33 @@ Leader knowledge comes from three places, newest wins:
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from cachenode._types import ClusterMap, NodeId, NodeInfo, ShardDescriptor, ShardId, key_hash
+from cachenode._value import Value
 
 __all__ = ["Route", "RouteTable"]
 
 T = TypeVar("T")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Route:
+class Route(Value):
     """Where one key goes right now.
 
     ``leader_id``/``leader_address`` are ``None`` while the leader is unknown
-    (an election runs, or the last known leader was invalidated).
+    (an election runs, or the last known leader was invalidated).  A
+    compiled value class (:mod:`cachenode._value`): one per call.
     """
 
-    shard: ShardDescriptor
-    leader_id: NodeId | None
-    leader_address: str | None
+    __slots__ = ("shard", "leader_id", "leader_address")
+    FIELDS = ("shard", "leader_id", "leader_address")
+
+    def __init__(self, shard: ShardDescriptor, leader_id: NodeId | None, leader_address: str | None) -> None:
+        self.shard: Final[ShardDescriptor] = shard
+        self.leader_id: Final[NodeId | None] = leader_id
+        self.leader_address: Final[str | None] = leader_address
 
 
 class RouteTable:

@@ -24,6 +24,7 @@ import grpc
 
 from cachenode._errors import CacheError, NotLeader, Unavailable
 from cachenode._types import ClusterMap, NodeId, ShardId
+from cachenode.client._call import Op, Target
 from cachenode.client._coalesce import BATCH_FIELD
 from cachenode.client._convert import (
     KeyLike,
@@ -41,10 +42,8 @@ from cachenode.client._core import (
     CallState,
     ClientCore,
     Consistency,
-    Op,
     Regroup,
     Routing,
-    Target,
     closed_during,
     parse_consistency,
 )
