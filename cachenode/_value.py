@@ -10,7 +10,8 @@ msets.  ``Final`` keeps them immutable: mypy refuses an assignment, and the
 compiled attribute is read-only.
 
 Subclasses list their fields in ``FIELDS`` (in constructor order); equality,
-hashing, ``repr`` and :meth:`replace` follow it, as a dataclass's would.  Pure; any thread."""
+hashing, ``repr``, :meth:`replace`, pickling and ``copy`` follow it, as
+a dataclass's would.  Pure; any thread."""
 
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ class Value:
         fields = dict(zip(self.FIELDS, self.astuple(), strict=True))
         fields.update(changes)
         return type(self)(**fields)
+
+    def __reduce__(self) -> tuple[type[Value], tuple[object, ...]]:
+        """Pickling and ``copy``: rebuilt through the constructor (a
+        compiled class has no other way to set its read-only fields)."""
+        return type(self), self.astuple()
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -963,3 +963,42 @@ def test_the_stored_map_is_parsed_again_only_when_rewritten() -> None:
     second = first.with_replicas(0, ["n0", "n1"])
     apply(set_map_command(first.version, second), 2)
     assert stored.read(s.reader(9)) == second == current_map(s.reader(9))
+
+
+def test_a_large_encoding_does_not_leave_its_buffer_with_the_thread() -> None:
+    """A msgpack packer keeps the largest buffer it ever needed: the
+    thread's packer is dropped after an encoding over PACKER_KEEP_BYTES,
+    and encodings before and after it are msgpack's own."""
+    from cachenode.fsm import codec
+
+    small = MSet(items=((b"k", b"v", 0),), now_ms=1)
+    big = MSet(items=((b"k", b"x" * (codec.PACKER_KEEP_BYTES + 1), 0),), now_ms=1)
+    assert decode_command(encode_command(small)) == small  # this thread now keeps a packer
+    assert hasattr(codec._packers, "packer")
+    assert decode_command(encode_command(big)) == big
+    assert not hasattr(codec._packers, "packer"), "the grown packer was kept"
+    assert encode_command(small) == encode_command(small)
+    assert hasattr(codec._packers, "packer")
+
+
+def test_value_classes_pickle_and_copy_as_dataclasses_did() -> None:
+    import copy
+    import pickle
+
+    from cachenode._types import ShardDescriptor
+    from cachenode.client.route_table import Route
+    from cachenode.raft.group import GroupStatus
+
+    values = [
+        Record(b"v", 3, 7),
+        Set(b"k", b"v", 0, Condition.IF_ABSENT, 5, RequestId(b"c", 2)),
+        MSetResult(2, 9),
+        GroupStatus("leader", "n1", 3, 10, 10, ("n1", "n2", "n3"), True),
+    ]
+    for v in values:
+        for again in (pickle.loads(pickle.dumps(v)), copy.copy(v), copy.deepcopy(v)):
+            assert again == v and type(again) is type(v) and hash(again) == hash(v)
+    # (a compiled frozen dataclass such as ShardDescriptor cannot be pickled
+    # or deep-copied itself, so a Route is only copied)
+    route = Route(ShardDescriptor(0, 0, 10, 1, ("n1",)), "n1", "127.0.0.1:1")
+    assert copy.copy(route) == route and copy.copy(route).shard is route.shard

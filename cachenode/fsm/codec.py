@@ -53,6 +53,11 @@ _I64_MAX = (1 << 63) - 1
 
 
 _packers = threading.local()
+PACKER_KEEP_BYTES = 1 << 20
+"""A thread's packer is dropped after an encoding larger than this: its
+buffer grows to the largest thing it packed and never shrinks, and the
+node's 64 gRPC worker threads each encode commands (an MSet may carry
+hundreds of MiB)."""
 
 
 def _packb(obj: object) -> bytes:
@@ -65,6 +70,8 @@ def _packb(obj: object) -> bytes:
     except AttributeError:
         packer = _packers.packer = msgpack.Packer(use_bin_type=True)
     out: bytes = packer.pack(obj)
+    if len(out) > PACKER_KEEP_BYTES:
+        del _packers.packer
     return out
 
 
