@@ -60,11 +60,13 @@ def barrier_command() -> bytes:
     return encode({"op": "barrier"})
 
 
+def _parse_map(rec: Record) -> ClusterMap:
+    return ClusterMap.from_dict(json.loads(rec.value))
+
+
 def current_map(reader: StateReader) -> ClusterMap | None:
     rec = reader.get(MAP_KEY)
-    if rec is None:
-        return None
-    return ClusterMap.from_dict(json.loads(rec.value))
+    return None if rec is None else _parse_map(rec)
 
 
 class StoredMap:
@@ -83,7 +85,7 @@ class StoredMap:
         if rec is None:
             return None
         if rec.version != self._version:
-            self._map = ClusterMap.from_dict(json.loads(rec.value))
+            self._map = _parse_map(rec)
             self._version = rec.version
         return self._map
 
@@ -106,7 +108,7 @@ class MetaStateMachine:
         except Exception:
             return {"ok": False, "error": "undecodable metadata command"}
         existing = w.get(MAP_KEY)
-        cur = ClusterMap.from_dict(json.loads(existing.value)) if existing else None
+        cur = _parse_map(existing) if existing else None
         if op == "barrier":
             return {"ok": True, "version": cur.version if cur else 0}
         if op == "set_pd":
