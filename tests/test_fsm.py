@@ -495,12 +495,27 @@ def test_logic_failure_is_an_internal_error_and_changes_no_data() -> None:
     s = MemoryStorage()
     b = s.begin()
     w = _FaultyWriter(b.state(G), "get", RuntimeError("bug while planning"))
-    out = ShardStateMachine().apply(encode_command(Set(b"k", b"v", 0, 0, 7)), 1, w)
+    out = ShardStateMachine().apply(encode_command(Set(b"k", b"v", 0, Condition.IF_ABSENT, 7)), 1, w)
     res = decode_result(out)
     assert isinstance(res, ErrorResult) and res.kind == "internal" and "RuntimeError" in res.message
     b.commit()
     r = s.reader(G)
     assert (r.applied_index(), r.clock_ms(), r.count()) == (1, 7, 0)
+
+
+def test_an_unconditional_set_replaces_without_reading_the_old_record(node: Node) -> None:
+    """The old record matters only to a conditional set: an unconditional
+    one replaces it blind (half its apply's cost on every replica), and the
+    storage keeps the expiry index right by itself."""
+    node.apply(Set(b"k", b"old", 5000, Condition.ALWAYS, 1000))
+    b = node.s.begin()
+    w = _FaultyWriter(b.state(G), "get", AssertionError("an unconditional set read the old record"))
+    out = ShardStateMachine().apply(encode_command(Set(b"k", b"new", 0, Condition.ALWAYS, 1000, rid(1))), 2, w)
+    b.commit()
+    assert decode_result(out) == SetResult(True, 2)
+    assert node.get(b"k", 9000) == Record(b"new", 2, 0)  # the old expiry is gone with the record
+    assert node.s.reader(G).expired(9000, 10) == []  # and so is its entry in the expiry index
+    assert node.s.reader(G).count() == 1
 
 
 # -- codec ------------------------------------------------------------------------

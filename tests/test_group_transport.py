@@ -350,7 +350,7 @@ def test_pysyncobj_internals_we_lean_on() -> None:
         assert hasattr(so.Serializer, name), name  # SnapshotTransfer wraps SyncObj._SyncObj__serializer
     for name in ("_getLeader", "raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "hasQuorum",
                  "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus",
-                 "_applyCommand", "_getFuncName", "_onTick"):  # _GroupSyncObj.propose_entry
+                 "_applyCommand", "_checkCommandsToApply", "_getFuncName", "_onTick"):  # GroupSyncObj
         assert hasattr(so.SyncObj, name), name
     assert isinstance(so._COMMAND_TYPE.REGULAR, int)
 

@@ -802,3 +802,34 @@ def test_the_status_quorum_follows_the_links(nodes: dict[str, Node]) -> None:
     assert quorum(), "two of three replicas are still a quorum"
     second.host.stop()
     wait_for(lambda: not quorum(), "the leader to see it has no quorum left")
+
+
+def test_no_proposal_waits_in_the_queue_for_a_later_one(nodes: dict[str, Node]) -> None:
+    """A tick drains pysyncobj's command queue only when something was
+    queued since the last drain (GroupSyncObj._checkCommandsToApply).  A
+    proposal queued while the driver drains must still be drained by a later
+    tick, not wait for the next proposal: here four threads each wait for
+    their own write before proposing the next, so a stranded one times out."""
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            for j in range(40):
+                payload = b"w%d-%d" % (i, j)
+                assert leader.g.propose(payload).result(timeout=5) == payload
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    # Drained: the flag is down, and a tick with nothing queued keeps it down.
+    assert leader.on_driver(lambda: leader.g.sync._commands_queued) is False
+    leader.on_driver(leader.g.tick)
+    assert leader.on_driver(lambda: leader.g.sync._commands_queued) is False
+    fut = leader.g.propose(b"after")
+    assert fut.result(timeout=5) == b"after"

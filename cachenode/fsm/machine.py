@@ -209,11 +209,14 @@ class ShardStateMachine:
         self, cmd: Command, index: int, clock: int, w: StateWriter
     ) -> tuple[Result, list[Write]]:
         if isinstance(cmd, Set):
-            live = _live(w.get(cmd.key), clock)
-            if cmd.condition == Condition.IF_ABSENT and live is not None:
-                return SetResult(False, live.version), []
-            if cmd.condition == Condition.IF_PRESENT and live is None:
-                return SetResult(False, 0), []
+            # Only a conditional set reads the old record (w.put replaces it
+            # and keeps the expiry index right by itself).
+            if cmd.condition != Condition.ALWAYS:
+                live = _live(w.get(cmd.key), clock)
+                if cmd.condition == Condition.IF_ABSENT and live is not None:
+                    return SetResult(False, live.version), []
+                if cmd.condition == Condition.IF_PRESENT and live is None:
+                    return SetResult(False, 0), []
             return SetResult(True, index), [
                 _value_write(cmd.key, cmd.value, cmd.expires_at_ms, index, clock)
             ]
