@@ -833,3 +833,26 @@ def test_no_proposal_waits_in_the_queue_for_a_later_one(nodes: dict[str, Node]) 
     assert leader.on_driver(lambda: leader.g.sync._commands_queued) is False
     fut = leader.g.propose(b"after")
     assert fut.result(timeout=5) == b"after"
+
+
+def test_a_drain_that_failed_is_tried_again_by_the_next_tick(
+    nodes: dict[str, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host logs a tick that raised and goes on; the command still
+    queued must be drained by a later tick, not wait for another proposal
+    (pysyncobj's drain made to fail once, before it took anything)."""
+    from pysyncobj import SyncObj
+
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    failed: list[int] = []
+    real = SyncObj._checkCommandsToApply
+
+    def fails_once(self: Any) -> None:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("injected drain failure")
+        real(self)
+
+    monkeypatch.setattr(SyncObj, "_checkCommandsToApply", fails_once)
+    assert leader.g.propose(b"after a failed drain").result(timeout=5) == b"after a failed drain"
+    assert failed and leader.host.handler_errors >= 1

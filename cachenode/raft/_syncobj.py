@@ -88,7 +88,13 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
             return
         self._commands_queued = False
         started = time.monotonic()
-        super()._checkCommandsToApply()
+        try:
+            super()._checkCommandsToApply()
+        except BaseException:
+            # The host logs a failed tick and goes on: the next tick drains
+            # what is left, as it did before.
+            self._commands_queued = True
+            raise
         if time.monotonic() - started >= self._drain_period_s:
             # pysyncobj stops draining after one append period: what is
             # left waits for the next tick, as it did before.
