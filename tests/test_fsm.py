@@ -503,19 +503,25 @@ def test_logic_failure_is_an_internal_error_and_changes_no_data() -> None:
     assert (r.applied_index(), r.clock_ms(), r.count()) == (1, 7, 0)
 
 
-def test_an_unconditional_set_replaces_without_reading_the_old_record(node: Node) -> None:
+@pytest.mark.parametrize("key_len", [1, 481, MAX_KEY_BYTES])  # inline, and over the inline part
+@pytest.mark.parametrize("new_expiry", [0, 7000, 6000])  # none, another, the same
+def test_an_unconditional_set_replaces_without_reading_the_old_record(
+    node: Node, key_len: int, new_expiry: int
+) -> None:
     """The old record matters only to a conditional set: an unconditional
-    one replaces it blind (half its apply's cost on every replica), and the
-    storage keeps the expiry index right by itself."""
-    node.apply(Set(b"k", b"old", 5000, Condition.ALWAYS, 1000))
+    one replaces it blind (less work on every replica), and the storage
+    keeps the count, the size and the expiry index right by itself."""
+    key = b"k" * key_len
+    node.apply(Set(key, b"old value", 6000, Condition.ALWAYS, 1000))
     b = node.s.begin()
     w = _FaultyWriter(b.state(G), "get", AssertionError("an unconditional set read the old record"))
-    out = ShardStateMachine().apply(encode_command(Set(b"k", b"new", 0, Condition.ALWAYS, 1000, rid(1))), 2, w)
+    out = ShardStateMachine().apply(encode_command(Set(key, b"new", new_expiry, Condition.ALWAYS, 1000, rid(1))), 2, w)
     b.commit()
     assert decode_result(out) == SetResult(True, 2)
-    assert node.get(b"k", 9000) == Record(b"new", 2, 0)  # the old expiry is gone with the record
-    assert node.s.reader(G).expired(9000, 10) == []  # and so is its entry in the expiry index
-    assert node.s.reader(G).count() == 1
+    assert node.get(key, 1000) == Record(b"new", 2, new_expiry)
+    r = node.s.reader(G)
+    assert r.expired(9000, 10) == ([(key, new_expiry)] if new_expiry else [])  # the old entry is gone
+    assert (r.count(), r.size_bytes()) == (1, key_len + 3)
 
 
 # -- codec ------------------------------------------------------------------------

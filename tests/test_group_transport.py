@@ -353,6 +353,7 @@ def test_pysyncobj_internals_we_lean_on() -> None:
                  "_applyCommand", "_checkCommandsToApply", "_getFuncName", "_onTick"):  # GroupSyncObj
         assert hasattr(so.SyncObj, name), name
     assert isinstance(so._COMMAND_TYPE.REGULAR, int)
+    assert callable(so.monotonicTime)  # the clock of pysyncobj's drain, read by GroupSyncObj's
 
 
 def test_member_added_while_its_link_is_up_is_reported_connected() -> None:

@@ -5,11 +5,11 @@ compiled (mypyc) methods do not have."""
 from __future__ import annotations
 
 import pickle
-import time
 from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import SyncObj, replicated
+from pysyncobj import syncobj as _pysyncobj
 from pysyncobj.syncobj import _COMMAND_TYPE
 
 _REGULAR = _COMMAND_TYPE.REGULAR
@@ -37,7 +37,12 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         self._apply_entry_id: int | None = None
         self._commands_queued = False
         super().__init__(*args, **kwargs)
-        self._drain_period_s = float(self._getConf().appendEntriesPeriod)
+        conf = self._getConf()
+        if conf.commandsWaitLeader:
+            # pysyncobj's drain would stop while there is no leader, after
+            # the flag was lowered (see _checkCommandsToApply).
+            raise ValueError("GroupSyncObj needs commandsWaitLeader=False")
+        self._drain_period_s = float(conf.appendEntriesPeriod)
         self._poller = _NoPoller()
         # The one pysyncobj internal replaced: see SnapshotTransfer (pinned by
         # tests/test_group_transport.py::test_pysyncobj_internals_we_lean_on).
@@ -74,8 +79,10 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         raised only after the command is in the queue, and the driver lowers
         it before it drains (:meth:`_checkCommandsToApply`), so a command is
         never left queued with the flag down."""
-        super()._applyCommand(command, callback, commandType)
-        self._commands_queued = True
+        try:
+            super()._applyCommand(command, callback, commandType)
+        finally:
+            self._commands_queued = True
 
     def _checkCommandsToApply(self) -> None:  # noqa: N802 - pysyncobj's name
         """pysyncobj drains its command queue at the end of every tick, by
@@ -88,7 +95,8 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         if not self._commands_queued:
             return
         self._commands_queued = False
-        started = time.monotonic()
+        clock = _pysyncobj.monotonicTime  # pysyncobj's own clock (CLOCK_MONOTONIC_RAW), read as it reads it
+        started = clock()
         try:
             super()._checkCommandsToApply()
         except BaseException:
@@ -96,7 +104,9 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
             # what is left, as it did before.
             self._commands_queued = True
             raise
-        if time.monotonic() - started >= self._drain_period_s:
-            # pysyncobj stops draining after one append period: what is
-            # left waits for the next tick, as it did before.
+        if clock() - started >= 0.5 * self._drain_period_s:
+            # pysyncobj stops draining after one append period (on the same
+            # clock, started after ours): what is left waits for the next
+            # tick, as it did before.  Half the period is margin: an extra
+            # drain of an empty queue costs a few microseconds.
             self._commands_queued = True
