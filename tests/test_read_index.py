@@ -837,25 +837,37 @@ def test_no_proposal_waits_in_the_queue_for_a_later_one(nodes: dict[str, Node]) 
     assert fut.result(timeout=5) == b"after"
 
 
+def _drain_once_instead(monkeypatch: pytest.MonkeyPatch, instead: Callable[[], None]) -> list[int]:
+    """pysyncobj's own drain (under GroupSyncObj's) replaced by ``instead``
+    for its first call, then real again; the list gets an item at that call."""
+    from pysyncobj import SyncObj
+
+    real = SyncObj._checkCommandsToApply
+    calls: list[int] = []
+
+    def once(self: Any) -> None:
+        if not calls:
+            calls.append(1)
+            instead()
+            return
+        real(self)
+
+    monkeypatch.setattr(SyncObj, "_checkCommandsToApply", once)
+    return calls
+
+
 def test_a_drain_that_failed_is_tried_again_by_the_next_tick(
     nodes: dict[str, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The host logs a tick that raised and goes on; the command still
     queued must be drained by a later tick, not wait for another proposal
     (pysyncobj's drain made to fail once, before it took anything)."""
-    from pysyncobj import SyncObj
-
     leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
-    failed: list[int] = []
-    real = SyncObj._checkCommandsToApply
 
-    def fails_once(self: Any) -> None:
-        if not failed:
-            failed.append(1)
-            raise RuntimeError("injected drain failure")
-        real(self)
+    def fail() -> None:
+        raise RuntimeError("injected drain failure")
 
-    monkeypatch.setattr(SyncObj, "_checkCommandsToApply", fails_once)
+    failed = _drain_once_instead(monkeypatch, fail)
     assert leader.g.propose(b"after a failed drain").result(timeout=5) == b"after a failed drain"
     assert failed and leader.host.handler_errors >= 1
 
@@ -868,24 +880,18 @@ def test_a_drain_cut_short_by_its_time_bound_is_finished_by_the_next_tick(
     once, that its time is up before it took anything (pysyncobj's clock
     made to jump by more than the period inside it)."""
     import pysyncobj.syncobj as so
-    from pysyncobj import SyncObj
 
     leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
-    real_clock, real_drain = so.monotonicTime, SyncObj._checkCommandsToApply
+    real_clock = so.monotonicTime
     jump = [0.0]
-    cut: list[int] = []
 
     def clock() -> float:
         return float(real_clock()) + jump[0]
 
-    def drain_out_of_time_once(self: Any) -> None:
-        if not cut:
-            cut.append(1)
-            jump[0] += 2 * TIMING.heartbeat_s  # the period passed: pysyncobj takes nothing
-            return
-        real_drain(self)
+    def out_of_time() -> None:
+        jump[0] += 2 * TIMING.heartbeat_s  # the period passed: pysyncobj takes nothing
 
     monkeypatch.setattr(so, "monotonicTime", clock)
-    monkeypatch.setattr(SyncObj, "_checkCommandsToApply", drain_out_of_time_once)
+    cut = _drain_once_instead(monkeypatch, out_of_time)
     assert leader.g.propose(b"after a cut drain").result(timeout=5) == b"after a cut drain"
     assert cut
