@@ -199,6 +199,21 @@ def _leader_of(endpoints: list[str], key: str) -> str:
         return leader
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
+def test_every_thread_of_a_node_runs_under_sched_batch(cluster: tuple[Path, list[str]]) -> None:
+    """`cachectl local up` starts nodes with the default --cpu-policy: every
+    thread, the ones gRPC and the Raft driver started too, is SCHED_BATCH."""
+    from _cluster import recorded_pids
+
+    pids = recorded_pids(cluster[0])
+    assert len(pids) == 3
+    for pid in pids:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        assert len(tids) > 5, tids  # gRPC's threads, the workers, the driver
+        policies = {tid: os.sched_getscheduler(tid) for tid in tids}
+        assert set(policies.values()) == {os.SCHED_BATCH}, policies
+
+
 def test_leader_failover_and_restart(cluster: tuple[Path, list[str]]) -> None:
     directory, endpoints = cluster
     key = "fo:key"

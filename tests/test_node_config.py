@@ -3,6 +3,9 @@ it binds anything."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from cachenode.server.main import build_parser, load_config
@@ -70,3 +73,47 @@ def test_tune_gc_freezes_what_exists_and_raises_the_thresholds() -> None:
     assert applied == "True"
     assert int(gen0) > 700  # young objects scanned less often than Python's default
     assert int(gen2) <= 10  # but cyclic garbage in the oldest generation is not left for hours
+
+
+def test_cpu_policy_is_batch_unless_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
+    assert cfg.cpu_policy == "batch"
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--cpu-policy", "normal"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.cpu_policy == "normal"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*BASE, "--cpu-policy", "fifo"])
+    assert "invalid choice: 'fifo'" in capsys.readouterr().err
+    toml = tmp_path / "node.toml"
+    toml.write_text('cpu-policy = "realtime"\n')
+    assert serve_main([*BASE, "--config", str(toml)], env={"CACHENODE_SECRET": "s"}) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["cachenode: error: --cpu-policy must be batch or normal"]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
+def test_set_cpu_policy_covers_running_threads_and_later_ones() -> None:
+    # In a fresh interpreter: the policy of the test process stays as it is.
+    import subprocess
+    import sys
+
+    code = """
+import os, threading
+from cachenode.server.main import set_cpu_policy
+hold = threading.Event()
+early = threading.Thread(target=hold.wait); early.start()
+def policies():
+    return sorted({os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")})
+out = [policies()]
+out.append(set_cpu_policy("batch"))
+late = threading.Thread(target=hold.wait); late.start()
+out += [len(os.listdir("/proc/self/task")), policies()]
+out += [set_cpu_policy("normal"), policies()]
+hold.set(); early.join(); late.join()
+print(repr(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, err1, threads, batch, err2, normal = eval(done.stdout)  # noqa: S307 - our own repr
+    assert before == [os.SCHED_OTHER]
+    assert err1 is None and err2 is None
+    assert threads == 3  # main, the thread running before, the one started after
+    assert batch == [os.SCHED_BATCH]
+    assert normal == [os.SCHED_OTHER]
