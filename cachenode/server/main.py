@@ -285,10 +285,10 @@ def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> str | Non
     it, in the middle of its work.  Measured on 3-node clusters of 16 shards
     with the bench's load generator: involuntary context switches per write
     3.0 -> 1.3 in `set` (one client: 6.6 -> 1.5; `mset100`: 10.1 -> 4.5 per
-    mset), and in A/B experiments of 6-12 pairs `set` +3.5 to +7 %,
-    linearizable gets +5 to +13 %, and in three of four `mset100` +9.5 to
-    +16 % and one client's p50 write 2-10 % lower (the fourth, the noisiest:
-    -12 % and +7 %; see docs/benchmarks.md, Session 20).
+    mset), and in five A/B experiments of 6-12 pairs `set` +3.5 to +9.5 %,
+    linearizable gets +5 to +14 %, `mset100` +9.5 to +16 % in three (-1 %
+    and -12 % in the others) and one client's p50 write 2-10 % lower in
+    three of four (+7 % in the fourth; see docs/benchmarks.md, Session 20).
     The cost: on a machine whose CPUs are all busy, a node thread that wakes
     waits up to a scheduler tick for its CPU, where SCHED_OTHER might have
     preempted another program's thread for it (``normal`` restores that)."""
