@@ -78,42 +78,63 @@ def test_tune_gc_freezes_what_exists_and_raises_the_thresholds() -> None:
 def test_cpu_policy_is_batch_unless_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
     assert cfg.cpu_policy == "batch"
-    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--cpu-policy", "normal"]), {"CACHENODE_SECRET": "s"})
-    assert cfg.cpu_policy == "normal"
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--cpu-policy", "inherit"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.cpu_policy == "inherit"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*BASE, "--cpu-policy", "fifo"])
     assert "invalid choice: 'fifo'" in capsys.readouterr().err
     toml = tmp_path / "node.toml"
     toml.write_text('cpu-policy = "realtime"\n')
     assert serve_main([*BASE, "--config", str(toml)], env={"CACHENODE_SECRET": "s"}) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["cachenode: error: --cpu-policy must be batch or normal"]
+    assert capsys.readouterr().err.strip().splitlines() == ["cachenode: error: --cpu-policy must be batch or inherit"]
+
+
+def _policies_in_a_fresh_interpreter(script: str) -> list[object]:
+    """Run ``script`` (which ends by printing a repr) in a new interpreter, so
+    the test process's own policy stays as it is."""
+    import subprocess
+    import sys
+
+    prelude = """
+import os, threading
+from cachenode.server.main import set_cpu_policy
+def policies():
+    return sorted({os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")})
+"""
+    done = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=60, check=True)
+    out: list[object] = eval(done.stdout)  # noqa: S307 - our own repr
+    return out
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
 def test_set_cpu_policy_covers_running_threads_and_later_ones() -> None:
-    # In a fresh interpreter: the policy of the test process stays as it is.
-    import subprocess
-    import sys
-
-    code = """
-import os, threading
-from cachenode.server.main import set_cpu_policy
+    before, why, threads, batch, why_inherit, after_inherit = _policies_in_a_fresh_interpreter("""
 hold = threading.Event()
 early = threading.Thread(target=hold.wait); early.start()
-def policies():
-    return sorted({os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")})
-out = [policies()]
-out.append(set_cpu_policy("batch"))
+out = [policies(), set_cpu_policy("batch")]
 late = threading.Thread(target=hold.wait); late.start()
-out += [len(os.listdir("/proc/self/task")), policies()]
-out += [set_cpu_policy("normal"), policies()]
+out += [len(os.listdir("/proc/self/task")), policies(), set_cpu_policy("inherit"), policies()]
 hold.set(); early.join(); late.join()
 print(repr(out))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    before, err1, threads, batch, err2, normal = eval(done.stdout)  # noqa: S307 - our own repr
+""")
     assert before == [os.SCHED_OTHER]
-    assert err1 is None and err2 is None
+    assert why is None and why_inherit is None
     assert threads == 3  # main, the thread running before, the one started after
     assert batch == [os.SCHED_BATCH]
-    assert normal == [os.SCHED_OTHER]
+    assert after_inherit == [os.SCHED_BATCH]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
+def test_set_cpu_policy_keeps_a_policy_the_node_was_started_with() -> None:
+    # An operator's choice (chrt, systemd's CPUSchedulingPolicy=) stays; SCHED_IDLE
+    # stands in for it because any process may choose it without privileges.
+    why, after = _policies_in_a_fresh_interpreter("""
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+print(repr([set_cpu_policy("batch"), policies()]))
+""")
+    assert after == [os.SCHED_IDLE]
+    assert why == "it was started under SCHED_IDLE, which it keeps"
+    [inherit_why, inherit_after] = _policies_in_a_fresh_interpreter("""
+print(repr([set_cpu_policy("inherit"), policies()]))
+""")
+    assert inherit_why is None and inherit_after == [os.SCHED_OTHER]

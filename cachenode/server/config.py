@@ -52,9 +52,10 @@ class NodeConfig:
     map_size: int = 64 << 30
     lmdb_writemap: bool = True  # LMDB writes pages through its map (faster; the data file is sparse, map_size apparent)
     cpu_policy: str = "batch"
-    """The Linux scheduling policy of every thread of a node process
-    (``batch``: SCHED_BATCH, ``normal``: SCHED_OTHER); applied by
-    ``cachenode serve`` at start (see main.set_cpu_policy), not by Node."""
+    """``batch``: every thread of a node process started under SCHED_OTHER
+    runs under SCHED_BATCH; ``inherit``: the process keeps the policy it was
+    started with.  Applied by ``cachenode serve`` at start (see
+    main.set_cpu_policy), not by Node."""
     boot_id_file: str = BOOT_ID_PATH
     """Where the machine's boot id is read: the state is trusted after an
     unclean stop only within one boot (see LmdbStorage).  Tests point it at a

@@ -26,7 +26,7 @@ from .config import NodeConfig, Unsafe
 
 log = logging.getLogger("cachenode")
 
-CPU_POLICIES = ("batch", "normal")
+CPU_POLICIES = ("batch", "inherit")
 """``--cpu-policy`` values: see :func:`set_cpu_policy`."""
 
 
@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on (default): LMDB changes pages in place through its memory map (faster; the data file "
                    "is sparse and its apparent size is the map size, 64 GiB); off: for filesystems without sparse files")
     s.add_argument("--cpu-policy", choices=CPU_POLICIES,
-                   help="batch (default): every thread of the node runs under Linux's SCHED_BATCH, so a thread the node "
-                   "wakes does not preempt the one that woke it; normal: SCHED_OTHER, for machines where the node must "
-                   "preempt other programs promptly")
+                   help="batch (default): a node started under the default policy (SCHED_OTHER) runs every thread "
+                   "under Linux's SCHED_BATCH, so a thread the node wakes does not preempt the one that woke it; a policy "
+                   "the node was started with (chrt, systemd's CPUSchedulingPolicy=) is kept. inherit: keep the policy "
+                   "the node was started with, whatever it is")
     s.add_argument("--boot-id-file", help="where to read the machine's boot id (default /proc/sys/kernel/random/boot_id); "
                    "after an unclean stop in another boot the state is rebuilt from snapshots and the journal")
     s.add_argument("--max-key-bytes", type=int)
@@ -196,7 +197,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         raise ConfigError("--fsync must be always or never")
     cpu_policy = str(opt("cpu_policy", "batch"))
     if cpu_policy not in CPU_POLICIES:
-        raise ConfigError("--cpu-policy must be batch or normal")
+        raise ConfigError("--cpu-policy must be batch or inherit")
     writemap = str(opt("lmdb_writemap", "on"))
     if writemap not in ("on", "off"):
         raise ConfigError("--lmdb-writemap must be on or off")
@@ -271,10 +272,10 @@ for hours."""
 
 
 def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> str | None:
-    """Put every thread of this process under ``policy`` (:data:`CPU_POLICIES`);
-    threads started afterwards inherit it.  Called once by :func:`main` on
-    the main thread, before the node starts its threads.  Returns None, or
-    why the policy could not be set (the node then runs as it is).
+    """Apply ``--cpu-policy`` (:data:`CPU_POLICIES`) to every thread of this
+    process; threads started afterwards inherit it.  Called once by
+    :func:`main` on the main thread, before the node starts its threads.
+    Returns None, or why the process keeps the policy it was started with.
 
     ``batch`` is Linux's SCHED_BATCH: the same fair share of the CPU as
     SCHED_OTHER (and the same nice value), but a woken thread does not
@@ -291,10 +292,23 @@ def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> str | Non
     three of four (+7 % in the fourth; see docs/benchmarks.md, Session 20).
     The cost: on a machine whose CPUs are all busy, a node thread that wakes
     waits up to a scheduler tick for its CPU, where SCHED_OTHER might have
-    preempted another program's thread for it (``normal`` restores that)."""
-    want = {"batch": getattr(os, "SCHED_BATCH", None), "normal": getattr(os, "SCHED_OTHER", None)}[policy]
-    if want is None or not hasattr(os, "sched_setscheduler"):
+    preempted another program's thread for it.
+
+    Only a process running under SCHED_OTHER (every program's default) is
+    switched: a policy an operator started the node with (``chrt``,
+    systemd's ``CPUSchedulingPolicy=``) is theirs to keep.  ``inherit``
+    changes nothing."""
+    if policy == "inherit":
+        return None
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is None or not hasattr(os, "sched_setscheduler"):
         return "this platform has no SCHED_BATCH (Linux only)"
+    started = os.sched_getscheduler(0)
+    if started == batch:
+        return None
+    if started != os.SCHED_OTHER:
+        names = {getattr(os, n): n for n in ("SCHED_FIFO", "SCHED_RR", "SCHED_IDLE", "SCHED_DEADLINE") if hasattr(os, n)}
+        return f"it was started under {names.get(started, f'scheduling policy {started}')}, which it keeps"
     try:
         tids = [int(t) for t in os.listdir(tasks_dir)]
     except OSError:
@@ -302,7 +316,7 @@ def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> str | Non
     try:
         for tid in tids:
             with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setscheduler(tid, want, os.sched_param(0))
+                os.sched_setscheduler(tid, batch, os.sched_param(0))
     except OSError as e:
         return f"sched_setscheduler: {e.strerror}"
     return None
@@ -329,7 +343,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     setup_logging(fmt, level, cfg.node_id)
     why = set_cpu_policy(cfg.cpu_policy)
     if why is not None:
-        log.warning("--cpu-policy %s not applied (%s); the node runs under its inherited policy", cfg.cpu_policy, why)
+        log.warning("--cpu-policy %s not applied: %s", cfg.cpu_policy, why)
     for name in cfg.unsafe.enabled():
         log.warning("!!! UNSAFE MODE --unsafe-%s IS ON: this node breaks cachenode's guarantees on purpose. TESTING ONLY !!!", name.replace("_", "-"))
     if not cfg.fsync:
