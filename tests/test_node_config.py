@@ -98,6 +98,7 @@ def _policies_in_a_fresh_interpreter(script: str) -> list[object]:
     prelude = """
 import os, threading
 from cachenode.server.main import set_cpu_policy
+os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # whatever the test runner runs under
 def policies():
     return sorted({os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")})
 """
@@ -108,7 +109,7 @@ def policies():
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
 def test_set_cpu_policy_covers_running_threads_and_later_ones() -> None:
-    before, why, threads, batch, why_inherit, after_inherit = _policies_in_a_fresh_interpreter("""
+    before, applied, threads, batch, inherit, after_inherit = _policies_in_a_fresh_interpreter("""
 hold = threading.Event()
 early = threading.Thread(target=hold.wait); early.start()
 out = [policies(), set_cpu_policy("batch")]
@@ -118,23 +119,36 @@ hold.set(); early.join(); late.join()
 print(repr(out))
 """)
     assert before == [os.SCHED_OTHER]
-    assert why is None and why_inherit is None
+    assert applied == (True, "every thread runs under SCHED_BATCH (--cpu-policy batch)")
     assert threads == 3  # main, the thread running before, the one started after
     assert batch == [os.SCHED_BATCH]
-    assert after_inherit == [os.SCHED_BATCH]
+    assert inherit[0] is True and after_inherit == [os.SCHED_BATCH]
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
 def test_set_cpu_policy_keeps_a_policy_the_node_was_started_with() -> None:
     # An operator's choice (chrt, systemd's CPUSchedulingPolicy=) stays; SCHED_IDLE
     # stands in for it because any process may choose it without privileges.
-    why, after = _policies_in_a_fresh_interpreter("""
+    outcome, after = _policies_in_a_fresh_interpreter("""
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 print(repr([set_cpu_policy("batch"), policies()]))
 """)
     assert after == [os.SCHED_IDLE]
-    assert why == "it was started under SCHED_IDLE, which it keeps"
-    [inherit_why, inherit_after] = _policies_in_a_fresh_interpreter("""
+    assert outcome == (True, "it keeps SCHED_IDLE, which it was started under")
+    inherit, inherit_after = _policies_in_a_fresh_interpreter("""
 print(repr([set_cpu_policy("inherit"), policies()]))
 """)
-    assert inherit_why is None and inherit_after == [os.SCHED_OTHER]
+    assert inherit[0] is True and inherit_after == [os.SCHED_OTHER]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
+def test_set_cpu_policy_reports_threads_it_could_not_find(tmp_path: Path) -> None:
+    # A /proc that lists no thread of ours (another PID namespace's, say):
+    # the main thread is still switched, and the outcome says the rest was not.
+    empty = tmp_path / "task"
+    empty.mkdir()
+    outcome, after = _policies_in_a_fresh_interpreter(f"""
+print(repr([set_cpu_policy("batch", {str(empty)!r}), policies()]))
+""")
+    assert outcome[0] is False and "only the main thread" in outcome[1]
+    assert after == [os.SCHED_BATCH]  # the one thread there is

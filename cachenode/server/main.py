@@ -271,55 +271,68 @@ load unchanged (141 MiB either way).  The oldest generation keeps Python's
 for hours."""
 
 
-def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> str | None:
+def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> tuple[bool, str]:
     """Apply ``--cpu-policy`` (:data:`CPU_POLICIES`) to every thread of this
     process; threads started afterwards inherit it.  Called once by
-    :func:`main` on the main thread, before the node starts its threads.
-    Returns None, or why the process keeps the policy it was started with.
+    :func:`main` on the main thread, before the node starts its threads
+    (the process then has that one thread; a thread another thread starts
+    while this runs is caught by listing the threads again).  Returns
+    ``(True, what the process runs under)``, or ``(False, why the policy
+    could not be set)``; either way the node goes on.
 
     ``batch`` is Linux's SCHED_BATCH: the same fair share of the CPU as
-    SCHED_OTHER (and the same nice value), but a woken thread does not
-    preempt the running one; it waits for that one to block or for the
-    scheduler's tick.  A write passes through about ten hand-offs between
-    a node's threads (gRPC's pollers, the stream's worker, the Raft driver),
-    and under SCHED_OTHER each wake-up could preempt the thread that made
-    it, in the middle of its work.  Measured on 3-node clusters of 16 shards
-    with the bench's load generator: involuntary context switches per write
-    3.0 -> 1.3 in `set` (one client: 6.6 -> 1.5; `mset100`: 10.1 -> 4.5 per
-    mset), and in five A/B experiments of 6-12 pairs `set` +3.5 to +9.5 %,
-    linearizable gets +5 to +14 %, `mset100` +9.5 to +16 % in three (-1 %
-    and -12 % in the others) and one client's p50 write 2-10 % lower in
-    three of four (+7 % in the fourth; see docs/benchmarks.md, Session 20).
-    The cost: on a machine whose CPUs are all busy, a node thread that wakes
-    waits up to a scheduler tick for its CPU, where SCHED_OTHER might have
-    preempted another program's thread for it.
+    SCHED_OTHER (and the same nice value), but a woken thread never
+    preempts the running one; it runs when that one blocks or its time
+    slice ends (checked at the scheduler's tick, every few milliseconds).
+    A write passes through about ten hand-offs between a node's threads
+    (gRPC's pollers, the stream's worker, the Raft driver), and under
+    SCHED_OTHER each wake-up could preempt the thread that made it, in the
+    middle of its work.  Measured on 3-node clusters of 16 shards with the
+    bench's load generator on 2 cores: involuntary context switches per
+    write 3.0 -> 1.3 in `set` (one client: 6.6 -> 1.5; `mset100`: 10.1 ->
+    4.5 per mset); in A/B experiments of 6-12 pairs `set` +3.5 to +9.5 %
+    (four experiments), linearizable gets +5 to +14 % (three), `mset100`
+    +9.5 to +16 % in three of five (-1 % and -12.5 % in the others) and one
+    client's p50 write 2-10 % lower in three of four (7 % higher in the
+    fourth; see docs/benchmarks.md, Session 20).  The gain comes from CPUs
+    shared by more runnable threads than they can run; the cost is on a
+    machine whose CPUs the node shares with other busy programs: a node
+    thread that wakes never preempts theirs, while theirs still preempt
+    the node's.
 
     Only a process running under SCHED_OTHER (every program's default) is
-    switched: a policy an operator started the node with (``chrt``,
+    switched: any other policy an operator started the node with (``chrt``,
     systemd's ``CPUSchedulingPolicy=``) is theirs to keep.  ``inherit``
-    changes nothing."""
+    changes nothing (the way to keep SCHED_OTHER)."""
     if policy == "inherit":
-        return None
+        return True, "it keeps the scheduling policy it was started with (--cpu-policy inherit)"
     batch = getattr(os, "SCHED_BATCH", None)
     if batch is None or not hasattr(os, "sched_setscheduler"):
-        return "this platform has no SCHED_BATCH (Linux only)"
-    started = os.sched_getscheduler(0)
-    if started == batch:
-        return None
-    if started != os.SCHED_OTHER:
-        names = {getattr(os, n): n for n in ("SCHED_FIFO", "SCHED_RR", "SCHED_IDLE", "SCHED_DEADLINE") if hasattr(os, n)}
-        return f"it was started under {names.get(started, f'scheduling policy {started}')}, which it keeps"
+        return False, "this platform has no SCHED_BATCH (Linux only)"
     try:
-        tids = [int(t) for t in os.listdir(tasks_dir)]
-    except OSError:
-        tids = [0]  # the calling thread: the only one at start
-    try:
-        for tid in tids:
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setscheduler(tid, batch, os.sched_param(0))
+        started = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+        if started != batch and started != os.SCHED_OTHER:
+            names = {getattr(os, n): n for n in ("SCHED_FIFO", "SCHED_RR", "SCHED_IDLE", "SCHED_DEADLINE") if hasattr(os, n)}
+            return True, f"it keeps {names.get(started, f'scheduling policy {started}')}, which it was started under"
+        done: set[int] = set()
+        while True:
+            try:
+                tids = {int(t) for t in os.listdir(tasks_dir)} - done
+            except OSError:
+                tids = {0} - done  # no /proc: the calling thread, the only one at start
+            if not tids:
+                break
+            for tid in tids:
+                with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                    os.sched_setscheduler(tid, batch, os.sched_param(0))
+            done |= tids
+        if os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0) != batch:
+            # e.g. a /proc of another PID namespace: its thread ids are not ours
+            os.sched_setscheduler(0, batch, os.sched_param(0))
+            return False, f"only the main thread could be switched ({tasks_dir} lists other threads than this process's)"
     except OSError as e:
-        return f"sched_setscheduler: {e.strerror}"
-    return None
+        return False, f"sched_setscheduler: {e.strerror}; some threads may run under SCHED_OTHER"
+    return True, "every thread runs under SCHED_BATCH (--cpu-policy batch)"
 
 
 def tune_gc() -> None:
@@ -341,9 +354,11 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         print(f"cachenode: error: {e}", file=sys.stderr)
         return 2
     setup_logging(fmt, level, cfg.node_id)
-    why = set_cpu_policy(cfg.cpu_policy)
-    if why is not None:
-        log.warning("--cpu-policy %s not applied: %s", cfg.cpu_policy, why)
+    applied, what = set_cpu_policy(cfg.cpu_policy)
+    if applied:
+        log.info("CPU scheduling: %s", what)
+    else:
+        log.warning("--cpu-policy %s not applied: %s", cfg.cpu_policy, what)
     for name in cfg.unsafe.enabled():
         log.warning("!!! UNSAFE MODE --unsafe-%s IS ON: this node breaks cachenode's guarantees on purpose. TESTING ONLY !!!", name.replace("_", "-"))
     if not cfg.fsync:
