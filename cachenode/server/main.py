@@ -309,8 +309,9 @@ def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> tuple[boo
     batch = getattr(os, "SCHED_BATCH", None)
     if batch is None or not hasattr(os, "sched_setscheduler"):
         return False, "this platform has no SCHED_BATCH (Linux only)"
+    flags = getattr(os, "SCHED_RESET_ON_FORK", 0)  # a flag sched_getscheduler may OR into the policy
     try:
-        started = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+        started = os.sched_getscheduler(0) & ~flags
         if started != batch and started != os.SCHED_OTHER:
             names = {getattr(os, n): n for n in ("SCHED_FIFO", "SCHED_RR", "SCHED_IDLE", "SCHED_DEADLINE") if hasattr(os, n)}
             return True, f"it keeps {names.get(started, f'scheduling policy {started}')}, which it was started under"
@@ -326,7 +327,7 @@ def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> tuple[boo
                 with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                     os.sched_setscheduler(tid, batch, os.sched_param(0))
             done |= tids
-        if os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0) != batch:
+        if os.sched_getscheduler(0) & ~flags != batch:
             # e.g. a /proc of another PID namespace: its thread ids are not ours
             os.sched_setscheduler(0, batch, os.sched_param(0))
             return False, f"only the main thread could be switched ({tasks_dir} lists other threads than this process's)"
