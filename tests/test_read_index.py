@@ -39,7 +39,7 @@ TIMING = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, le
 class Node:
     def __init__(
         self, nid: str, root: Path, timing: RaftTiming = TIMING, reopen: bool = False,
-        wrap: Callable[[Storage], Storage] | None = None,
+        wrap: Callable[[Storage], Storage] | None = None, tick_interval: float = 0.025,
     ) -> None:
         self.id = nid
         (root / nid).mkdir(exist_ok=reopen)
@@ -48,7 +48,7 @@ class Node:
             self.storage = wrap(self.storage)
         self.fatal: list[BaseException] = []  # what stopped the driver (the node would exit)
         self.host = GroupHost(nid, self.storage, "127.0.0.1:0", b"secret", str(root / nid), timing=timing,
-                              on_fatal=self.fatal.append)
+                              on_fatal=self.fatal.append, tick_interval=tick_interval)
         self.applied: list[bytes] = []
         self.store_payloads = False  # apply also writes each payload into the state
         self.last_index = 0
@@ -895,3 +895,24 @@ def test_a_drain_cut_short_by_its_time_bound_is_finished_by_the_next_tick(
     cut = _drain_once_instead(monkeypatch, out_of_time)
     assert leader.g.propose(b"after a cut drain").result(timeout=5) == b"after a cut drain"
     assert cut
+
+
+def test_a_lone_replica_commits_without_waiting_for_the_periodic_tick(tmp_path: Path) -> None:
+    """Replication 1: the leader is its own majority and no follower's ack
+    wakes it, while pysyncobj counts an entry only in a tick after the one
+    that appended it.  That later tick is the next driver iteration's (after
+    the journal commit), not the periodic one: here ticks are 3 s apart and
+    every write is answered within 1.5 s (before: each waited for the
+    periodic tick, 25 ms in a node)."""
+    n = Node("a", tmp_path, tick_interval=3.0)
+    n.host.start()
+    try:
+        n.group = n.on_driver(lambda: n.host.create_group(GID, ["a"], n.apply, lambda: b"barrier"))
+        wait_for(lambda: n.role() == "leader", "the lone replica to lead", timeout=30)
+        assert n.g.propose(b"first").result(timeout=10) == b"first"
+        for i in range(5):
+            payload = b"w%d" % i
+            assert n.g.propose(payload).result(timeout=1.5) == payload
+        assert n.fatal == []
+    finally:
+        n.host.stop()

@@ -1101,10 +1101,23 @@ class RaftGroup:
         self.sync.doTick(0.0)
         self.transport.release_quiet()
         self.status = self._read_status()
+        if self._role == 2 and len(self._members) == 1:
+            self._commit_alone()
         if self.journal.bytes > self._timing.log_compaction_bytes and not self.destroyed:
             self._maybe_compact_by_size()
         if self._ri_wait:
             self._finish_rounds()
+
+    def _commit_alone(self) -> None:
+        """A lone leader (replication 1) is its own majority, and no
+        follower's acknowledgement wakes it: pysyncobj counts the entries a
+        tick appended only in a later tick, which was the periodic one, so
+        every write waited up to ``tick_interval`` (25 ms).  Its next tick
+        is now the next iteration's, after this iteration's journal commit
+        has made those entries durable (the order every leader keeps)."""
+        j = self.journal
+        if len(j) and j[-1][1] > self.status.commit_index:
+            self.host.wake(self)
 
     def match_index(self) -> dict[NodeId, int]:
         """Followers' match indexes as the leader sees them (driver thread)."""
