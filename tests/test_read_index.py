@@ -913,6 +913,11 @@ def test_a_lone_replica_commits_without_waiting_for_the_periodic_tick(tmp_path: 
         for i in range(5):
             payload = b"w%d" % i
             assert n.g.propose(payload).result(timeout=1.5) == payload
+        # Nothing left to commit, so nothing wakes the group again: the
+        # driver goes back to waiting for the periodic tick.
+        last = n.on_driver(lambda: n.g.journal[-1][1])
+        wait_for(lambda: n.on_driver(lambda: n.g.status.commit_index) == last, "the last entry committed")
+        assert n.on_driver(lambda: n.g not in n.host._dirty)
         assert n.fatal == []
     finally:
         n.host.stop()

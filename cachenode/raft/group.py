@@ -1114,7 +1114,9 @@ class RaftGroup:
         tick appended only in a later tick, which was the periodic one, so
         every write waited up to ``tick_interval`` (25 ms).  Its next tick
         is now the next iteration's, after this iteration's journal commit
-        has made those entries durable (the order every leader keeps)."""
+        has made those entries durable (the order every leader keeps).  It
+        ends: a leader's last entry is of its own term (pysyncobj appends a
+        no-op when it is elected), so that tick commits up to it."""
         j = self.journal
         if len(j) and j[-1][1] > self.status.commit_index:
             self.host.wake(self)
