@@ -80,16 +80,13 @@ call's state), as ``pytest.raises`` does with this test's own frame;
 neither is the node's."""
 
 
-def _name(o: object) -> str:
+def _module_and_name(o: object) -> tuple[str, str]:
+    """A function by its own module and name (an interpreted closure in a
+    cycle is a plain function object), anything else by its type's."""
     if isinstance(o, types.FunctionType):
-        return f"function {o.__module__}.{o.__qualname__}"
-    return f"{type(o).__module__}.{type(o).__qualname__}"
-
-
-def _is_node(o: object) -> bool:
-    if isinstance(o, types.FunctionType):
-        return str(o.__module__).startswith(NODE_MODULES)
-    return type(o).__module__.startswith(NODE_MODULES)
+        return str(o.__module__), f"function {o.__module__}.{o.__qualname__}"
+    t = type(o)
+    return t.__module__, f"{t.__module__}.{t.__qualname__}"
 
 
 def node_garbage(run: Callable[[], None]) -> collections.Counter[str]:
@@ -100,7 +97,8 @@ def node_garbage(run: Callable[[], None]) -> collections.Counter[str]:
     try:
         run()
         gc.collect()
-        return collections.Counter(_name(o) for o in gc.garbage if _is_node(o))
+        named = (_module_and_name(o) for o in gc.garbage)
+        return collections.Counter(name for module, name in named if module.startswith(NODE_MODULES))
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
