@@ -134,6 +134,69 @@ def test_summary_takes_medians_and_ratios_favour_cachenode_when_higher() -> None
     }
 
 
+def test_a_shard_that_never_accepted_a_write_fails_the_failover_goal() -> None:
+    """The median of the trials can hide one shard of a killed leader that
+    stayed without a leader: it must fail the goal and be named."""
+    lost = [{"trial": 2, "killed": "n2", "shard": 7}]
+    goal = next(g for g in evaluate_goals({}, 1.2, None, lost) if g.name == "failover")
+    assert goal.met is False
+    assert goal.measured == "1.20 s; no write within the probe's timeout on shard 7 (trial 2, n2 killed)"
+    assert next(g for g in evaluate_goals({}, 1.2) if g.name == "failover").met is True
+    doc = build_document(
+        kind="bench",
+        command="cachectl bench",
+        config={"seconds": 1, "rounds": 1, "clients": 2, "inflight": 32},
+        machine={"cores": 2},
+        systems={},
+        phases=[],
+        failover={
+            "failover_s": 1.2, "all_shards_s": 1.3, "unrecovered_shards": lost,
+            "trials": [{"shard_s": 1.1}, {"shard_s": 1.2}, {"shard_s": 1.3}],
+        },
+        scaling=None,
+        started_at=0.0,
+        finished_at=10.0,
+    )  # fmt: skip
+    assert next(g for g in doc["goals"] if g["name"] == "failover")["met"] is False
+    assert "no write within the probe's timeout on shard 7 (trial 2, n2 killed)." in markdown(doc)
+
+
+def _status(node: str, *replicas: tuple[int, str, int, int, int]) -> Any:
+    from cachenode.v1 import cache_pb2 as pb
+
+    return pb.NodeStatus(
+        node=pb.NodeInfo(id=node),
+        replicas=[
+            pb.ReplicaStatus(shard_id=s, role=role, term=term, commit_index=commit, applied_index=applied)
+            for s, role, term, commit, applied in replicas
+        ],
+    )
+
+
+def test_the_next_failover_trial_waits_for_every_replica_to_catch_up() -> None:
+    from cachectl.bench import _not_caught_up
+
+    hosts = {0: {"n1", "n2", "n3"}, 1: {"n1", "n2", "n3"}}
+    # (shard, role, term, commit index, applied index); the leader's last
+    # entry is its election's no-op, which no state machine applies
+    whole = {
+        "n1": _status("n1", (0, "leader", 3, 11, 10), (1, "follower", 2, 6, 5)),
+        "n2": _status("n2", (0, "follower", 3, 10, 10), (1, "leader", 2, 6, 5)),
+        "n3": _status("n3", (0, "follower", 3, 10, 9), (1, "follower", 2, 6, 5)),
+    }
+    assert _not_caught_up(whole, hosts) == "shard 0: the replica on n3 has applied 9 of the leader's 10"
+    whole["n3"] = _status("n3", (0, "follower", 3, 11, 10), (1, "follower", 2, 6, 5))
+    assert _not_caught_up(whole, hosts) is None
+    restarted = dict(whole, n3=_status("n3", (0, "follower", 3, 10, 10)))
+    assert _not_caught_up(restarted, hosts) == "shard 1 has no replica on n3 yet"
+    candidate = dict(whole, n3=_status("n3", (0, "candidate", 4, 10, 10), (1, "follower", 2, 5, 5)))
+    assert _not_caught_up(candidate, hosts) == "shard 0: the replica on n3 does not follow the leader yet"
+    old_term = dict(whole, n3=_status("n3", (0, "follower", 2, 10, 10), (1, "follower", 2, 5, 5)))
+    assert _not_caught_up(old_term, hosts) == "shard 0: the replica on n3 does not follow the leader yet"
+    headless = dict(whole, n1=_status("n1", (0, "follower", 3, 10, 10), (1, "follower", 2, 5, 5)))
+    assert _not_caught_up(headless, hosts) == "shard 0 has 0 leaders"
+
+
 def test_a_document_renders_as_markdown_and_rich_tables() -> None:
     phases = [
         _phase("cachenode", "set", 10.0, 0.002, 0.004),
@@ -290,6 +353,7 @@ def test_cachectl_bench_writes_the_result_document(tmp_path: Path) -> None:
     assert len(doc["phases"]) == 2
     assert isinstance(doc["failover_s"], float)
     assert doc["failover"]["trials"][0]["killed"] in ("n1", "n2", "n3")
+    assert doc["failover"]["trials"][0]["unrecovered"] == [] and doc["failover"]["unrecovered_shards"] == []
     assert doc["move_replica"] == {"skipped": "--move-mb 0"}
     assert {g["name"] for g in doc["goals"]} >= {"write", "failover"}
     assert "| workload |" in (tmp_path / "t.md").read_text()

@@ -19,8 +19,11 @@ What a run does, in order:
    ``--clients`` separate load-generator processes sharing ``--inflight``
    requests in flight;
 4. kills a shard leader with SIGKILL ``--failover-trials`` times and measures
-   the time to the first acknowledged write on its shard (the node is
-   restarted after each trial);
+   the time to the first acknowledged write on its shard and on every other
+   shard it led (the node is restarted after each trial, and the next trial
+   waits until every replica is back and caught up); a shard with no
+   acknowledged write within ``FAILOVER_PROBE_TIMEOUT_S`` fails the failover
+   goal, and the nodes' logs are kept (the data is removed);
 5. on a fresh 3-node cluster: fills one shard with ``--move-mb`` MiB, starts
    a 4th node that joins and times a ``move-replica`` operator of that shard
    from a follower to it (:mod:`cachenode.bench.move`); 0 skips it;
@@ -479,7 +482,7 @@ class _Run:
         self.phases: list[dict[str, Any]] = []
         self.down: dict[str, str] = {}  # system label -> why its phases are skipped
         self.extra: list[_CachenodeCluster] = []  # clusters of single phases (replica move)
-        self.keep_logs = False  # a phase failed: keep the logs even without --keep-data
+        self.keep_logs: str | None = None  # why a phase failed: keep the logs even without --keep-data
 
     # -- lifecycle --
 
@@ -498,7 +501,7 @@ class _Run:
             self.ctx.out.note(f"a system crashed: its logs are kept in {self.data}")
         elif self.keep_logs:
             _remove_all_but_logs(self.data)
-            self.ctx.out.note(f"the replica move failed: the node logs are kept in {self.data}")
+            self.ctx.out.note(f"{self.keep_logs}: the node logs are kept in {self.data}")
         else:
             shutil.rmtree(self.data, ignore_errors=True)
 
@@ -777,14 +780,33 @@ class _Run:
                 progress.advance(task)
         shard_times = [x["shard_s"] for x in trials if x["shard_s"] is not None]
         all_times = [x["all_shards_s"] for x in trials if x["all_shards_s"] is not None]
-        return {
+        unrecovered = [
+            {"trial": n, "killed": x["killed"], "shard": s}
+            for n, x in enumerate(trials, 1)
+            for s in x.get("unrecovered", ())
+        ]
+        doc: dict[str, Any] = {
             "failover_s": statistics.median(shard_times) if shard_times else None,
             "all_shards_s": statistics.median(all_times) if all_times else None,
             "unrecovered_trials": len(trials) - len(shard_times),
-            "method": "SIGKILL of the node leading a shard; then Set of a key of that shard through "
-            "every surviving node (0.5 s deadline per try) until one is acknowledged; no other load",
+            "unrecovered_shards": unrecovered,
+            "probe_timeout_s": FAILOVER_PROBE_TIMEOUT_S,
+            "method": "SIGKILL of the node leading a shard; then Set of a key of each shard it led "
+            "through every surviving node (0.5 s deadline per try) until one is acknowledged; no "
+            "other load; the next trial starts once every replica is back and caught up",
             "trials": trials,
         }
+        if unrecovered:
+            # The logs say why (role changes and elections per group); the data goes.
+            self.keep_logs = self.keep_logs or "a shard of a killed leader accepted no write"
+            doc["logs"] = str(cluster.directory)
+            self.ctx.out.note(
+                f"failover: {len(unrecovered)} shard(s) of a killed leader accepted no write within "
+                f"{FAILOVER_PROBE_TIMEOUT_S:g}s ("
+                + ", ".join(f"trial {u['trial']}: shard {u['shard']}" for u in unrecovered)
+                + f"); the nodes' logs will be kept in {cluster.directory}"
+            )
+        return doc
 
     # -- replica move --
 
@@ -811,7 +833,7 @@ class _Run:
             doc = dict(move.doc) if move is not None else {"mb": a.move_mb, "verified": False}
             doc["failed"] = why
             self.ctx.out.note(f"replica move failed: {why}")
-            self.keep_logs = True
+            self.keep_logs = "the replica move failed"
         finally:
             cluster.stop()
         if "failed" not in doc:
@@ -891,8 +913,10 @@ def _failover_trial(cluster: _CachenodeCluster, trial: int) -> dict[str, Any]:
     doc = cluster.doc()
     statuses = _node_statuses([(r.id, r.address) for r in doc.nodes])
     leaders: dict[int, str] = {}
+    hosts: dict[int, set[str]] = {}
     for node_id, st in statuses.items():
         for rep in st.replicas:
+            hosts.setdefault(rep.shard_id, set()).add(node_id)
             if rep.role == "leader":
                 leaders[rep.shard_id] = node_id
     if not leaders:
@@ -913,7 +937,7 @@ def _failover_trial(cluster: _CachenodeCluster, trial: int) -> dict[str, Any]:
     os.kill(rec.pid, signal.SIGKILL)
     times = asyncio.run(_probe_writes(keys, survivors, started, FAILOVER_PROBE_TIMEOUT_S))
     cluster.restart_node(victim)
-    _wait_all_leaders(cluster, set(ranges), 120.0)
+    _wait_caught_up(cluster, {s: hosts.get(s, set()) for s in ranges}, 120.0)
     done = [v for v in times.values() if v is not None]
     return {
         "killed": victim,
@@ -922,6 +946,7 @@ def _failover_trial(cluster: _CachenodeCluster, trial: int) -> dict[str, Any]:
         "shards_led": led,
         "all_shards_s": max(done) if len(done) == len(times) else None,
         "per_shard_s": {str(s): v for s, v in times.items()},
+        "unrecovered": sorted(s for s, v in times.items() if v is None),
     }
 
 
@@ -1013,20 +1038,63 @@ async def _probe_writes(
     return results
 
 
-def _wait_all_leaders(cluster: _CachenodeCluster, shards: set[int], timeout_s: float) -> None:
-    """Until every node answers and each of ``shards`` has a leader again, then a moment to catch up."""
+def _wait_caught_up(
+    cluster: _CachenodeCluster, hosts: Mapping[int, set[str]], timeout_s: float
+) -> None:
+    """Until every node answers and every shard is whole again: each node in
+    ``hosts[shard]`` (the shard's replicas before the trial) reports it, one
+    of them leads, and the others follow that leader in its term and have
+    applied every entry it has.  A trial that kills a leader while
+    another replica of its shard is still catching up leaves that shard
+    without a working majority, which would time the restart, not the
+    failover."""
     doc = cluster.doc()
     nodes = [(r.id, r.address) for r in doc.nodes]
     end = time.monotonic() + timeout_s
+    waiting = "no node answered"
     while time.monotonic() < end:
         statuses = _node_statuses(nodes)
-        led = {
-            rep.shard_id for st in statuses.values() for rep in st.replicas if rep.role == "leader"
-        }
-        if len(statuses) == len(nodes) and shards <= led:
-            time.sleep(1.0)
-            return
+        if len(statuses) < len(nodes):
+            waiting = f"{len(nodes) - len(statuses)} node(s) do not answer"
+        else:
+            found = _not_caught_up(statuses, hosts)
+            if found is None:
+                return
+            waiting = found
         time.sleep(0.25)
     raise CliError(
-        f"failover: the cluster did not recover within {timeout_s:g}s after a trial; see the node logs"
+        f"failover: the cluster did not recover within {timeout_s:g}s after a trial ({waiting}); "
+        "see the node logs"
     )
+
+
+def _not_caught_up(statuses: Mapping[str, Any], hosts: Mapping[int, set[str]]) -> str | None:
+    """Why the shards are not whole yet (see :func:`_wait_caught_up`), or None."""
+    by_shard: dict[int, dict[str, Any]] = {}
+    for node_id, st in statuses.items():
+        for rep in st.replicas:
+            by_shard.setdefault(rep.shard_id, {})[node_id] = rep
+    for shard, expected in sorted(hosts.items()):
+        reps = by_shard.get(shard, {})
+        missing = sorted(expected - set(reps))
+        if missing:
+            return f"shard {shard} has no replica on {', '.join(missing)} yet"
+        leaders = [r for r in reps.values() if r.role == "leader"]
+        if len(leaders) != 1:
+            return f"shard {shard} has {len(leaders)} leaders"
+        lead = leaders[0]
+        for node_id, r in sorted(reps.items()):
+            if r is lead:
+                continue
+            if r.role != "follower" or r.term != lead.term:
+                return f"shard {shard}: the replica on {node_id} does not follow the leader yet"
+            # Applied indexes, not commit indexes: a follower hears of the last
+            # commit with the next append (up to a heartbeat later), and the
+            # status counts only entries the state machine applied (not
+            # pysyncobj's own no-op of an election), on the leader too.
+            if r.applied_index < lead.applied_index:
+                return (
+                    f"shard {shard}: the replica on {node_id} has applied {r.applied_index} "
+                    f"of the leader's {lead.applied_index}"
+                )
+    return None
