@@ -184,17 +184,20 @@ def test_the_next_failover_trial_waits_for_every_replica_to_catch_up() -> None:
         "n2": _status("n2", (0, "follower", 3, 10, 10), (1, "leader", 2, 6, 5)),
         "n3": _status("n3", (0, "follower", 3, 10, 9), (1, "follower", 2, 6, 5)),
     }
-    assert _not_caught_up(whole, hosts) == "shard 0: the replica on n3 has applied 9 of the leader's 10"
+    assert _not_caught_up(whole, hosts, {}) == "shard 0: the replica on n3 has applied 9 of the leader's 10"
     whole["n3"] = _status("n3", (0, "follower", 3, 11, 10), (1, "follower", 2, 6, 5))
-    assert _not_caught_up(whole, hosts) is None
+    assert _not_caught_up(whole, hosts, {}) is None
     restarted = dict(whole, n3=_status("n3", (0, "follower", 3, 10, 10)))
-    assert _not_caught_up(restarted, hosts) == "shard 1 has no replica on n3 yet"
+    assert _not_caught_up(restarted, hosts, {}) == "shard 1 has no replica on n3 yet"
     candidate = dict(whole, n3=_status("n3", (0, "candidate", 4, 10, 10), (1, "follower", 2, 5, 5)))
-    assert _not_caught_up(candidate, hosts) == "shard 0: the replica on n3 does not follow the leader yet"
+    assert _not_caught_up(candidate, hosts, {}) == "shard 0: the replica on n3 does not follow the leader yet"
     old_term = dict(whole, n3=_status("n3", (0, "follower", 2, 10, 10), (1, "follower", 2, 5, 5)))
-    assert _not_caught_up(old_term, hosts) == "shard 0: the replica on n3 does not follow the leader yet"
+    assert _not_caught_up(old_term, hosts, {}) == "shard 0: the replica on n3 does not follow the leader yet"
     headless = dict(whole, n1=_status("n1", (0, "follower", 3, 10, 10), (1, "follower", 2, 5, 5)))
-    assert _not_caught_up(headless, hosts) == "shard 0 has 0 leaders"
+    assert _not_caught_up(headless, hosts, {}) == "shard 0 has 0 leaders"
+    # while the nodes balance leaders: each shard back on its preferred replica
+    assert _not_caught_up(whole, hosts, {0: "n1", 1: "n2"}) is None
+    assert _not_caught_up(whole, hosts, {0: "n3", 1: "n2"}) == "shard 0 is led by n1, not yet by n3"
 
 
 def test_a_document_renders_as_markdown_and_rich_tables() -> None:

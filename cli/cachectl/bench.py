@@ -931,13 +931,13 @@ def _failover_trial(cluster: _CachenodeCluster, trial: int) -> dict[str, Any]:
             f"failover: {victim} is not running as recorded in {cluster.directory}/cluster.json"
         )
     survivors = [r.address for r in doc.nodes if r.id != victim]
-    ranges = _shard_ranges(survivors[0])
+    ranges, preferred = _shard_ranges(survivors[0])
     keys = {s: _key_in_range(*ranges[s]) for s in led}
     started = time.monotonic()
     os.kill(rec.pid, signal.SIGKILL)
     times = asyncio.run(_probe_writes(keys, survivors, started, FAILOVER_PROBE_TIMEOUT_S))
     cluster.restart_node(victim)
-    _wait_caught_up(cluster, {s: hosts.get(s, set()) for s in ranges}, 120.0)
+    _wait_caught_up(cluster, {s: hosts.get(s, set()) for s in ranges}, preferred, 120.0)
     done = [v for v in times.values() if v is not None]
     return {
         "killed": victim,
@@ -968,7 +968,8 @@ def _node_statuses(nodes: Sequence[tuple[str, str]]) -> dict[str, Any]:
     return out
 
 
-def _shard_ranges(address: str) -> dict[int, tuple[int, int]]:
+def _shard_ranges(address: str) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """Each shard's hash range, and its preferred replica (the first in the map)."""
     import grpc
 
     from cachenode.v1 import cache_pb2 as pb
@@ -985,7 +986,10 @@ def _shard_ranges(address: str) -> dict[int, tuple[int, int]]:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                     raise CliError(f"failover: no cluster map from {address} ({err.code().name})") from None
                 time.sleep(0.2)
-    return {s.id: (s.range_start, s.range_end) for s in cmap.shards}
+    return (
+        {s.id: (s.range_start, s.range_end) for s in cmap.shards},
+        {s.id: s.replicas[0] for s in cmap.shards if s.replicas},
+    )
 
 
 def _key_in_range(start: int, end: int) -> bytes:
@@ -1039,7 +1043,10 @@ async def _probe_writes(
 
 
 def _wait_caught_up(
-    cluster: _CachenodeCluster, hosts: Mapping[int, set[str]], timeout_s: float
+    cluster: _CachenodeCluster,
+    hosts: Mapping[int, set[str]],
+    preferred: Mapping[int, str],
+    timeout_s: float,
 ) -> None:
     """Until every node answers and every shard is whole again: each node in
     ``hosts[shard]`` (the shard's replicas before the trial) reports it, one
@@ -1047,7 +1054,9 @@ def _wait_caught_up(
     applied every entry it has.  A trial that kills a leader while
     another replica of its shard is still catching up leaves that shard
     without a working majority, which would time the restart, not the
-    failover."""
+    failover.  While the nodes balance leaders, also until each shard is
+    led by its ``preferred`` replica again, so that every trial starts from
+    the spread a running cluster keeps (each node leading its share)."""
     doc = cluster.doc()
     nodes = [(r.id, r.address) for r in doc.nodes]
     end = time.monotonic() + timeout_s
@@ -1057,7 +1066,8 @@ def _wait_caught_up(
         if len(statuses) < len(nodes):
             waiting = f"{len(nodes) - len(statuses)} node(s) do not answer"
         else:
-            found = _not_caught_up(statuses, hosts)
+            balancing = all(st.leader_balancing == "on" for st in statuses.values())
+            found = _not_caught_up(statuses, hosts, preferred if balancing else {})
             if found is None:
                 return
             waiting = found
@@ -1068,7 +1078,9 @@ def _wait_caught_up(
     )
 
 
-def _not_caught_up(statuses: Mapping[str, Any], hosts: Mapping[int, set[str]]) -> str | None:
+def _not_caught_up(
+    statuses: Mapping[str, Any], hosts: Mapping[int, set[str]], preferred: Mapping[int, str]
+) -> str | None:
     """Why the shards are not whole yet (see :func:`_wait_caught_up`), or None."""
     by_shard: dict[int, dict[str, Any]] = {}
     for node_id, st in statuses.items():
@@ -1079,10 +1091,12 @@ def _not_caught_up(statuses: Mapping[str, Any], hosts: Mapping[int, set[str]]) -
         missing = sorted(expected - set(reps))
         if missing:
             return f"shard {shard} has no replica on {', '.join(missing)} yet"
-        leaders = [r for r in reps.values() if r.role == "leader"]
+        leaders = [n for n, r in reps.items() if r.role == "leader"]
         if len(leaders) != 1:
             return f"shard {shard} has {len(leaders)} leaders"
-        lead = leaders[0]
+        lead = reps[leaders[0]]
+        if preferred.get(shard, leaders[0]) != leaders[0]:
+            return f"shard {shard} is led by {leaders[0]}, not yet by {preferred[shard]}"
         for node_id, r in sorted(reps.items()):
             if r is lead:
                 continue
