@@ -142,21 +142,10 @@ def test_a_shard_that_never_accepted_a_write_fails_the_failover_goal() -> None:
     assert goal.met is False
     assert goal.measured == "1.20 s; no write within the probe's timeout on shard 7 (trial 2, n2 killed)"
     assert next(g for g in evaluate_goals({}, 1.2) if g.name == "failover").met is True
-    doc = build_document(
-        kind="bench",
-        command="cachectl bench",
-        config={"seconds": 1, "rounds": 1, "clients": 2, "inflight": 32},
-        machine={"cores": 2},
-        systems={},
-        phases=[],
-        failover={
-            "failover_s": 1.2, "all_shards_s": 1.3, "unrecovered_shards": lost,
-            "trials": [{"shard_s": 1.1}, {"shard_s": 1.2}, {"shard_s": 1.3}],
-        },
-        scaling=None,
-        started_at=0.0,
-        finished_at=10.0,
-    )  # fmt: skip
+    doc = _bare_doc(failover={
+        "failover_s": 1.2, "all_shards_s": 1.3, "unrecovered_shards": lost,
+        "trials": [{"shard_s": 1.1}, {"shard_s": 1.2}, {"shard_s": 1.3}],
+    })  # fmt: skip
     assert next(g for g in doc["goals"] if g["name"] == "failover")["met"] is False
     assert "no write within the probe's timeout on shard 7 (trial 2, n2 killed)." in markdown(doc)
 
@@ -238,6 +227,11 @@ _MOVE = {
 
 
 def _move_doc(move: dict[str, Any] | None) -> dict[str, Any]:
+    return _bare_doc(move=move)
+
+
+def _bare_doc(*, move: dict[str, Any] | None = None, failover: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A result document of no workload: only a replica move and/or failover trials."""
     return build_document(
         kind="bench",
         command="cachectl bench",
@@ -245,7 +239,7 @@ def _move_doc(move: dict[str, Any] | None) -> dict[str, Any]:
         machine={"cores": 2},
         systems={},
         phases=[],
-        failover=None,
+        failover=failover,
         scaling=None,
         started_at=0.0,
         finished_at=10.0,
