@@ -142,6 +142,9 @@ def test_a_shard_that_never_accepted_a_write_fails_the_failover_goal() -> None:
     assert goal.met is False
     assert goal.measured == "1.20 s; no write within the probe's timeout on shard 7 (trial 2, n2 killed)"
     assert next(g for g in evaluate_goals({}, 1.2) if g.name == "failover").met is True
+    # also when no trial's first shard took a write (so there is no median)
+    alone = next(g for g in evaluate_goals({}, None, None, lost) if g.name == "failover")
+    assert alone.met is False and alone.measured.startswith("not measured; no write within")
     doc = _bare_doc(failover={
         "failover_s": 1.2, "all_shards_s": 1.3, "unrecovered_shards": lost,
         "trials": [{"shard_s": 1.1}, {"shard_s": 1.2}, {"shard_s": 1.3}],

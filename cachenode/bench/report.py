@@ -231,7 +231,7 @@ def evaluate_goals(
             "kill -9 of a shard leader: writes on its shard resume in <= 2 s",
             ("not measured" if failover_s is None else f"{failover_s:.2f} s")
             + unrecovered_text(unrecovered),
-            None if failover_s is None else failover_s <= 2.0 and not unrecovered,
+            False if unrecovered else None if failover_s is None else failover_s <= 2.0,
         ),
         _move_goal(move_replica),
     ]

@@ -21,7 +21,8 @@ What a run does, in order:
 4. kills a shard leader with SIGKILL ``--failover-trials`` times and measures
    the time to the first acknowledged write on its shard and on every other
    shard it led (the node is restarted after each trial, and the next trial
-   waits until every replica is back and caught up); a shard with no
+   waits until every replica is back and caught up and, while the nodes
+   balance leaders, every shard is led by its preferred replica); a shard with no
    acknowledged write within ``FAILOVER_PROBE_TIMEOUT_S`` fails the failover
    goal, and the nodes' logs are kept (the data is removed);
 5. on a fresh 3-node cluster: fills one shard with ``--move-mb`` MiB, starts
@@ -771,11 +772,14 @@ class _Run:
                 if not self.ctx.out.interactive:
                     self.ctx.out.note(f"failover trial {t + 1}/{self.a.failover_trials}")
                 try:
-                    trials.append(_failover_trial(cluster, t))
+                    trial = _failover_trial(cluster, t)
                 except CliError as err:
-                    # The cluster may be broken now: record why and stop trying.
-                    trials.append({"error": err.message, "shard_s": None, "all_shards_s": None})
-                    self.ctx.out.note(f"failover trial {t + 1} failed: {err.message}")
+                    trial = {"error": err.message, "shard_s": None, "all_shards_s": None}
+                trials.append(trial)
+                if "error" in trial:
+                    # The cluster may be broken now: record why, keep the logs, stop trying.
+                    self.ctx.out.note(f"failover trial {t + 1} failed: {trial['error']}")
+                    self.keep_logs = self.keep_logs or f"failover trial {t + 1} failed"
                     break
                 progress.advance(task)
         shard_times = [x["shard_s"] for x in trials if x["shard_s"] is not None]
@@ -793,7 +797,8 @@ class _Run:
             "probe_timeout_s": FAILOVER_PROBE_TIMEOUT_S,
             "method": "SIGKILL of the node leading a shard; then Set of a key of each shard it led "
             "through every surviving node (0.5 s deadline per try) until one is acknowledged; no "
-            "other load; the next trial starts once every replica is back and caught up",
+            "other load; the next trial starts once every replica is back and caught up and, while "
+            "the nodes balance leaders, every shard is led by its preferred replica again",
             "trials": trials,
         }
         if unrecovered:
@@ -833,7 +838,7 @@ class _Run:
             doc = dict(move.doc) if move is not None else {"mb": a.move_mb, "verified": False}
             doc["failed"] = why
             self.ctx.out.note(f"replica move failed: {why}")
-            self.keep_logs = "the replica move failed"
+            self.keep_logs = self.keep_logs or "the replica move failed"
         finally:
             cluster.stop()
         if "failed" not in doc:
@@ -936,10 +941,8 @@ def _failover_trial(cluster: _CachenodeCluster, trial: int) -> dict[str, Any]:
     started = time.monotonic()
     os.kill(rec.pid, signal.SIGKILL)
     times = asyncio.run(_probe_writes(keys, survivors, started, FAILOVER_PROBE_TIMEOUT_S))
-    cluster.restart_node(victim)
-    _wait_caught_up(cluster, {s: hosts.get(s, set()) for s in ranges}, preferred, 120.0)
     done = [v for v in times.values() if v is not None]
-    return {
+    result: dict[str, Any] = {
         "killed": victim,
         "shard": shard,
         "shard_s": times.get(shard),
@@ -948,6 +951,12 @@ def _failover_trial(cluster: _CachenodeCluster, trial: int) -> dict[str, Any]:
         "per_shard_s": {str(s): v for s, v in times.items()},
         "unrecovered": sorted(s for s, v in times.items() if v is None),
     }
+    try:
+        cluster.restart_node(victim)
+        _wait_caught_up(cluster, {s: hosts.get(s, set()) for s in ranges}, preferred, 120.0)
+    except CliError as err:  # what the probe measured still counts
+        result["error"] = err.message
+    return result
 
 
 def _node_statuses(nodes: Sequence[tuple[str, str]]) -> dict[str, Any]:
