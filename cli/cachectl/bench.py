@@ -916,14 +916,9 @@ def _failover_trial(cluster: _CachenodeCluster, trial: int) -> dict[str, Any]:
     from cachectl import local
 
     doc = cluster.doc()
-    statuses = _node_statuses([(r.id, r.address) for r in doc.nodes])
-    leaders: dict[int, str] = {}
-    hosts: dict[int, set[str]] = {}
-    for node_id, st in statuses.items():
-        for rep in st.replicas:
-            hosts.setdefault(rep.shard_id, set()).add(node_id)
-            if rep.role == "leader":
-                leaders[rep.shard_id] = node_id
+    by_shard = _replicas_by_shard(_node_statuses([(r.id, r.address) for r in doc.nodes]))
+    leaders = {s: n for s, reps in by_shard.items() for n, r in reps.items() if r.role == "leader"}
+    hosts = {s: set(reps) for s, reps in by_shard.items()}
     if not leaders:
         raise CliError("failover: no node reports leading any shard; the cluster is unhealthy")
     leading_nodes = sorted(set(leaders.values()))
@@ -975,6 +970,15 @@ def _node_statuses(nodes: Sequence[tuple[str, str]]) -> dict[str, Any]:
             except grpc.RpcError:
                 continue
     return out
+
+
+def _replicas_by_shard(statuses: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """Shard id -> node id -> that node's ReplicaStatus, from nodes' statuses."""
+    by_shard: dict[int, dict[str, Any]] = {}
+    for node_id, st in statuses.items():
+        for rep in st.replicas:
+            by_shard.setdefault(rep.shard_id, {})[node_id] = rep
+    return by_shard
 
 
 def _shard_ranges(address: str) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
@@ -1091,10 +1095,7 @@ def _not_caught_up(
     statuses: Mapping[str, Any], hosts: Mapping[int, set[str]], preferred: Mapping[int, str]
 ) -> str | None:
     """Why the shards are not whole yet (see :func:`_wait_caught_up`), or None."""
-    by_shard: dict[int, dict[str, Any]] = {}
-    for node_id, st in statuses.items():
-        for rep in st.replicas:
-            by_shard.setdefault(rep.shard_id, {})[node_id] = rep
+    by_shard = _replicas_by_shard(statuses)
     for shard, expected in sorted(hosts.items()):
         reps = by_shard.get(shard, {})
         missing = sorted(expected - set(reps))
