@@ -433,6 +433,93 @@ def test_a_received_snapshot_is_loaded_in_steps_with_the_replica_frozen(tmp_path
         gate.set()
 
 
+class _SlowInstall(_HookedWriters):
+    """A Storage whose writers' ``install_records`` each take ``delay``
+    longer: the install of a large snapshot, on a slow disk."""
+
+    HOOKED = ("install_records",)
+
+    def __init__(self, inner: Storage, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    def install_records(self, w: Any, records: Any) -> None:
+        time.sleep(self.delay)
+        w.install_records(records)
+
+
+def test_a_leader_keeps_leading_while_its_only_live_follower_loads_its_snapshot(tmp_path: Path) -> None:
+    """One node down, another catching up: the leader's quorum is the
+    follower that loads its snapshot, frozen, for longer than
+    ``leader_fallback_s``.  pysyncobj's follower answers no snapshot piece,
+    and a frozen replica answers nothing, so the leader gave up leading,
+    was elected again once the install was over, and began anew what it
+    sent (with 16 shards of 16 MiB, shards stayed unwritable for up to
+    13 s).  The follower now says it is receiving, so its leader keeps
+    leading in the same term, and a write commits on the two of them."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, leader_fallback_s=0.4,
+                        log_compaction_bytes=1 << 20, snapshot_install_chunk_bytes=256 * 1024)
+    with three_hosts(tmp_path, timing, wrap=lambda s: _SlowInstall(s, 0.1)) as ns:  # type: ignore[arg-type,return-value]
+        _, victim = _cut_off_while_the_leader_compacts(ns)  # 8 MB: about 3 s to load
+        wait_for(lambda: victim.on_driver(lambda: victim.g.transport.frozen), "the follower to load the snapshot")
+        # The follower, cut off, stood for election in ever higher terms: on
+        # its return, a leader was elected anew (Raft without pre-vote), and
+        # sent it the snapshot.
+        leader = wait_for(lambda: leader_of(ns, [n for n in IDS if n != victim.id]), "the leader")
+        third = next(n for n in ns.values() if n is not leader and n is not victim)
+        third.host.stop()
+        term = leader.on_driver(lambda: leader.g.status.term)
+        roles: list[str] = []
+        began = time.monotonic()
+        while victim.on_driver(lambda: victim.g.transport.frozen):
+            roles.append(leader.role())
+            time.sleep(0.05)
+        took = time.monotonic() - began
+        assert took > 5 * timing.leader_fallback_s, f"the install took {took:.1f} s: too short to test the fallback"
+        assert set(roles) == {"leader"}, roles
+        assert leader.on_driver(lambda: leader.g.status.term) == term
+        assert victim.on_driver(lambda: victim.g.receiving_said) >= took / (4 * timing.heartbeat_s)
+        leader.g.propose(b"after").result(timeout=10)  # committed by the leader and the follower alone
+        want = leader.on_driver(lambda: leader.last_index)
+        caught_up(leader, victim, want, "the follower to apply the write after the install")
+        assert leader.on_driver(lambda: leader.g.status.term) == term
+
+
+def test_a_follower_answers_the_pieces_of_a_snapshot_it_receives(nodes: dict[str, Node]) -> None:
+    """While a snapshot arrives (before the install above), each piece
+    gets an answer, at most one a heartbeat, that the leader's pysyncobj
+    counts as hearing from the follower; the leader's transport does not
+    take it for the answer that ends an install."""
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    follower = next(n for n in nodes.values() if n is not leader)
+    answers: list[dict[str, Any]] = []
+
+    def spy(node: str, group: int, message: Any) -> None:
+        if node == leader.id and isinstance(message, dict) and message.get("receiving"):
+            answers.append(message)
+
+    def piece(first: bool) -> int:
+        g = follower.g
+        g._on_snapshot_piece(leader.id, {
+            "type": "append_entries", "term": g.sync.raftCurrentTerm, "serialized": (b"x" * 100, first, False),
+        })
+        return g.receiving_said
+
+    follower.on_driver(lambda: setattr(follower.host.mux, "tap", spy))
+    said = [follower.on_driver(lambda: piece(True))]
+    time.sleep(2 * TIMING.heartbeat_s)
+    said += [follower.on_driver(lambda: piece(False)), follower.on_driver(lambda: piece(False))]  # the 3rd within a heartbeat
+    follower.on_driver(follower.g._close_rx)
+    assert said == [1, 2, 2]
+    wait_for(lambda: len(answers) == 2, "both answers to leave")
+    assert answers[0] == {"type": "next_node_idx", "next_node_idx": 0, "reset": False, "success": False,
+                          "receiving": True}
+    # A piece of a transmission the follower is not receiving gets no answer.
+    time.sleep(2 * TIMING.heartbeat_s)
+    assert follower.on_driver(lambda: piece(False)) == 2
+    assert leader.role() == "leader"
+
+
 def _restart(ns: dict[str, Node], victim: Node, root: Path, timing: RaftTiming) -> Node:
     """Stop ``victim``'s host (if still running) and start its node again on the same files."""
     victim.host.stop()

@@ -788,9 +788,19 @@ class GroupTransport:
                 break
         return bool(self.held_in) and not self.frozen
 
+    def say_receiving(self, nid: NodeId) -> bool:
+        """Queue, for the leader ``nid``, the answer of a replica that is
+        receiving or loading its snapshot (see RaftGroup._say_receiving)."""
+        node = self._nodes.get(nid)
+        if node is None:
+            return False
+        return self.send(node, {
+            "type": "next_node_idx", "next_node_idx": 0, "reset": False, "success": False, "receiving": True,
+        })
+
     def _deliver_now(self, node_id: NodeId, message: Any) -> None:
         node = self._nodes[node_id]
-        if self._installing_peers and node_id in self._installing_peers:
+        if self._installing_peers and node_id in self._installing_peers and not message.get("receiving"):
             self._installing_peers.discard(node_id)  # it answers: the snapshot is in
             self._host.mark_unflushed(self)
         if (
@@ -864,6 +874,8 @@ class RaftGroup:
         self._install: _Install | None = None
         self._installed: tuple[Any, Any, Any] | None = None  # loaded, for the deserializer to return
         self.install_steps = 0
+        self._receiving_said_at = -1.0  # when this replica last told its leader it receives (see _say_receiving)
+        self.receiving_said = 0
         if host.storage.reader(group_id).installing():
             # The node stopped while loading a snapshot from a leader: the
             # state is part old, part new.  Start from nothing; pysyncobj
@@ -1093,8 +1105,11 @@ class RaftGroup:
         return 0 <= pos < len(j) and bool(j[pos][2] == self.sync.raftCurrentTerm)
 
     def tick(self) -> None:
-        if self._install is not None:
+        inst = self._install
+        if inst is not None:
             self._install_step()
+            if self._install is inst:  # still loading (not done, not rejected)
+                self._say_receiving(inst.node)
             return
         if self.transport.held_in and self.transport.release_held(HELD_RELEASE_BYTES):
             self.host.wake(self)
@@ -1338,7 +1353,33 @@ class RaftGroup:
             self._rx = None
             rx[2].close()
             self._begin_install(node_id, message)
+        self._say_receiving(node_id)
         return passed
+
+    def _say_receiving(self, leader: NodeId) -> None:
+        """Tell ``leader`` that this replica hears it while it receives or
+        loads the leader's snapshot (driver thread; at most once a heartbeat).
+
+        pysyncobj's follower answers no snapshot piece, and a replica that
+        loads one is frozen and answers nothing, so its leader heard nothing
+        from it for the whole transfer and install.  When that replica was
+        the leader's only live follower (one node down, another catching up
+        after a restart), the leader gave up leading after
+        ``leader_fallback_s``, was elected again, and began the snapshot
+        anew: shards that needed one stayed unwritable for seconds (up to
+        13 s with 16 shards of 16 MiB snapshots), and a snapshot too large
+        to send and load within the fallback would never get through.
+        The answer is what pysyncobj's follower sends for each chunk of a
+        large entry (``next_node_idx``, neither success nor reset): the
+        leader's pysyncobj only notes that the follower answered.  The
+        ``receiving`` mark tells the leader's transport that the snapshot is
+        not in yet (:meth:`GroupTransport._deliver_now`)."""
+        now = time.monotonic()
+        if now - self._receiving_said_at < self._timing.heartbeat_s:
+            return
+        self._receiving_said_at = now
+        if self.transport.say_receiving(leader):
+            self.receiving_said += 1
 
     def _close_rx(self) -> None:
         if self._rx is not None:
