@@ -1366,9 +1366,9 @@ class RaftGroup:
         the leader's only live follower (one node down, another catching up
         after a restart), the leader gave up leading after
         ``leader_fallback_s``, was elected again, and began the snapshot
-        anew: shards that needed one stayed unwritable for seconds (up to
-        13 s with 16 shards of 16 MiB snapshots), and a snapshot too large
-        to send and load within the fallback would never get through.
+        anew (seen once in a 16-shard reproduction: 39 fallbacks, shards
+        unwritable for up to 13 s); a snapshot too large to send and load
+        within the fallback would never get through.
         The answer is what pysyncobj's follower sends for each chunk of a
         large entry (``next_node_idx``, neither success nor reset): the
         leader's pysyncobj only notes that the follower answered.  The
