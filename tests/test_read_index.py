@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -470,13 +471,21 @@ def test_a_leader_keeps_leading_while_its_only_live_follower_loads_its_snapshot(
         third.host.stop()
         term = leader.on_driver(lambda: leader.g.status.term)
         roles: list[str] = []
+        noted: list[bool] = []  # the leader still counts the follower as installing (sampled while it was)
         began = time.monotonic()
-        while victim.on_driver(lambda: victim.g.transport.frozen):
+        while True:
+            installing = leader.on_driver(lambda: victim.id in leader.g.transport.installing_peers)
+            if not victim.on_driver(lambda: victim.g.transport.frozen):
+                break
+            noted.append(installing)
             roles.append(leader.role())
             time.sleep(0.05)
         took = time.monotonic() - began
         assert took > 5 * timing.leader_fallback_s, f"the install took {took:.1f} s: too short to test the fallback"
         assert set(roles) == {"leader"}, roles
+        # Its "receiving" answers did not end the install on the leader's side:
+        # no bulk data left for it while it loaded.
+        assert all(noted), noted
         assert leader.on_driver(lambda: leader.g.status.term) == term
         assert victim.on_driver(lambda: victim.g.receiving_said) >= took / (4 * timing.heartbeat_s)
         leader.g.propose(b"after").result(timeout=10)  # committed by the leader and the follower alone
@@ -485,11 +494,11 @@ def test_a_leader_keeps_leading_while_its_only_live_follower_loads_its_snapshot(
         assert leader.on_driver(lambda: leader.g.status.term) == term
 
 
-def test_a_follower_answers_the_pieces_of_a_snapshot_it_receives(nodes: dict[str, Node]) -> None:
-    """While a snapshot arrives (before the install above), each piece
-    gets an answer, at most one a heartbeat, that the leader's pysyncobj
-    counts as hearing from the follower; the leader's transport does not
-    take it for the answer that ends an install."""
+def test_a_follower_answers_while_a_snapshot_arrives(nodes: dict[str, Node]) -> None:
+    """While a transmission from its leader is open, the follower answers
+    each piece and each tick, at most once a heartbeat, in the form the
+    leader's pysyncobj counts as hearing from it; nothing once it closes,
+    nor for a piece of a transmission it is not receiving."""
     leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
     follower = next(n for n in nodes.values() if n is not leader)
     answers: list[dict[str, Any]] = []
@@ -498,26 +507,83 @@ def test_a_follower_answers_the_pieces_of_a_snapshot_it_receives(nodes: dict[str
         if node == leader.id and isinstance(message, dict) and message.get("receiving"):
             answers.append(message)
 
-    def piece(first: bool) -> int:
+    def piece(first: bool) -> None:
         g = follower.g
         g._on_snapshot_piece(leader.id, {
             "type": "append_entries", "term": g.sync.raftCurrentTerm, "serialized": (b"x" * 100, first, False),
         })
-        return g.receiving_said
+
+    def said() -> int:
+        return follower.on_driver(lambda: follower.g.receiving_said)
+
+    def two_pieces() -> int:
+        piece(False)
+        piece(False)
+        return follower.g.receiving_said
 
     follower.on_driver(lambda: setattr(follower.host.mux, "tap", spy))
-    said = [follower.on_driver(lambda: piece(True))]
-    time.sleep(2 * TIMING.heartbeat_s)
-    said += [follower.on_driver(lambda: piece(False)), follower.on_driver(lambda: piece(False))]  # the 3rd within a heartbeat
+    follower.on_driver(lambda: piece(True))
+    assert said() == 1
+    wait_for(lambda: said() >= 4, "answers at the follower's ticks, between pieces", timeout=5)
+    before = said()
+    assert follower.on_driver(two_pieces) <= before + 1  # at most one a heartbeat
     follower.on_driver(follower.g._close_rx)
-    assert said == [1, 2, 2]
-    wait_for(lambda: len(answers) == 2, "both answers to leave")
+    closed = said()
+    time.sleep(4 * TIMING.heartbeat_s)
+    follower.on_driver(lambda: piece(False))  # not the transmission it receives (none is open)
+    time.sleep(2 * TIMING.heartbeat_s)
+    assert said() == closed
+    wait_for(lambda: len(answers) == closed, "every answer to leave")
     assert answers[0] == {"type": "next_node_idx", "next_node_idx": 0, "reset": False, "success": False,
                           "receiving": True}
-    # A piece of a transmission the follower is not receiving gets no answer.
-    time.sleep(2 * TIMING.heartbeat_s)
-    assert follower.on_driver(lambda: piece(False)) == 2
-    assert leader.role() == "leader"
+
+
+def test_a_leader_keeps_leading_while_its_only_live_follower_receives_its_snapshot(tmp_path: Path) -> None:
+    """As above, but the pieces come slowly (the follower takes 0.2 s for
+    each, as under a catch-up of many shards at once): a leader that fell
+    back during the transfer began it again in its next term, so a
+    snapshot slower to send than the fallback never got through.  Now the
+    snapshot arrives in one transmission, in one term, and the leader
+    leads throughout."""
+    timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, leader_fallback_s=0.6,
+                        log_compaction_bytes=1 << 20)
+    with three_hosts(tmp_path, timing) as ns:
+        for n in ns.values():
+            n.store_payloads = True
+        leader, victim = _isolate_a_follower(ns)
+        for _ in range(160):  # 32 MB that do not compress: eight pieces or more, 1.6 s or more to take
+            leader.g.propose(os.urandom(200_000)).result(timeout=10)
+        wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
+        wait_for(lambda: leader.on_driver(lambda: _compaction_settled(leader)), "the leader's compactions to end")
+        written = leader.on_driver(lambda: leader.g.snapshots_written)
+        leader.on_driver(leader.g.force_compaction)  # one snapshot holding all of it
+        wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) > written, "the leader's last snapshot")
+        third = next(n for n in ns.values() if n is not leader and n is not victim)
+        third.host.stop()  # from now on the leader's quorum is the follower that receives the snapshot
+        pieces: list[tuple[int, bool, bool]] = []  # (term, first, last) of each piece the follower took
+
+        def slow_receiver() -> None:
+            g = victim.g
+            take = g.transport.receiver
+            assert take is not None
+
+            def slow(node_id: str, message: dict[str, Any]) -> dict[str, Any]:
+                _, first, last = message["serialized"]
+                pieces.append((int(message.get("term", 0)), bool(first), bool(last)))
+                time.sleep(0.2)
+                return take(node_id, message)
+            g.transport.receiver = slow
+        victim.on_driver(slow_receiver)
+        for n in (leader, victim):
+            n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
+        wait_for(lambda: victim.on_driver(lambda: victim.g.snapshots_installed) >= 1, "the install", timeout=60)
+        firsts = [p for p in pieces if p[1]]
+        assert len(pieces) >= 6, pieces
+        assert len(firsts) == 1 and pieces[0][1] and pieces[-1][2], pieces  # one transmission, never begun again
+        assert {p[0] for p in pieces} == {pieces[0][0]}, pieces  # in one term
+        now = wait_for(lambda: leader_of(ns, [leader.id, victim.id]), "a leader")
+        assert now is leader and leader.on_driver(lambda: leader.g.status.term) == pieces[0][0]
+        leader.g.propose(b"after").result(timeout=10)  # committed by the leader and the follower alone
 
 
 def _restart(ns: dict[str, Node], victim: Node, root: Path, timing: RaftTiming) -> Node:

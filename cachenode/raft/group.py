@@ -1111,6 +1111,9 @@ class RaftGroup:
             if self._install is inst:  # still loading (not done, not rejected)
                 self._say_receiving(inst.node)
             return
+        rx = self._rx
+        if rx is not None and rx[1] == self.sync.raftCurrentTerm and self.status.leader == rx[0]:
+            self._say_receiving(rx[0])  # between pieces too: they may come slower than the fallback
         if self.transport.held_in and self.transport.release_held(HELD_RELEASE_BYTES):
             self.host.wake(self)
         self.sync.doTick(0.0)
@@ -1358,7 +1361,9 @@ class RaftGroup:
 
     def _say_receiving(self, leader: NodeId) -> None:
         """Tell ``leader`` that this replica hears it while it receives or
-        loads the leader's snapshot (driver thread; at most once a heartbeat).
+        loads the leader's snapshot (driver thread: at each piece, and at
+        each tick while a transmission of the current leader and term is
+        open or the snapshot loads; at most once a heartbeat).
 
         pysyncobj's follower answers no snapshot piece, and a replica that
         loads one is frozen and answers nothing, so its leader heard nothing
@@ -1366,12 +1371,15 @@ class RaftGroup:
         the leader's only live follower (one node down, another catching up
         after a restart), the leader gave up leading after
         ``leader_fallback_s``, was elected again, and began the snapshot
-        anew (seen once in a 16-shard reproduction: 39 fallbacks, shards
-        unwritable for up to 13 s); a snapshot too large to send and load
-        within the fallback would never get through.
-        The answer is what pysyncobj's follower sends for each chunk of a
-        large entry (``next_node_idx``, neither success nor reset): the
-        leader's pysyncobj only notes that the follower answered.  The
+        anew if it fell back during the transfer (a new term drops what it
+        was sending), or cost an election if during the load (seen once in
+        a 16-shard reproduction: 39 fallbacks, shards unwritable for up to
+        13 s); a snapshot too large to send within the fallback would never
+        get through.
+        The answer has the form of pysyncobj's follower's answer to each
+        chunk of a large entry (``next_node_idx``, neither success nor
+        reset; the index, which that leaves unread, is 0): the leader's
+        pysyncobj only notes that the follower answered.  The
         ``receiving`` mark tells the leader's transport that the snapshot is
         not in yet (:meth:`GroupTransport._deliver_now`)."""
         now = time.monotonic()
