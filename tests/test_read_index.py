@@ -374,10 +374,9 @@ def _compaction_settled(n: Node) -> bool:
     return g._snap is None and g.journal.bytes <= max(g._timing.log_compaction_bytes, state)
 
 
-def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) -> tuple[Node, Node]:
-    """(leader, follower): the follower missed ``writes`` writes of 200 KB and
-    the leader's log was compacted past it; the links are healed on return."""
-    leader, victim = _cut_off(ns, writes)
+def _await_full_snapshot(leader: Node) -> None:
+    """Until the leader has compacted its log and its last snapshot holds
+    every write so far (so a follower that lacks them gets one snapshot)."""
     wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
     # ...and its last one: compaction by size must be over before the links
     # heal, or the follower may install a snapshot that a newer one replaces
@@ -391,6 +390,13 @@ def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) ->
         written = leader.on_driver(lambda: leader.g.snapshots_written)
         leader.on_driver(leader.g.force_compaction)
         wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) > written, "the leader's last snapshot")
+
+
+def _cut_off_while_the_leader_compacts(ns: dict[str, Node], writes: int = 40) -> tuple[Node, Node]:
+    """(leader, follower): the follower missed ``writes`` writes of 200 KB and
+    the leader's log was compacted past it; the links are healed on return."""
+    leader, victim = _cut_off(ns, writes)
+    _await_full_snapshot(leader)
     for n in ns.values():
         n.on_driver(lambda n=n: setattr(n.host.mux, "blocked", set()))
     return leader, victim
@@ -553,11 +559,7 @@ def test_a_leader_keeps_leading_while_its_only_live_follower_receives_its_snapsh
         leader, victim = _isolate_a_follower(ns)
         for _ in range(160):  # 32 MB that do not compress: eight pieces or more, 1.6 s or more to take
             leader.g.propose(os.urandom(200_000)).result(timeout=10)
-        wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) >= 1, "the leader's snapshot")
-        wait_for(lambda: leader.on_driver(lambda: _compaction_settled(leader)), "the leader's compactions to end")
-        written = leader.on_driver(lambda: leader.g.snapshots_written)
-        leader.on_driver(leader.g.force_compaction)  # one snapshot holding all of it
-        wait_for(lambda: leader.on_driver(lambda: leader.g.snapshots_written) > written, "the leader's last snapshot")
+        _await_full_snapshot(leader)
         third = next(n for n in ns.values() if n is not leader and n is not victim)
         third.host.stop()  # from now on the leader's quorum is the follower that receives the snapshot
         pieces: list[tuple[int, bool, bool]] = []  # (term, first, last) of each piece the follower took
