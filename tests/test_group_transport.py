@@ -37,6 +37,9 @@ class FakeMux:
     def is_up(self, node: str) -> bool:
         return self.up
 
+    def link_up(self, node: str) -> bool:
+        return self.up
+
 
 class FakeHost:
     def __init__(self) -> None:
@@ -386,6 +389,44 @@ def test_held_replica_reports_no_peer_until_a_leader_appends() -> None:
     t.deliver("n1", ae(0, [e(1)]))
     assert sorted(connected) == ["n1", "n2", "n3"] and released == [True]
     assert received == ["request_vote", "append_entries"]
+
+
+def test_a_gated_replica_reports_no_peer_until_its_gate_opens() -> None:
+    """The election gate (pre-vote): closed, pysyncobj hears of no connected
+    peer, so it cannot stand for election; opened, it hears of every peer
+    whose link is up; closed again, of none.  Pre-vote messages go to the
+    group, never to pysyncobj; a leader's ``timeout_now`` opens the gate; a
+    leader's append is remembered with its term (stale terms are not)."""
+    h = FakeHost()
+    clock = ManualClock()
+    t = GroupTransport(h, 5, ["n1", "n2"], monotonic=clock, gated=True)  # type: ignore[arg-type]
+    up: set[str] = set()
+    received: list[str] = []
+    prevotes: list[tuple[str, str]] = []
+    t.setOnNodeConnectedCallback(lambda node: up.add(node.id))
+    t.setOnNodeDisconnectedCallback(lambda node: up.discard(node.id))
+    t.setOnMessageReceivedCallback(lambda node, m: received.append(m["type"]))
+    t.on_prevote = lambda nid, m: prevotes.append((nid, m["type"]))
+    t.announce_connected()
+    t.peer_event("n1", True)
+    t.addNode(Node("n3"))
+    assert up == set()
+    t.open_gate()
+    assert up == {"n1", "n2", "n3"} and not t.gated and t.opened_at == clock.t
+    t.close_gate()
+    assert up == set() and t.gated
+    t.deliver("n1", {"type": "pre_vote", "next_term": 4, "last_log_index": 9, "last_log_term": 3})
+    t.deliver("n2", {"type": "pre_vote_ack", "next_term": 4, "granted": True})
+    assert prevotes == [("n1", "pre_vote"), ("n2", "pre_vote_ack")] and received == []
+    clock.t = 200.0
+    t.deliver("n1", ae(0, [e(1)], term=3))
+    assert (t.heard_term, t.heard_at) == (3, 200.0)
+    clock.t = 201.0
+    t.deliver("n2", ae(0, [], term=2))  # a deposed leader's late heartbeat
+    assert (t.heard_term, t.heard_at) == (3, 200.0)
+    t.deliver("n1", {"type": "timeout_now", "term": 3})
+    assert up == {"n1", "n2", "n3"} and not t.gated
+    assert received == ["append_entries", "append_entries", "timeout_now"]
 
 
 class FakeSerializer:

@@ -11,6 +11,7 @@ and fails with NotLeader once the partition heals and it learns the new term.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
@@ -1076,3 +1077,129 @@ def test_a_lone_replica_commits_without_waiting_for_the_periodic_tick(tmp_path: 
         assert n.fatal == []
     finally:
         n.host.stop()
+
+
+# ---- pre-vote ---------------------------------------------------------------
+
+
+def _votes(n: Node) -> dict[str, int]:
+    """The replica's pre-vote counters and its term."""
+    def read() -> dict[str, int]:
+        g = n.g
+        return {"started": g.prevotes_started, "won": g.prevotes_won, "granted": g.prevotes_granted,
+                "refused": g.prevotes_refused, "term": g.status.term}
+    return n.on_driver(read)
+
+
+def _heal(ns: dict[str, Node]) -> None:
+    for n in ns.values():
+        n.block(set())
+
+
+@pytest.mark.parametrize("pre_vote", [True, False], ids=["pre_vote", "without"])
+def test_a_follower_that_alone_cannot_hear_its_leader_does_not_depose_it(tmp_path: Path, pre_vote: bool) -> None:
+    """The links between the leader and one follower drop everything; the
+    third replica hears both.  Without pre-vote (the control) the cut
+    follower stands for election in a higher term, the third votes for
+    it, and the leader is deposed though it never failed.  With pre-vote
+    the third refuses (it hears the leader), so no term moves, writes go
+    on, and once healed the follower catches up under the same leader."""
+    timing = dataclasses.replace(TIMING, pre_vote=pre_vote)  # fallback 60 s: only a higher term deposes
+    with three_hosts(tmp_path, timing) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        leader.g.propose(b"before").result(timeout=10)
+        term = _votes(leader)["term"]
+        cut, third = [n for n in ns.values() if n is not leader]
+        won = _votes(cut)["won"]  # the first election's
+        leader.block({cut.id})
+        cut.block({leader.id})
+        if not pre_vote:
+            wait_for(lambda: _votes(third)["term"] > term, "the third replica to follow a higher term")
+            return
+        wait_for(lambda: _votes(third)["refused"] >= 5, "the third replica to refuse five pre-votes")
+        assert _votes(cut)["won"] == won
+        assert [_votes(n)["term"] for n in ns.values()] == [term] * 3
+        leader.g.propose(b"during").result(timeout=10)  # the leader and the third commit it
+        _heal(ns)
+        caught_up(leader, cut, leader.last_index, "the cut follower to catch up")
+        assert leader.role() == "leader" and [_votes(n)["term"] for n in ns.values()] == [term] * 3
+
+
+@pytest.mark.parametrize("pre_vote", [True, False], ids=["pre_vote", "without"])
+def test_a_follower_cut_off_from_all_keeps_its_term_and_rejoins_without_an_election(
+    tmp_path: Path, pre_vote: bool
+) -> None:
+    """A follower that hears no one asks for pre-votes and gets none, so its
+    term stays; healed, it follows the leader it left.  Without pre-vote
+    (the control) its term rises at every election timeout."""
+    timing = dataclasses.replace(TIMING, pre_vote=pre_vote)
+    with three_hosts(tmp_path, timing) as ns:
+        leader, victim = _isolate_a_follower(ns)
+        term = _votes(leader)["term"]
+        won = _votes(victim)["won"]  # the first election's
+        if not pre_vote:
+            wait_for(lambda: _votes(victim)["term"] > term + 1, "the cut-off follower's term to rise twice")
+            return
+        wait_for(lambda: _votes(victim)["started"] >= 5, "five pre-vote rounds from the cut-off follower")
+        assert _votes(victim)["term"] == term and _votes(victim)["won"] == won
+        leader.g.propose(b"while cut off").result(timeout=10)
+        _heal(ns)
+        caught_up(leader, victim, leader.last_index, "the follower to catch up")
+        assert leader.role() == "leader" and [_votes(n)["term"] for n in ns.values()] == [term] * 3
+
+
+def test_when_the_leader_stops_a_follower_wins_a_pre_vote_then_the_election(nodes: dict[str, Node]) -> None:
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    leader.g.propose(b"before").result(timeout=10)
+    term = _votes(leader)["term"]
+    others = [i for i in IDS if i != leader.id]
+    before = {i: _votes(nodes[i])["won"] for i in others}
+    leader.host.stop()
+    new = wait_for(lambda: leader_of(nodes, others), "a new leader")
+    assert _votes(new)["won"] > before[new.id] and _votes(new)["term"] > term
+    new.g.propose(b"after").result(timeout=10)
+
+
+def test_a_leadership_transfer_needs_no_pre_vote(nodes: dict[str, Node]) -> None:
+    """The leader's ``timeout_now`` opens the target's gate at once: the
+    target stands without a pre-vote, while the leader is still heard."""
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    leader.g.propose(b"before").result(timeout=10)
+    target = next(n for n in nodes.values() if n is not leader)
+    won = _votes(target)["won"]
+    done: Future[Any] = Future()
+    leader.on_driver(lambda: leader.g.transfer_leadership(target.id, done.set_result))
+    assert done.result(timeout=10) is None
+    wait_for(lambda: target.role() == "leader", "the target to lead")
+    assert _votes(target)["won"] == won
+    target.g.propose(b"after").result(timeout=10)
+
+
+def test_the_pre_vote_rule(nodes: dict[str, Node]) -> None:
+    """A replica grants a pre-vote only when it could vote: not while it
+    leads or hears its leader, not for its own term or a lower one, not for
+    a log less up to date than its own."""
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    leader.g.propose(b"w").result(timeout=10)
+    follower = next(n for n in nodes.values() if n is not leader)
+    caught_up(leader, follower, leader.last_index, "the follower to have the write")
+
+    def rule(n: Node, dterm: int, dindex: int, dlterm: int) -> bool:
+        def ask() -> bool:
+            g = n.g
+            _, idx, lterm = g.journal[-1][:3]
+            return g._grants_prevote(g.status.term + dterm, idx + dindex, lterm + dlterm)
+        return n.on_driver(ask)
+
+    assert not rule(leader, 1, 0, 0)  # it leads
+    assert not rule(follower, 1, 0, 0)  # it hears its leader
+    # Left alone (the third first, so that no pre-vote can win), the
+    # follower stays a follower in its term.
+    next(n for n in nodes.values() if n is not leader and n is not follower).host.stop()
+    leader.host.stop()
+    wait_for(lambda: rule(follower, 1, 0, 0), "the follower to grant once its leader is silent")
+    assert not rule(follower, 0, 0, 0)  # its own term: it may have voted in it
+    assert not rule(follower, -1, 0, 0)  # a lower term
+    assert not rule(follower, 1, -1, 0)  # a shorter log
+    assert not rule(follower, 1, 5, -1)  # a longer log of an older term
+    assert rule(follower, 1, 1, 0)

@@ -53,6 +53,8 @@ class PeerLinks(Protocol):
 
     def is_up(self, node: NodeId) -> bool: ...
 
+    def link_up(self, node: NodeId) -> bool: ...
+
     def send(self, node: NodeId, group: int, message: Any) -> bool: ...
 
     def queued_bytes(self, node: NodeId) -> int: ...
@@ -140,6 +142,12 @@ class RaftTiming:
     election_min_s: float = 0.8
     election_max_s: float = 1.6
     leader_fallback_s: float = 1.5
+    pre_vote: bool = True
+    """Stand for election only after a majority said it hears no leader
+    either (Raft thesis 9.6, "PreVote"; see RaftGroup._election_gate).
+    Without it a replica that alone stops hearing its leader (a one-way
+    link, or the load of catching up after a restart) raises its term, and
+    its vote request deposes a leader the others still follow."""
     log_compaction_entries: int = 20000
     log_compaction_bytes: int = 16 * 1024 * 1024
     """Also compact once the journal holds this many bytes of commands, or
@@ -398,14 +406,17 @@ class GroupTransport:
     def __init__(
         self, host: TransportHost, group: int, members: list[NodeId],
         hold: bool = False, on_release: Callable[[], None] | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = time.monotonic, gated: bool = False,
     ) -> None:
-        """``monotonic``: the clock of :data:`BULK_STARVE_S` (tests pass a fake).
+        """``monotonic``: the clock of :data:`BULK_STARVE_S` and of the
+        leader-contact times (tests pass a fake).
 
         ``hold``: a replica just added to an existing group.  It reports no
         peer as connected (so pysyncobj never starts an election) until a
         leader's append reaches it: an empty replica cannot win, and its
-        growing term would only depose the leader that is adding it."""
+        growing term would only depose the leader that is adding it.
+
+        ``gated``: the election gate starts closed (see :meth:`open_gate`)."""
         self._on_message: Callable[[Node, Any], None] | None = None
         self._on_connected: Callable[[Node], None] | None = None
         self._on_disconnected: Callable[[Node], None] | None = None
@@ -413,6 +424,20 @@ class GroupTransport:
         self._host = host
         self._group = group
         self.hold = hold
+        self.gated = gated
+        """The election gate is closed: pysyncobj is told no peer is
+        connected, which is what keeps it from starting an election (its
+        only use of that knowledge outside a leader's sends).  RaftGroup
+        opens it after a won pre-vote, for a leadership transfer, and for a
+        leader (driver thread)."""
+        self.opened_at = -1.0  # when the gate last opened
+        self.heard_term = -1
+        """The highest term of an append received, and when the latest of
+        that term came (``heard_at``): when this replica last heard a
+        leader pysyncobj would follow."""
+        self.heard_at = monotonic()
+        self.on_prevote: Callable[[NodeId, dict[str, Any]], None] | None = None
+        """Takes the pre-vote messages (``pre_vote``, ``pre_vote_ack``): they are ours, not pysyncobj's."""
         self._on_release = on_release
         self._nodes: dict[NodeId, Node] = {}
         self._sent: dict[NodeId, tuple[int, int, int]] = {}  # node -> (term, last index sent, its term)
@@ -501,7 +526,7 @@ class GroupTransport:
         # A member added at run time whose link is already up would never
         # hear "connected" (the link event came before it was a member), and
         # pysyncobj's leader sends nothing to a node it thinks unreachable.
-        if not self.hold and self._host.mux.is_up(node.id):
+        if not (self.hold or self.gated) and self._host.mux.is_up(node.id):
             self._onNodeConnected(node)
 
     def dropNode(self, node: Node) -> None:
@@ -746,17 +771,38 @@ class GroupTransport:
         return m
 
     def announce_connected(self) -> None:
-        if self.hold:
+        if self.hold or self.gated:
             return
         for nid, node in self._nodes.items():
-            if self._host.mux.is_up(nid):
+            if self._host.mux.link_up(nid):
                 self._onNodeConnected(node)
+
+    def open_gate(self) -> None:
+        """Let pysyncobj see its connected peers again, so it may stand for
+        election when its own timer says so (driver thread)."""
+        if self.gated:
+            self.gated = False
+            self.opened_at = self._now()
+            self.announce_connected()
+
+    def close_gate(self) -> None:
+        """Tell pysyncobj no peer is connected: it starts no election until
+        :meth:`open_gate` (driver thread; never on a leader, which sends
+        only to peers it believes connected)."""
+        if not self.gated:
+            self.gated = True
+            for node in self._nodes.values():
+                self._onNodeDisconnected(node)
+
+    def member_ids(self) -> list[NodeId]:
+        """The other members of the group (driver thread)."""
+        return list(self._nodes)
 
     def peer_event(self, node_id: NodeId, up: bool) -> None:
         self._sent.pop(node_id, None)
         self._drop_queue(node_id)
         node = self._nodes.get(node_id)
-        if node is not None and not (up and self.hold):
+        if node is not None and not (up and (self.hold or self.gated)):
             (self._onNodeConnected if up else self._onNodeDisconnected)(node)
 
     def deliver(self, node_id: NodeId, message: Any) -> None:
@@ -791,24 +837,42 @@ class GroupTransport:
     def say_receiving(self, nid: NodeId) -> bool:
         """Queue, for the leader ``nid``, the answer of a replica that is
         receiving or loading its snapshot (see RaftGroup._say_receiving)."""
-        node = self._nodes.get(nid)
-        if node is None:
-            return False
-        return self.send(node, {
+        return self.send_to(nid, {
             "type": "next_node_idx", "next_node_idx": 0, "reset": False, "success": False, "receiving": True,
         })
 
+    def send_to(self, nid: NodeId, message: dict[str, Any]) -> bool:
+        """:meth:`send` to the member ``nid``; False if it is not one (driver thread)."""
+        node = self._nodes.get(nid)
+        return node is not None and self.send(node, message)
+
     def _deliver_now(self, node_id: NodeId, message: Any) -> None:
         node = self._nodes[node_id]
+        mtype = message.get("type")
+        if mtype == "append_entries":
+            term = message.get("term", 0)
+            if term >= self.heard_term:
+                self.heard_term = term
+                self.heard_at = self._now()
+        elif mtype == "pre_vote" or mtype == "pre_vote_ack":
+            if self.on_prevote is not None:
+                self.on_prevote(node_id, message)
+            return
+        elif mtype == "timeout_now":
+            # The leader hands over leadership (pysyncobj's transfer): stand
+            # at once, as asked, without a pre-vote (Raft thesis 3.10).
+            # pysyncobj ignores the request unless it comes from its leader;
+            # the gate then closes again at the next append (_election_gate).
+            self.open_gate()
         if self._installing_peers and node_id in self._installing_peers and not message.get("receiving"):
             self._installing_peers.discard(node_id)  # it answers: the snapshot is in
             self._host.mark_unflushed(self)
         if (
-            self.receiver is not None and message.get("type") == "append_entries"
+            self.receiver is not None and mtype == "append_entries"
             and isinstance(message.get("serialized"), tuple)
         ):
             message = self.receiver(node_id, message)
-        if message.get("type") == "next_node_idx" and message.get("reset"):
+        if mtype == "next_node_idx" and message.get("reset"):
             # The follower wants a resend from an earlier point.  Appends
             # still held for it continue a chain it rejected: drop them (as a
             # lossy network would), or each would cause another reset and
@@ -816,7 +880,7 @@ class GroupTransport:
             self._sent.pop(node_id, None)
             self._drop_queue(node_id)
         self._onMessageReceived(node, message)
-        if self.hold and message.get("type") == "append_entries":
+        if self.hold and mtype == "append_entries":
             self.hold = False
             self.announce_connected()
             if self._on_release is not None:
@@ -891,7 +955,17 @@ class RaftGroup:
             group_id, host.storage, host.batch, host.durable_batch, memory_bytes=timing.log_memory_bytes
         )
         others = [m for m in members if m != self_id]
-        self.transport = GroupTransport(host, group_id, others, hold, on_release)
+        self.transport = GroupTransport(host, group_id, others, hold, on_release, gated=timing.pre_vote)
+        self.transport.on_prevote = self._on_prevote
+        # The pre-vote round under way: (the term it asks for, who granted it).
+        self._pv_round: tuple[int, set[NodeId]] | None = None
+        self._pv_next_at = 0.0  # no new round before this (rounds are rate-limited)
+        self._pv_base_at = time.monotonic()  # "heard a leader" floor: start, stepping down, a new term
+        self._pv_term = -1  # the term _pv_base_at last saw
+        self.prevotes_started = 0
+        self.prevotes_won = 0
+        self.prevotes_granted = 0
+        self.prevotes_refused = 0
         conf = SyncObjConf(
             autoTick=False,
             journalFile=self.journal,
@@ -925,7 +999,8 @@ class RaftGroup:
         )
         self.sync.transfer.on_installed = self._move_incoming_into_place
         self.transport.receiver = self._on_snapshot_piece
-        self.transport.announce_connected()
+        if not timing.pre_vote:
+            self.transport.announce_connected()
         self.snapshots_written = 0
         self.snapshots_installed = 0
         self._members_epoch = -1
@@ -1119,6 +1194,8 @@ class RaftGroup:
         self.sync.doTick(0.0)
         self.transport.release_quiet()
         self.status = self._read_status()
+        if self._timing.pre_vote and self._role != 2:
+            self._election_gate()
         if self._role == 2 and len(self._members) == 1:
             self._commit_alone()
         if self.journal.bytes > self._timing.log_compaction_bytes and not self.destroyed:
@@ -1173,7 +1250,141 @@ class RaftGroup:
 
     def _on_state_changed(self, old: int, new: int) -> None:
         self._role = new
+        t = self.transport
+        if new == 2:
+            t.open_gate()  # a leader sends only to peers pysyncobj believes connected
+        elif old == 2 and self._timing.pre_vote:
+            # Stepping down: no election before a pre-vote, and no pre-vote
+            # before an election timeout without a leader from now on.
+            t.close_gate()
+            self._pv_base_at = time.monotonic()
         log.info("group %s: %s -> %s (term %s)", self.group_id, _ROLES.get(old), _ROLES.get(new), self.sync.raftCurrentTerm if hasattr(self, "sync") else "?")
+
+    # ---- pre-vote (driver thread) -----------------------------------------
+
+    def _leader_heard_at(self, term: int, now: float) -> float:
+        """When this replica last heard a leader of its current term
+        ``term``, or started, stepped down or entered that term (by a vote,
+        say), whichever is latest: an election timeout is counted from
+        there, as pysyncobj counts its own."""
+        if term != self._pv_term:
+            self._pv_term = term
+            self._pv_base_at = now
+        t = self.transport
+        if t.heard_term >= term and t.heard_at > self._pv_base_at:
+            return t.heard_at
+        return self._pv_base_at
+
+    def _election_gate(self) -> None:
+        """Open or close the election gate (end of a non-leader's tick).
+
+        Closed, pysyncobj cannot stand for election (see GroupTransport.gated).
+        A replica that has heard no leader of its term for 3/4 of the
+        minimum election timeout asks its peers, every two heartbeats, for
+        a pre-vote: the term it would stand in and its last log entry,
+        which changes nothing on either side.  Once a majority (itself
+        included) answers yes, the gate opens, still before pysyncobj's own
+        randomized election timer (at least the minimum) runs out, so
+        elections keep their random spread.  The gate closes again once a
+        leader of its term is heard after it opened, or once an election it
+        opened for is a 3/4 timeout old without a winner (a candidate cut
+        off from the others stops raising its term).
+
+        A replica whose term is above the leader it hears (its own election
+        failed, or it voted in one that did), and that has heard no leader
+        of its own term for as long, opens the gate without a pre-vote:
+        pysyncobj ignores appends of a lower term, so without an election it
+        would stay out of the group; its vote request deposes that leader
+        once, as in etcd."""
+        t = self.transport
+        now = time.monotonic()
+        term = self.sync.raftCurrentTerm
+        wait = 0.75 * self._timing.election_min_s
+        heard = self._leader_heard_at(term, now)
+        if not t.gated:
+            if self._role == 0 and t.heard_term >= term and t.heard_at > t.opened_at:
+                t.close_gate()  # a leader of its term is back
+                self._pv_round = None
+            elif self._role == 1 and now - t.opened_at >= wait:
+                t.close_gate()  # no winner: ask again before the next try
+                self._pv_round = None
+            return
+        if t.hold or self._install is not None:
+            return
+        if now - heard < wait:
+            return
+        if 0 <= t.heard_term < term and now - t.heard_at < wait:
+            log.info("group %s: term %s is above that of the leader it hears (%s): standing for election",
+                     self.group_id, term, t.heard_term)
+            t.open_gate()
+            return
+        if now < self._pv_next_at:
+            return
+        others = t.member_ids()
+        if not others:
+            t.open_gate()
+            return
+        self._pv_next_at = now + 2 * self._timing.heartbeat_s
+        j = self.journal
+        last = j[-1] if len(j) else None
+        ask = {
+            "type": "pre_vote", "next_term": term + 1,
+            "last_log_index": last[1] if last is not None else 0,
+            "last_log_term": last[2] if last is not None else 0,
+        }
+        self._pv_round = (term + 1, set())
+        self.prevotes_started += 1
+        for nid in others:
+            t.send_to(nid, dict(ask))
+
+    def _on_prevote(self, node_id: NodeId, m: dict[str, Any]) -> None:
+        """A peer's pre-vote request or answer (driver thread, from the transport)."""
+        if m.get("type") == "pre_vote_ack":
+            r = self._pv_round
+            if r is None or m.get("next_term") != r[0] or not m.get("granted") or not self.transport.gated:
+                return
+            r[1].add(node_id)
+            if 1 + len(r[1]) > (1 + len(self.transport.member_ids())) / 2:
+                self._pv_round = None
+                self.prevotes_won += 1
+                log.debug("group %s: pre-vote for term %s won (%s): standing for election",
+                         self.group_id, r[0], ", ".join(sorted(r[1])))
+                self.transport.open_gate()
+                self.host.wake(self)
+            return
+        next_term = m.get("next_term")
+        lli = m.get("last_log_index")
+        llt = m.get("last_log_term")
+        if not isinstance(next_term, int) or not isinstance(lli, int) or not isinstance(llt, int):
+            return
+        granted = self._grants_prevote(next_term, lli, llt)
+        if granted:
+            self.prevotes_granted += 1
+        else:
+            self.prevotes_refused += 1
+        self.transport.send_to(node_id, {"type": "pre_vote_ack", "next_term": next_term, "granted": granted})
+
+    def _grants_prevote(self, next_term: int, last_log_index: int, last_log_term: int) -> bool:
+        """Would this replica vote for a candidate standing in ``next_term``
+        with that last log entry, were an election held now?  No while it
+        leads or hears a leader of its term, or started, stepped down or
+        entered its term, within half the minimum election timeout; no to
+        its own term or a lower one; no to a log less up to date than its
+        own (Raft's vote rule)."""
+        if self._role == 2 or self._install is not None:
+            return False
+        term = self.sync.raftCurrentTerm
+        if next_term <= term:
+            return False  # it may have voted in its own term (pysyncobj keeps that to itself)
+        now = time.monotonic()
+        if now - self._leader_heard_at(term, now) < 0.5 * self._timing.election_min_s:
+            return False
+        j = self.journal
+        if len(j):
+            _, idx, lterm = j[-1][:3]
+            if last_log_term < lterm or (last_log_term == lterm and last_log_index < idx):
+                return False
+        return True
 
     def add_member(self, node_id: NodeId, callback: Callable[[CacheError | None], None]) -> None:
         def cb(res: Any, err: int) -> None:

@@ -161,6 +161,13 @@ class RaftMux:
         c = self._out.get(node)
         return c is not None and c.state == "up" and node not in self.blocked
 
+    def link_up(self, node: NodeId) -> bool:
+        """The link to ``node`` is up, blocked or not: a block (fault
+        injection) drops messages like a lossy network and fires no link
+        event, so Raft must go on treating the peer as connected."""
+        c = self._out.get(node)
+        return c is not None and c.state == "up"
+
     # ---- sending ----------------------------------------------------------
 
     def send(self, node: NodeId, group: int, message: Any) -> bool:
