@@ -47,6 +47,13 @@ def test_out_of_range_grpc_workers_are_refused(value: str, capsys: pytest.Captur
     assert err == ["cachenode: error: --grpc-workers must be 2..1024"]
 
 
+def test_pre_vote_is_on_unless_turned_off() -> None:
+    cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
+    assert cfg.timing.pre_vote is True
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--pre-vote", "off"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.timing.pre_vote is False
+
+
 def test_lmdb_writemap_is_on_unless_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
     cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
     assert cfg.lmdb_writemap is True

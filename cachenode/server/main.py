@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lmdb-writemap", choices=["on", "off"],
                    help="on (default): LMDB changes pages in place through its memory map (faster; the data file "
                    "is sparse and its apparent size is the map size, 64 GiB); off: for filesystems without sparse files")
+    s.add_argument("--pre-vote", choices=["on", "off"],
+                   help="on (default): a replica stands for election only once a majority of its shard's replicas "
+                   "say they hear no leader either (Raft's PreVote), so one that alone cannot hear its leader (a "
+                   "one-way link, a slow catch-up) cannot depose it; off: plain pysyncobj elections")
     s.add_argument("--cpu-policy", choices=CPU_POLICIES,
                    help="batch (default): a node started under the default policy (SCHED_OTHER) runs every thread "
                    "under Linux's SCHED_BATCH, so a thread the node wakes does not preempt the one that woke it; a policy "
@@ -218,7 +222,11 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
     workers = int(opt("grpc_workers", 64))  # type: ignore[call-overload]
     if not 2 <= workers <= 1024:
         raise ConfigError("--grpc-workers must be 2..1024")
+    pre_vote = str(opt("pre_vote", "on"))
+    if pre_vote not in ("on", "off"):
+        raise ConfigError("--pre-vote must be on or off")
     timing = RaftTiming(
+        pre_vote=pre_vote == "on",
         log_compaction_entries=int(opt("log_compaction_entries", 20000)),  # type: ignore[call-overload]
         log_compaction_bytes=int(float(opt("log_compaction_mb", 16.0)) * 1024 * 1024),  # type: ignore[arg-type]
     )
