@@ -429,6 +429,26 @@ def test_a_gated_replica_reports_no_peer_until_its_gate_opens() -> None:
     assert received == ["append_entries", "append_entries", "timeout_now"]
 
 
+def test_a_held_and_gated_replica_stays_gated_after_its_first_append() -> None:
+    """A replica being added (``hold``) is released by its first append, but
+    a leader is then heard, so its election gate stays closed: pysyncobj
+    still hears of no connected peer."""
+    h = FakeHost()
+    released: list[bool] = []
+    t = GroupTransport(h, 5, ["n1", "n2"], hold=True, on_release=lambda: released.append(True),  # type: ignore[arg-type]
+                       gated=True)
+    up: set[str] = set()
+    t.setOnNodeConnectedCallback(lambda node: up.add(node.id))
+    t.setOnMessageReceivedCallback(lambda node, m: None)
+    t.deliver("n1", ae(0, [e(1)], term=2))
+    assert released == [True] and not t.hold and t.gated and up == set()
+    assert (t.heard_term, t.heard_from) == (2, "n1")
+    t.deliver("n2", {"type": "timeout_now", "term": 2})  # not from the leader it hears: ignored
+    assert t.gated and up == set()
+    t.deliver("n1", {"type": "timeout_now", "term": 2})
+    assert not t.gated and up == {"n1", "n2"}
+
+
 class FakeSerializer:
     def checkSerializing(self) -> str:  # noqa: N802 - pysyncobj's name
         return "delegated"

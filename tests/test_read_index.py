@@ -1081,6 +1081,11 @@ def test_a_lone_replica_commits_without_waiting_for_the_periodic_tick(tmp_path: 
 
 # ---- pre-vote ---------------------------------------------------------------
 
+# Elections 1.0-2.0 s: a replica asks for pre-votes, and grants them, after
+# 0.75 s without its leader, far above a stall of three hosts sharing one
+# process and two busy cores.  Fallback 60 s: only a higher term deposes.
+PV_TIMING = dataclasses.replace(TIMING, election_min_s=1.0, election_max_s=2.0)
+
 
 def _votes(n: Node) -> dict[str, int]:
     """The replica's pre-vote counters and its term."""
@@ -1096,6 +1101,11 @@ def _heal(ns: dict[str, Node]) -> None:
         n.block(set())
 
 
+def _in_step(ns: dict[str, Node], term: int) -> bool:
+    """Every replica in ``term`` and one of them leading."""
+    return [_votes(n)["term"] for n in ns.values()] == [term] * 3 and leader_of(ns, IDS) is not None
+
+
 @pytest.mark.parametrize("pre_vote", [True, False], ids=["pre_vote", "without"])
 def test_a_follower_that_alone_cannot_hear_its_leader_does_not_depose_it(tmp_path: Path, pre_vote: bool) -> None:
     """The links between the leader and one follower drop everything; the
@@ -1104,19 +1114,18 @@ def test_a_follower_that_alone_cannot_hear_its_leader_does_not_depose_it(tmp_pat
     it, and the leader is deposed though it never failed.  With pre-vote
     the third refuses (it hears the leader), so no term moves, writes go
     on, and once healed the follower catches up under the same leader."""
-    timing = dataclasses.replace(TIMING, pre_vote=pre_vote)  # fallback 60 s: only a higher term deposes
-    with three_hosts(tmp_path, timing) as ns:
+    with three_hosts(tmp_path, dataclasses.replace(PV_TIMING, pre_vote=pre_vote)) as ns:
         leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
         leader.g.propose(b"before").result(timeout=10)
         term = _votes(leader)["term"]
         cut, third = [n for n in ns.values() if n is not leader]
-        won = _votes(cut)["won"]  # the first election's
+        won, refused = _votes(cut)["won"], _votes(third)["refused"]  # the first election's
         leader.block({cut.id})
         cut.block({leader.id})
         if not pre_vote:
             wait_for(lambda: _votes(third)["term"] > term, "the third replica to follow a higher term")
             return
-        wait_for(lambda: _votes(third)["refused"] >= 5, "the third replica to refuse five pre-votes")
+        wait_for(lambda: _votes(third)["refused"] >= refused + 5, "the third replica to refuse five pre-votes")
         assert _votes(cut)["won"] == won
         assert [_votes(n)["term"] for n in ns.values()] == [term] * 3
         leader.g.propose(b"during").result(timeout=10)  # the leader and the third commit it
@@ -1132,74 +1141,144 @@ def test_a_follower_cut_off_from_all_keeps_its_term_and_rejoins_without_an_elect
     """A follower that hears no one asks for pre-votes and gets none, so its
     term stays; healed, it follows the leader it left.  Without pre-vote
     (the control) its term rises at every election timeout."""
-    timing = dataclasses.replace(TIMING, pre_vote=pre_vote)
-    with three_hosts(tmp_path, timing) as ns:
+    with three_hosts(tmp_path, dataclasses.replace(PV_TIMING, pre_vote=pre_vote)) as ns:
         leader, victim = _isolate_a_follower(ns)
         term = _votes(leader)["term"]
-        won = _votes(victim)["won"]  # the first election's
+        before = _votes(victim)
         if not pre_vote:
             wait_for(lambda: _votes(victim)["term"] > term + 1, "the cut-off follower's term to rise twice")
             return
-        wait_for(lambda: _votes(victim)["started"] >= 5, "five pre-vote rounds from the cut-off follower")
-        assert _votes(victim)["term"] == term and _votes(victim)["won"] == won
+        wait_for(lambda: _votes(victim)["started"] >= before["started"] + 5, "five pre-vote rounds from the cut-off follower")
+        assert _votes(victim)["term"] == term and _votes(victim)["won"] == before["won"]
         leader.g.propose(b"while cut off").result(timeout=10)
         _heal(ns)
         caught_up(leader, victim, leader.last_index, "the follower to catch up")
         assert leader.role() == "leader" and [_votes(n)["term"] for n in ns.values()] == [term] * 3
 
 
-def test_when_the_leader_stops_a_follower_wins_a_pre_vote_then_the_election(nodes: dict[str, Node]) -> None:
-    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
-    leader.g.propose(b"before").result(timeout=10)
-    term = _votes(leader)["term"]
-    others = [i for i in IDS if i != leader.id]
-    before = {i: _votes(nodes[i])["won"] for i in others}
-    leader.host.stop()
-    new = wait_for(lambda: leader_of(nodes, others), "a new leader")
-    assert _votes(new)["won"] > before[new.id] and _votes(new)["term"] > term
-    new.g.propose(b"after").result(timeout=10)
+def test_a_candidate_cut_off_from_all_stands_once_and_then_keeps_its_term(tmp_path: Path) -> None:
+    """A replica whose gate is open when it is cut off stands for election
+    once (in term + 1), then its gate closes and, without pre-votes, its
+    term stays."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        leader.g.propose(b"before").result(timeout=10)
+        term = _votes(leader)["term"]
+        victim = next(n for n in ns.values() if n is not leader)
+
+        def cut_off_with_the_gate_open() -> None:
+            victim.host.mux.blocked = {n for n in IDS if n != victim.id}
+            victim.g.transport.open_gate()
+        victim.on_driver(cut_off_with_the_gate_open)
+        wait_for(lambda: _votes(victim)["term"] == term + 1, "the cut-off replica to stand once")
+        started = _votes(victim)["started"]
+        wait_for(lambda: _votes(victim)["started"] >= started + 5, "five pre-vote rounds after it stood")
+        assert _votes(victim)["term"] == term + 1
 
 
-def test_a_leadership_transfer_needs_no_pre_vote(nodes: dict[str, Node]) -> None:
+def test_a_replica_whose_term_is_above_its_leaders_stands_and_rejoins(tmp_path: Path) -> None:
+    """pysyncobj ignores appends of a lower term, and no peer grants a
+    pre-vote while it hears its leader: a follower whose term got ahead
+    stands without a pre-vote, deposes that leader once, and the group
+    goes on with all three."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        leader.g.propose(b"before").result(timeout=10)
+        term = _votes(leader)["term"]
+        ahead = next(n for n in ns.values() if n is not leader)
+        ahead.on_driver(lambda: ahead.g.sync._SyncObj__setCurrentTerm(term + 5, None))
+        wait_for(lambda: max(_votes(n)["term"] for n in ns.values()) > term + 5 and leader_of(ns, IDS) is not None,
+                 "an election above the replica's term")
+        now = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        now.g.propose(b"after").result(timeout=10)
+        caught_up(now, ahead, now.last_index, "the replica to take the write")
+        wait_for(lambda: _in_step(ns, _votes(now)["term"]), "all three in one term")
+
+
+def test_two_replicas_left_a_term_apart_still_elect_a_leader(tmp_path: Path) -> None:
+    """The third replica is gone; of the two left, one is a term ahead (it
+    voted in an election that failed) and the other has the longer log.
+    Each refuses the other's pre-vote (a term not above its own; a shorter
+    log), so the one behind in term, told the other's term, stands once to
+    catch up and then wins."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        leader.g.propose(b"before").result(timeout=10)
+        longer, shorter = [n for n in ns.values() if n is not leader]
+        caught_up(leader, shorter, leader.last_index, "both followers to have the write")
+        shorter.block({leader.id})
+        leader.block({shorter.id})
+        leader.g.propose(b"only on two").result(timeout=10)  # the leader and `longer`
+        term = _votes(leader)["term"]
+        shorter.on_driver(lambda: shorter.g.sync._SyncObj__setCurrentTerm(term + 1, leader.id))  # voted, in vain
+        leader.host.stop()
+        shorter.block(set())
+        new = wait_for(lambda: leader_of(ns, [longer.id, shorter.id]), "a leader of the two")
+        assert new is longer
+        new.g.propose(b"after").result(timeout=10)
+
+
+def test_when_the_leader_stops_a_follower_wins_a_pre_vote_then_the_election(tmp_path: Path) -> None:
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        leader.g.propose(b"before").result(timeout=10)
+        term = _votes(leader)["term"]
+        others = [i for i in IDS if i != leader.id]
+        before = {i: _votes(ns[i])["won"] for i in others}
+        leader.host.stop()
+        new = wait_for(lambda: leader_of(ns, others), "a new leader")
+        assert _votes(new)["won"] > before[new.id] and _votes(new)["term"] > term
+        new.g.propose(b"after").result(timeout=10)
+
+
+def test_a_leadership_transfer_needs_no_pre_vote(tmp_path: Path) -> None:
     """The leader's ``timeout_now`` opens the target's gate at once: the
     target stands without a pre-vote, while the leader is still heard."""
-    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
-    leader.g.propose(b"before").result(timeout=10)
-    target = next(n for n in nodes.values() if n is not leader)
-    won = _votes(target)["won"]
-    done: Future[Any] = Future()
-    leader.on_driver(lambda: leader.g.transfer_leadership(target.id, done.set_result))
-    assert done.result(timeout=10) is None
-    wait_for(lambda: target.role() == "leader", "the target to lead")
-    assert _votes(target)["won"] == won
-    target.g.propose(b"after").result(timeout=10)
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        leader.g.propose(b"before").result(timeout=10)
+        target = next(n for n in ns.values() if n is not leader)
+
+        def target_matched() -> bool:
+            def check() -> bool:
+                return leader.g.match_index().get(target.id) == leader.g.journal[-1][1]
+            return leader.on_driver(check)
+        wait_for(target_matched, "the target to hold the leader's whole log")  # or pysyncobj refuses the transfer
+        won = _votes(target)["won"]
+        done: Future[Any] = Future()
+        leader.on_driver(lambda: leader.g.transfer_leadership(target.id, done.set_result))
+        assert done.result(timeout=10) is None
+        wait_for(lambda: target.role() == "leader", "the target to lead")
+        assert _votes(target)["won"] == won
+        target.g.propose(b"after").result(timeout=10)
 
 
-def test_the_pre_vote_rule(nodes: dict[str, Node]) -> None:
+def test_the_pre_vote_rule(tmp_path: Path) -> None:
     """A replica grants a pre-vote only when it could vote: not while it
     leads or hears its leader, not for its own term or a lower one, not for
     a log less up to date than its own."""
-    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
-    leader.g.propose(b"w").result(timeout=10)
-    follower = next(n for n in nodes.values() if n is not leader)
-    caught_up(leader, follower, leader.last_index, "the follower to have the write")
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        leader.g.propose(b"w").result(timeout=10)
+        follower = next(n for n in ns.values() if n is not leader)
+        caught_up(leader, follower, leader.last_index, "the follower to have the write")
 
-    def rule(n: Node, dterm: int, dindex: int, dlterm: int) -> bool:
-        def ask() -> bool:
-            g = n.g
-            _, idx, lterm = g.journal[-1][:3]
-            return g._grants_prevote(g.status.term + dterm, idx + dindex, lterm + dlterm)
-        return n.on_driver(ask)
+        def rule(n: Node, dterm: int, dindex: int, dlterm: int) -> bool:
+            def ask() -> bool:
+                g = n.g
+                _, idx, lterm = g.journal[-1][:3]
+                return g._grants_prevote(g.status.term + dterm, idx + dindex, lterm + dlterm)
+            return n.on_driver(ask)
 
-    assert not rule(leader, 1, 0, 0)  # it leads
-    assert not rule(follower, 1, 0, 0)  # it hears its leader
-    # Left alone (the third first, so that no pre-vote can win), the
-    # follower stays a follower in its term.
-    next(n for n in nodes.values() if n is not leader and n is not follower).host.stop()
-    leader.host.stop()
-    wait_for(lambda: rule(follower, 1, 0, 0), "the follower to grant once its leader is silent")
-    assert not rule(follower, 0, 0, 0)  # its own term: it may have voted in it
-    assert not rule(follower, -1, 0, 0)  # a lower term
-    assert not rule(follower, 1, -1, 0)  # a shorter log
-    assert not rule(follower, 1, 5, -1)  # a longer log of an older term
-    assert rule(follower, 1, 1, 0)
+        assert not rule(leader, 1, 0, 0)  # it leads
+        assert not rule(follower, 1, 0, 0)  # it hears its leader
+        # Left alone (the third first, so that no pre-vote can win), the
+        # follower stays a follower in its term.
+        next(n for n in ns.values() if n is not leader and n is not follower).host.stop()
+        leader.host.stop()
+        wait_for(lambda: rule(follower, 1, 0, 0), "the follower to grant once its leader is silent")
+        assert not rule(follower, 0, 0, 0)  # its own term: it may have voted in it
+        assert not rule(follower, -1, 0, 0)  # a lower term
+        assert not rule(follower, 1, -1, 0)  # a shorter log
+        assert not rule(follower, 1, 5, -1)  # a longer log of an older term
+        assert rule(follower, 1, 1, 0)

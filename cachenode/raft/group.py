@@ -426,8 +426,10 @@ class GroupTransport:
         self.hold = hold
         self.gated = gated
         """The election gate is closed: pysyncobj is told no peer is
-        connected, which is what keeps it from starting an election (its
-        only use of that knowledge outside a leader's sends).  RaftGroup
+        connected, which is what keeps it from starting an election.  Its
+        other uses of that knowledge are a leader's (sends, the choice of a
+        transfer target) and ``hasQuorum`` (so a gated replica's
+        ``status.has_quorum`` is False; only a leader's is read).  RaftGroup
         opens it after a won pre-vote, for a leadership transfer, and for a
         leader (driver thread)."""
         self.opened_at = -1.0  # when the gate last opened
@@ -436,6 +438,7 @@ class GroupTransport:
         that term came (``heard_at``): when this replica last heard a
         leader pysyncobj would follow."""
         self.heard_at = monotonic()
+        self.heard_from: NodeId | None = None  # who sent that append
         self.on_prevote: Callable[[NodeId, dict[str, Any]], None] | None = None
         """Takes the pre-vote messages (``pre_vote``, ``pre_vote_ack``): they are ours, not pysyncobj's."""
         self._on_release = on_release
@@ -526,7 +529,7 @@ class GroupTransport:
         # A member added at run time whose link is already up would never
         # hear "connected" (the link event came before it was a member), and
         # pysyncobj's leader sends nothing to a node it thinks unreachable.
-        if not (self.hold or self.gated) and self._host.mux.is_up(node.id):
+        if not (self.hold or self.gated) and self._host.mux.link_up(node.id):
             self._onNodeConnected(node)
 
     def dropNode(self, node: Node) -> None:
@@ -854,15 +857,17 @@ class GroupTransport:
             if term >= self.heard_term:
                 self.heard_term = term
                 self.heard_at = self._now()
+                self.heard_from = node_id
         elif mtype == "pre_vote" or mtype == "pre_vote_ack":
             if self.on_prevote is not None:
                 self.on_prevote(node_id, message)
             return
-        elif mtype == "timeout_now":
-            # The leader hands over leadership (pysyncobj's transfer): stand
-            # at once, as asked, without a pre-vote (Raft thesis 3.10).
-            # pysyncobj ignores the request unless it comes from its leader;
-            # the gate then closes again at the next append (_election_gate).
+        elif mtype == "timeout_now" and node_id == self.heard_from and message.get("term", -1) >= self.heard_term:
+            # The leader it follows hands over leadership (pysyncobj's
+            # transfer): stand at once, as asked, without a pre-vote (Raft
+            # thesis 3.10).  pysyncobj checks the same (its leader, a term no
+            # lower than its own); should it still ignore the request, the
+            # gate closes again at the next append (RaftGroup._election_gate).
             self.open_gate()
         if self._installing_peers and node_id in self._installing_peers and not message.get("receiving"):
             self._installing_peers.discard(node_id)  # it answers: the snapshot is in
@@ -1280,22 +1285,29 @@ class RaftGroup:
 
         Closed, pysyncobj cannot stand for election (see GroupTransport.gated).
         A replica that has heard no leader of its term for 3/4 of the
-        minimum election timeout asks its peers, every two heartbeats, for
-        a pre-vote: the term it would stand in and its last log entry,
+        minimum election timeout (counted from its start, its step-down or
+        its entering the term too) asks its peers, every two heartbeats,
+        for a pre-vote: the term it would stand in and its last log entry,
         which changes nothing on either side.  Once a majority (itself
         included) answers yes, the gate opens, still before pysyncobj's own
         randomized election timer (at least the minimum) runs out, so
         elections keep their random spread.  The gate closes again once a
-        leader of its term is heard after it opened, or once an election it
-        opened for is a 3/4 timeout old without a winner (a candidate cut
-        off from the others stops raising its term).
+        leader of its term is heard after it opened; as soon as the replica
+        is a candidate and the gate has been open for that 3/4 timeout
+        (usually in the tick it stands: one election per opening, so a
+        candidate cut off from the others stops raising its term); and once
+        it has been open for the maximum election timeout without the
+        replica standing (pysyncobj sees no peer then, and would stand at
+        once, unasked, when one came back).
 
         A replica whose term is above the leader it hears (its own election
         failed, or it voted in one that did), and that has heard no leader
-        of its own term for as long, opens the gate without a pre-vote:
-        pysyncobj ignores appends of a lower term, so without an election it
-        would stay out of the group; its vote request deposes that leader
-        once, as in etcd."""
+        of its own term for that 3/4 timeout, opens the gate without a
+        pre-vote: pysyncobj ignores appends of a lower term, so without an
+        election it would stay out of the group; its vote request deposes
+        that leader once, as in etcd.  So does a replica a peer refused
+        because the peer's term is at least the one asked for (see
+        :meth:`_on_prevote`)."""
         t = self.transport
         now = time.monotonic()
         term = self.sync.raftCurrentTerm
@@ -1307,6 +1319,9 @@ class RaftGroup:
                 self._pv_round = None
             elif self._role == 1 and now - t.opened_at >= wait:
                 t.close_gate()  # no winner: ask again before the next try
+                self._pv_round = None
+            elif self._role == 0 and now - t.opened_at >= self._timing.election_max_s:
+                t.close_gate()  # never stood: ask again first
                 self._pv_round = None
             return
         if t.hold or self._install is not None:
@@ -1341,7 +1356,22 @@ class RaftGroup:
         """A peer's pre-vote request or answer (driver thread, from the transport)."""
         if m.get("type") == "pre_vote_ack":
             r = self._pv_round
-            if r is None or m.get("next_term") != r[0] or not m.get("granted") or not self.transport.gated:
+            if r is None or m.get("next_term") != r[0] or not self.transport.gated:
+                return
+            if not m.get("granted"):
+                peer_term = m.get("term")
+                if isinstance(peer_term, int) and peer_term >= r[0]:
+                    # The peer is in the term asked for or later, so it can
+                    # never grant this replica's rounds until this replica
+                    # catches up in term: one election does that, and its
+                    # vote request raises no term above the peer's.  (Two
+                    # replicas left, one a term ahead with the shorter log,
+                    # would otherwise refuse each other for good.)
+                    self._pv_round = None
+                    log.info("group %s: %s is in term %s, ahead of this replica's: standing for election to catch up",
+                             self.group_id, node_id, peer_term)
+                    self.transport.open_gate()
+                    self.host.wake(self)
                 return
             r[1].add(node_id)
             if 1 + len(r[1]) > (1 + len(self.transport.member_ids())) / 2:
@@ -1362,22 +1392,26 @@ class RaftGroup:
             self.prevotes_granted += 1
         else:
             self.prevotes_refused += 1
-        self.transport.send_to(node_id, {"type": "pre_vote_ack", "next_term": next_term, "granted": granted})
+        self.transport.send_to(node_id, {
+            "type": "pre_vote_ack", "next_term": next_term, "granted": granted, "term": self.sync.raftCurrentTerm,
+        })
 
     def _grants_prevote(self, next_term: int, last_log_index: int, last_log_term: int) -> bool:
         """Would this replica vote for a candidate standing in ``next_term``
         with that last log entry, were an election held now?  No while it
-        leads or hears a leader of its term, or started, stepped down or
-        entered its term, within half the minimum election timeout; no to
-        its own term or a lower one; no to a log less up to date than its
-        own (Raft's vote rule)."""
+        leads or loads a snapshot; no while it hears a leader of its term,
+        or started, stepped down or entered its term, within 3/4 of the
+        minimum election timeout (the wait before it would ask itself: a
+        stall of the leader shorter than that deposes no one); no to its
+        own term or a lower one; no to a log less up to date than its own
+        (Raft's vote rule)."""
         if self._role == 2 or self._install is not None:
             return False
         term = self.sync.raftCurrentTerm
         if next_term <= term:
             return False  # it may have voted in its own term (pysyncobj keeps that to itself)
         now = time.monotonic()
-        if now - self._leader_heard_at(term, now) < 0.5 * self._timing.election_min_s:
+        if now - self._leader_heard_at(term, now) < 0.75 * self._timing.election_min_s:
             return False
         j = self.journal
         if len(j):
