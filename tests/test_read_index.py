@@ -1096,6 +1096,13 @@ def _votes(n: Node) -> dict[str, int]:
     return n.on_driver(read)
 
 
+def _led_with_a_write(ns: dict[str, Node]) -> tuple[Node, int]:
+    """The leader, once it has committed one write, and its term."""
+    leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+    leader.g.propose(b"before").result(timeout=10)
+    return leader, _votes(leader)["term"]
+
+
 def _heal(ns: dict[str, Node]) -> None:
     for n in ns.values():
         n.block(set())
@@ -1115,9 +1122,7 @@ def test_a_follower_that_alone_cannot_hear_its_leader_does_not_depose_it(tmp_pat
     the third refuses (it hears the leader), so no term moves, writes go
     on, and once healed the follower catches up under the same leader."""
     with three_hosts(tmp_path, dataclasses.replace(PV_TIMING, pre_vote=pre_vote)) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        leader.g.propose(b"before").result(timeout=10)
-        term = _votes(leader)["term"]
+        leader, term = _led_with_a_write(ns)
         cut, third = [n for n in ns.values() if n is not leader]
         won, refused = _votes(cut)["won"], _votes(third)["refused"]  # the first election's
         leader.block({cut.id})
@@ -1161,9 +1166,7 @@ def test_a_candidate_cut_off_from_all_stands_once_and_then_keeps_its_term(tmp_pa
     once (in term + 1), then its gate closes and, without pre-votes, its
     term stays."""
     with three_hosts(tmp_path, PV_TIMING) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        leader.g.propose(b"before").result(timeout=10)
-        term = _votes(leader)["term"]
+        leader, term = _led_with_a_write(ns)
         victim = next(n for n in ns.values() if n is not leader)
 
         def cut_off_with_the_gate_open() -> None:
@@ -1182,9 +1185,7 @@ def test_a_replica_whose_term_is_above_its_leaders_stands_and_rejoins(tmp_path: 
     stands without a pre-vote, deposes that leader once, and the group
     goes on with all three."""
     with three_hosts(tmp_path, PV_TIMING) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        leader.g.propose(b"before").result(timeout=10)
-        term = _votes(leader)["term"]
+        leader, term = _led_with_a_write(ns)
         ahead = next(n for n in ns.values() if n is not leader)
         ahead.on_driver(lambda: ahead.g.sync._SyncObj__setCurrentTerm(term + 5, None))
         wait_for(lambda: max(_votes(n)["term"] for n in ns.values()) > term + 5 and leader_of(ns, IDS) is not None,
@@ -1202,8 +1203,7 @@ def test_two_replicas_left_a_term_apart_still_elect_a_leader(tmp_path: Path) -> 
     log), so the one behind in term, told the other's term, stands once to
     catch up and then wins."""
     with three_hosts(tmp_path, PV_TIMING) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        leader.g.propose(b"before").result(timeout=10)
+        leader, _ = _led_with_a_write(ns)
         longer, shorter = [n for n in ns.values() if n is not leader]
         caught_up(leader, shorter, leader.last_index, "both followers to have the write")
         shorter.block({leader.id})
@@ -1220,9 +1220,7 @@ def test_two_replicas_left_a_term_apart_still_elect_a_leader(tmp_path: Path) -> 
 
 def test_when_the_leader_stops_a_follower_wins_a_pre_vote_then_the_election(tmp_path: Path) -> None:
     with three_hosts(tmp_path, PV_TIMING) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        leader.g.propose(b"before").result(timeout=10)
-        term = _votes(leader)["term"]
+        leader, term = _led_with_a_write(ns)
         others = [i for i in IDS if i != leader.id]
         before = {i: _votes(ns[i])["won"] for i in others}
         leader.host.stop()
@@ -1235,8 +1233,7 @@ def test_a_leadership_transfer_needs_no_pre_vote(tmp_path: Path) -> None:
     """The leader's ``timeout_now`` opens the target's gate at once: the
     target stands without a pre-vote, while the leader is still heard."""
     with three_hosts(tmp_path, PV_TIMING) as ns:
-        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        leader.g.propose(b"before").result(timeout=10)
+        leader, _ = _led_with_a_write(ns)
         target = next(n for n in ns.values() if n is not leader)
 
         def target_matched() -> bool:

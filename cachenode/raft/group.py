@@ -1267,6 +1267,19 @@ class RaftGroup:
 
     # ---- pre-vote (driver thread) -----------------------------------------
 
+    def _prevote_wait(self) -> float:
+        """How long without a leader before a replica asks for, or grants, a
+        pre-vote: 3/4 of the minimum election timeout."""
+        return 0.75 * self._timing.election_min_s
+
+    def _last_log(self) -> tuple[int, int]:
+        """(index, term) of the last entry of this replica's log; (0, 0) when empty."""
+        j = self.journal
+        if not len(j):
+            return 0, 0
+        last = j[-1]
+        return last[1], last[2]
+
     def _leader_heard_at(self, term: int, now: float) -> float:
         """When this replica last heard a leader of its current term
         ``term``, or started, stepped down or entered that term (by a vote,
@@ -1311,7 +1324,7 @@ class RaftGroup:
         t = self.transport
         now = time.monotonic()
         term = self.sync.raftCurrentTerm
-        wait = 0.75 * self._timing.election_min_s
+        wait = self._prevote_wait()
         heard = self._leader_heard_at(term, now)
         if not t.gated:
             if self._role == 0 and t.heard_term >= term and t.heard_at > t.opened_at:
@@ -1340,13 +1353,8 @@ class RaftGroup:
             t.open_gate()
             return
         self._pv_next_at = now + 2 * self._timing.heartbeat_s
-        j = self.journal
-        last = j[-1] if len(j) else None
-        ask = {
-            "type": "pre_vote", "next_term": term + 1,
-            "last_log_index": last[1] if last is not None else 0,
-            "last_log_term": last[2] if last is not None else 0,
-        }
+        idx, lterm = self._last_log()
+        ask = {"type": "pre_vote", "next_term": term + 1, "last_log_index": idx, "last_log_term": lterm}
         self._pv_round = (term + 1, set())
         self.prevotes_started += 1
         for nid in others:
@@ -1411,14 +1419,10 @@ class RaftGroup:
         if next_term <= term:
             return False  # it may have voted in its own term (pysyncobj keeps that to itself)
         now = time.monotonic()
-        if now - self._leader_heard_at(term, now) < 0.75 * self._timing.election_min_s:
+        if now - self._leader_heard_at(term, now) < self._prevote_wait():
             return False
-        j = self.journal
-        if len(j):
-            _, idx, lterm = j[-1][:3]
-            if last_log_term < lterm or (last_log_term == lterm and last_log_index < idx):
-                return False
-        return True
+        idx, lterm = self._last_log()
+        return last_log_term > lterm or (last_log_term == lterm and last_log_index >= idx)
 
     def add_member(self, node_id: NodeId, callback: Callable[[CacheError | None], None]) -> None:
         def cb(res: Any, err: int) -> None:
