@@ -1250,6 +1250,86 @@ def test_a_leadership_transfer_needs_no_pre_vote(tmp_path: Path) -> None:
         target.g.propose(b"after").result(timeout=10)
 
 
+def test_a_transfer_under_load_elects_its_target_in_one_term(tmp_path: Path) -> None:
+    """Writes keep coming while leadership moves round the three replicas.
+    Each transfer is one election in the next term, won by its target: the
+    leader appends nothing new between the target's catching up and its
+    standing, so the target's log is never shorter than a voter's.  No
+    write fails: those proposed meanwhile wait, and the old leader hands
+    them on to the new one."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader, _ = _led_with_a_write(ns)
+        stop = threading.Event()
+        current = [leader]
+        written = [0]
+        failed: list[Exception] = []
+
+        def writer() -> None:
+            inflight: list[Future[bytes]] = []
+            while not stop.is_set():
+                inflight.append(current[0].g.propose(os.urandom(100)))
+                if len(inflight) >= 8:
+                    try:
+                        inflight.pop(0).result(timeout=10)
+                        written[0] += 1
+                    except Exception as e:
+                        failed.append(e)
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        try:
+            for _ in range(6):
+                target = ns[IDS[(IDS.index(leader.id) + 1) % len(IDS)]]
+                term = _votes(leader)["term"]
+                before = written[0]
+                wait_for(lambda before=before: written[0] >= before + 20, "writes under way")
+
+                def asked(leader: Node = leader, target: Node = target) -> bool:
+                    f: Future[Any] = Future()
+                    leader.on_driver(lambda: leader.g.transfer_leadership(target.id, f.set_result))
+                    return f.result(timeout=10) is None  # refused while the target lags: ask again
+                wait_for(asked, "the leader to start the transfer")
+
+                def elected(term: int = term) -> tuple[str, int] | None:
+                    """A leader of a later term, role and term read together."""
+                    seen = [(n.id, *n.on_driver(lambda n=n: (n.g.status.role, n.g.status.term))) for n in ns.values()]
+                    later = [(nid, t) for nid, role, t in seen if role == "leader" and t > term]
+                    return later[0] if len(later) == 1 else None
+                assert wait_for(elected, "a leader in a later term") == (target.id, term + 1)
+                current[0] = leader = target
+        finally:
+            stop.set()
+            t.join(timeout=15)
+        assert not failed, failed[:3]  # writes waited for the transfer, none was refused or discarded
+
+
+def test_a_transfer_whose_target_never_stands_is_given_up(tmp_path: Path) -> None:
+    """The target's ``timeout_now`` is lost (the leader's link to it is
+    cut): the write proposed meanwhile waits one election timeout, then
+    the leader leads on in its term, and a later transfer goes through."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader, term = _led_with_a_write(ns)
+        target = next(n for n in ns.values() if n is not leader)
+        caught_up(leader, target, leader.last_index, "the target to have the write")
+        sent: Future[Any] = Future()
+
+        def cut_and_transfer() -> None:
+            leader.host.mux.blocked = {target.id}
+            leader.g.transfer_leadership(target.id, sent.set_result)
+        leader.on_driver(cut_and_transfer)
+        assert sent.result(timeout=10) is None  # timeout_now went into the cut link
+        leader.g.propose(b"held").result(timeout=10)  # waited for the transfer to be given up
+        assert (leader.role(), _votes(leader)["term"]) == ("leader", term)
+        leader.on_driver(lambda: setattr(leader.host.mux, "blocked", set()))
+
+        def transferred() -> bool:
+            f: Future[Any] = Future()
+            leader.on_driver(lambda: leader.g.transfer_leadership(target.id, f.set_result))
+            return f.result(timeout=10) is None and wait_for(
+                lambda: target.role() == "leader" or None, "the target to lead", timeout=5) is True
+        wait_for(transferred, "a second transfer")
+        assert _votes(target)["term"] == term + 1
+
+
 def test_the_pre_vote_rule(tmp_path: Path) -> None:
     """A replica grants a pre-vote only when it could vote: not while it
     leads or hears its leader, not for its own term or a lower one, not for

@@ -5,6 +5,7 @@ compiled (mypyc) methods do not have."""
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,9 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         self._apply_fn = apply_fn
         self._apply_entry_id: int | None = None
         self._commands_queued = False
+        # Until this time.monotonic() instant the queue is not drained: a
+        # leadership transfer under way (RaftGroup.transfer_leadership).
+        self.hold_until = 0.0
         super().__init__(*args, **kwargs)
         conf = self._getConf()
         if conf.commandsWaitLeader:
@@ -91,9 +95,18 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         appends it sends, mostly in ticks with nothing queued (a follower's
         periodic ticks, a leader's ticks for acks).  It now runs only when
         something was queued since the last drain (driver thread): an idle
-        tick costs about a quarter less."""
+        tick costs about a quarter less.
+
+        While ``hold_until`` lies ahead nothing is drained (the flag stays
+        up): a leader handing over leadership appends nothing its target
+        lacks, and a replica that just stepped down forwards nothing before
+        it knows the new leader."""
         if not self._commands_queued:
             return
+        if self.hold_until:
+            if time.monotonic() < self.hold_until:
+                return
+            self.hold_until = 0.0
         self._commands_queued = False
         clock = _pysyncobj.monotonicTime  # pysyncobj's own clock (CLOCK_MONOTONIC_RAW), read as it reads it
         started = clock()

@@ -932,6 +932,7 @@ class RaftGroup:
         self._ri_wait: list[tuple[int, int, int, float, Future[None]]] = []
         self._reads_lock = threading.Lock()
         self._role = 0
+        self._transfer: _Transfer | None = None  # a leadership transfer under way (leader only)
         self.destroyed = False
         os.makedirs(snapshot_dir, exist_ok=True)
         self._snapshot_file = os.path.join(snapshot_dir, "snapshot.bin")
@@ -1196,9 +1197,13 @@ class RaftGroup:
             self._say_receiving(rx[0])  # between pieces too: they may come slower than the fallback
         if self.transport.held_in and self.transport.release_held(HELD_RELEASE_BYTES):
             self.host.wake(self)
+        if self._transfer is not None:
+            self._step_transfer()
         self.sync.doTick(0.0)
         self.transport.release_quiet()
         self.status = self._read_status()
+        if self.sync.hold_until and self._role != 2 and self.status.leader:
+            self._release_hold()  # stepped down and heard the new leader: forward to it what waited
         if self._timing.pre_vote and self._role != 2:
             self._election_gate()
         if self._role == 2 and len(self._members) == 1:
@@ -1255,9 +1260,15 @@ class RaftGroup:
 
     def _on_state_changed(self, old: int, new: int) -> None:
         self._role = new
+        tr = self._transfer
+        if tr is not None and new != 2:
+            self._transfer = None  # the hold stays until the new leader is heard (tick)
+            tr.finish(None if tr.sent else fail_reason_error(FAIL_REASON.NOT_LEADER))
         t = self.transport
         if new == 2:
             t.open_gate()  # a leader sends only to peers pysyncobj believes connected
+            if hasattr(self, "sync"):
+                self._release_hold()  # led again before a transfer's hold ran out
         elif old == 2 and self._timing.pre_vote:
             # Stepping down: no election before a pre-vote, and no pre-vote
             # before an election timeout without a leader from now on.
@@ -1434,10 +1445,91 @@ class RaftGroup:
             callback(None if err == FAIL_REASON.SUCCESS else fail_reason_error(err))
         self.sync.removeNodeFromCluster(Node(node_id), callback=cb)
 
+    # ---- leadership transfer (driver thread) ------------------------------
+
     def transfer_leadership(self, node_id: NodeId | None, callback: Callable[[CacheError | None], None]) -> None:
-        def cb(res: Any, err: int) -> None:
-            callback(None if err == FAIL_REASON.SUCCESS else fail_reason_error(err))
-        self.sync.transferLeadership(Node(node_id) if node_id else None, callback=cb)
+        """Hand leadership to ``node_id`` (None: the follower furthest
+        along among those connected), as in the Raft thesis (3.10): the
+        leader stops appending, waits until the target holds its whole log,
+        then sends it ``timeout_now`` (pysyncobj's ``transferLeadership``),
+        so the target stands in the next term with a log no voter's is
+        longer than, and wins.  pysyncobj's leader instead kept appending
+        after its check, and under load the target's log was often shorter
+        than a voter's by the time it asked for votes: it lost, and the
+        group needed two more elections.
+
+        Driver thread.  ``callback(None)`` once ``timeout_now`` is sent,
+        ``callback(error)`` when the transfer is refused (not the leader,
+        not a member, a target behind the commit index: ask again later) or
+        given up (the target did not catch up within ``election_min_s``).
+        Proposals wait meanwhile, not fail; once the leader has stepped
+        down they wait until it hears the new leader (and are forwarded
+        there) or the same deadline passes."""
+        if self._role != 2:
+            callback(fail_reason_error(FAIL_REASON.NOT_LEADER))
+            return
+        target = node_id if node_id else self._transfer_candidate()
+        if target is None or target == self.self_id or target not in self._members:
+            callback(Unavailable(f"no member to hand shard leadership to ({target or 'none connected'}); check the shard's replicas"))
+            return
+        t = self._transfer
+        if t is not None:
+            if t.target == target:
+                t.callbacks.append(callback)
+            else:
+                callback(Unavailable(f"leadership is already being handed to {t.target}; retry once that is done"))
+            return
+        if self.match_index().get(target, 0) < self.status.commit_index:
+            callback(Unavailable(f"{target} is still catching up with the leader's log; retry the transfer in a moment"))
+            return
+        deadline = time.monotonic() + self._timing.election_min_s
+        self._transfer = _Transfer(target, deadline, callback)
+        self.sync.hold_until = deadline
+        self._step_transfer()
+
+    def _transfer_candidate(self) -> NodeId | None:
+        match = self.match_index()
+        up = [(match.get(m, 0), m) for m in self._members if m != self.self_id and self.host.mux.link_up(m)]
+        return max(up)[1] if up else None
+
+    def _step_transfer(self) -> None:
+        """Before each of the leader's ticks while a transfer is under way:
+        send ``timeout_now`` once the target holds the whole log, or give
+        up at the deadline."""
+        t = self._transfer
+        assert t is not None
+        if t.sent:
+            if time.monotonic() >= t.deadline:  # the target never stood: lead on
+                self._transfer = None
+                self._release_hold()
+                log.info("group %s: %s did not stand after timeout_now; leading on", self.group_id, t.target)
+            return
+        if time.monotonic() >= t.deadline:
+            self._transfer = None
+            self._release_hold()
+            log.info("group %s: gave up handing leadership to %s: it did not catch up", self.group_id, t.target)
+            t.finish(Unavailable(f"{t.target} did not catch up with the leader's log within "
+                                 f"{self._timing.election_min_s:g} s; retry the transfer"))
+            return
+        j = self.journal
+        if not len(j) or self.match_index().get(t.target, 0) != j[-1][1]:
+            return
+
+        def sent(res: Any, err: int) -> None:
+            if err == FAIL_REASON.SUCCESS:
+                t.sent = True
+                log.info("group %s: handing leadership to %s", self.group_id, t.target)
+                t.finish(None)
+            else:
+                self._transfer = None
+                self._release_hold()
+                t.finish(fail_reason_error(err))
+        self.sync.transferLeadership(Node(t.target), callback=sent)
+
+    def _release_hold(self) -> None:
+        if self.sync.hold_until:
+            self.sync.hold_until = 0.0
+            self.host.wake(self)  # what waited is drained in the next tick
 
     def force_compaction(self) -> None:
         self.sync.forceLogCompaction()
@@ -1835,6 +1927,21 @@ def _checked_snapshot(f: Any, name: str) -> tuple[tuple[Any, Any, Any], int]:
         raise ValueError(f"{name} is not a cachenode snapshot")
     (hlen,) = _U32.unpack(f.read(4))
     return pickle.loads(f.read(hlen)), size
+
+
+class _Transfer:
+    """A leadership transfer under way (driver thread)."""
+
+    def __init__(self, target: NodeId, deadline: float, callback: Callable[[CacheError | None], None]) -> None:
+        self.target = target
+        self.deadline = deadline
+        self.callbacks = [callback]
+        self.sent = False  # timeout_now is on its way
+
+    def finish(self, err: CacheError | None) -> None:
+        callbacks, self.callbacks = self.callbacks, []
+        for cb in callbacks:
+            cb(err)
 
 
 class _Install:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
 from .. import __version__
 from .._clock import SystemClock
-from .._errors import CacheError, FailedPrecondition, NotFound, NotLeader
+from .._errors import CacheError, FailedPrecondition, NotFound, NotLeader, Unavailable
 from .._types import META_GROUP_ID, ClusterMap, NodeInfo
 from ..pd.driver import PlacementDriver
 from ..pd.model import ReplicaReport, StoreStats
@@ -109,10 +111,14 @@ class AdminService(cache_pb2_grpc.AdminServicer):
     def TransferLeader(self, req: pb.TransferLeaderRequest, ctx: grpc.ServicerContext) -> pb.TransferLeaderResponse:
         try:
             g = self.r.leader_group(req.shard_id)
-            done: list[CacheError | None] = []
-            self.r.host.call(lambda: g.transfer_leadership(req.to_node or None, done.append)).result(5)
-            if done and done[0] is not None:
-                raise done[0]
+            done: Future[CacheError | None] = Future()
+            self.r.host.call(lambda: g.transfer_leadership(req.to_node or None, done.set_result)).result(5)
+            try:
+                err = done.result(5)  # the group gives up within an election timeout
+            except FutureTimeout:
+                raise Unavailable(f"the transfer of shard {req.shard_id}'s leadership did not finish in 5 s; check the shard's status and retry") from None
+            if err is not None:
+                raise err
             return pb.TransferLeaderResponse()
         except CacheError as e:
             abort(ctx, e)

@@ -409,8 +409,9 @@ class ReplicaManager:
         descriptor) when that node is connected and fully caught up.
 
         Placement spreads first replicas evenly, so this spreads leaders
-        evenly after bootstrap, restarts and failovers.  pysyncobj refuses a
-        transfer to a lagging target; we simply try again next period.
+        evenly after bootstrap, restarts and failovers.  The group refuses a
+        transfer to a target still catching up; we simply try again next
+        period.
 
         Pausing the placement driver's ``balance-leader`` scheduler pauses
         this too (from the next heartbeat reply on): a user who paused leader
