@@ -546,19 +546,27 @@ def test_a_follower_answers_while_a_snapshot_arrives(nodes: dict[str, Node]) -> 
 
 
 def test_a_leader_keeps_leading_while_its_only_live_follower_receives_its_snapshot(tmp_path: Path) -> None:
-    """As above, but the pieces come slowly (the follower takes 0.2 s for
-    each, as under a catch-up of many shards at once): a leader that fell
-    back during the transfer began it again in its next term, so a
+    """As above, but the pieces come slowly (the follower takes them in at
+    20 MiB/s, as under a catch-up of many shards at once): a leader that
+    fell back during the transfer began it again in its next term, so a
     snapshot slower to send than the fallback never got through.  Now the
     snapshot arrives in one transmission, in one term, and the leader
-    leads throughout."""
+    leads throughout.
+
+    The delay is per byte, not per piece: a slow receiver makes the
+    leader's pieces small (each fills what room the link has left), and
+    a driver iteration that read three pieces at 0.2 s each was stalled
+    past the 0.6 s fallback with nothing sent.  No replica can keep its
+    leader while its own driver stands still that long.  Per byte, an
+    iteration (one read of at most 1 MiB, completing at most one 4 MiB
+    piece) stalls at most about 0.25 s."""
     timing = RaftTiming(heartbeat_s=0.05, election_min_s=0.4, election_max_s=0.8, leader_fallback_s=0.6,
                         log_compaction_bytes=1 << 20)
     with three_hosts(tmp_path, timing) as ns:
         for n in ns.values():
             n.store_payloads = True
         leader, victim = _isolate_a_follower(ns)
-        for _ in range(160):  # 32 MB that do not compress: eight pieces or more, 1.6 s or more to take
+        for _ in range(160):  # 32 MB that do not compress: eight pieces or more, 1.5 s or more to take
             leader.g.propose(os.urandom(200_000)).result(timeout=10)
         _await_full_snapshot(leader)
         third = next(n for n in ns.values() if n is not leader and n is not victim)
@@ -571,9 +579,9 @@ def test_a_leader_keeps_leading_while_its_only_live_follower_receives_its_snapsh
             assert take is not None
 
             def slow(node_id: str, message: dict[str, Any]) -> dict[str, Any]:
-                _, first, last = message["serialized"]
+                data, first, last = message["serialized"]
                 pieces.append((int(message.get("term", 0)), bool(first), bool(last)))
-                time.sleep(0.2)
+                time.sleep(len(data) / (20 << 20))
                 return take(node_id, message)
             g.transport.receiver = slow
         victim.on_driver(slow_receiver)
