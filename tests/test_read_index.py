@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cachenode._errors import NotLeader
+from cachenode._errors import NotLeader, Unavailable
 from cachenode.raft.group import BULK_FLUSH_BYTES, RaftGroup, RaftTiming
 from cachenode.raft.host import GroupHost
 from cachenode.raft.journal import DiskCommand
@@ -1285,7 +1285,7 @@ def test_a_transfer_under_load_elects_its_target_in_one_term(tmp_path: Path) -> 
         t = threading.Thread(target=writer, daemon=True)
         t.start()
         try:
-            for _ in range(6):
+            for _ in range(10):
                 target = ns[IDS[(IDS.index(leader.id) + 1) % len(IDS)]]
                 term = _votes(leader)["term"]
                 before = written[0]
@@ -1312,8 +1312,10 @@ def test_a_transfer_under_load_elects_its_target_in_one_term(tmp_path: Path) -> 
 
 def test_a_transfer_whose_target_never_stands_is_given_up(tmp_path: Path) -> None:
     """The target's ``timeout_now`` is lost (the leader's link to it is
-    cut): the write proposed meanwhile waits one election timeout, then
-    the leader leads on in its term, and a later transfer goes through."""
+    cut): the write proposed meanwhile waits out the window, then the
+    leader leads on in its term.  A second call joins the transfer under
+    way; after the give-up the target is refused for a while, then a
+    transfer goes through."""
     with three_hosts(tmp_path, PV_TIMING) as ns:
         leader, term = _led_with_a_write(ns)
         target = next(n for n in ns.values() if n is not leader)
@@ -1325,17 +1327,48 @@ def test_a_transfer_whose_target_never_stands_is_given_up(tmp_path: Path) -> Non
             leader.g.transfer_leadership(target.id, sent.set_result)
         leader.on_driver(cut_and_transfer)
         assert sent.result(timeout=10) is None  # timeout_now went into the cut link
-        leader.g.propose(b"held").result(timeout=10)  # waited for the transfer to be given up
+        joined: Future[Any] = Future()
+        leader.on_driver(lambda: leader.g.transfer_leadership(target.id, joined.set_result))
+        assert joined.result(timeout=1) is None  # already sent: answered at once
+        start = time.monotonic()
+        leader.g.propose(b"held").result(timeout=10)
+        assert time.monotonic() - start >= 0.5 * PV_TIMING.election_min_s  # held for the window, not appended at once
         assert (leader.role(), _votes(leader)["term"]) == ("leader", term)
         leader.on_driver(lambda: setattr(leader.host.mux, "blocked", set()))
+        caught_up(leader, target, leader.last_index, "the target to have the held write")
+        refused: Future[Any] = Future()
+        leader.on_driver(lambda: leader.g.transfer_leadership(target.id, refused.set_result))
+        err = refused.result(timeout=1)
+        assert isinstance(err, Unavailable) and "did not take over" in str(err)
 
         def transferred() -> bool:
             f: Future[Any] = Future()
             leader.on_driver(lambda: leader.g.transfer_leadership(target.id, f.set_result))
             return f.result(timeout=10) is None and wait_for(
                 lambda: target.role() == "leader" or None, "the target to lead", timeout=5) is True
-        wait_for(transferred, "a second transfer")
+        wait_for(transferred, "a transfer once the back-off has passed")
         assert _votes(target)["term"] == term + 1
+
+
+def test_a_replica_removed_during_a_transfer_fails_the_writes_it_held(tmp_path: Path) -> None:
+    """A write held by a transfer was never appended.  When the replica is
+    removed meanwhile, the write fails as not applied instead of waiting
+    out its caller's deadline (a removed replica is never ticked again)."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader, _ = _led_with_a_write(ns)
+        target = next(n for n in ns.values() if n is not leader)
+        caught_up(leader, target, leader.last_index, "the target to have the write")
+        sent: Future[Any] = Future()
+
+        def cut_and_transfer() -> None:
+            leader.host.mux.blocked = {target.id}
+            leader.g.transfer_leadership(target.id, sent.set_result)
+        leader.on_driver(cut_and_transfer)
+        assert sent.result(timeout=10) is None
+        held = leader.g.propose(b"held")
+        leader.on_driver(lambda: leader.host.remove_group(GID, delete_data=False))
+        with pytest.raises(Unavailable, match="not applied"):
+            held.result(timeout=10)
 
 
 def test_the_pre_vote_rule(tmp_path: Path) -> None:

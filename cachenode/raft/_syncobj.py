@@ -5,12 +5,14 @@ compiled (mypyc) methods do not have."""
 from __future__ import annotations
 
 import pickle
+import queue
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import SyncObj, replicated
 from pysyncobj import syncobj as _pysyncobj
+from pysyncobj.config import FAIL_REASON
 from pysyncobj.syncobj import _COMMAND_TYPE
 
 _REGULAR = _COMMAND_TYPE.REGULAR
@@ -87,6 +89,21 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
             super()._applyCommand(command, callback, commandType)
         finally:
             self._commands_queued = True
+
+    def fail_queued(self) -> None:
+        """Fail every command still in the queue with NOT_LEADER (it was
+        never appended): a replica being removed is not ticked again.
+        Driver thread.  A command another replica forwarded here gets no
+        answer; its proposer's own deadline ends it."""
+        q: Any = getattr(self, "_SyncObj__commandsQueue")  # noqa: B009 - name-mangled
+        while True:
+            try:
+                _, callback = q.get_nowait()
+            except queue.Empty:
+                break
+            if callback is not None and not isinstance(callback, tuple):
+                callback(None, FAIL_REASON.NOT_LEADER)
+        self._commands_queued = False
 
     def _checkCommandsToApply(self) -> None:  # noqa: N802 - pysyncobj's name
         """pysyncobj drains its command queue at the end of every tick, by

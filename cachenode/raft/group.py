@@ -933,6 +933,7 @@ class RaftGroup:
         self._reads_lock = threading.Lock()
         self._role = 0
         self._transfer: _Transfer | None = None  # a leadership transfer under way (leader only)
+        self._transfer_backoff: dict[NodeId, tuple[float, float]] = {}  # target -> (refused until, last delay)
         self.destroyed = False
         os.makedirs(snapshot_dir, exist_ok=True)
         self._snapshot_file = os.path.join(snapshot_dir, "snapshot.bin")
@@ -1262,7 +1263,10 @@ class RaftGroup:
         self._role = new
         tr = self._transfer
         if tr is not None and new != 2:
-            self._transfer = None  # the hold stays until the new leader is heard (tick)
+            self._transfer = None
+            if tr.sent:  # the target's vote request: a fresh window to hear it lead (tick releases the hold then)
+                self._transfer_backoff.pop(tr.target, None)
+                self._hold(time.monotonic())
             tr.finish(None if tr.sent else fail_reason_error(FAIL_REASON.NOT_LEADER))
         t = self.transport
         if new == 2:
@@ -1458,13 +1462,21 @@ class RaftGroup:
         than a voter's by the time it asked for votes: it lost, and the
         group needed two more elections.
 
-        Driver thread.  ``callback(None)`` once ``timeout_now`` is sent,
+        Driver thread.  ``callback(None)`` once ``timeout_now`` is sent (not
+        once leadership has moved: watch the group's leader for that),
         ``callback(error)`` when the transfer is refused (not the leader,
-        not a member, a target behind the commit index: ask again later) or
-        given up (the target did not catch up within ``election_min_s``).
-        Proposals wait meanwhile, not fail; once the leader has stepped
-        down they wait until it hears the new leader (and are forwarded
-        there) or the same deadline passes."""
+        not a member, a target behind the commit index or backed off after
+        it last failed to take over: ask again later) or given up (the
+        target did not catch up within ``election_min_s``).  A call for the
+        target of the transfer under way joins it.
+
+        Meanwhile proposals wait in pysyncobj's queue (:meth:`_hold`), each
+        phase at most ``election_min_s``: until the target has caught up,
+        then until it stands (the leader steps down on its vote request),
+        then until the old leader hears the new one, to which pysyncobj
+        then forwards them.  Past a window the leader gives up and leads on,
+        or, stepped down with no leader heard, fails them as pysyncobj does
+        (no leader: not applied)."""
         if self._role != 2:
             callback(fail_reason_error(FAIL_REASON.NOT_LEADER))
             return
@@ -1474,17 +1486,22 @@ class RaftGroup:
             return
         t = self._transfer
         if t is not None:
-            if t.target == target:
-                t.callbacks.append(callback)
-            else:
+            if t.target != target:
                 callback(Unavailable(f"leadership is already being handed to {t.target}; retry once that is done"))
+            elif t.sent:
+                callback(None)  # timeout_now is already on its way
+            else:
+                t.callbacks.append(callback)
+            return
+        now = time.monotonic()
+        until = self._transfer_backoff.get(target, (0.0, 0.0))[0]
+        if now < until:
+            callback(Unavailable(f"{target} did not take over when last asked; retry the transfer in {until - now:.1f} s"))
             return
         if self.match_index().get(target, 0) < self.status.commit_index:
             callback(Unavailable(f"{target} is still catching up with the leader's log; retry the transfer in a moment"))
             return
-        deadline = time.monotonic() + self._timing.election_min_s
-        self._transfer = _Transfer(target, deadline, callback)
-        self.sync.hold_until = deadline
+        self._transfer = _Transfer(target, self._hold(now), callback)
         self._step_transfer()
 
     def _transfer_candidate(self) -> NodeId | None:
@@ -1495,29 +1512,29 @@ class RaftGroup:
     def _step_transfer(self) -> None:
         """Before each of the leader's ticks while a transfer is under way:
         send ``timeout_now`` once the target holds the whole log, or give
-        up at the deadline."""
+        up when the phase's window has passed."""
         t = self._transfer
         assert t is not None
-        if t.sent:
-            if time.monotonic() >= t.deadline:  # the target never stood: lead on
-                self._transfer = None
-                self._release_hold()
-                log.info("group %s: %s did not stand after timeout_now; leading on", self.group_id, t.target)
-            return
-        if time.monotonic() >= t.deadline:
+        now = time.monotonic()
+        if now >= t.deadline:
             self._transfer = None
             self._release_hold()
-            log.info("group %s: gave up handing leadership to %s: it did not catch up", self.group_id, t.target)
-            t.finish(Unavailable(f"{t.target} did not catch up with the leader's log within "
-                                 f"{self._timing.election_min_s:g} s; retry the transfer"))
+            self._back_off(t.target, now)
+            if t.sent:
+                log.info("group %s: %s did not stand after timeout_now; leading on", self.group_id, t.target)
+            else:
+                log.info("group %s: gave up handing leadership to %s: it did not catch up", self.group_id, t.target)
+                t.finish(Unavailable(f"{t.target} did not catch up with the leader's log within "
+                                     f"{self._timing.election_min_s:g} s; retry the transfer"))
             return
         j = self.journal
-        if not len(j) or self.match_index().get(t.target, 0) != j[-1][1]:
+        if t.sent or not len(j) or self.match_index().get(t.target, 0) != j[-1][1]:
             return
 
         def sent(res: Any, err: int) -> None:
             if err == FAIL_REASON.SUCCESS:
                 t.sent = True
+                t.deadline = self._hold(time.monotonic())  # a whole window for the target to stand
                 log.info("group %s: handing leadership to %s", self.group_id, t.target)
                 t.finish(None)
             else:
@@ -1526,16 +1543,36 @@ class RaftGroup:
                 t.finish(fail_reason_error(err))
         self.sync.transferLeadership(Node(t.target), callback=sent)
 
+    def _hold(self, now: float) -> float:
+        """Leave pysyncobj's command queue undrained for one window
+        (``election_min_s``) from ``now``; returns the window's end."""
+        until = now + self._timing.election_min_s
+        self.sync.hold_until = until
+        return until
+
     def _release_hold(self) -> None:
         if self.sync.hold_until:
             self.sync.hold_until = 0.0
             self.host.wake(self)  # what waited is drained in the next tick
+
+    def _back_off(self, target: NodeId, now: float) -> None:
+        """``target`` failed to take over: refuse transfers to it for a
+        while, doubling from 4 s up to 60 s, so that a target that keeps
+        failing (its driver stalled, say) does not hold the shard's writes
+        at every attempt of the preferred-leader moves."""
+        delay = min(max(2 * self._transfer_backoff.get(target, (0.0, 2.0))[1], 4.0), 60.0)
+        self._transfer_backoff[target] = (now + delay, delay)
 
     def force_compaction(self) -> None:
         self.sync.forceLogCompaction()
 
     def destroy(self) -> None:
         self.destroyed = True
+        tr, self._transfer = self._transfer, None
+        if tr is not None:
+            tr.finish(Unavailable("the replica was removed during a leadership transfer; retry"))
+        self.sync.hold_until = 0.0
+        self.sync.fail_queued()  # never ticked again: what waits in the queue was never appended
         self._close_rx()
         if self._install is not None:
             self._install.close()
