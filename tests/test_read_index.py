@@ -1310,6 +1310,23 @@ def test_a_transfer_under_load_elects_its_target_in_one_term(tmp_path: Path) -> 
         assert not failed, failed[:3]  # writes waited for the transfer, none was refused or discarded
 
 
+def _transfer_into_a_cut_link(ns: dict[str, Node]) -> tuple[Node, Node, int]:
+    """The leader (with a write its target has), the target and the term,
+    once the leader cut its link to the target and sent it ``timeout_now``
+    (lost in the cut link): the leader holds its proposals."""
+    leader, term = _led_with_a_write(ns)
+    target = next(n for n in ns.values() if n is not leader)
+    caught_up(leader, target, leader.last_index, "the target to have the write")
+    sent: Future[Any] = Future()
+
+    def cut_and_transfer() -> None:
+        leader.host.mux.blocked = {target.id}
+        leader.g.transfer_leadership(target.id, sent.set_result)
+    leader.on_driver(cut_and_transfer)
+    assert sent.result(timeout=10) is None
+    return leader, target, term
+
+
 def test_a_transfer_whose_target_never_stands_is_given_up(tmp_path: Path) -> None:
     """The target's ``timeout_now`` is lost (the leader's link to it is
     cut): the write proposed meanwhile waits out the window, then the
@@ -1317,16 +1334,7 @@ def test_a_transfer_whose_target_never_stands_is_given_up(tmp_path: Path) -> Non
     way; after the give-up the target is refused for a while, then a
     transfer goes through."""
     with three_hosts(tmp_path, PV_TIMING) as ns:
-        leader, term = _led_with_a_write(ns)
-        target = next(n for n in ns.values() if n is not leader)
-        caught_up(leader, target, leader.last_index, "the target to have the write")
-        sent: Future[Any] = Future()
-
-        def cut_and_transfer() -> None:
-            leader.host.mux.blocked = {target.id}
-            leader.g.transfer_leadership(target.id, sent.set_result)
-        leader.on_driver(cut_and_transfer)
-        assert sent.result(timeout=10) is None  # timeout_now went into the cut link
+        leader, target, term = _transfer_into_a_cut_link(ns)
         joined: Future[Any] = Future()
         leader.on_driver(lambda: leader.g.transfer_leadership(target.id, joined.set_result))
         assert joined.result(timeout=1) is None  # already sent: answered at once
@@ -1355,16 +1363,7 @@ def test_a_replica_removed_during_a_transfer_fails_the_writes_it_held(tmp_path: 
     removed meanwhile, the write fails as not applied instead of waiting
     out its caller's deadline (a removed replica is never ticked again)."""
     with three_hosts(tmp_path, PV_TIMING) as ns:
-        leader, _ = _led_with_a_write(ns)
-        target = next(n for n in ns.values() if n is not leader)
-        caught_up(leader, target, leader.last_index, "the target to have the write")
-        sent: Future[Any] = Future()
-
-        def cut_and_transfer() -> None:
-            leader.host.mux.blocked = {target.id}
-            leader.g.transfer_leadership(target.id, sent.set_result)
-        leader.on_driver(cut_and_transfer)
-        assert sent.result(timeout=10) is None
+        leader, _, _ = _transfer_into_a_cut_link(ns)
         held = leader.g.propose(b"held")
         leader.on_driver(lambda: leader.host.remove_group(GID, delete_data=False))
         with pytest.raises(Unavailable, match="not applied"):
