@@ -1560,7 +1560,7 @@ class RaftGroup:
         while, doubling from 4 s up to 60 s, so that a target that keeps
         failing (its driver stalled, say) does not hold the shard's writes
         at every attempt of the preferred-leader moves."""
-        delay = min(max(2 * self._transfer_backoff.get(target, (0.0, 2.0))[1], 4.0), 60.0)
+        delay = min(2 * self._transfer_backoff.get(target, (0.0, 2.0))[1], 60.0)
         self._transfer_backoff[target] = (now + delay, delay)
 
     def force_compaction(self) -> None:
@@ -1571,7 +1571,6 @@ class RaftGroup:
         tr, self._transfer = self._transfer, None
         if tr is not None:
             tr.finish(Unavailable("the replica was removed during a leadership transfer; retry"))
-        self.sync.hold_until = 0.0
         self.sync.fail_queued()  # never ticked again: what waits in the queue was never appended
         self._close_rx()
         if self._install is not None:
