@@ -1,8 +1,10 @@
-"""CacheService's read routing, with fakes for the replicas and the forwarder."""
+"""CacheService's routing of reads, and its waiting for a leader when it passes a
+call on, with fakes for the replicas and the forwarder."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,10 +12,12 @@ from typing import Any
 import pytest
 
 from cachenode._clock import SystemClock
-from cachenode._errors import EpochMismatch, NotLeader
+from cachenode._errors import EpochMismatch, NotLeader, Unavailable
 from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor, key_hash
 from cachenode.server.cache_service import CacheService
 from cachenode.server.config import NodeConfig
+from cachenode.server.forwarding import ForwardedError
+from cachenode.server.status import ERROR_KEY
 from cachenode.storage.base import Record
 from cachenode.storage.lmdb_store import LmdbStorage
 from cachenode.v1 import cache_pb2 as pb
@@ -49,6 +53,7 @@ class Replicas:
     def __init__(self, installing: bool, storage: LmdbStorage | None = None) -> None:
         self._reader = Reader(installing)
         self._storage = storage
+        self.leads = False  # set by a test: this node has become the shard's leader
 
     def shard_for_key(self, key: bytes) -> ShardDescriptor:
         return SHARD
@@ -68,25 +73,42 @@ class Replicas:
             yield self._reader
 
     def leader_group(self, shard_id: int) -> Any:
+        if self.leads:
+            return object()
         raise NotLeader("not the leader", leader_id="n1", leader_address="n1:1")
+
+    def descriptor(self, shard_id: int) -> ShardDescriptor:
+        return SHARD
 
     def cluster_map(self) -> ClusterMap:
         return MAP
 
 
 class Forwarder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[str]]] = []
+    """Answers each call with the next of ``answers`` (an exception is
+    raised), then with the leader's value."""
 
-    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool) -> pb.GetResponse:
+    self_address = "n2:1"
+
+    def __init__(self, answers: list[Exception] | None = None) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.to_self: list[bool] = []
+        self.answers = list(answers or [])
+
+    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool,
+                to_self: bool = False) -> pb.GetResponse:
         self.calls.append((method, targets))
+        self.to_self.append(to_self)
+        if self.answers:
+            raise self.answers.pop(0)
         return pb.GetResponse(found=True, value=b"leader value")
 
 
-def service(installing: bool, storage: LmdbStorage | None = None) -> tuple[CacheService, Forwarder]:
+def service(installing: bool, storage: LmdbStorage | None = None,
+            answers: list[Exception] | None = None) -> tuple[CacheService, Forwarder]:
     cfg = NodeConfig(node_id="n2", data_dir="/nonexistent", listen="127.0.0.1:0", raft_listen="127.0.0.1:0",
                      initial_cluster=(NodeInfo("n2", "127.0.0.1:0", "127.0.0.1:0"),), secret=b"s")
-    fwd = Forwarder()
+    fwd = Forwarder(answers)
     return CacheService(cfg, Replicas(installing, storage), fwd, SystemClock()), fwd  # type: ignore[arg-type]
 
 
@@ -162,3 +184,48 @@ def test_a_multi_key_request_names_the_first_shard_whose_epoch_differs() -> None
                 start(request, 1e18)
             assert f"shard {wrong.id} is at epoch {wrong.epoch}, the request named {epoch}" in str(e.value)
     assert fwd.calls == []
+
+
+def leaderless(kind: str = "unavailable") -> ForwardedError:
+    import grpc
+
+    return ForwardedError(grpc.StatusCode.UNAVAILABLE, "the shard has no leader right now", ((ERROR_KEY, kind),))
+
+
+def test_a_call_passed_on_asks_again_while_the_shard_has_no_leader() -> None:
+    """Nobody reachable, then a former leader's "no leader right now": both
+    mean not applied, so the node asks again, and the third try answers."""
+    svc, fwd = service(installing=False, answers=[Unavailable("shard leader n1:1 is unreachable; retry"), leaderless()])
+    resp = svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 10)()
+    assert resp.value == b"leader value"
+    assert len(fwd.calls) == 3 and fwd.to_self == [False, True, True]
+
+
+def test_a_call_passed_on_goes_to_this_node_once_it_leads() -> None:
+    """Elected meanwhile: the next try goes to this node's own port first
+    (with no_forward, it is then served as the leader's)."""
+    svc, fwd = service(installing=False, answers=[Unavailable("no replica of the shard is reachable; retry later")])
+    finish = svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 10)
+    svc.r.leads = True  # type: ignore[attr-defined]
+    assert finish().value == b"leader value"
+    assert fwd.calls[1][1][0] == "n2:1" and fwd.to_self[1]
+
+
+def test_an_answer_other_than_no_leader_is_passed_through_at_once() -> None:
+    err = leaderless(kind="invalid_argument")
+    svc, fwd = service(installing=False, answers=[err])
+    with pytest.raises(ForwardedError) as e:
+        svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 10)()
+    assert e.value is err and len(fwd.calls) == 1
+
+
+def test_waiting_for_a_leader_leaves_the_last_try_time_before_the_deadline() -> None:
+    """With 0.3 s left, the floor (0.25 s) leaves room for at most two
+    pauses: the node gives up with the last UNAVAILABLE, long before the
+    deadline, instead of trying until a try runs out in flight."""
+    svc, fwd = service(installing=False, answers=[Unavailable("nobody") for _ in range(50)])
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable):
+        svc._start_get(pb.GetRequest(key=b"k"), deadline=t0 + 0.3)()
+    assert time.monotonic() - t0 < 0.3
+    assert 1 <= len(fwd.calls) <= 3

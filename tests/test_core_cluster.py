@@ -122,6 +122,44 @@ def test_leader_kill_loses_no_acknowledged_write(data_root: Path) -> None:
         wait_for(lambda: read_all(c, dict(list(writers.acked.items())[:200]), victim) == [], 30, "restarted node to serve")
 
 
+def test_a_call_to_any_node_during_a_failover_waits_for_the_new_leader(data_root: Path) -> None:
+    """A plain gRPC client (no smart routing, e.g. behind a load balancer)
+    writes and reads through a node that does not lead the shard, right
+    after the leader died: the node waits for the election and passes the
+    call on, instead of answering UNAVAILABLE while it runs."""
+    with local_cluster(data_root / "c", nodes=3, shards=1) as c:
+        victim = c.leader_of(0)
+        assert victim is not None
+        via, other = [n for n in c.node_ids if n != victim]
+        c.kill9(victim)
+        t0 = time.monotonic()
+        c.cache(via).Set(pb.SetRequest(key=b"fo", value=b"after"), timeout=8)
+        took = time.monotonic() - t0
+        new = c.leader_of(0, exclude={victim})
+        assert new in (via, other)
+        assert c.cache(other).Get(pb.GetRequest(key=b"fo"), timeout=8).value == b"after"
+        print(f"\nfailover: a write sent through {via} right after the kill waited {took:.2f} s for {new}")
+
+
+def test_a_call_to_a_shard_without_a_quorum_fails_once_the_leader_wait_is_over(data_root: Path) -> None:
+    """Waiting for a leader is bounded (not the call's whole deadline):
+    with two of three replicas dead no leader can come, and the call ends
+    UNAVAILABLE, not applied, with a message that says what to do."""
+    with local_cluster(data_root / "c", nodes=3, shards=1) as c:
+        victim = c.leader_of(0)
+        assert victim is not None
+        via, other = [n for n in c.node_ids if n != victim]
+        c.kill9(victim)
+        c.kill9(other)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            c.cache(via).Set(pb.SetRequest(key=b"nq", value=b"x"), timeout=20)
+        took = time.monotonic() - t0
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+        assert "retry" in (e.value.details() or ""), e.value.details()
+        assert 2.5 <= took < 15, f"gave up after {took:.2f} s"
+
+
 def test_kill_every_node_and_restart_keeps_acknowledged_writes(data_root: Path) -> None:
     with local_cluster(data_root / "c", nodes=3, shards=4) as c:
         writers = Writers(c, 4, "ka")

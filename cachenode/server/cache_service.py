@@ -47,10 +47,20 @@ from . import validation as V
 from .config import NodeConfig
 from .forwarding import ForwardedError, Forwarder, error_from_kind
 from .replicas import ReplicaManager, wait_future
-from .status import abort, error_metadata, status_code
+from .status import ERROR_KEY, abort, error_metadata, status_code
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+
+LEADER_WAIT_S = 3.0
+"""How long a call passed on to a shard with no leader to take it waits for
+one (:meth:`CacheService._forwarded`): one election after a leader dies
+(its timeout at most 1.6 s, then a pre-vote and a vote round) with room to
+spare, and a leadership transfer's holds (at most 0.8 s each)."""
+FORWARD_FLOOR_S = 0.25
+"""The time a last forwarded attempt is left before the call's deadline:
+one that ran out in flight would turn a clean "not applied" into "outcome
+unknown"."""
 Finish = Callable[[], Any]
 
 
@@ -202,14 +212,57 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             req = req()
         if req.header.no_forward:
             raise hint
+        targets = self._targets(shard, hint.leader_address)
+        fut = self._pool.submit(self.fwd.forward, method, req, targets, deadline, write)
+        # A partial, not a nested function (see _start_write).
+        return functools.partial(self._forwarded, method, req, shard, deadline, write, fut)
+
+    def _targets(self, shard: ShardDescriptor, first: str | None) -> list[str]:
         m = self.r.cluster_map()
-        targets = [hint.leader_address] if hint.leader_address else []
+        targets = [first] if first else []
         for nid in shard.replicas:
             n = m.node(nid)
             if n is not None:
                 targets.append(n.address)
-        fut = self._pool.submit(self.fwd.forward, method, req, targets, deadline, write)
-        return fut.result
+        return targets
+
+    def _forwarded(self, method: str, req: Any, shard: ShardDescriptor, deadline: float, write: bool,
+                   fut: Future[Any]) -> Any:
+        """The forwarded call's answer (the caller's thread: a gRPC worker).
+
+        While the shard has no leader to take the call (an election after
+        the leader died, a leadership transfer, a leader that lost its
+        quorum), ask again: every such answer means not applied, so asking
+        again cannot apply a write twice.  The pauses double from 20 ms to
+        200 ms, each attempt goes first to the leader this node knows by
+        then (itself included), and the waiting lasts at most
+        ``LEADER_WAIT_S`` and ends ``FORWARD_FLOOR_S`` before the deadline,
+        so the last attempt has time to answer; then the caller gets the
+        last UNAVAILABLE.  A smart client, which routes to leaders itself,
+        never comes here."""
+        give_up = min(time.monotonic() + LEADER_WAIT_S, deadline - FORWARD_FLOOR_S)
+        pause = 0.02
+        while True:
+            try:
+                return fut.result()
+            except Unavailable:
+                if time.monotonic() + pause > give_up:
+                    raise
+            except ForwardedError as e:
+                if dict(e.metadata).get(ERROR_KEY) != Unavailable.kind or time.monotonic() + pause > give_up:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.2)
+            try:
+                self.r.leader_group(shard.id)
+                first: str | None = self.fwd.self_address  # led here now: the call comes back with no_forward
+            except NotLeader as hint:
+                first = hint.leader_address
+            try:
+                shard = self.r.descriptor(shard.id)  # its replicas may have moved meanwhile
+            except CacheError:
+                pass
+            fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, first), deadline, write, True)
 
     # ---- phase 1 of reads -----------------------------------------------------------
 
