@@ -4,15 +4,17 @@ call on, with fakes for the replicas and the forwarder."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from cachenode._clock import SystemClock
-from cachenode._errors import EpochMismatch, NotLeader, Unavailable
+from cachenode._errors import EpochMismatch, NotLeader, OutcomeUnknown, Unavailable
 from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor, key_hash
 from cachenode.server.cache_service import CacheService
 from cachenode.server.config import NodeConfig
@@ -88,26 +90,26 @@ class Forwarder:
     """Answers each call with the next of ``answers`` (an exception is
     raised), then with the leader's value."""
 
-    self_address = "n2:1"
-
     def __init__(self, answers: list[Exception] | None = None) -> None:
         self.calls: list[tuple[str, list[str]]] = []
-        self.to_self: list[bool] = []
+        self.reqs: list[Any] = []
         self.answers = list(answers or [])
+        self._lock = threading.Lock()
 
-    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool,
-                to_self: bool = False) -> pb.GetResponse:
-        self.calls.append((method, targets))
-        self.to_self.append(to_self)
-        if self.answers:
-            raise self.answers.pop(0)
+    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool) -> pb.GetResponse:
+        with self._lock:
+            self.calls.append((method, targets))
+            self.reqs.append(req)
+            if self.answers:
+                raise self.answers.pop(0)
         return pb.GetResponse(found=True, value=b"leader value")
 
 
 def service(installing: bool, storage: LmdbStorage | None = None,
-            answers: list[Exception] | None = None) -> tuple[CacheService, Forwarder]:
+            answers: list[Exception] | None = None, workers: int = 64) -> tuple[CacheService, Forwarder]:
     cfg = NodeConfig(node_id="n2", data_dir="/nonexistent", listen="127.0.0.1:0", raft_listen="127.0.0.1:0",
-                     initial_cluster=(NodeInfo("n2", "127.0.0.1:0", "127.0.0.1:0"),), secret=b"s")
+                     initial_cluster=(NodeInfo("n2", "127.0.0.1:0", "127.0.0.1:0"),), secret=b"s",
+                     grpc_workers=workers)
     fwd = Forwarder(answers)
     return CacheService(cfg, Replicas(installing, storage), fwd, SystemClock()), fwd  # type: ignore[arg-type]
 
@@ -187,45 +189,89 @@ def test_a_multi_key_request_names_the_first_shard_whose_epoch_differs() -> None
 
 
 def leaderless(kind: str = "unavailable") -> ForwardedError:
-    import grpc
-
     return ForwardedError(grpc.StatusCode.UNAVAILABLE, "the shard has no leader right now", ((ERROR_KEY, kind),))
 
 
 def test_a_call_passed_on_asks_again_while_the_shard_has_no_leader() -> None:
     """Nobody reachable, then a former leader's "no leader right now": both
-    mean not applied, so the node asks again, and the third try answers."""
+    mean not applied, so the node asks again (the leader it knows first),
+    and the third try answers."""
     svc, fwd = service(installing=False, answers=[Unavailable("shard leader n1:1 is unreachable; retry"), leaderless()])
     resp = svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 10)()
     assert resp.value == b"leader value"
-    assert len(fwd.calls) == 3 and fwd.to_self == [False, True, True]
+    assert len(fwd.calls) == 3 and all(targets[0] == "n1:1" for _, targets in fwd.calls)
 
 
-def test_a_call_passed_on_goes_to_this_node_once_it_leads() -> None:
-    """Elected meanwhile: the next try goes to this node's own port first
-    (with no_forward, it is then served as the leader's)."""
+def test_a_write_passed_on_asks_again_while_the_shard_has_no_leader() -> None:
     svc, fwd = service(installing=False, answers=[Unavailable("no replica of the shard is reachable; retry later")])
-    finish = svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 10)
-    svc.r.leads = True  # type: ignore[attr-defined]
-    assert finish().value == b"leader value"
-    assert fwd.calls[1][1][0] == "n2:1" and fwd.to_self[1]
+    svc._start_set(pb.SetRequest(key=b"k", value=b"v"), deadline=time.monotonic() + 10)()
+    assert [m for m, _ in fwd.calls] == ["Set", "Set"] and fwd.reqs[1].value == b"v"
 
 
-def test_an_answer_other_than_no_leader_is_passed_through_at_once() -> None:
-    err = leaderless(kind="invalid_argument")
+def test_a_call_that_waited_runs_here_once_this_node_leads() -> None:
+    """Elected meanwhile: the operation starts again here (never a call to
+    this node's own port, which would need a second worker thread)."""
+    svc, fwd = service(installing=True, answers=[Unavailable("no replica of the shard is reachable; retry later")])
+    replicas = svc.r
+    forward = fwd.forward
+
+    def elected_meanwhile(*args: Any) -> Any:
+        replicas.leads = True  # type: ignore[attr-defined]
+        replicas._reader._installing = False  # type: ignore[attr-defined]
+        return forward(*args)
+
+    fwd.forward = elected_meanwhile  # type: ignore[method-assign]
+    assert svc._start_get(stale_get(), deadline=time.monotonic() + 10)().value == b"local value"
+    assert len(fwd.calls) == 1
+
+
+@pytest.mark.parametrize("err", [OutcomeUnknown("the link broke; outcome unknown"), leaderless(kind="outcome_unknown"),
+                                 leaderless(kind="invalid_argument")], ids=["outcome_unknown", "forwarded_outcome_unknown",
+                                                                            "forwarded_invalid_argument"])
+def test_an_answer_other_than_no_leader_is_passed_through_at_once(err: Exception) -> None:
+    """"Outcome unknown" above all: the write may be applied, so asking
+    again could apply it twice."""
     svc, fwd = service(installing=False, answers=[err])
-    with pytest.raises(ForwardedError) as e:
-        svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 10)()
+    with pytest.raises(type(err)) as e:
+        svc._start_set(pb.SetRequest(key=b"k", value=b"v"), deadline=time.monotonic() + 10)()
     assert e.value is err and len(fwd.calls) == 1
 
 
-def test_waiting_for_a_leader_leaves_the_last_try_time_before_the_deadline() -> None:
-    """With 0.3 s left, the floor (0.25 s) leaves room for at most two
-    pauses: the node gives up with the last UNAVAILABLE, long before the
-    deadline, instead of trying until a try runs out in flight."""
-    svc, fwd = service(installing=False, answers=[Unavailable("nobody") for _ in range(50)])
+def test_waiting_for_a_leader_ends_the_floor_before_the_deadline() -> None:
+    """With 0.8 s left the waiting ends after 0.3 s (the floor is 0.5 s),
+    with the last UNAVAILABLE, instead of trying until a try runs out in
+    flight."""
+    svc, fwd = service(installing=False, answers=[Unavailable("nobody") for _ in range(100)])
     t0 = time.monotonic()
     with pytest.raises(Unavailable):
-        svc._start_get(pb.GetRequest(key=b"k"), deadline=t0 + 0.3)()
-    assert time.monotonic() - t0 < 0.3
-    assert 1 <= len(fwd.calls) <= 3
+        svc._start_get(pb.GetRequest(key=b"k"), deadline=t0 + 0.8)()
+    assert time.monotonic() - t0 < 0.5
+    assert len(fwd.calls) >= 2
+
+
+def test_a_call_finds_no_waiting_room_and_fails_at_once() -> None:
+    """4 worker threads: one call may wait for a leader; a second one gets
+    the UNAVAILABLE at once, so waiting calls never take every worker."""
+    svc, fwd = service(installing=False, answers=[Unavailable("nobody") for _ in range(1000)], workers=4)
+    assert svc.max_waiters == 1
+    first: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            svc._start_get(pb.GetRequest(key=b"a"), deadline=time.monotonic() + 2)()
+        except Unavailable as e:
+            first.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    try:
+        wait_until = time.monotonic() + 5
+        while sum(getattr(r, "key", None) == b"a" for r in fwd.reqs) < 2:  # the first call has asked again: it waits
+            assert time.monotonic() < wait_until, "the first call never asked again"
+            time.sleep(0.005)
+        with pytest.raises(Unavailable):
+            svc._start_get(pb.GetRequest(key=b"b"), deadline=time.monotonic() + 2)()
+        assert sum(getattr(r, "key", None) == b"b" for r in fwd.reqs) == 1
+    finally:
+        t.join(5)
+    assert first, "the first call should end UNAVAILABLE once its wait is over"

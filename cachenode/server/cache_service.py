@@ -5,7 +5,9 @@ Every single-key operation is split in two phases:
 * ``start``: validate, find the shard, and either begin the work here (this
   node leads the shard: propose the command, or join the read barrier) or
   hand the request to the forwarder;
-* ``finish`` (the returned thunk): wait for the outcome and build the reply.
+* ``finish`` (the returned thunk): wait for the outcome and build the reply
+  (for a call passed on to a shard with no leader yet: wait for one, see
+  :meth:`CacheService._forwarded`).
 
 A unary call runs both phases back to back.  ``Batch`` starts every op
 first and only then waits, so one Raft round trip (and one fsync) serves
@@ -15,12 +17,14 @@ an ``OpError`` (batch).  Runs on gRPC worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, ClassVar, TypeVar, cast
 
 import grpc
@@ -32,6 +36,7 @@ from .._errors import (
     Internal,
     InvalidArgument,
     NotLeader,
+    OutcomeUnknown,
     Overloaded,
     Unavailable,
 )
@@ -57,11 +62,19 @@ LEADER_WAIT_S = 3.0
 one (:meth:`CacheService._forwarded`): one election after a leader dies
 (its timeout at most 1.6 s, then a pre-vote and a vote round) with room to
 spare, and a leadership transfer's holds (at most 0.8 s each)."""
-FORWARD_FLOOR_S = 0.25
-"""The time a last forwarded attempt is left before the call's deadline:
-one that ran out in flight would turn a clean "not applied" into "outcome
-unknown"."""
+FORWARD_FLOOR_S = 0.5
+"""The time the waiting for a leader leaves before the call's deadline, so
+that a last try normally finishes: one that ran out in flight would turn a
+clean "not applied" into "outcome unknown" (the leader itself gives a
+forwarded call 95 % of what is left, less 20 ms)."""
 Finish = Callable[[], Any]
+
+
+def _no_leader(e: Exception) -> bool:
+    """A forward's failure that means "no leader took it, not applied"."""
+    if isinstance(e, ForwardedError):
+        return dict(e.metadata).get(ERROR_KEY) == Unavailable.kind
+    return isinstance(e, Unavailable)
 
 
 def _raise_error_result(res: C.Result) -> None:
@@ -149,6 +162,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         # at most half of them, so unary calls always find a thread.
         self.max_streams = max(1, cfg.grpc_workers // 2)
         self._stream_slots = threading.BoundedSemaphore(self.max_streams)
+        # Calls that wait for a shard's leader (_forwarded): a quarter of the
+        # worker threads, so the rest serve the calls that end the wait.
+        self.max_waiters = max(1, cfg.grpc_workers // 4)
+        self._waiters = threading.BoundedSemaphore(self.max_waiters)
 
     # ---- plumbing -------------------------------------------------------------
 
@@ -205,17 +222,20 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     def _now(self, gid: int) -> int:
         return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.cluster_now(gid)
 
-    def _forward(self, method: str, req: Any, shard: ShardDescriptor, hint: NotLeader, deadline: float, write: bool) -> Finish:
+    def _forward(self, method: str, req: Any, shard: ShardDescriptor, hint: NotLeader, deadline: float, write: bool,
+                 restart: Callable[[], Finish]) -> Finish:
         """``req``: the request to forward, or a function building it (the
-        per-shard parts of MGet/MSet are built only when forwarded)."""
+        per-shard parts of MGet/MSet are built only when forwarded).
+        ``restart``: the operation's start again, for when this node has
+        become the shard's leader while the call waited for one."""
         if callable(req):
             req = req()
         if req.header.no_forward:
             raise hint
-        targets = self._targets(shard, hint.leader_address)
-        fut = self._pool.submit(self.fwd.forward, method, req, targets, deadline, write)
+        fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, hint.leader_address), deadline, write)
+        give_up = min(time.monotonic() + LEADER_WAIT_S, deadline - FORWARD_FLOOR_S)
         # A partial, not a nested function (see _start_write).
-        return functools.partial(self._forwarded, method, req, shard, deadline, write, fut)
+        return functools.partial(self._forwarded, method, req, shard, deadline, write, fut, give_up, restart)
 
     def _targets(self, shard: ShardDescriptor, first: str | None) -> list[str]:
         m = self.r.cluster_map()
@@ -227,42 +247,65 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return targets
 
     def _forwarded(self, method: str, req: Any, shard: ShardDescriptor, deadline: float, write: bool,
-                   fut: Future[Any]) -> Any:
+                   fut: Future[Any], give_up: float, restart: Callable[[], Finish]) -> Any:
         """The forwarded call's answer (the caller's thread: a gRPC worker).
 
         While the shard has no leader to take the call (an election after
         the leader died, a leadership transfer, a leader that lost its
-        quorum), ask again: every such answer means not applied, so asking
-        again cannot apply a write twice.  The pauses double from 20 ms to
-        200 ms, each attempt goes first to the leader this node knows by
-        then (itself included), and the waiting lasts at most
-        ``LEADER_WAIT_S`` and ends ``FORWARD_FLOOR_S`` before the deadline,
-        so the last attempt has time to answer; then the caller gets the
-        last UNAVAILABLE.  A smart client, which routes to leaders itself,
-        never comes here."""
-        give_up = min(time.monotonic() + LEADER_WAIT_S, deadline - FORWARD_FLOOR_S)
+        quorum), ask again: each such answer means not applied (nobody
+        reachable, NOT_LEADER, or the ``unavailable`` kind, which the leader
+        gives only for a command it never appended), so asking again cannot
+        apply a write twice.  Anything else, "outcome unknown" above all,
+        goes to the caller at once.
+
+        The pauses double from 20 ms to 200 ms; each try goes first to the
+        leader this node knows by then, or, once this node leads the shard,
+        runs the operation here (``restart``; never a call to its own port,
+        which would need a second worker thread).  The waiting ends at
+        ``give_up``: ``LEADER_WAIT_S`` after the operation started, and
+        ``FORWARD_FLOOR_S`` before the deadline so that a last try normally
+        has time to finish.  At most ``max_waiters`` calls wait at once; a
+        call past that gets the UNAVAILABLE at once, so waiting calls never
+        take every worker thread from the calls that would end the wait."""
         pause = 0.02
-        while True:
-            try:
-                return fut.result()
-            except Unavailable:
-                if time.monotonic() + pause > give_up:
-                    raise
-            except ForwardedError as e:
-                if dict(e.metadata).get(ERROR_KEY) != Unavailable.kind or time.monotonic() + pause > give_up:
-                    raise
-            time.sleep(pause)
-            pause = min(2 * pause, 0.2)
-            try:
-                self.r.leader_group(shard.id)
-                first: str | None = self.fwd.self_address  # led here now: the call comes back with no_forward
-            except NotLeader as hint:
-                first = hint.leader_address
-            try:
-                shard = self.r.descriptor(shard.id)  # its replicas may have moved meanwhile
-            except CacheError:
-                pass
-            fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, first), deadline, write, True)
+        waiting = False
+        try:
+            while True:
+                try:
+                    return self._answer(fut, deadline, write)
+                except (Unavailable, ForwardedError) as e:
+                    if not _no_leader(e) or time.monotonic() + pause > give_up:
+                        raise
+                    if not waiting:
+                        waiting = self._waiters.acquire(blocking=False)
+                        if not waiting:
+                            raise
+                time.sleep(pause)
+                pause = min(2 * pause, 0.2)
+                try:
+                    self.r.leader_group(shard.id)
+                except NotLeader as hint:
+                    first = hint.leader_address
+                else:
+                    return restart()()
+                with contextlib.suppress(CacheError):
+                    shard = self.r.descriptor(shard.id)  # its replicas may have moved meanwhile
+                fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, first), deadline, write)
+        finally:
+            if waiting:
+                self._waiters.release()
+
+    def _answer(self, fut: Future[Any], deadline: float, write: bool) -> Any:
+        """A forward's result, or, at the deadline, what is known about it."""
+        try:
+            return fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            if fut.cancel():
+                raise Unavailable("the node had no thread free to pass the call on before its deadline; retry") from None
+            if write:
+                raise OutcomeUnknown("the deadline passed while the forwarded write was in flight; "
+                                     "outcome unknown; retry with the same request id") from None
+            raise Unavailable("the deadline passed while waiting for the shard leader; retry") from None
 
     # ---- phase 1 of reads -----------------------------------------------------------
 
@@ -282,6 +325,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         if header is None:
             header = req.header
         shard = self._shard(key, header)
+        restart = functools.partial(self._start_read, method, req, key, deadline, build, header)
         consistency = V.consistency(header)
         has_local = self.r.has_replica(shard.id)
         if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and has_local:
@@ -297,14 +341,14 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                 try:
                     self.r.leader_group(shard.id)
                 except NotLeader as e:
-                    return self._forward(method, req, shard, e, deadline, write=False)()
+                    return self._forward(method, req, shard, e, deadline, False, restart)()
                 raise Unavailable(f"shard {shard.id}'s replica here is loading a snapshot; retry")
 
             return stale
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
-            return self._forward(method, req, shard, e, deadline, write=False)
+            return self._forward(method, req, shard, e, deadline, False, restart)
         fut = g.read_index()
 
         def finish() -> Any:
@@ -359,7 +403,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
-            return self._forward(method, req, shard, e, deadline, write=True)
+            return self._forward(method, req, shard, e, deadline, True, functools.partial(
+                self._start_write, method, req, shard, deadline, make, reply, None))
         payload = encode_command(make(self._now(shard.id)))
         wait: Callable[[float], bytes]
         if collector is not None:

@@ -4,7 +4,7 @@ So any node serves any key (e.g. behind a load balancer).  The forwarded
 copy carries ``no_forward=true``; a NOT_LEADER answer with a hint is followed
 once more.  One call of :meth:`Forwarder.forward` tries each target once;
 waiting for a shard that has no leader yet is the caller's
-(``CacheService``).  Threads: any; channels are shared.
+(``CacheService._forwarded``).  Threads: any; channels are shared.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ForwardedError(Exception):
 
 class Forwarder:
     def __init__(self, self_address: str) -> None:
-        self.self_address = self_address
+        self._self = self_address
         self._stubs: dict[str, cache_pb2_grpc.CacheStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
@@ -57,20 +57,17 @@ class Forwarder:
                 stub = self._stubs[address] = cache_pb2_grpc.CacheStub(ch)
             return stub
 
-    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool,
-                to_self: bool = False) -> Any:
+    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool) -> Any:
         """Send ``req`` to the first target that accepts it.
 
         ``targets`` is the leader's address first when known, else the shard's
-        replicas; this node's own address is skipped unless ``to_self`` (a
-        caller that saw this node become the leader meanwhile).  Raises
-        ForwardedError (pass through), Unavailable (nobody reachable, not
-        applied) or OutcomeUnknown (a write whose link broke)."""
+        replicas.  Raises ForwardedError (pass through), Unavailable (nobody
+        reachable, not applied) or OutcomeUnknown (a write whose link broke)."""
         fwd = type(req)()
         fwd.CopyFrom(req)
         fwd.header.no_forward = True
         tried: set[str] = set()
-        queue = [t for t in targets if t and (to_self or t != self.self_address)]
+        queue = [t for t in targets if t and t != self._self]
         last: CacheError = Unavailable("no replica of the shard is reachable; retry later")
         while queue and len(tried) < 4:
             addr = queue.pop(0)
