@@ -82,6 +82,7 @@ class Replicas:
     def descriptor(self, shard_id: int) -> ShardDescriptor:
         return SHARD
 
+
     def cluster_map(self) -> ClusterMap:
         return MAP
 
@@ -105,11 +106,11 @@ class Forwarder:
         return pb.GetResponse(found=True, value=b"leader value")
 
 
-def service(installing: bool, storage: LmdbStorage | None = None,
-            answers: list[Exception] | None = None, workers: int = 64) -> tuple[CacheService, Forwarder]:
+def service(installing: bool, storage: LmdbStorage | None = None, answers: list[Exception] | None = None,
+            workers: int = 64, leader_wait_s: float = 3.0) -> tuple[CacheService, Forwarder]:
     cfg = NodeConfig(node_id="n2", data_dir="/nonexistent", listen="127.0.0.1:0", raft_listen="127.0.0.1:0",
                      initial_cluster=(NodeInfo("n2", "127.0.0.1:0", "127.0.0.1:0"),), secret=b"s",
-                     grpc_workers=workers)
+                     grpc_workers=workers, leader_wait_s=leader_wait_s)
     fwd = Forwarder(answers)
     return CacheService(cfg, Replicas(installing, storage), fwd, SystemClock()), fwd  # type: ignore[arg-type]
 
@@ -238,15 +239,53 @@ def test_an_answer_other_than_no_leader_is_passed_through_at_once(err: Exception
 
 
 def test_waiting_for_a_leader_ends_the_floor_before_the_deadline() -> None:
-    """With 0.8 s left the waiting ends after 0.3 s (the floor is 0.5 s),
-    with the last UNAVAILABLE, instead of trying until a try runs out in
-    flight."""
+    """With 1 s left the waiting ends after 0.5 s (the floor is 0.5 s), with
+    the last UNAVAILABLE, instead of trying until a try runs out in flight."""
     svc, fwd = service(installing=False, answers=[Unavailable("nobody") for _ in range(100)])
     t0 = time.monotonic()
     with pytest.raises(Unavailable):
-        svc._start_get(pb.GetRequest(key=b"k"), deadline=t0 + 0.8)()
-    assert time.monotonic() - t0 < 0.5
+        svc._start_get(pb.GetRequest(key=b"k"), deadline=t0 + 1.0)()
+    assert time.monotonic() - t0 < 0.7
     assert len(fwd.calls) >= 2
+
+
+def test_the_ops_started_together_wait_for_a_leader_together() -> None:
+    """A Batch starts all its ops, then finishes them one by one: the
+    second finds the first's wait over and does not wait again."""
+    svc, fwd = service(installing=False, answers=[Unavailable("nobody") for _ in range(1000)], leader_wait_s=1.0)
+    t0 = time.monotonic()
+    finishes = [svc._start_get(pb.GetRequest(key=k), deadline=t0 + 10) for k in (b"a", b"b")]
+    for f in finishes:
+        with pytest.raises(Unavailable):
+            f()
+    assert time.monotonic() - t0 < 1.4  # one wait of 1 s, not two
+
+
+class Stuck(Forwarder):
+    """Every forward takes 0.6 s (a leader that does not answer in time)."""
+
+    def forward(self, method: str, req: Any, targets: list[str], deadline: float, write: bool) -> pb.GetResponse:
+        with self._lock:
+            self.calls.append((method, targets))
+        time.sleep(0.6)
+        raise Unavailable("too late")
+
+
+def test_a_forwarded_write_still_in_flight_at_the_deadline_is_outcome_unknown() -> None:
+    """Not retried, and not UNAVAILABLE: the leader may have applied it."""
+    svc, _ = service(installing=False)
+    svc.fwd = stuck = Stuck()
+    with pytest.raises(OutcomeUnknown):
+        svc._start_set(pb.SetRequest(key=b"k", value=b"v"), deadline=time.monotonic() + 0.2)()
+    assert len(stuck.calls) == 1
+
+
+def test_a_forwarded_read_still_in_flight_at_the_deadline_is_unavailable() -> None:
+    svc, _ = service(installing=False)
+    svc.fwd = stuck = Stuck()
+    with pytest.raises(Unavailable):
+        svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 0.2)()
+    assert len(stuck.calls) == 1
 
 
 def test_a_call_finds_no_waiting_room_and_fails_at_once() -> None:
@@ -275,3 +314,7 @@ def test_a_call_finds_no_waiting_room_and_fails_at_once() -> None:
     finally:
         t.join(5)
     assert first, "the first call should end UNAVAILABLE once its wait is over"
+    # its slot is free again: a new call waits (asks more than once)
+    with pytest.raises(Unavailable):
+        svc._start_get(pb.GetRequest(key=b"c"), deadline=time.monotonic() + 1)()
+    assert sum(getattr(r, "key", None) == b"c" for r in fwd.reqs) >= 2

@@ -57,11 +57,6 @@ from .status import ERROR_KEY, abort, error_metadata, status_code
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-LEADER_WAIT_S = 3.0
-"""How long a call passed on to a shard with no leader to take it waits for
-one (:meth:`CacheService._forwarded`): one election after a leader dies
-(its timeout at most 1.6 s, then a pre-vote and a vote round) with room to
-spare, and a leadership transfer's holds (at most 0.8 s each)."""
 FORWARD_FLOOR_S = 0.5
 """The time the waiting for a leader leaves before the call's deadline, so
 that a last try normally finishes: one that ran out in flight would turn a
@@ -223,17 +218,20 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return self.clock.wall_ms() if self.cfg.unsafe.local_ttl else self.r.cluster_now(gid)
 
     def _forward(self, method: str, req: Any, shard: ShardDescriptor, hint: NotLeader, deadline: float, write: bool,
-                 restart: Callable[[], Finish]) -> Finish:
+                 restart: Callable[[float], Finish], give_up: float | None) -> Finish:
         """``req``: the request to forward, or a function building it (the
         per-shard parts of MGet/MSet are built only when forwarded).
-        ``restart``: the operation's start again, for when this node has
-        become the shard's leader while the call waited for one."""
+        ``restart(give_up)``: the operation's start again, for when this
+        node has become the shard's leader while the call waited for one.
+        ``give_up``: when waiting for a leader ends (None: from now; a
+        restarted operation keeps the one it had)."""
         if callable(req):
             req = req()
         if req.header.no_forward:
             raise hint
         fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, hint.leader_address), deadline, write)
-        give_up = min(time.monotonic() + LEADER_WAIT_S, deadline - FORWARD_FLOOR_S)
+        if give_up is None:
+            give_up = min(time.monotonic() + self.cfg.leader_wait_s, deadline - FORWARD_FLOOR_S)
         # A partial, not a nested function (see _start_write).
         return functools.partial(self._forwarded, method, req, shard, deadline, write, fut, give_up, restart)
 
@@ -247,7 +245,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return targets
 
     def _forwarded(self, method: str, req: Any, shard: ShardDescriptor, deadline: float, write: bool,
-                   fut: Future[Any], give_up: float, restart: Callable[[], Finish]) -> Any:
+                   fut: Future[Any], give_up: float, restart: Callable[[float], Finish]) -> Any:
         """The forwarded call's answer (the caller's thread: a gRPC worker).
 
         While the shard has no leader to take the call (an election after
@@ -262,7 +260,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         leader this node knows by then, or, once this node leads the shard,
         runs the operation here (``restart``; never a call to its own port,
         which would need a second worker thread).  The waiting ends at
-        ``give_up``: ``LEADER_WAIT_S`` after the operation started, and
+        ``give_up``: ``cfg.leader_wait_s`` after the operation started (the
+        ops of a Batch and the parts of an MSet or MGet start together, so
+        they wait together; a restart keeps it too), and
         ``FORWARD_FLOOR_S`` before the deadline so that a last try normally
         has time to finish.  At most ``max_waiters`` calls wait at once; a
         call past that gets the UNAVAILABLE at once, so waiting calls never
@@ -282,14 +282,17 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                             raise
                 time.sleep(pause)
                 pause = min(2 * pause, 0.2)
+                with contextlib.suppress(CacheError):
+                    shard = self.r.descriptor(shard.id)  # its replicas may have moved meanwhile
                 try:
                     self.r.leader_group(shard.id)
                 except NotLeader as hint:
                     first = hint.leader_address
                 else:
-                    return restart()()
-                with contextlib.suppress(CacheError):
-                    shard = self.r.descriptor(shard.id)  # its replicas may have moved meanwhile
+                    _check_epoch(shard, req.header.shard_epoch)
+                    self._waiters.release()  # a restart that has to wait again takes a slot of its own
+                    waiting = False
+                    return restart(give_up)()
                 fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, first), deadline, write)
         finally:
             if waiting:
@@ -311,10 +314,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     def _start_read(self, method: str, req: Any, key: bytes, deadline: float,
                     build: Callable[[ShardDescriptor, int, StateReader], Any],
-                    header: pb.RequestHeader | None = None) -> Finish:
+                    header: pb.RequestHeader | None = None, give_up: float | None = None) -> Finish:
         """Begin a read of ``key``; ``build(shard, clock, reader)`` makes the reply.
         ``req`` is what a forward sends (a request, or a function building
-        it: then ``header`` is its header).
+        it: then ``header`` is its header); ``give_up``: see :meth:`_forward`.
 
         A linearizable read on the leader joins a ReadIndex round (no log
         entry) and is judged at the replicated clock of the applied state.
@@ -325,7 +328,6 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         if header is None:
             header = req.header
         shard = self._shard(key, header)
-        restart = functools.partial(self._start_read, method, req, key, deadline, build, header)
         consistency = V.consistency(header)
         has_local = self.r.has_replica(shard.id)
         if consistency == V.LINEARIZABLE and self.cfg.unsafe.local_reads and has_local:
@@ -341,14 +343,16 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                 try:
                     self.r.leader_group(shard.id)
                 except NotLeader as e:
-                    return self._forward(method, req, shard, e, deadline, False, restart)()
+                    restart = functools.partial(self._start_read, method, req, key, deadline, build, header)
+                    return self._forward(method, req, shard, e, deadline, False, restart, give_up)()
                 raise Unavailable(f"shard {shard.id}'s replica here is loading a snapshot; retry")
 
             return stale
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
-            return self._forward(method, req, shard, e, deadline, False, restart)
+            restart = functools.partial(self._start_read, method, req, key, deadline, build, header)
+            return self._forward(method, req, shard, e, deadline, False, restart, give_up)
         fut = g.read_index()
 
         def finish() -> Any:
@@ -396,15 +400,18 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     def _start_write(self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
                      make: Callable[[int], C.Command], reply: Callable[[C.Result], Any],
-                     collector: _EntryCollector | None = None) -> Finish:
+                     collector: _EntryCollector | None = None, give_up: float | None = None) -> Finish:
         """Begin a write on ``shard``: propose ``make(now)`` here (joining the
         Batch's entry through ``collector``) or forward ``req`` (a request,
-        or a function building it) to the leader."""
+        or a function building it) to the leader; ``give_up``: see
+        :meth:`_forward`."""
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
-            return self._forward(method, req, shard, e, deadline, True, functools.partial(
-                self._start_write, method, req, shard, deadline, make, reply, None))
+            # Restarted here once this node leads, outside any Batch's entry
+            # (its collector has proposed by then): collector None.
+            restart = functools.partial(self._start_write, method, req, shard, deadline, make, reply, None)
+            return self._forward(method, req, shard, e, deadline, True, restart, give_up)
         payload = encode_command(make(self._now(shard.id)))
         wait: Callable[[float], bytes]
         if collector is not None:

@@ -38,6 +38,11 @@ class NodeConfig:
     max_value_bytes: int = 1024 * 1024
     max_batch_keys: int = 10_000
     default_deadline_s: float = 5.0
+    leader_wait_s: float = 3.0
+    """How long a call this node passes on waits for its shard to have a
+    leader (CacheService._forwarded): one election after a leader died
+    (timeout 0.8-1.6 s, then a pre-vote and a vote round), with room to
+    spare."""
     grpc_workers: int = 64
     expiry_interval_s: float = 1.0
     expiry_batch: int = 256

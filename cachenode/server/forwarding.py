@@ -89,7 +89,7 @@ class Forwarder:
                 if kind == NotLeader.kind:
                     hint = kinds.get(LEADER_KEY, "")
                     hint_addr = hint.split("@", 1)[1] if "@" in hint else ""
-                    if hint_addr and hint_addr not in tried:
+                    if hint_addr and hint_addr != self._self and hint_addr not in tried:  # this node: its caller runs it here
                         queue.insert(0, hint_addr)
                     last = NotLeader(e.details() or "not leader")
                     continue
