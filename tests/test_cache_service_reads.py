@@ -249,6 +249,14 @@ def test_waiting_for_a_leader_ends_the_floor_before_the_deadline() -> None:
     assert len(fwd.calls) >= 2
 
 
+def test_a_leader_wait_of_zero_answers_at_once() -> None:
+    """``--leader-wait 0``: the first try's UNAVAILABLE goes to the caller."""
+    svc, fwd = service(installing=False, answers=[Unavailable("nobody") for _ in range(10)], leader_wait_s=0.0)
+    with pytest.raises(Unavailable):
+        svc._start_get(pb.GetRequest(key=b"k"), deadline=time.monotonic() + 10)()
+    assert len(fwd.calls) == 1
+
+
 def test_the_ops_started_together_wait_for_a_leader_together() -> None:
     """A Batch starts all its ops, then finishes them one by one: the
     second finds the first's wait over and does not wait again."""

@@ -47,6 +47,17 @@ def test_out_of_range_grpc_workers_are_refused(value: str, capsys: pytest.Captur
     assert err == ["cachenode: error: --grpc-workers must be 2..1024"]
 
 
+def test_leader_wait_reaches_the_config_and_zero_turns_it_off(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
+    assert cfg.leader_wait_s == 3.0
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--leader-wait", "1.5s"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.leader_wait_s == 1.5
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--leader-wait", "0"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.leader_wait_s == 0.0
+    assert serve_main([*BASE, "--leader-wait=-1s"], env={"CACHENODE_SECRET": "s"}) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["cachenode: error: --leader-wait must be >= 0"]
+
+
 def test_pre_vote_is_on_unless_turned_off() -> None:
     cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
     assert cfg.timing.pre_vote is True

@@ -42,7 +42,7 @@ class NodeConfig:
     """How long a call this node passes on waits for its shard to have a
     leader (CacheService._forwarded): one election after a leader died
     (timeout 0.8-1.6 s, then a pre-vote and a vote round), with room to
-    spare."""
+    spare; 0: answer at once (``--leader-wait``)."""
     grpc_workers: int = 64
     expiry_interval_s: float = 1.0
     expiry_batch: int = 256

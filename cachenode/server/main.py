@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-down-time", help="re-create the replicas of a node silent this long elsewhere (e.g. 30m, 90s; default 30m)")
     s.add_argument("--down-after", help="a node silent this long counts as down (default 3s)")
     s.add_argument("--heartbeat-interval", help="heartbeats to the placement driver (default 0.5s)")
+    s.add_argument("--leader-wait", help="how long a call this node passes on waits for its shard to have a leader "
+                   "(an election under way), within the call's deadline (default 3s; 0: answer UNAVAILABLE at once)")
     s.add_argument("--shards", type=int, help="number of shards at bootstrap (default 16)")
     s.add_argument("--replication", type=int, help="replicas per shard (default 3, or N when N < 3)")
     s.add_argument("--secret-file", help="file holding the cluster secret (or env CACHENODE_SECRET)")
@@ -127,16 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_duration(flag: str, v: object) -> float:
-    """``90``, ``90s``, ``1.5m``, ``2h`` -> seconds (> 0)."""
+def parse_duration(flag: str, v: object, zero: bool = False) -> float:
+    """``90``, ``90s``, ``1.5m``, ``2h`` -> seconds (> 0, or >= 0 with ``zero``)."""
     text = str(v).strip().lower()
     mult = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
     try:
         secs = float(text[:-1]) * mult if mult else float(text)
     except ValueError:
         raise ConfigError(f"{flag}: {v!r} is not a duration (e.g. 30s, 10m, 1h)") from None
-    if not secs > 0:
-        raise ConfigError(f"{flag} must be > 0")
+    if not (secs >= 0 if zero else secs > 0):
+        raise ConfigError(f"{flag} must be {'>=' if zero else '>'} 0")
     return secs
 
 
@@ -247,6 +249,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         max_down_time_s=parse_duration("--max-down-time", opt("max_down_time", "30m")),
         down_after_s=parse_duration("--down-after", opt("down_after", "3s")),
         heartbeat_s=parse_duration("--heartbeat-interval", opt("heartbeat_interval", "0.5s")),
+        leader_wait_s=parse_duration("--leader-wait", opt("leader_wait", "3s"), zero=True),
         boot_id_file=str(opt("boot_id_file", BOOT_ID_PATH)),
     )
     if cfg.down_after_s <= cfg.heartbeat_s:
