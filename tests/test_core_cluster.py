@@ -141,6 +141,33 @@ def test_a_call_to_any_node_during_a_failover_waits_for_the_new_leader(data_root
         print(f"\nfailover: a write sent through {via} right after the kill waited {took:.2f} s for {new}")
 
 
+def test_a_write_waiting_on_the_node_that_wins_the_election_is_proposed_there(data_root: Path) -> None:
+    """The node a plain client wrote through becomes the shard's leader
+    while the write waits: the write is proposed there (never sent to the
+    node's own port).  Made deterministic by holding the third replica's
+    log back (cut off while the leader takes writes), so only the chosen
+    node's vote requests can win once the leader dies."""
+    with local_cluster(data_root / "c", nodes=3, shards=1, extra=["--enable-fault-injection"]) as c:
+        leader = c.leader_of(0)
+        assert leader is not None
+        via, behind = [n for n in c.node_ids if n != leader]
+
+        def block(node: str, nodes: list[str]) -> None:
+            c.admin(node).SetFaultFilter(pb.FaultFilterRequest(blocked_nodes=nodes), timeout=5)
+
+        block(behind, [leader, via])
+        block(leader, [behind])
+        block(via, [behind])
+        for i in range(20):
+            c.cache(leader).Set(pb.SetRequest(key=b"before/%d" % i, value=b"x"), timeout=5)
+        block(via, [])
+        block(behind, [])
+        c.kill9(leader)
+        c.cache(via).Set(pb.SetRequest(key=b"during", value=b"y"), timeout=10)
+        assert c.leader_of(0, exclude={leader}) == via
+        assert c.cache(behind).Get(pb.GetRequest(key=b"during"), timeout=10).value == b"y"
+
+
 def test_a_call_to_a_shard_without_a_quorum_fails_once_the_leader_wait_is_over(data_root: Path) -> None:
     """Waiting for a leader is bounded (not the call's whole deadline):
     with two of three replicas dead no leader can come, and the call ends
