@@ -229,20 +229,23 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             req = req()
         if req.header.no_forward:
             raise hint
-        fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, hint.leader_address), deadline, write)
+        fut = self._try_forward(method, req, shard, hint.leader_address, deadline, write)
         if give_up is None:
             give_up = min(time.monotonic() + self.cfg.leader_wait_s, deadline - FORWARD_FLOOR_S)
         # A partial, not a nested function (see _start_write).
         return functools.partial(self._forwarded, method, req, shard, deadline, write, fut, give_up, restart)
 
-    def _targets(self, shard: ShardDescriptor, first: str | None) -> list[str]:
+    def _try_forward(self, method: str, req: Any, shard: ShardDescriptor, first: str | None, deadline: float,
+                     write: bool) -> Future[Any]:
+        """One try on the fanout pool: ``first`` (the leader this node
+        knows), then the shard's replicas."""
         m = self.r.cluster_map()
         targets = [first] if first else []
         for nid in shard.replicas:
             n = m.node(nid)
             if n is not None:
                 targets.append(n.address)
-        return targets
+        return self._pool.submit(self.fwd.forward, method, req, targets, deadline, write)
 
     def _forwarded(self, method: str, req: Any, shard: ShardDescriptor, deadline: float, write: bool,
                    fut: Future[Any], give_up: float, restart: Callable[[float], Finish]) -> Any:
@@ -293,7 +296,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                     self._waiters.release()  # a restart that has to wait again takes a slot of its own
                     waiting = False
                     return restart(give_up)()
-                fut = self._pool.submit(self.fwd.forward, method, req, self._targets(shard, first), deadline, write)
+                fut = self._try_forward(method, req, shard, first, deadline, write)
         finally:
             if waiting:
                 self._waiters.release()
