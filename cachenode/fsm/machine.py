@@ -183,6 +183,8 @@ class ShardStateMachine:
         encoded = encode_result(result)
 
         try:
+            if isinstance(cmd, MSet) and isinstance(result, MSetResult):
+                w.put_values(cmd.items, index, clock)  # _plan leaves an MSet's items to this
             for key, rec in writes:
                 if rec is None:
                     w.delete(key)
@@ -265,10 +267,10 @@ class ShardStateMachine:
             return CasResult(False, 0, True, live.value, live.version), []
 
         if isinstance(cmd, MSet):
-            # _value_write inlined: this runs for every key of every MSet on every replica.
-            return MSetResult(len(cmd.items), index), [
-                (k, None) if e and e <= clock else (k, Record(v, index, e)) for k, v, e in cmd.items
-            ]
+            # Its items are written by w.put_values in _apply_one (each as
+            # _value_write would: due ones deleted), without a Record per key:
+            # this runs for every key of every MSet on every replica.
+            return MSetResult(len(cmd.items), index), []
 
         if isinstance(cmd, Expire):
             writes: list[Write] = []

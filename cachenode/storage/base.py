@@ -138,6 +138,16 @@ class StateWriter(StateReader, Protocol):
         then reads as absent.  Deterministic, so replicas stay identical."""
         ...
 
+    def put_values(
+        self, items: tuple[tuple[bytes, bytes, int], ...], version: int, clock_ms: int
+    ) -> None:
+        """Write each ``(key, value, expires_at_ms)`` as ``Record(value,
+        version, expires_at_ms)``, in order; an item already due at
+        ``clock_ms`` (``0 < expires_at_ms <= clock_ms``) deletes its key
+        instead.  The same effect as ``put``/``delete`` item by item, without
+        a ``Record`` per item: an MSet's keys on every replica (apply)."""
+        ...
+
     def delete(self, key: bytes) -> bool:
         """Remove the record; False if there was none."""
         ...

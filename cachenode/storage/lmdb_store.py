@@ -802,6 +802,40 @@ class _LmdbStateWriter:
             raise _fault(e) from e
         self._dirty = True
 
+    def put_values(
+        self, items: tuple[tuple[bytes, bytes, int], ...], version: int, clock_ms: int
+    ) -> None:
+        # put() inlined for the common item (a short key, no expiry): one
+        # header for all of them, no Record.  Long keys, expiries and due
+        # items take the general paths.
+        txn = self._txn
+        p = self._p
+        data = self._dbs.data
+        hdr = _U64X2.pack(version, 0)
+        for key, value, exp in items:
+            if exp or len(key) > INLINE_KEY_BYTES:
+                if exp and exp <= clock_ms:
+                    self.delete(key)
+                else:
+                    self.put(key, Record(value, version, exp))
+                continue
+            try:
+                old = txn.replace(p + key, hdr + value, db=data)
+            except lmdb.Error as e:
+                raise _fault(e) from e
+            if old is None:
+                self._count += 1
+                self._size += len(key) + len(value)
+            else:
+                self._size += len(value) - (len(old) - _HDR_LEN)
+                (old_exp,) = _U64.unpack_from(old, 8)
+                if old_exp:
+                    try:
+                        txn.delete(p + _U64.pack(old_exp) + key, db=self._dbs.expiry)
+                    except lmdb.Error as e:
+                        raise _fault(e) from e
+        self._dirty = True
+
     def _put_long(self, key: bytes, record: Record) -> None:
         if len(key) > MAX_KEY_BYTES:
             raise ValueError(f"key of {len(key)} bytes exceeds MAX_KEY_BYTES ({MAX_KEY_BYTES})")

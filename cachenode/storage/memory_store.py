@@ -194,6 +194,15 @@ class _MemWriter(_View):
         g.size += len(record.value) - (len(old.value) if old is not None else -len(key))
         g.data[key] = record
 
+    def put_values(
+        self, items: tuple[tuple[bytes, bytes, int], ...], version: int, clock_ms: int
+    ) -> None:
+        for key, value, exp in items:
+            if exp and exp <= clock_ms:
+                self.delete(key)
+            else:
+                self.put(key, Record(value, version, exp))
+
     def delete(self, key: bytes) -> bool:
         g = self._check()
         old = g.data.pop(key, None)
