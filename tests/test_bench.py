@@ -11,8 +11,10 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 from _cluster import local_cluster
 from cachectl.main import main
 
-from cachenode.bench.loadgen import WORKLOADS, LatencyHistogram, bench_key
+from cachenode.bench.loadgen import WORKLOADS, LatencyHistogram, _Values, bench_key
 from cachenode.bench.report import (
     build_document,
     evaluate_goals,
@@ -103,6 +105,21 @@ def _phase(
         "peak_rss_bytes": {"n1": 100},
         "errors": {},
     }
+
+
+def test_values_are_fresh_for_every_write_and_differ_between_processes() -> None:
+    """No layer may compress or deduplicate the payloads: every value is
+    new, of the workload's size, and another process's seed gives others."""
+    for size in (100, 10 * 1024, 1024 * 1024):
+        a, b = _Values(size, random.Random(1)), _Values(size, random.Random(2))
+        va = [a.next() for _ in range(50)]
+        vb = [b.next() for _ in range(50)]
+        assert {len(v) for v in va + vb} == {size}
+        assert len(set(va)) == len(set(vb)) == 50
+        assert not set(va) & set(vb)
+    small = _Values(100, random.Random(3))
+    blob = b"".join(small.next() for _ in range(100))
+    assert len(zlib.compress(blob)) > 0.95 * len(blob)  # random, not patterned
 
 
 def test_summary_takes_medians_and_ratios_favour_cachenode_when_higher() -> None:
