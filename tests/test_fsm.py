@@ -491,6 +491,19 @@ def test_storage_misbehaving_mid_write_is_a_fault() -> None:
     b.abort()
 
 
+@pytest.mark.parametrize("exc", [StorageFault("disk full"), RuntimeError("bug")])
+def test_an_mset_whose_writes_fail_is_a_fault(exc: Exception) -> None:
+    """An MSet's keys go through put_values: a failure there stops the
+    replica (the batch is aborted) instead of answering a half-applied write."""
+    s = MemoryStorage()
+    b = s.begin()
+    w = _FaultyWriter(b.state(G), "put_values", exc)
+    with pytest.raises(StorageFault):
+        ShardStateMachine().apply(encode_command(MSet(((b"a", b"1", 0), (b"b", b"2", 0)), 5, rid(1))), 1, w)
+    b.abort()
+    assert s.reader(G).count() == 0
+
+
 def test_logic_failure_is_an_internal_error_and_changes_no_data() -> None:
     s = MemoryStorage()
     b = s.begin()
