@@ -189,6 +189,14 @@ class CacheClient:
             return err
         return Outcome("ok", None)
 
+    def mset_one(self, key: str, value: int) -> Outcome:
+        """The write of ``set``, sent as an MSet of one item (its own command and apply)."""
+        req = pb.MSetRequest(items=[pb.KeyValue(key=key.encode(), value=str(value).encode())])
+        _, err = self._call(self._stub.MSet, req)
+        if err is not None:
+            return err
+        return Outcome("ok", None)
+
     def cas(self, key: str, expected: int, new: int) -> Outcome:
         """Compare-and-set by value; a cas whose comparison failed is a definite ``fail``."""
         req = pb.CompareAndSetRequest(

@@ -14,7 +14,10 @@ which a group's next write is due (time-based, like Jepsen's ``stagger``).
 
 Workloads and their ops (``OpSpec.f``/``value``):
 
-* ``register``: ``read``, ``write v``, ``cas [expected new]``; values 0-4;
+* ``register``: ``read``, ``write v``, ``cas [expected new]``; values 0-4; a
+  seeded ``MSET_FRACTION`` of the writes is sent as a one-item ``MSet``
+  (``OpSpec.mset``), so the multi-key write path (its own command and apply)
+  is checked under the same faults;
 * ``counter``: ``incr d`` (d in 1..5; a seeded ``dup`` fraction is re-sent with the
   same request id after a success), ``read``;
 * ``set``: ``add e`` (e unique per key), ``read`` (all elements added so far);
@@ -61,6 +64,7 @@ DEFAULTS: Final = {
 }
 
 DUP_FRACTION: Final = 0.2
+MSET_FRACTION: Final = 0.5
 TTL_MIN_MS: Final = 1000
 TTL_MAX_MS: Final = 3000
 
@@ -68,12 +72,14 @@ TTL_MAX_MS: Final = 3000
 @dataclass(frozen=True, slots=True)
 class OpSpec:
     """One operation for a worker to perform.  ``dup`` (counter only): after a
-    successful incr, send the same request id once more."""
+    successful incr, send the same request id once more.  ``mset`` (register
+    writes only): send the write as a one-item MSet instead of a Set."""
 
     f: str
     key: str
     value: Any = None
     dup: bool = False
+    mset: bool = False
 
 
 def element_key(set_key: str, element: int) -> str:
@@ -105,6 +111,7 @@ class Generator:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _groups: list[_Group] = field(default_factory=list, repr=False)
     _rngs: list[random.Random] = field(default_factory=list, repr=False)
+    _via_rngs: list[random.Random] = field(default_factory=list, repr=False)
     _elements: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _keys: list[str] = field(default_factory=list, repr=False)
 
@@ -118,6 +125,9 @@ class Generator:
             raise ValueError("key_groups, workers_per_key and ops_per_key must be >= 1")
         self._groups = [_Group(g, g) for g in range(s.key_groups)]
         self._rngs = [random.Random(f"{self.seed}/worker/{w}") for w in range(self.n_workers)]
+        # Which RPC carries a write: a stream of its own, so the ops and values
+        # drawn for a seed are what they were before MSet writes existed.
+        self._via_rngs = [random.Random(f"{self.seed}/via/{w}") for w in range(self.n_workers)]
         for g in self._groups:
             self._note_key(self._key(g.key_no))
 
@@ -166,7 +176,11 @@ class Generator:
                 self._note_key(self._key(g.key_no))
             g.count += 1
             key = self._key(g.key_no)
-            return self._make(rng, g, key)
+            op = self._make(rng, g, key)
+            if op.f == "write" and self.workload == "register":
+                if self._via_rngs[worker].random() < MSET_FRACTION:
+                    op = OpSpec(op.f, op.key, op.value, mset=True)
+            return op
 
     def _make(self, rng: random.Random, g: _Group, key: str) -> OpSpec:
         w = self.workload

@@ -96,6 +96,8 @@ def perform(
     if f == "write":
         if isinstance(v, dict):
             o = client.set(key, int(v["value"]), ttl_ms=int(v["ttl_ms"]))
+        elif spec.mset:
+            o = client.mset_one(key, int(v))
         else:
             o = client.set(key, int(v))
         return o, v

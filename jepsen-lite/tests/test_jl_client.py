@@ -54,6 +54,7 @@ class _Script(rpc.CacheServicer):
     def __init__(self) -> None:
         self.replies: list[Any] = []
         self.incr_seen: list[tuple[bytes, int]] = []
+        self.mset_seen: list[list[tuple[bytes, bytes]]] = []
         self.lock = threading.Lock()
 
     def _next(self, ctx: grpc.ServicerContext) -> Any:
@@ -75,6 +76,11 @@ class _Script(rpc.CacheServicer):
     def Set(self, req: pb.SetRequest, ctx: grpc.ServicerContext) -> pb.SetResponse:
         self._next(ctx)
         return pb.SetResponse(applied=True, version=1)
+
+    def MSet(self, req: pb.MSetRequest, ctx: grpc.ServicerContext) -> pb.MSetResponse:
+        self.mset_seen.append([(it.key, it.value) for it in req.items])
+        self._next(ctx)
+        return pb.MSetResponse(count=len(req.items), versions=[1])
 
     def Incr(self, req: pb.IncrRequest, ctx: grpc.ServicerContext) -> pb.IncrResponse:
         self.incr_seen.append((req.header.request_id.client_id, req.header.request_id.seq))
@@ -151,6 +157,18 @@ def test_dup_incr_records_the_last_answer(fake: tuple[_Script, CacheClient]) -> 
     script.replies = [3, (C.UNAVAILABLE, None)]
     o, value = _perform(client, OpSpec("incr", "c/0", 3, dup=True))
     assert (o.type, value) == ("ok", 3)  # the resend failing changes nothing known
+
+
+def test_a_register_write_marked_mset_goes_as_a_one_item_mset(fake: tuple[_Script, CacheClient]) -> None:
+    script, client = fake
+    script.replies = [None, (C.DEADLINE_EXCEEDED, "outcome_unknown"), (C.UNAVAILABLE, "not_leader")]
+    assert _perform(client, OpSpec("write", "r/3", 4, mset=True)) == (Outcome("ok", None), 4)
+    assert script.mset_seen == [[(b"r/3", b"4")]]
+    assert _perform(client, OpSpec("write", "r/3", 2, mset=True))[0].type == "info"
+    assert _perform(client, OpSpec("write", "r/3", 2, mset=True))[0].type == "fail"
+    script.replies = [None]
+    _perform(client, OpSpec("write", "r/3", 1))  # unmarked: a Set
+    assert len(script.mset_seen) == 3
 
 
 def test_worker_records_reads_as_fail_and_takes_new_process_after_info(

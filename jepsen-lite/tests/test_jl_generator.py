@@ -60,6 +60,15 @@ def test_register_ops_and_values() -> None:
             assert len(o.value) == 2 and all(v in range(5) for v in o.value)
 
 
+def test_register_sends_a_seeded_share_of_writes_as_mset() -> None:
+    ops = _drive(Generator.for_workload("register", 3), 400)
+    writes = [o for o in ops if o.f == "write"]
+    share = sum(o.mset for o in writes) / len(writes)
+    assert 0.35 < share < 0.65
+    assert not any(o.mset for o in ops if o.f != "write")
+    assert not any(o.mset for o in _drive(Generator.for_workload("ttl", 3), 50))
+
+
 def test_counter_incr_deltas_and_dup_fraction() -> None:
     ops = _drive(Generator.for_workload("counter", 5), 400)
     incrs = [o for o in ops if o.f == "incr"]
