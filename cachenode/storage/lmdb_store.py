@@ -778,20 +778,40 @@ class _LmdbStateWriter:
     def put(self, key: bytes, record: Record) -> None:
         if len(key) > INLINE_KEY_BYTES:
             return self._put_long(key, record)
+        exp = record.expires_at_ms
+        self._put_inline(key, _U64X2.pack(record.version, exp) + record.value, len(record.value), exp)
+        self._dirty = True
+
+    def put_values(
+        self, items: tuple[tuple[bytes, bytes, int], ...], version: int, clock_ms: int
+    ) -> None:
+        # The common item (a short key, no expiry) shares one header and
+        # needs no Record; long keys, expiries and due items take put/delete.
+        hdr = _U64X2.pack(version, 0)
+        for key, value, exp in items:
+            if exp or len(key) > INLINE_KEY_BYTES:
+                if exp and exp <= clock_ms:
+                    self.delete(key)
+                else:
+                    self.put(key, Record(value, version, exp))
+            else:
+                self._put_inline(key, hdr + value, len(value), 0)
+        self._dirty = True
+
+    def _put_inline(self, key: bytes, stored: bytes, value_len: int, exp: int) -> None:
+        """Store ``stored`` (header + value) under a short ``key``; keep the
+        expiry index, ``count`` and ``size_bytes`` right (put, put_values)."""
         txn = self._txn
         p = self._p
-        exp = record.expires_at_ms
         try:
-            old = txn.replace(
-                p + key, _U64X2.pack(record.version, exp) + record.value, db=self._dbs.data
-            )
+            old = txn.replace(p + key, stored, db=self._dbs.data)
             if old is None:
                 self._count += 1
-                self._size += len(key) + len(record.value)
+                self._size += len(key) + value_len
                 if exp:
                     txn.put(p + _U64.pack(exp) + key, b"", db=self._dbs.expiry)
             else:
-                self._size += len(record.value) - (len(old) - _HDR_LEN)
+                self._size += value_len - (len(old) - _HDR_LEN)
                 (old_exp,) = _U64.unpack_from(old, 8)
                 if old_exp != exp:
                     if old_exp:
@@ -800,41 +820,6 @@ class _LmdbStateWriter:
                         txn.put(p + _U64.pack(exp) + key, b"", db=self._dbs.expiry)
         except lmdb.Error as e:
             raise _fault(e) from e
-        self._dirty = True
-
-    def put_values(
-        self, items: tuple[tuple[bytes, bytes, int], ...], version: int, clock_ms: int
-    ) -> None:
-        # put() inlined for the common item (a short key, no expiry): one
-        # header for all of them, no Record.  Long keys, expiries and due
-        # items take the general paths.
-        txn = self._txn
-        p = self._p
-        data = self._dbs.data
-        hdr = _U64X2.pack(version, 0)
-        for key, value, exp in items:
-            if exp or len(key) > INLINE_KEY_BYTES:
-                if exp and exp <= clock_ms:
-                    self.delete(key)
-                else:
-                    self.put(key, Record(value, version, exp))
-                continue
-            try:
-                old = txn.replace(p + key, hdr + value, db=data)
-            except lmdb.Error as e:
-                raise _fault(e) from e
-            if old is None:
-                self._count += 1
-                self._size += len(key) + len(value)
-            else:
-                self._size += len(value) - (len(old) - _HDR_LEN)
-                (old_exp,) = _U64.unpack_from(old, 8)
-                if old_exp:
-                    try:
-                        txn.delete(p + _U64.pack(old_exp) + key, db=self._dbs.expiry)
-                    except lmdb.Error as e:
-                        raise _fault(e) from e
-        self._dirty = True
 
     def _put_long(self, key: bytes, record: Record) -> None:
         if len(key) > MAX_KEY_BYTES:
