@@ -15,7 +15,7 @@ Who calls what:
 
 Without a C compiler the build prints why and everything runs interpreted:
 the same source, the same tests, about 10 % more CPU per write (see
-``docs/benchmarks.md``, session 12).  ``python -m cachenode.native clean``
+``docs/benchmarks-history.md``, session 12).  ``python -m cachenode.native clean``
 removes the extensions, ``... status`` lists what runs compiled.
 
 The compiled modules are the per-request and per-entry paths: Raft driver,

@@ -10,7 +10,7 @@ its youngest generation fills up.  Before the fix each shard part of an
 mset or mget (and each unary write) left about a dozen such objects, the
 request's protobuf message among them: in 100-key msets the collector
 took 7-8 % of a node's CPU, in pauses of 10-50 ms that held the GIL
-(docs/benchmarks.md, *Session 21*).
+(docs/benchmarks-history.md, *Session 21*).
 
 The test runs a real one-node cluster in this process (real gRPC port,
 real LMDB files, the compiled modules when built) and counts the node's

@@ -510,7 +510,7 @@ def _run_loop(main: Coroutine[Any, Any, LoadResult]) -> LoadResult:
     fallback keeps a bare ``asyncio`` install working).  uvloop costs the
     load generator 7-10 % less CPU per request, which on a 2-core machine
     shared with the systems under test leaves them that much more, for every
-    system alike (measured in session 6, docs/benchmarks.md)."""
+    system alike (measured in session 6, docs/benchmarks-history.md)."""
     try:
         import uvloop
     except ImportError:

@@ -394,7 +394,7 @@ class AsyncCacheClient:
         :meth:`_attempts` at once, in a task of its own, like any call: it
         never waits for its siblings.  A task, its coroutine and a timer per
         part cost the client about as much CPU as the part's share of the
-        batch it rides in (100-key mget, 16 shards: ``docs/benchmarks.md``,
+        batch it rides in (100-key mget, 16 shards: ``docs/benchmarks-history.md``,
         *Session 15*)."""
         if not self._coalesce:
             return await asyncio.gather(*(self._run(op, deadline) for op in ops), return_exceptions=True)

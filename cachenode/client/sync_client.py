@@ -505,7 +505,7 @@ class CacheClient:
         a part whose first attempt fails goes on in :meth:`_attempts`, on the
         client's threads, as soon as that answer arrives.  Running every part
         on a thread of its own instead cost 5.5 ms of client CPU and 10.6 ms
-        per 100-key mget over 16 shards (``docs/benchmarks.md``, *Session 15*)."""
+        per 100-key mget over 16 shards (``docs/benchmarks-history.md``, *Session 15*)."""
         if len(ops) == 1:  # one part: the plain call, in this thread
             try:
                 return [self._run(ops[0], deadline)]

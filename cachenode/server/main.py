@@ -305,7 +305,7 @@ def set_cpu_policy(policy: str, tasks_dir: str = "/proc/self/task") -> tuple[boo
     (four experiments), linearizable gets +5 to +14 % (three), `mset100`
     +9.5 to +16 % in three of five (-1 % and -12.5 % in the others) and one
     client's p50 write 2-10 % lower in three of four (7 % higher in the
-    fourth; see docs/benchmarks.md, Session 20).  The gain comes from CPUs
+    fourth; see docs/benchmarks-history.md, Session 20).  The gain comes from CPUs
     shared by more runnable threads than they can run; the cost is on a
     machine whose CPUs the node shares with other busy programs: a node
     thread that wakes never preempts theirs, while theirs still preempt
