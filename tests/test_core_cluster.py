@@ -387,6 +387,56 @@ def test_ttl_is_not_late_by_an_outage(data_root: Path) -> None:
         print(f"\nkey expired {time.monotonic() - restarted:.2f}s after leaders were back ({time.monotonic() - set_at:.1f}s after the set)")
 
 
+def test_ttl_keeps_real_time_under_continuous_writes(data_root: Path) -> None:
+    """Found in session 28: every apply set the leader's cluster clock back
+    to the entry's own stamp, by the entry's commit latency, so under
+    back-to-back writes cluster time nearly stood still (four writers: it
+    ran at 37 % of real time, and a 5 s TTL had 2 s left after 8 s).  A key
+    set with a 3 s TTL while four writers keep its shard busy must be there
+    until 3 s have passed and gone within 1 s after."""
+    ttl_s = 3.0
+    with local_cluster(data_root / "c", nodes=3, shards=1) as c:
+        leader = c.leader_of(0)
+        assert leader
+        stub = c.cache(leader)
+        stop = threading.Event()
+        written = [0] * 4
+
+        def writer(i: int) -> None:
+            while not stop.is_set():
+                stub.Set(pb.SetRequest(key=b"busy/%d/%d" % (i, written[i] % 50), value=b"x"), timeout=5)
+                written[i] += 1
+
+        threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: min(written) >= 20, 30, "every writer to be writing")
+            before = sum(written)
+            stub.Set(pb.SetRequest(key=b"ttl", value=b"v", ttl_ms=int(ttl_s * 1000)), timeout=5)
+            set_at = time.monotonic()
+
+            def found() -> bool:
+                return stub.Get(pb.GetRequest(key=b"ttl"), timeout=5).found
+
+            # Not early: every read that starts before the TTL is over finds it.
+            while True:
+                started = time.monotonic()
+                if started >= set_at + ttl_s - 0.1:
+                    break
+                assert found(), f"expired early: {started - set_at:.2f}s after the set, TTL {ttl_s}s"
+            wait_for(lambda: not found(), set_at + ttl_s + 1.0 - time.monotonic(),
+                     f"the key to expire within 1 s after its {ttl_s}s TTL while writes go on", interval=0.02)
+            gone_after = time.monotonic() - set_at
+            during = sum(written) - before
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert during >= 100, f"only {during} writes while the TTL ran: the shard was not busy"
+        print(f"\nexpired {gone_after:.2f}s after the set, {during} writes meanwhile")
+
+
 @pytest.mark.parametrize("writemap", ["on", "off"])
 def test_a_machine_crash_rebuilds_the_state_and_loses_no_acknowledged_write(data_root: Path, writemap: str) -> None:
     """The state (LMDB) is committed without syncs; the journal is synced.

@@ -6,21 +6,16 @@ runs linearizable read barriers, keeps the per-shard *cluster clock*, and
 runs active expiry on the shards this node leads.
 
 Cluster clock (TTL time).  Every command carries ``now_ms`` stamped by the
-proposing leader.  It is not the leader's wall clock: it is the cluster time
-of the last entry the leader applied plus the leader's *monotonic* time
-elapsed since it applied it.  So cluster time never goes backwards, advances
-at real-time rate, and ignores wall-clock offsets between nodes: a new leader
-can only be behind (by at most the time since it last applied an entry,
-about one election timeout), which makes expiry late, never early.
-
-Across a restart the monotonic clock starts over, and the last applied
-entry's cluster time is as old as the outage.  So every second each node
+proposing leader from :class:`~cachenode.server.cluster_clock.ClusterClock`:
+a stamp from the log plus the monotonic time this node saw pass since, so
+cluster time ignores wall-clock offsets between nodes and makes expiry late
+(by an apply delay), never early; that module says how.  Across a restart
+the last applied entry is as old as the outage, so every second each node
 records, per shard, (cluster time, its own unskewed wall time) in
 ``cluster-clock.json``; after a restart, cluster time is at least the
-recorded value plus the wall time that passed meanwhile.  That floor is a
-lower bound of true cluster time (it assumes this node's own wall clock did
-not step forward while the node was down), so expiry stays never early, and
-the time a restarted replica needs to catch up no longer makes TTLs late.
+recorded value plus the wall time that passed meanwhile (it assumes this
+node's own wall clock did not step forward while the node was down), until
+the replica follows live stamps again.
 
 Which replicas this node hosts.  The agreed map says (its shards' replica
 lists, and ``meta`` for the metadata group, which the placement driver moves
@@ -69,6 +64,7 @@ from ..raft.group import RaftGroup
 from ..raft.host import GroupHost
 from ..storage.base import StateReader, Storage
 from ..storage.wal import write_durably
+from .cluster_clock import ClusterClock
 from .config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -82,9 +78,10 @@ class ReplicaManager:
         self.clock = clock
         self.fsm = ShardStateMachine(unsafe_dup_incr=cfg.unsafe.dup_incr)
         self.meta_fsm = MetaStateMachine()
-        self._clock_base: dict[int, tuple[int, float]] = {}
         self._clock_file = os.path.join(cfg.data_dir, "cluster-clock.json")
-        self._clock_floor = self._load_clock_floor()
+        self.cluster_clock = ClusterClock(clock.monotonic)
+        for gid, (floor_ms, floor_mono) in self._load_clock_floor().items():
+            self.cluster_clock.set_floor(gid, floor_ms, floor_mono)
         self._map: ClusterMap | None = None
         self._stored_map = StoredMap()  # the metadata replica's map (driver thread)
         self._map_lock = threading.Lock()
@@ -210,18 +207,15 @@ class ReplicaManager:
     # ---- proposing and reading (any thread) ---------------------------------
 
     def cluster_now(self, gid: int) -> int:
-        base = self._clock_base.get(gid)
-        if base is None:
-            stored = self.storage.reader(gid).clock_ms()
-            base = (stored, self.clock.monotonic()) if stored else (self.clock.wall_ms(), self.clock.monotonic())
-            self._clock_base[gid] = base
-        cluster_ms, mono = base
-        now = self.clock.monotonic()
-        t = cluster_ms + int((now - mono) * 1000)
-        floor = self._clock_floor.get(gid)
-        if floor is not None:
-            t = max(t, floor[0] + int((now - floor[1]) * 1000))
-        return t
+        """Cluster time of shard ``gid`` on this node (any thread): what a
+        leader stamps into commands and judges TTLs with."""
+        g = self.host.group(gid)
+        st = g.status if g is not None else None
+        term = st.term if st is not None and st.role == "leader" else None
+        return self.cluster_clock.now(gid, term, lambda: self._initial_clock(gid))
+
+    def _initial_clock(self, gid: int) -> int:
+        return self.storage.reader(gid).clock_ms() or self.clock.wall_ms()
 
     def _load_clock_floor(self) -> dict[int, tuple[int, float]]:
         """Per shard: (cluster time at start-up, monotonic time then)."""
@@ -285,17 +279,30 @@ class ReplicaManager:
     def _shard_apply(self, gid: int) -> Callable[[bytes, int], bytes]:
         fsm = self.fsm
         batch = self.host.batch
-        bases = self._clock_base
-        mono = self.clock.monotonic
+        applied = self.cluster_clock.applied
+        entry_term = self._entry_term
 
         def apply(payload: bytes, index: int) -> bytes:
             w = batch().state(gid)
             res = fsm.apply(payload, index, w)
-            bases[gid] = (w.clock_ms(), mono())
+            applied(gid, w.clock_ms(), entry_term(gid, index))
             self.writes_applied += 1
             return res
 
         return apply
+
+    def _entry_term(self, gid: int, index: int) -> int | None:
+        """The Raft term of entry ``index`` of ``gid``'s log, being applied
+        (driver thread); ``None`` when the log no longer holds it."""
+        g = self.host.group(gid)
+        if g is None:
+            return None
+        j = g.journal
+        n = len(j)
+        if not n:
+            return None
+        pos = index - j[0][1]
+        return int(j[pos][2]) if 0 <= pos < n else None
 
     def _meta_apply(self, payload: bytes, index: int) -> bytes:
         return self.meta_fsm.apply(payload, index, self.host.batch().state(META_GROUP_ID))
@@ -347,7 +354,7 @@ class ReplicaManager:
             if m.version > created:
                 log.info("%s: this node is no longer a replica (map version %d): deleting its data", group_label(gid), m.version)
                 self.host.remove_group(gid, delete_data=True)
-                self._clock_base.pop(gid, None)
+                self.cluster_clock.forget(gid)
                 if gid == META_GROUP_ID:
                     # A tombstone, not nothing: a first node (no --join) with
                     # no record would host a metadata replica again at start.
@@ -403,6 +410,9 @@ class ReplicaManager:
             self.host.create_group(gid, members, self._meta_apply, barrier_command, hold, released)
         else:
             self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
+            g = self.host.group(gid)
+            if g is not None:  # its log is loaded: entries of newer terms are a live leader's
+                self.cluster_clock.set_floor_term(gid, g.current_term())
 
     def _prefer_leaders(self) -> None:
         """Hand leadership to each shard's preferred replica (the first in its
