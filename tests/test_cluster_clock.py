@@ -36,7 +36,8 @@ def test_a_leader_applying_its_own_stamps_keeps_real_time() -> None:
     by the entry's commit latency, so under back-to-back writes cluster time
     nearly stood still."""
     clock, mono = _start()
-    start = clock.now(0, 1, lambda: 50_000)
+    clock.applied(0, 50_000, 1)  # the term's first entry
+    start = clock.now(0, 1, lambda: 0)
     for _ in range(1000):  # a write every 2 ms, committed 1.5 ms after its stamp
         stamp = clock.now(0, 1, lambda: 0)
         mono.advance_ms(1.5)
@@ -51,19 +52,22 @@ def test_a_leader_committing_its_own_older_entries_does_not_go_back() -> None:
     the next term; committing and applying its own old entries took its
     clock back by the outage (a TTL 12 s late)."""
     clock, mono = _start()
-    clock.applied(3, 30_000, 5)
-    stamp = clock.now(3, 6, lambda: 0)  # leads term 6 and stamps a write
+    clock.applied(3, 30_000, 6)  # leads term 6
+    stamp = clock.now(3, 6, lambda: 0)  # and stamps a write
     assert near(stamp, 30_000)
     mono.advance_ms(12_000)  # partition: the write is not committed, no leader
     clock.applied(3, stamp, 6)  # leads term 7: the term-6 entry commits first
     assert near(clock.now(3, 7, lambda: 0), 42_000)
+    clock.applied(3, 42_000, 7)
+    mono.advance_ms(10)
+    assert near(clock.now(3, 7, lambda: 0), 42_010)
 
 
 def test_late_entries_another_leader_stamped_make_the_clock_late_not_early() -> None:
     """This node cannot tell how long ago another node stamped an entry, so
     it takes the stamp as of the moment it applies it."""
     clock, mono = _start()
-    clock.applied(3, 30_000, 5)
+    clock.applied(3, 30_000, 6)
     assert near(clock.now(3, 6, lambda: 0), 30_000)
     mono.advance_ms(12_000)
     clock.applied(3, 30_010, 7)  # term 7 was led elsewhere
@@ -73,10 +77,10 @@ def test_late_entries_another_leader_stamped_make_the_clock_late_not_early() -> 
 
 def test_a_follower_follows_the_last_applied_stamp() -> None:
     clock, mono = _start()
-    clock.applied(0, 10_000, None)
+    clock.applied(0, 10_000, 1)
     mono.advance_ms(40)
     assert near(clock.now(0, None, lambda: 0), 10_040)
-    clock.applied(0, 10_100, None)  # a newer stamp, applied at once
+    clock.applied(0, 10_100, 1)  # a newer stamp, applied at once
     assert near(clock.now(0, None, lambda: 0), 10_100)
     mono.advance_ms(5)
     assert near(clock.now(0, None, lambda: 0), 10_105)
@@ -99,27 +103,33 @@ def test_a_new_term_does_not_continue_an_older_leading_chain() -> None:
     assert near(clock.now(0, 3, lambda: 0), 11_020)
 
 
-def test_another_leaders_entry_applied_after_a_newer_chain_started_drops_it() -> None:
+def test_a_chain_starts_only_after_an_entry_of_its_term_is_applied() -> None:
     """This node led term 1, then leads term 3 before applying what the
-    term-2 leader committed: its term-3 chain started from its own term-1
-    chain, 80 ms ahead of the term-2 leader's stamps."""
+    term-2 leader committed: a chain started then would start from its own
+    term-1 chain, 80 ms ahead of the term-2 leader's stamps."""
     clock, mono = _start()
     clock.applied(0, 10_000, 1)
     assert near(clock.now(0, 1, lambda: 0), 10_000)
     mono.advance_ms(1000)
-    assert near(clock.now(0, 3, lambda: 0), 11_000)
+    assert near(clock.now(0, 3, lambda: 0), 11_000)  # what it applied, projected
     clock.applied(0, 10_920, 2)  # the term-2 leader's last stamp
     assert near(clock.now(0, 3, lambda: 0), 10_920)  # late, not early
     mono.advance_ms(50)
-    clock.applied(0, 10_920, 3)  # its own term-3 entry continues the new chain
-    assert near(clock.now(0, 3, lambda: 0), 10_970)
+    clock.applied(0, 10_920, 3)  # its own first term-3 entry
+    mono.advance_ms(30)
+    assert near(clock.now(0, 3, lambda: 0), 10_950)
+    clock.applied(0, 10_950, 3)
+    mono.advance_ms(30)
+    assert near(clock.now(0, 3, lambda: 0), 10_980)  # the chain: real time from here
 
 
 def test_a_stamp_ahead_of_the_leading_chain_moves_it_forward() -> None:
+    """A command stamped by the previous leader and handed over in a
+    leadership transfer is appended in the new leader's term."""
     clock, mono = _start()
-    clock.applied(0, 10_000, None)
+    clock.applied(0, 10_000, 2)
     assert near(clock.now(0, 2, lambda: 0), 10_000)
-    clock.applied(0, 10_300, None)  # the previous leader's stamp, ahead of this one's chain
+    clock.applied(0, 10_300, 2)
     assert near(clock.now(0, 2, lambda: 0), 10_300)
 
 
@@ -139,7 +149,12 @@ def test_the_floor_holds_while_the_replica_replays_old_entries() -> None:
     assert clock.has_floor(0)
     mono.advance_ms(100)
     assert near(clock.now(0, None, lambda: 0), 60_100)
-    assert near(clock.now(0, 1, lambda: 0), 60_100)  # a leader starts from it
+    assert near(clock.now(0, 3, lambda: 0), 60_100)  # a new leader stamps from it
+    mono.advance_ms(2)
+    clock.applied(0, 60_100, 3)  # its first entry: the floor's term is over
+    assert not clock.has_floor(0)
+    mono.advance_ms(10)
+    assert near(clock.now(0, 3, lambda: 0), 60_110)  # late by one commit, once
 
 
 def test_the_floor_is_dropped_once_live_stamps_are_applied() -> None:
@@ -172,18 +187,6 @@ def test_the_floor_is_dropped_at_the_first_entry_of_a_newer_term() -> None:
     assert near(clock.now(0, 4, lambda: 0), 59_200)
 
 
-def test_a_floor_chain_of_the_own_term_survives_its_entries() -> None:
-    """The whole cluster restarted: nobody led a term after the record but
-    this node, so its own entries continue the chain it started from the floor."""
-    clock, mono = _start()
-    clock.set_floor(0, 60_000, mono(), 2)
-    assert near(clock.now(0, 3, lambda: 0), 60_000)
-    mono.advance_ms(100)
-    clock.applied(0, 60_000, 3)
-    assert not clock.has_floor(0)
-    assert near(clock.now(0, 3, lambda: 0), 60_100)
-
-
 def test_the_floor_margin_bounds_what_dropping_it_can_cost() -> None:
     clock, mono = _start()
     clock.set_floor(0, 60_000, mono(), 2)
@@ -193,19 +196,9 @@ def test_the_floor_margin_bounds_what_dropping_it_can_cost() -> None:
     assert not clock.has_floor(0)
 
 
-def test_forget_drops_every_source() -> None:
-    clock, mono = _start()
-    clock.set_floor(5, 90_000, mono(), 2)
-    clock.applied(5, 10_000, None)
-    clock.now(5, 1, lambda: 0)
-    clock.forget(5)
-    assert not clock.has_floor(5)
-    assert near(clock.now(5, None, lambda: 42), 42)
-
-
 def test_no_entry_drops_the_floor_by_term_before_the_log_is_loaded() -> None:
     """The floor is read at start-up, before the replica's log (and so the
-    newest term it knew) is loaded."""
+    term of its last entry) is loaded."""
     clock, mono = _start()
     clock.set_floor(0, 60_000, mono())
     clock.applied(0, 50_000, 9)
@@ -215,3 +208,21 @@ def test_no_entry_drops_the_floor_by_term_before_the_log_is_loaded() -> None:
     assert clock.has_floor(0)
     clock.applied(0, 50_010, 10)  # a leader elected since
     assert not clock.has_floor(0)
+
+
+def test_only_the_newest_leading_chains_are_kept() -> None:
+    clock, mono = _start()
+    for term in range(1, 10):
+        clock.applied(0, 10_000, term)
+        clock.now(0, term, lambda: 0)
+    assert len(clock._leading[0]) == ClusterClock.KEEP_TERMS
+
+
+def test_forget_drops_every_source() -> None:
+    clock, mono = _start()
+    clock.set_floor(5, 90_000, mono(), 2)
+    clock.applied(5, 10_000, 1)
+    clock.now(5, 1, lambda: 0)
+    clock.forget(5)
+    assert not clock.has_floor(5)
+    assert near(clock.now(5, None, lambda: 42), 42)

@@ -11,8 +11,9 @@ nodes do not matter.  Three sources, per shard:
   leader that stamped the entry (the entry was applied after it was
   stamped), so judging a TTL with it is late by the apply delay, never early.
 - **leading**: the chain this node stamps with while it leads the shard,
-  one per term it led.  It starts at the term's first use from the other
-  two sources and then runs at real-time rate, whatever the node applies;
+  one per term it led.  It starts once the leader has applied an entry of
+  its own term (so every earlier leader's entry first), from the other two
+  sources, and then runs at real-time rate, whatever the node applies;
   and an entry of a term this node led was stamped from that term's chain,
   so applying it, even terms later, continues that chain instead of going
   back to the stamp.  Without this a leader's clock went back to its own
@@ -21,11 +22,11 @@ nodes do not matter.  Three sources, per shard:
   back: it ran at 37 % of real time, and a 5 s TTL had 2 s left after 8 s),
   and a leader that after a partition committed the entries it had stamped
   before it went back by the outage (jepsen-lite: a TTL 12 s late).
-  Applying another leader's entry drops every chain of a newer term: such a
-  chain started before this node had that entry, from an older chain of its
-  own or the floor, which can be ahead of that leader's stamps (the leader
-  in between started from this node's stamps minus its own apply delay),
-  and judging that leader's TTLs with it would make them early.
+  A chain never starts earlier: before its term's first entry is applied,
+  a chain could start from an older chain of this node's own or from the
+  floor, either of which can be ahead of the leader in between (it started
+  from this node's stamps minus its own apply delay), and judging that
+  leader's TTLs with it would make them early.
 - **floor**: after a restart, the cluster time this node recorded before
   (``cluster-clock.json``) plus the wall time that passed; without it the
   last applied entry is as old as the outage.  It is this node's *own*
@@ -33,18 +34,27 @@ nodes do not matter.  Three sources, per shard:
   this node was down, by however late that leader applied its
   predecessor's last stamps (jepsen-lite, ttl x kill: 1.2 s, and TTLs that
   leader wrote expired that much early on this node).  So the floor holds
-  only until this node applies an entry of a term newer than any it knew
-  before it stopped (a leader elected since: follow its stamps), or until
-  its applied clock comes within :data:`FLOOR_MARGIN_MS` of the floor (a
-  leading chain started from it before is dropped by the rule above).
-  Dropping it makes this node's clock late, never early.
+  only until this node applies an entry of a term newer than the last entry
+  of its log when it stopped (a leader elected since: follow its stamps),
+  or until its applied clock comes within :data:`FLOOR_MARGIN_MS` of the
+  floor.  Dropping it makes this node's clock late, never early.
+
+Known gaps (found by review, not fixed yet): a replica caught up by a
+snapshot applies no entry, so none of these rules hears of it (its floor
+stays until its next applied entry); a replica with nothing applied and no
+stored clock starts from its own wall clock; and commands stamped by a
+leader that then hands leadership over are appended in the next term, so
+their stamps count as the new leader's own.  Each can make a TTL early by
+the gap between two nodes' chains (tens of ms, up to an election).
 
 Threads: :meth:`now` from any thread (gRPC workers stamp and judge with
 it; the driver stamps expiry and barriers); :meth:`applied`,
 :meth:`set_floor` and :meth:`forget` from the driver thread.  State is one
 tuple per shard and source, replaced whole (a reference swap), so readers
-never see half an update; two threads that start a term's leading chain at
-once both start it from the same sources.
+never see half an update; :meth:`applied` records the entry's term last,
+so a thread that sees its term also sees the floor that entry dropped; two
+threads that start a term's leading chain at once both start it from the
+same sources.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ FLOOR_MARGIN_MS = 500
 
 
 class ClusterClock:
-    __slots__ = ("_mono", "_applied", "_leading", "_floor", "floor_margin_ms")
+    __slots__ = ("_mono", "_applied", "_applied_term", "_leading", "_floor", "floor_margin_ms")
 
     KEEP_TERMS = 4
     """Leading chains kept per shard (the newest terms this node led)."""
@@ -70,6 +80,7 @@ class ClusterClock:
         """``monotonic``: seconds, never going backwards (``Clock.monotonic``)."""
         self._mono = monotonic
         self._applied: dict[int, tuple[int, float]] = {}  # gid -> (cluster ms, mono s)
+        self._applied_term: dict[int, int] = {}  # gid -> term of the last entry applied
         self._leading: dict[int, dict[int, tuple[int, float]]] = {}  # gid -> term -> (cluster ms, mono s)
         self._floor: dict[int, tuple[int, float, int]] = {}  # gid -> (cluster ms, mono s, term)
         self.floor_margin_ms = floor_margin_ms
@@ -89,7 +100,12 @@ class ClusterClock:
         floor = self._floor.get(gid)
         if floor is not None:
             t = max(t, floor[0] + int((mono - floor[1]) * 1000))
-        if leader_term is not None:
+        if leader_term is not None and self._applied_term.get(gid) == leader_term:
+            # Only once an entry of its own term is applied: every entry of
+            # earlier leaders is applied then (and has dropped the floor if
+            # one of them was elected since this node's record), so the
+            # chain cannot start ahead of their stamps.  Until then a new
+            # leader stamps from what it applied, one commit latency.
             chains = self._leading.get(gid)
             if chains is None:
                 chains = self._leading[gid] = {}
@@ -113,27 +129,21 @@ class ClusterClock:
             # This node led that term, so it stamped the entry from that
             # term's chain: the chain is as good as the stamp, and better.
             clock_ms = max(clock_ms, chain[0] + int((mono - chain[1]) * 1000))
-        elif chains and entry_term is not None:
-            # Another leader's entry.  A chain of a newer term started before
-            # this node applied it, maybe from an older chain of its own or
-            # the floor, so it may be ahead of that leader's stamps: drop it.
-            for term in list(chains):
-                if term > entry_term:
-                    chains.pop(term, None)
         self._applied[gid] = (clock_ms, mono)
         floor = self._floor.get(gid)
-        if floor is None:
-            return
-        if entry_term is not None and entry_term > floor[2]:
-            del self._floor[gid]  # a stamp of a term newer than the record: follow it
-        elif clock_ms >= floor[0] + int((mono - floor[1]) * 1000) - self.floor_margin_ms:
-            del self._floor[gid]
+        if floor is not None:
+            if entry_term is not None and entry_term > floor[2]:
+                del self._floor[gid]  # a stamp of a term newer than the record: follow it
+            elif clock_ms >= floor[0] + int((mono - floor[1]) * 1000) - self.floor_margin_ms:
+                del self._floor[gid]
+        if entry_term is not None:
+            self._applied_term[gid] = entry_term  # last: now() reads it first
 
     def set_floor(self, gid: int, cluster_ms: int, mono: float, term: int = UNKNOWN_TERM) -> None:
         """After a restart: cluster time was at least ``cluster_ms`` at
-        ``mono``.  ``term``: the newest Raft term this replica knew before it
-        stopped (its persisted current term), once its log is loaded; until
-        then no entry's term drops the floor."""
+        ``mono``.  ``term``: the Raft term of the last entry in this replica's
+        log when it stopped, once the log is loaded; until then no entry's
+        term drops the floor."""
         self._floor[gid] = (cluster_ms, mono, term)
 
     def set_floor_term(self, gid: int, term: int) -> None:
@@ -148,5 +158,6 @@ class ClusterClock:
     def forget(self, gid: int) -> None:
         """The replica of ``gid`` is gone from this node."""
         self._applied.pop(gid, None)
+        self._applied_term.pop(gid, None)
         self._leading.pop(gid, None)
         self._floor.pop(gid, None)

@@ -412,7 +412,8 @@ class ReplicaManager:
             self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
             g = self.host.group(gid)
             if g is not None:  # its log is loaded: entries of newer terms are a live leader's
-                self.cluster_clock.set_floor_term(gid, g.current_term())
+                j = g.journal
+                self.cluster_clock.set_floor_term(gid, int(j[len(j) - 1][2]) if len(j) else 0)
 
     def _prefer_leaders(self) -> None:
         """Hand leadership to each shard's preferred replica (the first in its
