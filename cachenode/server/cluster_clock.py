@@ -39,7 +39,14 @@ nodes do not matter.  Three sources, per shard:
   or until its applied clock comes within :data:`FLOOR_MARGIN_MS` of the
   floor.  Dropping it makes this node's clock late, never early.
 
-Known gaps (found by review, not fixed yet): a replica caught up by a
+Known gaps, not fixed yet.  Late: when most of a shard's replicas were
+down, a surviving replica that becomes leader applies the dead leader's
+last entries only after its election, and follows their stamps back by
+the outage (jepsen-lite, ttl x mixed, seed 29: a 2 s TTL still served
+9.7 s after its write, past the model's 2.5 s).  Keeping the applied clock
+from going back would stop that, at the price of early expiry by the
+spread of two nodes' apply delays (tens of ms).  Early (found by review):
+a replica caught up by a
 snapshot applies no entry, so none of these rules hears of it (its floor
 stays until its next applied entry); a replica with nothing applied and no
 stored clock starts from its own wall clock; and commands stamped by a
