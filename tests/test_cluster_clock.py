@@ -226,3 +226,18 @@ def test_forget_drops_every_source() -> None:
     clock.forget(5)
     assert not clock.has_floor(5)
     assert near(clock.now(5, None, lambda: 42), 42)
+
+
+def test_a_survivor_applying_its_dead_leaders_last_entries_late_does_not_go_back() -> None:
+    """Found by jepsen-lite (ttl x mixed, seed 29): two of three replicas
+    were killed for 7.5 s; the survivor, elected once they were back,
+    applied the dead leader's last entries only then and went back by the
+    outage (a 2 s TTL served 9.7 s after its write)."""
+    clock, mono = _start()
+    clock.applied(0, 10_000, 2)  # following the term-2 leader
+    mono.advance_ms(8000)  # the outage
+    clock.applied(0, 10_020, 2)  # its last entries, committed in term 3
+    assert near(clock.now(0, None, lambda: 0), 18_000)
+    assert near(clock.now(0, 3, lambda: 0), 18_000)
+    clock.applied(0, 10_030, 4)  # another term's entry is taken as it is
+    assert near(clock.now(0, None, lambda: 0), 10_030)
