@@ -37,13 +37,13 @@ def test_a_leader_applying_its_own_stamps_keeps_real_time() -> None:
     nearly stood still."""
     clock, mono = _start()
     clock.applied(0, 50_000, 1)  # the term's first entry
-    start = clock.now(0, 1, lambda: 0)
+    start = clock.now(0, 1, lambda _: 0)
     for _ in range(1000):  # a write every 2 ms, committed 1.5 ms after its stamp
-        stamp = clock.now(0, 1, lambda: 0)
+        stamp = clock.now(0, 1, lambda _: 0)
         mono.advance_ms(1.5)
         clock.applied(0, stamp, 1)
         mono.advance_ms(0.5)
-    assert near(clock.now(0, 1, lambda: 0) - start, 2000)
+    assert near(clock.now(0, 1, lambda _: 0) - start, 2000)
 
 
 def test_a_leader_committing_its_own_older_entries_does_not_go_back() -> None:
@@ -53,14 +53,14 @@ def test_a_leader_committing_its_own_older_entries_does_not_go_back() -> None:
     clock back by the outage (a TTL 12 s late)."""
     clock, mono = _start()
     clock.applied(3, 30_000, 6)  # leads term 6
-    stamp = clock.now(3, 6, lambda: 0)  # and stamps a write
+    stamp = clock.now(3, 6, lambda _: 0)  # and stamps a write
     assert near(stamp, 30_000)
     mono.advance_ms(12_000)  # partition: the write is not committed, no leader
     clock.applied(3, stamp, 6)  # leads term 7: the term-6 entry commits first
-    assert near(clock.now(3, 7, lambda: 0), 42_000)
+    assert near(clock.now(3, 7, lambda _: 0), 42_000)
     clock.applied(3, 42_000, 7)
     mono.advance_ms(10)
-    assert near(clock.now(3, 7, lambda: 0), 42_010)
+    assert near(clock.now(3, 7, lambda _: 0), 42_010)
 
 
 def test_late_entries_another_leader_stamped_make_the_clock_late_not_early() -> None:
@@ -68,22 +68,22 @@ def test_late_entries_another_leader_stamped_make_the_clock_late_not_early() -> 
     it takes the stamp as of the moment it applies it."""
     clock, mono = _start()
     clock.applied(3, 30_000, 6)
-    assert near(clock.now(3, 6, lambda: 0), 30_000)
+    assert near(clock.now(3, 6, lambda _: 0), 30_000)
     mono.advance_ms(12_000)
     clock.applied(3, 30_010, 7)  # term 7 was led elsewhere
-    assert near(clock.now(3, None, lambda: 0), 30_010)
-    assert near(clock.now(3, 8, lambda: 0), 30_010)
+    assert near(clock.now(3, None, lambda _: 0), 30_010)
+    assert near(clock.now(3, 8, lambda _: 0), 30_010)
 
 
 def test_a_follower_follows_the_last_applied_stamp() -> None:
     clock, mono = _start()
     clock.applied(0, 10_000, 1)
     mono.advance_ms(40)
-    assert near(clock.now(0, None, lambda: 0), 10_040)
+    assert near(clock.now(0, None, lambda _: 0), 10_040)
     clock.applied(0, 10_100, 1)  # a newer stamp, applied at once
-    assert near(clock.now(0, None, lambda: 0), 10_100)
+    assert near(clock.now(0, None, lambda _: 0), 10_100)
     mono.advance_ms(5)
-    assert near(clock.now(0, None, lambda: 0), 10_105)
+    assert near(clock.now(0, None, lambda _: 0), 10_105)
 
 
 def test_a_new_term_does_not_continue_an_older_leading_chain() -> None:
@@ -92,15 +92,15 @@ def test_a_new_term_does_not_continue_an_older_leading_chain() -> None:
     that leader's writes early by that delay."""
     clock, mono = _start()
     clock.applied(0, 10_000, 1)
-    assert near(clock.now(0, 1, lambda: 0), 10_000)  # leads term 1
+    assert near(clock.now(0, 1, lambda _: 0), 10_000)  # leads term 1
     mono.advance_ms(1000)
-    assert near(clock.now(0, 1, lambda: 0), 11_000)
+    assert near(clock.now(0, 1, lambda _: 0), 11_000)
     # term 2 led elsewhere; this node applies that leader's stamps, 80 ms behind its own chain
     clock.applied(0, 10_920, 2)
     mono.advance_ms(100)
-    assert near(clock.now(0, None, lambda: 0), 11_020)
+    assert near(clock.now(0, None, lambda _: 0), 11_020)
     # term 3: this node leads again and starts from what it applied
-    assert near(clock.now(0, 3, lambda: 0), 11_020)
+    assert near(clock.now(0, 3, lambda _: 0), 11_020)
 
 
 def test_a_chain_starts_only_after_an_entry_of_its_term_is_applied() -> None:
@@ -109,18 +109,18 @@ def test_a_chain_starts_only_after_an_entry_of_its_term_is_applied() -> None:
     term-1 chain, 80 ms ahead of the term-2 leader's stamps."""
     clock, mono = _start()
     clock.applied(0, 10_000, 1)
-    assert near(clock.now(0, 1, lambda: 0), 10_000)
+    assert near(clock.now(0, 1, lambda _: 0), 10_000)
     mono.advance_ms(1000)
-    assert near(clock.now(0, 3, lambda: 0), 11_000)  # what it applied, projected
+    assert near(clock.now(0, 3, lambda _: 0), 11_000)  # what it applied, projected
     clock.applied(0, 10_920, 2)  # the term-2 leader's last stamp
-    assert near(clock.now(0, 3, lambda: 0), 10_920)  # late, not early
+    assert near(clock.now(0, 3, lambda _: 0), 10_920)  # late, not early
     mono.advance_ms(50)
     clock.applied(0, 10_920, 3)  # its own first term-3 entry
     mono.advance_ms(30)
-    assert near(clock.now(0, 3, lambda: 0), 10_950)
+    assert near(clock.now(0, 3, lambda _: 0), 10_950)
     clock.applied(0, 10_950, 3)
     mono.advance_ms(30)
-    assert near(clock.now(0, 3, lambda: 0), 10_980)  # the chain: real time from here
+    assert near(clock.now(0, 3, lambda _: 0), 10_980)  # the chain: real time from here
 
 
 def test_a_stamp_ahead_of_the_leading_chain_moves_it_forward() -> None:
@@ -128,16 +128,16 @@ def test_a_stamp_ahead_of_the_leading_chain_moves_it_forward() -> None:
     leadership transfer is appended in the new leader's term."""
     clock, mono = _start()
     clock.applied(0, 10_000, 2)
-    assert near(clock.now(0, 2, lambda: 0), 10_000)
+    assert near(clock.now(0, 2, lambda _: 0), 10_000)
     clock.applied(0, 10_300, 2)
-    assert near(clock.now(0, 2, lambda: 0), 10_300)
+    assert near(clock.now(0, 2, lambda _: 0), 10_300)
 
 
 def test_nothing_applied_starts_from_the_initial_value() -> None:
     clock, mono = _start()
-    assert near(clock.now(7, None, lambda: 123_456), 123_456)
+    assert near(clock.now(7, None, lambda _: 123_456), 123_456)
     mono.advance_ms(10)
-    assert near(clock.now(7, None, lambda: 999), 123_466)  # asked once only
+    assert near(clock.now(7, None, lambda _: 999), 123_466)  # asked once only
 
 
 def test_the_floor_holds_while_the_replica_replays_old_entries() -> None:
@@ -148,13 +148,13 @@ def test_the_floor_holds_while_the_replica_replays_old_entries() -> None:
     clock.applied(0, 50_000, 2)  # replayed: 10 s behind the floor
     assert clock.has_floor(0)
     mono.advance_ms(100)
-    assert near(clock.now(0, None, lambda: 0), 60_100)
-    assert near(clock.now(0, 3, lambda: 0), 60_100)  # a new leader stamps from it
+    assert near(clock.now(0, None, lambda _: 0), 60_100)
+    assert near(clock.now(0, 3, lambda _: 0), 60_100)  # a new leader stamps from it
     mono.advance_ms(2)
     clock.applied(0, 60_100, 3)  # its first entry: the floor's term is over
     assert not clock.has_floor(0)
     mono.advance_ms(10)
-    assert near(clock.now(0, 3, lambda: 0), 60_110)  # late by one commit, once
+    assert near(clock.now(0, 3, lambda _: 0), 60_110)  # late by one commit, once
 
 
 def test_the_floor_is_dropped_once_live_stamps_are_applied() -> None:
@@ -166,8 +166,8 @@ def test_the_floor_is_dropped_once_live_stamps_are_applied() -> None:
     mono.advance_ms(1000)
     clock.applied(0, 60_930, None)  # the live leader's stamp: 70 ms behind the floor's chain
     assert not clock.has_floor(0)
-    assert near(clock.now(0, None, lambda: 0), 60_930)
-    assert near(clock.now(0, 4, lambda: 0), 60_930)
+    assert near(clock.now(0, None, lambda _: 0), 60_930)
+    assert near(clock.now(0, 4, lambda _: 0), 60_930)
 
 
 def test_the_floor_is_dropped_at_the_first_entry_of_a_newer_term() -> None:
@@ -178,13 +178,13 @@ def test_the_floor_is_dropped_at_the_first_entry_of_a_newer_term() -> None:
     clock, mono = _start()
     clock.set_floor(0, 60_000, mono(), 2)
     mono.advance_ms(300)
-    assert near(clock.now(0, 4, lambda: 0), 60_300)  # leads term 4 before applying term 3
+    assert near(clock.now(0, 4, lambda _: 0), 60_300)  # leads term 4 before applying term 3
     clock.applied(0, 59_100, 3)  # the term-3 leader's stamp: 1.2 s behind the floor
     assert not clock.has_floor(0)
-    assert near(clock.now(0, 4, lambda: 0), 59_100)  # late, not early
+    assert near(clock.now(0, 4, lambda _: 0), 59_100)  # late, not early
     clock.applied(0, 59_100, 4)
     mono.advance_ms(100)
-    assert near(clock.now(0, 4, lambda: 0), 59_200)
+    assert near(clock.now(0, 4, lambda _: 0), 59_200)
 
 
 def test_the_floor_margin_bounds_what_dropping_it_can_cost() -> None:
@@ -214,7 +214,7 @@ def test_only_the_newest_leading_chains_are_kept() -> None:
     clock, mono = _start()
     for term in range(1, 10):
         clock.applied(0, 10_000, term)
-        clock.now(0, term, lambda: 0)
+        clock.now(0, term, lambda _: 0)
     assert len(clock._leading[0]) == ClusterClock.KEEP_TERMS
 
 
@@ -222,10 +222,10 @@ def test_forget_drops_every_source() -> None:
     clock, mono = _start()
     clock.set_floor(5, 90_000, mono(), 2)
     clock.applied(5, 10_000, 1)
-    clock.now(5, 1, lambda: 0)
+    clock.now(5, 1, lambda _: 0)
     clock.forget(5)
     assert not clock.has_floor(5)
-    assert near(clock.now(5, None, lambda: 42), 42)
+    assert near(clock.now(5, None, lambda _: 42), 42)
 
 
 def test_a_survivor_applying_its_dead_leaders_last_entries_late_does_not_go_back() -> None:
@@ -237,7 +237,7 @@ def test_a_survivor_applying_its_dead_leaders_last_entries_late_does_not_go_back
     clock.applied(0, 10_000, 2)  # following the term-2 leader
     mono.advance_ms(8000)  # the outage
     clock.applied(0, 10_020, 2)  # its last entries, committed in term 3
-    assert near(clock.now(0, None, lambda: 0), 18_000)
-    assert near(clock.now(0, 3, lambda: 0), 18_000)
+    assert near(clock.now(0, None, lambda _: 0), 18_000)
+    assert near(clock.now(0, 3, lambda _: 0), 18_000)
     clock.applied(0, 10_030, 4)  # another term's entry is taken as it is
-    assert near(clock.now(0, None, lambda: 0), 10_030)
+    assert near(clock.now(0, None, lambda _: 0), 10_030)

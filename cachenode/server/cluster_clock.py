@@ -92,17 +92,17 @@ class ClusterClock:
         self._floor: dict[int, tuple[int, float, int]] = {}  # gid -> (cluster ms, mono s, term)
         self.floor_margin_ms = floor_margin_ms
 
-    def now(self, gid: int, leader_term: int | None, initial: Callable[[], int]) -> int:
+    def now(self, gid: int, leader_term: int | None, initial: Callable[[int], int]) -> int:
         """Cluster time of shard ``gid`` on this node, in ms.
 
         ``leader_term``: the Raft term this node leads the shard in, or
-        ``None`` when it does not lead it.  ``initial()`` gives the cluster
+        ``None`` when it does not lead it.  ``initial(gid)`` gives the cluster
         time to start from when nothing was applied since the start (the
         stored state's clock, or the wall clock for a new shard)."""
         mono = self._mono()
         base = self._applied.get(gid)
         if base is None:
-            base = self._applied[gid] = (initial(), mono)
+            base = self._applied[gid] = (initial(gid), mono)
         t = base[0] + int((mono - base[1]) * 1000)
         floor = self._floor.get(gid)
         if floor is not None:

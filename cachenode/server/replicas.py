@@ -212,7 +212,7 @@ class ReplicaManager:
         g = self.host.group(gid)
         st = g.status if g is not None else None
         term = st.term if st is not None and st.role == "leader" else None
-        return self.cluster_clock.now(gid, term, lambda: self._initial_clock(gid))
+        return self.cluster_clock.now(gid, term, self._initial_clock)
 
     def _initial_clock(self, gid: int) -> int:
         return self.storage.reader(gid).clock_ms() or self.clock.wall_ms()
@@ -409,11 +409,9 @@ class ReplicaManager:
         if gid == META_GROUP_ID:
             self.host.create_group(gid, members, self._meta_apply, barrier_command, hold, released)
         else:
-            self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
-            g = self.host.group(gid)
-            if g is not None:  # its log is loaded: entries of newer terms are a live leader's
-                j = g.journal
-                self.cluster_clock.set_floor_term(gid, int(j[len(j) - 1][2]) if len(j) else 0)
+            g = self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
+            j = g.journal  # loaded: entries of newer terms than its last are a live leader's
+            self.cluster_clock.set_floor_term(gid, int(j[len(j) - 1][2]) if len(j) else 0)
 
     def _prefer_leaders(self) -> None:
         """Hand leadership to each shard's preferred replica (the first in its
