@@ -80,7 +80,10 @@ class LocalCluster:
         r = cachectl(*args)
         self._remember_pids()
         assert r.returncode == 0, f"local up failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-        self.wait_settled()
+        if "--leader-balance-s=0" in (extra or []):
+            self.wait_all_leaders()  # no balancing: whoever was elected stays
+        else:
+            self.wait_settled()
 
     def wait_settled(self, timeout: float = 30.0) -> None:
         """Wait until every shard is led by its preferred replica (the first

@@ -241,3 +241,20 @@ def test_a_survivor_applying_its_dead_leaders_last_entries_late_does_not_go_back
     assert near(clock.now(0, 3, lambda _: 0), 18_000)
     clock.applied(0, 10_030, 4)  # another term's entry is taken as it is
     assert near(clock.now(0, None, lambda _: 0), 10_030)
+
+
+def test_idle_s_counts_from_the_last_apply() -> None:
+    """What the leader's clock tick (ReplicaManager._tick_idle_clocks) asks:
+    how long since this node applied an entry of the shard."""
+    clock, mono = _start()
+    assert clock.idle_s(0) is None  # nothing applied or read yet
+    clock.now(0, None, lambda _: 5_000)  # the first read starts the count
+    mono.advance_ms(700)
+    assert abs(clock.idle_s(0) - 0.7) < 1e-9  # type: ignore[operator]
+    clock.applied(0, 5_800, 1)
+    assert clock.idle_s(0) == 0.0
+    mono.advance_ms(1_200)
+    clock.now(0, 1, lambda _: 0)  # reading does not reset it
+    assert abs(clock.idle_s(0) - 1.2) < 1e-9  # type: ignore[operator]
+    clock.forget(0)
+    assert clock.idle_s(0) is None

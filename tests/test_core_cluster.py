@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import threading
@@ -435,6 +436,75 @@ def test_ttl_keeps_real_time_under_continuous_writes(data_root: Path) -> None:
                 t.join(10)
         assert during >= 100, f"only {during} writes while the TTL ran: the shard was not busy"
         print(f"\nexpired {gone_after:.2f}s after the set, {during} writes meanwhile")
+
+
+def test_an_idle_shard_gets_clock_ticks_only_while_it_holds_a_key_with_a_ttl(data_root: Path) -> None:
+    """The leader's clock tick (``--clock-tick``, 1 s) stamps an entry into
+    an idle shard only while the shard holds a key with a TTL: without one
+    a late clock can do no harm, and an idle cluster stays quiet."""
+    with local_cluster(data_root / "c", nodes=3, shards=1) as c:
+        leader = c.leader_of(0)
+        assert leader
+        c.cache(leader).Set(pb.SetRequest(key=b"plain", value=b"v"), timeout=5)
+        committed = lambda: c.replica_status(leader)[0].commit_index  # noqa: E731
+
+        def quiet_for(seconds: float) -> bool:
+            start, until = committed(), time.monotonic() + seconds
+            while time.monotonic() < until:
+                if committed() != start:
+                    return False
+                time.sleep(0.1)
+            return True
+
+        assert quiet_for(2.5), "an entry was appended to an idle shard without a TTL key"
+        c.cache(leader).Set(pb.SetRequest(key=b"ttl", value=b"v", ttl_ms=60_000), timeout=5)
+        with_ttl = committed()
+        wait_for(lambda: committed() >= with_ttl + 2, 5, "two clock ticks on the idle shard with a TTL key")
+        c.cache(leader).Delete(pb.DeleteRequest(key=b"ttl"), timeout=5)
+        wait_for(lambda: quiet_for(1.5), 10, "the ticks to stop once no key has a TTL", interval=0.0)
+
+
+def test_ttl_is_not_late_on_a_replica_that_caught_up_on_an_idle_shard(data_root: Path) -> None:
+    """Found in session 29: a replica that applies a shard's last entries
+    late (it was paused, partitioned or slow) takes their stamps as the
+    time of the apply when they come from a term it did not see, so on a
+    shard with no writes since, its cluster clock is late by the time the
+    entries waited.  Elected, it judged TTLs that late: a value was served
+    well after its TTL.  Now a leader stamps an entry into an idle shard's
+    log every second (``--clock-tick-ms``), so the newest stamp a replica
+    can catch up on is at most about a second old."""
+    ttl_s, paused_s, late_s = 7.0, 4.0, 2.0
+    extra = ["--leader-balance-s=0"]
+    with local_cluster(data_root / "c", nodes=3, shards=1, extra=extra) as c:
+        first = c.leader_of(0)
+        assert first
+        lagging = next(n for n in c.node_ids if n != first)
+        second = next(n for n in c.node_ids if n not in (first, lagging))
+        c.cache(first).Set(pb.SetRequest(key=b"warm", value=b"v"), timeout=5)
+        applied = lambda n: c.replica_status(n)[0].applied_index  # noqa: E731
+        wait_for(lambda: applied(lagging) >= applied(first), 10, "the lagging replica to apply the first write")
+        pid = int(c.node(lagging)["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # A new term the paused replica does not see; its TTL'd write.
+            c.admin(first).TransferLeader(pb.TransferLeaderRequest(shard_id=0, to_node=second), timeout=5)
+            wait_for(lambda: c.leader_of(0, exclude={lagging}) == second, 15, f"{second} to lead")
+            c.cache(second).Set(pb.SetRequest(key=b"ttl", value=b"v", ttl_ms=int(ttl_s * 1000)), timeout=5)
+            set_at = time.monotonic()
+            wait_for(lambda: time.monotonic() > set_at + paused_s, paused_s + 5, "the shard to stay idle", interval=0.1)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: applied(lagging) >= applied(second), 15, "the paused replica to catch up")
+        c.admin(second).TransferLeader(pb.TransferLeaderRequest(shard_id=0, to_node=lagging), timeout=5)
+        wait_for(lambda: c.leader_of(0) == lagging, 15, f"{lagging} to lead")
+        stub = c.cache(lagging)
+        if time.monotonic() < set_at + ttl_s - 0.5:
+            assert stub.Get(pb.GetRequest(key=b"ttl"), timeout=5).found, "expired early"
+        wait_for(lambda: not stub.Get(pb.GetRequest(key=b"ttl"), timeout=5).found,
+                 set_at + ttl_s + late_s - time.monotonic(),
+                 f"the key to expire within {late_s}s after its {ttl_s}s TTL on the replica that caught up",
+                 interval=0.05)
+        print(f"\nexpired {time.monotonic() - set_at:.2f}s after the set (TTL {ttl_s}s)")
 
 
 @pytest.mark.parametrize("writemap", ["on", "off"])

@@ -58,6 +58,19 @@ def test_leader_wait_reaches_the_config_and_zero_turns_it_off(capsys: pytest.Cap
     assert capsys.readouterr().err.strip().splitlines() == ["cachenode: error: --leader-wait must be >= 0"]
 
 
+def test_clock_tick_reaches_the_config_and_zero_turns_it_off(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
+    assert cfg.clock_tick_s == 1.0
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--clock-tick", "2.5s"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.clock_tick_s == 2.5
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--clock-tick", "0"]), {"CACHENODE_SECRET": "s"})
+    assert cfg.clock_tick_s == 0.0
+    assert serve_main([*BASE, "--clock-tick=soon"], env={"CACHENODE_SECRET": "s"}) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "cachenode: error: --clock-tick: 'soon' is not a duration (e.g. 30s, 10m, 1h)"
+    ]
+
+
 def test_pre_vote_is_on_unless_turned_off() -> None:
     cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
     assert cfg.timing.pre_vote is True

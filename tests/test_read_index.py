@@ -55,9 +55,13 @@ class Node:
         self.store_payloads = False  # apply also writes each payload into the state
         self.last_index = 0
         self.group: RaftGroup | None = None
+        self.installs: list[tuple[int, int, int]] = []  # on_installed calls: (index, term, state's applied index then)
 
     def on_driver(self, fn: Callable[[], T]) -> T:
         return self.host.call(fn).result(timeout=10)
+
+    def on_installed(self, index: int, term: int) -> None:
+        self.installs.append((index, term, self.host.batch().state(GID).applied_index()))
 
     def apply(self, payload: bytes, index: int) -> bytes:
         """Like the real state machine: the write goes into the host's batch."""
@@ -107,7 +111,7 @@ def three_hosts(
             n.host.start()
         for n in ns.values():
             def create(n: Node = n) -> RaftGroup:
-                return n.host.create_group(GID, IDS, n.apply, lambda: b"barrier")
+                return n.host.create_group(GID, IDS, n.apply, lambda: b"barrier", on_installed=n.on_installed)
             n.group = n.on_driver(create)
         yield ns
     finally:
@@ -255,6 +259,14 @@ def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_p
         assert victim.on_driver(lambda: victim.g.snapshots_installed) >= 1
         assert dict(victim.storage.reader(GID).items()) == dict(leader.storage.reader(GID).items())
         assert len(dict(victim.storage.reader(GID).items())) == 40
+        # on_installed (the cluster clock's hook): once per install, with the
+        # snapshot's last entry, the state already holding it (the state is
+        # dumped after pysyncobj picked that entry, so it may hold a few more).
+        installs = victim.on_driver(lambda: list(victim.installs))
+        assert len(installs) == victim.on_driver(lambda: victim.g.snapshots_installed), installs
+        term = leader.on_driver(lambda: leader.g.status.term)
+        assert all(i > 0 and t == term and applied >= i for i, t, applied in installs), (installs, term)
+        assert not leader.installs and all(not n.installs for n in ns.values() if n is not victim)
         assert pieces and pieces[0][1] and pieces[-1][2], pieces  # isFirst first, isLast last
         assert max(n for n, _, _ in pieces) > 64 * 1024, "sent in pysyncobj's 64 KiB chunks"
         assert max(n for n, _, _ in pieces) <= BULK_FLUSH_BYTES

@@ -916,10 +916,17 @@ class RaftGroup:
         timing: RaftTiming,
         hold: bool = False,
         on_release: Callable[[], None] | None = None,
+        on_installed: Callable[[int, int], None] | None = None,
     ) -> None:
         """Driver thread only (builds pysyncobj state and touches the batch).
-        ``hold``/``on_release``: see :class:`GroupTransport`."""
+        ``hold``/``on_release``: see :class:`GroupTransport`.
+        ``on_installed(index, term)``: called on the driver thread right
+        after pysyncobj took a snapshot received from the leader, with its
+        last entry's index and term; the state holds the snapshot then (in
+        the open batch), and no entry after it was applied yet.  It stands
+        in for the applies the snapshot replaced (the cluster clock)."""
         self.host = host
+        self._on_installed = on_installed
         self.group_id = group_id
         self.self_id = self_id
         self._barrier_payload = barrier_payload
@@ -1881,7 +1888,10 @@ class RaftGroup:
             log.warning("group %s: pysyncobj did not install the received snapshot", self.group_id)
         else:
             self.snapshots_installed += 1
-            log.info("group %s: installed snapshot at index %s", self.group_id, inst.header[0][1])
+            last = inst.header[0]
+            log.info("group %s: installed snapshot at index %s", self.group_id, last[1])
+            if self._on_installed is not None:
+                self._on_installed(int(last[1]), int(last[2]))
         self.status = self._read_status()
         self.host.wake(self)  # what waited meanwhile follows, a part per iteration (tick)
 

@@ -46,13 +46,28 @@ nodes do not matter.  Three sources, per shard:
   or until its applied clock comes within :data:`FLOOR_MARGIN_MS` of the
   floor.  Dropping it makes this node's clock late, never early.
 
-Known gaps, found by review and not fixed yet: a replica caught up by a
-snapshot applies no entry, so none of these rules hears of it (its floor
-stays until its next applied entry); a replica with nothing applied and no
-stored clock starts from its own wall clock; and commands stamped by a
-leader that then hands leadership over are appended in the next term, so
-their stamps count as the new leader's own.  Each can make a TTL early by
-the gap between two nodes' chains (tens of ms, up to an election).
+Catching up late: a replica that applies entries of a term it did not
+follow long after they were stamped (it was paused, cut off or slow, or is
+new) takes their stamps as of the apply, so it is late by how long they
+waited, and on an idle shard that is how long the shard was idle; elected,
+it judged TTLs that late (session 29: a 7 s TTL served 11.07 s after its
+write, after a 4 s pause).  Two things bound it.  A shard leader proposes a
+stamped Barrier into every shard it leads that applied nothing for
+``--clock-tick`` (1 s) while the shard holds a key with a TTL
+(``ReplicaManager._tick_idle_clocks``), so the newest stamp in a log is
+about that old at most (the same run: 7.73-7.94 s).  And a snapshot
+install counts as the apply of the snapshot's last entry (``RaftGroup``'s
+``on_installed``), so a replica caught up by a snapshot, or a new one
+whose first clock was its own wall clock (it had nothing applied and no
+stored clock), takes the snapshot's clock at once.  The snapshot's state
+may hold a few entries past that last entry, whose term is then not known
+here: the install passes the last entry's term.
+
+Known gap, found by review and not fixed: commands stamped by a leader
+that then hands leadership over are appended in the next term, so their
+stamps count as the new leader's own.  That can make a TTL the new leader
+stamped before them early by the gap between the two chains (an apply
+delay: milliseconds).
 
 Threads: :meth:`now` from any thread (gRPC workers stamp and judge with
 it; the driver stamps expiry and barriers); :meth:`applied`,
@@ -153,6 +168,13 @@ class ClusterClock:
                 del self._floor[gid]
         if entry_term is not None:
             self._applied_term[gid] = entry_term  # last: now() reads it first
+
+    def idle_s(self, gid: int) -> float | None:
+        """Seconds since this node last applied an entry of ``gid`` (or,
+        before its first apply since the start, first read its clock);
+        ``None`` before either."""
+        base = self._applied.get(gid)
+        return None if base is None else self._mono() - base[1]
 
     def set_floor(self, gid: int, cluster_ms: int, mono: float, term: int = UNKNOWN_TERM) -> None:
         """After a restart: cluster time was at least ``cluster_ms`` at

@@ -46,6 +46,12 @@ class NodeConfig:
     grpc_workers: int = 64
     expiry_interval_s: float = 1.0
     expiry_batch: int = 256
+    clock_tick_s: float = 1.0
+    """A shard leader proposes a stamped Barrier into each shard it leads
+    that applied nothing for this long (``--clock-tick``; 0: never): a
+    replica that catches up on a shard's last entries late takes their
+    stamps as of then, so this bounds how late its cluster clock can be
+    (see :mod:`cachenode.server.cluster_clock`)."""
     tick_interval_s: float = 0.025  # idle groups ticked this often (heartbeats every 50 ms): 0.1 cores less on an idle 3-node cluster than 10 ms
     leader_balance_s: float = 2.0  # 0 disables preferred-leader balancing
     join: str | None = None  # HOST:PORT of any member: join that cluster instead of bootstrapping one

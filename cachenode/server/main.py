@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also snapshot a shard once its log holds this many MiB, or its state's size if larger (default 16)")
     s.add_argument("--tick-ms", type=float, help="every group is ticked at least this often: heartbeats, election timers (default 25)")
     s.add_argument("--grpc-workers", type=int, help="client gRPC worker threads (default 64); half of them at most serve BatchStream streams")
+    s.add_argument("--clock-tick", help="a shard leader stamps an entry into a shard that applied nothing for this "
+                   "long, so a replica catching up on an idle shard is never more than about this late on TTLs "
+                   "(default 1s; 0 = off)")
     s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 2; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
     s.add_argument("--log-level", default=None)
@@ -250,6 +253,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         down_after_s=parse_duration("--down-after", opt("down_after", "3s")),
         heartbeat_s=parse_duration("--heartbeat-interval", opt("heartbeat_interval", "0.5s")),
         leader_wait_s=parse_duration("--leader-wait", opt("leader_wait", "3s"), zero=True),
+        clock_tick_s=parse_duration("--clock-tick", opt("clock_tick", "1s"), zero=True),
         boot_id_file=str(opt("boot_id_file", BOOT_ID_PATH)),
     )
     if cfg.down_after_s <= cfg.heartbeat_s:

@@ -69,6 +69,9 @@ from .config import NodeConfig
 
 log = logging.getLogger(__name__)
 
+_NEVER_MS = (1 << 63) - 1
+"""A cluster time after every expiry: ``expired(_NEVER_MS, 1)`` finds any key with a TTL."""
+
 
 class ReplicaManager:
     def __init__(self, cfg: NodeConfig, host: GroupHost, storage: Storage, clock: Clock) -> None:
@@ -86,6 +89,7 @@ class ReplicaManager:
         self._stored_map = StoredMap()  # the metadata replica's map (driver thread)
         self._map_lock = threading.Lock()
         self._expiring: dict[int, Future[bytes]] = {}
+        self._ticking: dict[int, Future[bytes]] = {}  # gid -> the clock tick in flight (driver thread)
         self._bootstrap_inflight: Future[bytes] | None = None
         self.ready = threading.Event()
         self._map_file = os.path.join(cfg.data_dir, "cluster-map.json")
@@ -112,6 +116,8 @@ class ReplicaManager:
         self.host.every(0.1, self._reconcile)
         self.host.every(self.cfg.expiry_interval_s, self._expire)
         self.host.every(1.0, self._save_clock)
+        if self.cfg.clock_tick_s > 0:
+            self.host.every(self.cfg.clock_tick_s / 4, self._tick_idle_clocks)
         if self.cfg.leader_balance_s > 0:
             self.host.every(self.cfg.leader_balance_s, self._prefer_leaders)
 
@@ -291,6 +297,14 @@ class ReplicaManager:
 
         return apply
 
+    def _shard_installed(self, gid: int) -> Callable[[int, int], None]:
+        def installed(index: int, term: int) -> None:
+            # A snapshot replaced the applies up to its last entry: its
+            # clock is that entry's, as an apply of it would have left it.
+            self.cluster_clock.applied(gid, self.host.batch().state(gid).clock_ms(), term)
+
+        return installed
+
     def _entry_term(self, gid: int, index: int) -> int | None:
         """The Raft term of entry ``index`` of ``gid``'s log, being applied
         (driver thread); ``None`` when the log no longer holds it."""
@@ -355,6 +369,8 @@ class ReplicaManager:
                 log.info("%s: this node is no longer a replica (map version %d): deleting its data", group_label(gid), m.version)
                 self.host.remove_group(gid, delete_data=True)
                 self.cluster_clock.forget(gid)
+                self._ticking.pop(gid, None)
+                self._expiring.pop(gid, None)
                 if gid == META_GROUP_ID:
                     # A tombstone, not nothing: a first node (no --join) with
                     # no record would host a metadata replica again at start.
@@ -409,7 +425,10 @@ class ReplicaManager:
         if gid == META_GROUP_ID:
             self.host.create_group(gid, members, self._meta_apply, barrier_command, hold, released)
         else:
-            g = self.host.create_group(gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released)
+            g = self.host.create_group(
+                gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released,
+                self._shard_installed(gid),
+            )
             j = g.journal  # loaded: entries of newer terms than its last are a live leader's
             self.cluster_clock.set_floor_term(gid, int(j[len(j) - 1][2]) if len(j) else 0)
 
@@ -440,6 +459,33 @@ class ReplicaManager:
 
     def _barrier_payload(self, gid: int) -> Callable[[], bytes]:
         return lambda: encode_command(C.Barrier(now_ms=self.cluster_now(gid)))
+
+    def _tick_idle_clocks(self) -> None:
+        """Driver thread, every quarter of ``clock_tick_s``: propose a
+        stamped Barrier into each shard this node leads that applied nothing
+        for ``clock_tick_s``.  A replica that applies a shard's last entries
+        late (it was paused, cut off or slow, or is new) takes their stamps
+        as of then when another leader wrote them, so without fresh stamps
+        in the log its clock could be late by however long the shard was
+        idle, and, elected, it would serve values past their TTL (session
+        29: 4 s late after a 4 s pause).  This bounds that to about
+        ``clock_tick_s``.  Under writes no tick is proposed, nor into a
+        shard that holds no key with a TTL: there a late clock judges only
+        TTLs stamped from it later, which then run their full length."""
+        tick = self.cfg.clock_tick_s
+        idle_s = self.cluster_clock.idle_s
+        for gid, g in self.host.groups().items():
+            if gid == META_GROUP_ID or not g.is_leader or not g.status.has_quorum:
+                continue
+            inflight = self._ticking.get(gid)
+            if inflight is not None and not inflight.done():
+                continue
+            idle = idle_s(gid)
+            if idle is not None and idle < tick:
+                continue
+            if not self.storage.reader(gid).expired(_NEVER_MS, 1):
+                continue  # no key with a TTL
+            self._ticking[gid] = g.propose(encode_command(C.Barrier(now_ms=self.cluster_now(gid))))
 
     def _expire(self) -> None:
         """Active expiry: each shard leader proposes deletions of expired keys."""
