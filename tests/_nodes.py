@@ -64,6 +64,19 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _no_leader_balancing(node_args: list[str]) -> bool:
+    """``--leader-balance-s=0`` or ``--leader-balance-s 0`` among the node args."""
+    for i, a in enumerate(node_args):
+        if a.startswith("--leader-balance-s="):
+            value = a.split("=", 1)[1]
+        elif a == "--leader-balance-s" and i + 1 < len(node_args):
+            value = node_args[i + 1]
+        else:
+            continue
+        return float(value) == 0
+    return False
+
+
 class LocalCluster:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -80,7 +93,7 @@ class LocalCluster:
         r = cachectl(*args)
         self._remember_pids()
         assert r.returncode == 0, f"local up failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-        if "--leader-balance-s=0" in (extra or []):
+        if _no_leader_balancing(extra or []):
             self.wait_all_leaders()  # no balancing: whoever was elected stays
         else:
             self.wait_settled()

@@ -1071,6 +1071,13 @@ class RaftGroup:
 
     # ---- driver thread ----------------------------------------------------
 
+    @property
+    def leads_now(self) -> bool:
+        """pysyncobj's role right now (driver thread): unlike :attr:`status`,
+        refreshed by each tick, this already knows a step-down that a
+        message handled earlier in this driver iteration caused."""
+        return self._role == 2
+
     def read_tick(self) -> None:
         """ReadIndex work only, no pysyncobj tick: start the waiting round,
         resolve the proven ones (driver thread, see ``GroupHost.wake_reads``)."""

@@ -54,8 +54,9 @@ it judged TTLs that late (session 29: a 7 s TTL served 11.07 s after its
 write, after a 4 s pause).  Two things bound it.  A shard leader proposes a
 stamped Barrier into every shard it leads that applied nothing for
 ``--clock-tick`` (1 s) while the shard holds a key with a TTL
-(``ReplicaManager._tick_idle_clocks``), so the newest stamp in a log is
-about that old at most (the same run: 7.73-7.94 s).  And a snapshot
+(``ReplicaManager._tick_idle_clocks``), so while a leader with a quorum
+ticks the shard, the newest stamp in its log is at most about 1.25 ticks
+plus a commit old (the same test: 7.73-7.94 s).  And a snapshot
 install counts as the apply of the snapshot's last entry (``RaftGroup``'s
 ``on_installed``), so a replica caught up by a snapshot, or a new one
 whose first clock was its own wall clock (it had nothing applied and no
@@ -66,8 +67,9 @@ here: the install passes the last entry's term.
 Known gap, found by review and not fixed: commands stamped by a leader
 that then hands leadership over are appended in the next term, so their
 stamps count as the new leader's own.  That can make a TTL the new leader
-stamped before them early by the gap between the two chains (an apply
-delay: milliseconds).
+stamped before them early by the gap between the two chains: an apply
+delay (milliseconds) after a planned transfer, up to about a clock tick
+after a failover to a successor that was behind.
 
 Threads: :meth:`now` from any thread (gRPC workers stamp and judge with
 it; the driver stamps expiry and barriers); :meth:`applied`,

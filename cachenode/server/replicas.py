@@ -72,6 +72,17 @@ log = logging.getLogger(__name__)
 _NEVER_MS = (1 << 63) - 1
 """A cluster time after every expiry: ``expired(_NEVER_MS, 1)`` finds any key with a TTL."""
 
+IN_FLIGHT_MAX_S = 10.0
+"""A periodic proposal (active expiry, clock tick) older than this no longer
+blocks the next one.  pysyncobj never resolves a proposal whose entry a
+snapshot install skipped (it jumps its applied index past it), so a leader
+that proposed, was cut off, and caught up by a snapshot would otherwise
+wait on it for good and stop expiring or ticking that shard."""
+
+
+def _in_flight(entry: tuple[Future[bytes], float] | None, now: float, max_age_s: float) -> bool:
+    return entry is not None and not entry[0].done() and now - entry[1] < max_age_s
+
 
 class ReplicaManager:
     def __init__(self, cfg: NodeConfig, host: GroupHost, storage: Storage, clock: Clock) -> None:
@@ -88,8 +99,9 @@ class ReplicaManager:
         self._map: ClusterMap | None = None
         self._stored_map = StoredMap()  # the metadata replica's map (driver thread)
         self._map_lock = threading.Lock()
-        self._expiring: dict[int, Future[bytes]] = {}
-        self._ticking: dict[int, Future[bytes]] = {}  # gid -> the clock tick in flight (driver thread)
+        # gid -> (the proposal in flight, when proposed), driver thread:
+        self._expiring: dict[int, tuple[Future[bytes], float]] = {}  # active expiry
+        self._ticking: dict[int, tuple[Future[bytes], float]] = {}  # the clock tick
         self._bootstrap_inflight: Future[bytes] | None = None
         self.ready = threading.Event()
         self._map_file = os.path.join(cfg.data_dir, "cluster-map.json")
@@ -301,7 +313,11 @@ class ReplicaManager:
         def installed(index: int, term: int) -> None:
             # A snapshot replaced the applies up to its last entry: its
             # clock is that entry's, as an apply of it would have left it.
-            self.cluster_clock.applied(gid, self.host.batch().state(gid).clock_ms(), term)
+            # The state may hold entries past it (dumped later, or this
+            # replica's own newer state), whose term is not known here:
+            # then no term, so no rule that trusts one applies.
+            w = self.host.batch().state(gid)
+            self.cluster_clock.applied(gid, w.clock_ms(), term if w.applied_index() == index else None)
 
         return installed
 
@@ -469,36 +485,40 @@ class ReplicaManager:
         in the log its clock could be late by however long the shard was
         idle, and, elected, it would serve values past their TTL (session
         29: 4 s late after a 4 s pause).  This bounds that to about
-        ``clock_tick_s``.  Under writes no tick is proposed, nor into a
+        1.25 ``clock_tick_s`` plus a commit, while a leader with a quorum
+        ticks the shard.  Under writes no tick is proposed, nor into a
         shard that holds no key with a TTL: there a late clock judges only
         TTLs stamped from it later, which then run their full length."""
         tick = self.cfg.clock_tick_s
         idle_s = self.cluster_clock.idle_s
+        now = self.clock.monotonic()
         for gid, g in self.host.groups().items():
-            if gid == META_GROUP_ID or not g.is_leader or not g.status.has_quorum:
+            # leads_now too: a step-down earlier in this iteration is not in
+            # the status yet, and a tick stamped from the old term's chain
+            # would be appended by the new leader as its own.
+            if gid == META_GROUP_ID or not g.is_leader or not g.leads_now or not g.status.has_quorum:
                 continue
-            inflight = self._ticking.get(gid)
-            if inflight is not None and not inflight.done():
+            if _in_flight(self._ticking.get(gid), now, max(IN_FLIGHT_MAX_S, 4 * tick)):
                 continue
             idle = idle_s(gid)
             if idle is not None and idle < tick:
                 continue
             if not self.storage.reader(gid).expired(_NEVER_MS, 1):
                 continue  # no key with a TTL
-            self._ticking[gid] = g.propose(encode_command(C.Barrier(now_ms=self.cluster_now(gid))))
+            self._ticking[gid] = (g.propose(encode_command(C.Barrier(now_ms=self.cluster_now(gid)))), now)
 
     def _expire(self) -> None:
         """Active expiry: each shard leader proposes deletions of expired keys."""
         for gid, g in self.host.groups().items():
             if gid == META_GROUP_ID or not g.is_leader:
                 continue
-            inflight = self._expiring.get(gid)
-            if inflight is not None and not inflight.done():
+            mono = self.clock.monotonic()
+            if _in_flight(self._expiring.get(gid), mono, IN_FLIGHT_MAX_S):
                 continue
             now = self.cluster_now(gid)
             keys = self.storage.reader(gid).expired(now, self.cfg.expiry_batch)
             if keys:
-                self._expiring[gid] = g.propose(encode_command(C.Expire(keys=tuple(keys), now_ms=now)))
+                self._expiring[gid] = (g.propose(encode_command(C.Expire(keys=tuple(keys), now_ms=now))), mono)
 
 
 class MetaGroupStore:
