@@ -438,32 +438,6 @@ def test_ttl_keeps_real_time_under_continuous_writes(data_root: Path) -> None:
         print(f"\nexpired {gone_after:.2f}s after the set, {during} writes meanwhile")
 
 
-def test_an_idle_shard_gets_clock_ticks_only_while_it_holds_a_key_with_a_ttl(data_root: Path) -> None:
-    """The leader's clock tick (``--clock-tick``, 1 s) stamps an entry into
-    an idle shard only while the shard holds a key with a TTL: without one
-    a late clock can do no harm, and an idle cluster stays quiet."""
-    with local_cluster(data_root / "c", nodes=3, shards=1) as c:
-        leader = c.leader_of(0)
-        assert leader
-        c.cache(leader).Set(pb.SetRequest(key=b"plain", value=b"v"), timeout=5)
-        committed = lambda: c.replica_status(leader)[0].commit_index  # noqa: E731
-
-        def quiet_for(seconds: float) -> bool:
-            start, until = committed(), time.monotonic() + seconds
-            while time.monotonic() < until:
-                if committed() != start:
-                    return False
-                time.sleep(0.1)
-            return True
-
-        assert quiet_for(2.5), "an entry was appended to an idle shard without a TTL key"
-        c.cache(leader).Set(pb.SetRequest(key=b"ttl", value=b"v", ttl_ms=60_000), timeout=5)
-        with_ttl = committed()
-        wait_for(lambda: committed() >= with_ttl + 2, 5, "two clock ticks on the idle shard with a TTL key")
-        c.cache(leader).Delete(pb.DeleteRequest(key=b"ttl"), timeout=5)
-        wait_for(lambda: quiet_for(1.5), 10, "the ticks to stop once no key has a TTL", interval=0.0)
-
-
 def test_ttl_is_not_late_on_a_replica_that_caught_up_on_an_idle_shard(data_root: Path) -> None:
     """Found in session 29: a replica that applies a shard's last entries
     late (it was paused, partitioned or slow) takes their stamps as the
@@ -472,7 +446,9 @@ def test_ttl_is_not_late_on_a_replica_that_caught_up_on_an_idle_shard(data_root:
     entries waited.  Elected, it judged TTLs that late: a value was served
     well after its TTL.  Now a leader stamps an entry into an idle shard's
     log every second while it holds a key with a TTL (``--clock-tick``),
-    so the newest stamp a replica can catch up on is about a second old."""
+    so the newest stamp a replica can catch up on is about a second old.
+    Without a TTL key the shard gets no tick (an idle cluster without TTLs
+    stays quiet): checked before the TTL'd write and after its expiry."""
     ttl_s, paused_s, late_s = 7.0, 4.0, 2.0
     extra = ["--leader-balance-s=0"]
     with local_cluster(data_root / "c", nodes=3, shards=1, extra=extra) as c:
@@ -483,6 +459,17 @@ def test_ttl_is_not_late_on_a_replica_that_caught_up_on_an_idle_shard(data_root:
         c.cache(first).Set(pb.SetRequest(key=b"warm", value=b"v"), timeout=5)
         applied = lambda n: c.replica_status(n)[0].applied_index  # noqa: E731
         wait_for(lambda: applied(lagging) >= applied(first), 10, "the lagging replica to apply the first write")
+
+        def quiet_for(node: str, seconds: float) -> bool:
+            """No entry committed on ``node``'s shard for ``seconds``."""
+            start, until = c.replica_status(node)[0].commit_index, time.monotonic() + seconds
+            while time.monotonic() < until:
+                if c.replica_status(node)[0].commit_index != start:
+                    return False
+                time.sleep(0.1)
+            return True
+
+        assert quiet_for(first, 2.0), "a clock tick into an idle shard that holds no key with a TTL"
         pid = int(c.node(lagging)["pid"])
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -516,6 +503,8 @@ def test_ttl_is_not_late_on_a_replica_that_caught_up_on_an_idle_shard(data_root:
                  f"the key to expire within {late_s}s after its {ttl_s}s TTL on the replica that caught up",
                  interval=0.05)
         print(f"\nexpired {time.monotonic() - set_at:.2f}s after the set (TTL {ttl_s}s)")
+        # Active expiry deletes it; with no TTL key left the ticks stop.
+        wait_for(lambda: quiet_for(lagging, 1.5), 10, "the ticks to stop once no key has a TTL", interval=0.0)
 
 
 @pytest.mark.parametrize("writemap", ["on", "off"])
