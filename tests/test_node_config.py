@@ -47,28 +47,20 @@ def test_out_of_range_grpc_workers_are_refused(value: str, capsys: pytest.Captur
     assert err == ["cachenode: error: --grpc-workers must be 2..1024"]
 
 
-def test_leader_wait_reaches_the_config_and_zero_turns_it_off(capsys: pytest.CaptureFixture[str]) -> None:
-    cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
-    assert cfg.leader_wait_s == 3.0
-    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--leader-wait", "1.5s"]), {"CACHENODE_SECRET": "s"})
-    assert cfg.leader_wait_s == 1.5
-    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--leader-wait", "0"]), {"CACHENODE_SECRET": "s"})
-    assert cfg.leader_wait_s == 0.0
-    assert serve_main([*BASE, "--leader-wait=-1s"], env={"CACHENODE_SECRET": "s"}) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["cachenode: error: --leader-wait must be >= 0"]
-
-
-def test_clock_tick_reaches_the_config_and_zero_turns_it_off(capsys: pytest.CaptureFixture[str]) -> None:
-    cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
-    assert cfg.clock_tick_s == 1.0
-    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--clock-tick", "2.5s"]), {"CACHENODE_SECRET": "s"})
-    assert cfg.clock_tick_s == 2.5
-    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--clock-tick", "0"]), {"CACHENODE_SECRET": "s"})
-    assert cfg.clock_tick_s == 0.0
-    assert serve_main([*BASE, "--clock-tick=soon"], env={"CACHENODE_SECRET": "s"}) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "cachenode: error: --clock-tick: 'soon' is not a duration (e.g. 30s, 10m, 1h)"
-    ]
+@pytest.mark.parametrize(("flag", "field", "default"), [
+    ("--leader-wait", "leader_wait_s", 3.0),
+    ("--clock-tick", "clock_tick_s", 1.0),
+])
+def test_a_duration_flag_reaches_the_config_and_zero_turns_it_off(
+    flag: str, field: str, default: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"CACHENODE_SECRET": "s"}
+    for args, want in (([], default), ([flag, "1.5s"], 1.5), ([flag, "0"], 0.0)):
+        cfg, *_ = load_config(build_parser().parse_args([*BASE, *args]), env)
+        assert getattr(cfg, field) == want, args
+    for value, error in (("-1s", f"{flag} must be >= 0"), ("soon", f"{flag}: 'soon' is not a duration (e.g. 30s, 10m, 1h)")):
+        assert serve_main([*BASE, f"{flag}={value}"], env=env) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"cachenode: error: {error}"]
 
 
 def test_pre_vote_is_on_unless_turned_off() -> None:
