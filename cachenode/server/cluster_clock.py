@@ -61,8 +61,8 @@ install counts as the apply of the snapshot's last entry (``RaftGroup``'s
 ``on_installed``), so a replica caught up by a snapshot, or a new one
 whose first clock was its own wall clock (it had nothing applied and no
 stored clock), takes the snapshot's clock at once.  The snapshot's state
-may hold a few entries past that last entry, whose term is then not known
-here: the install passes the last entry's term.
+may hold a few entries past that last entry, whose term is not known
+here: then the install passes no term, so no rule that trusts one applies.
 
 Known gap, found by review and not fixed: commands stamped by a leader
 that then hands leadership over are appended in the next term, so their

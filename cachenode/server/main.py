@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also snapshot a shard once its log holds this many MiB, or its state's size if larger (default 16)")
     s.add_argument("--tick-ms", type=float, help="every group is ticked at least this often: heartbeats, election timers (default 25)")
     s.add_argument("--grpc-workers", type=int, help="client gRPC worker threads (default 64); half of them at most serve BatchStream streams")
-    s.add_argument("--clock-tick", help="a shard leader stamps an entry into a shard that applied nothing for this "
-                   "long, so a replica catching up on an idle shard is never more than about this late on TTLs "
-                   "(default 1s; 0 = off)")
+    s.add_argument("--clock-tick", help="a shard leader stamps an entry into a shard that holds a key with a TTL and "
+                   "applied nothing for this long, so a replica catching up on an idle shard is at most about 1.25 "
+                   "times this late on TTLs (default 1s; 0 = off)")
     s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 2; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
     s.add_argument("--log-level", default=None)
