@@ -505,14 +505,14 @@ class ReplicaManager:
                 continue
             if not self.storage.reader(gid).expired(_NEVER_MS, 1):
                 continue  # no key with a TTL
-            self._ticking[gid] = (g.propose(encode_command(C.Barrier(now_ms=self.cluster_now(gid)))), now)
+            self._ticking[gid] = (g.propose(self._barrier_payload(gid)()), now)
 
     def _expire(self) -> None:
         """Active expiry: each shard leader proposes deletions of expired keys."""
+        mono = self.clock.monotonic()
         for gid, g in self.host.groups().items():
             if gid == META_GROUP_ID or not g.is_leader:
                 continue
-            mono = self.clock.monotonic()
             if _in_flight(self._expiring.get(gid), mono, IN_FLIGHT_MAX_S):
                 continue
             now = self.cluster_now(gid)
