@@ -84,11 +84,17 @@ system-deps:
 run: install
 	$(BIN)/cachectl local up --nodes $(NODES) --shards $(SHARDS) --dir $(RUN_DIR) --foreground
 
+# Two pytest-xdist workers, one test file each at a time (conftest.py: the
+# suite mostly waits, so 2 cores run two files side by side; longest first).
+# TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install system-deps
-	CACHENODE_EXPECT_NATIVE=$$(cat $(NATIVE)) $(BIN)/pytest -q -p no:cacheprovider
+	CACHENODE_EXPECT_NATIVE=$$(cat $(NATIVE)) $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_PARALLEL)
 
 test-fast: install
-	$(BIN)/pytest -q -m "not cluster and not jepsen"
+	$(BIN)/pytest -q -m "not cluster and not jepsen" $(PYTEST_PARALLEL)
 
 check: install
 	$(BIN)/ruff check cachenode cli jepsen-lite tests
