@@ -41,7 +41,10 @@ $(GEN): $(PROTO) $(TOOLS)
 	touch cachenode/v1/__init__.py
 
 # The hot modules compiled with mypyc (cachenode/_compiled.py lists them),
-# about 90 s on 2 cores.  Without a C compiler (and not root to install one)
+# 90-145 s on 2 cores, nearly all of it gcc on ONE C file: mypyc puts every
+# module in one library so calls between them are direct (two libraries built
+# in parallel took 59-71 s but ran mset100 and linearizable gets about 10 %
+# slower, session 30).  Without a C compiler (and not root to install one)
 # everything runs interpreted, about 10 % more CPU per write.
 # Rebuilt when any module of the package changes: mypyc compiles each module
 # against the types of everything it imports.
@@ -88,7 +91,7 @@ run: install
 # suite mostly waits, so 2 cores run two files side by side; longest first).
 # TEST_WORKERS=0 runs everything in this one process.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: install system-deps
 	CACHENODE_EXPECT_NATIVE=$$(cat $(NATIVE)) $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_PARALLEL)

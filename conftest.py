@@ -3,10 +3,11 @@
 ``make test`` runs the suite on two workers with ``--dist loadfile``: the
 suite mostly waits (elections, deadlines, jepsen-lite's timed runs), so two
 files side by side use the 2 cores that one leaves idle, and each file's
-cluster fixtures still start once.  xdist hands files out in collection
-order, so the longest ones go first (longest-processing-time first): a
-jepsen-lite file takes minutes, a cluster file tens of seconds, a unit file
-seconds.  Left last, the jepsen-lite file would run alone at the end.
+cluster fixtures still start once.  With ``--no-loadscope-reorder`` xdist
+hands files out in collection order (by default it reorders them by their
+number of tests), so the longest ones go first (longest-processing-time
+first): a jepsen-lite file takes minutes, a cluster file tens of seconds, a
+unit file seconds.  Left late, the jepsen-lite file would run alone at the end.
 
 Only under xdist (``PYTEST_XDIST_WORKER`` is set in its workers, which
 collect): a plain ``pytest`` keeps the usual order, fast files first.
