@@ -63,6 +63,17 @@ def test_a_duration_flag_reaches_the_config_and_zero_turns_it_off(
         assert capsys.readouterr().err.strip().splitlines() == [f"cachenode: error: {error}"]
 
 
+def test_a_clock_tick_below_a_tenth_of_a_second_is_refused_saying_why(capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"CACHENODE_SECRET": "s"}
+    cfg, *_ = load_config(build_parser().parse_args([*BASE, "--clock-tick", "0.1s"]), env)
+    assert cfg.clock_tick_s == 0.1
+    assert serve_main([*BASE, "--clock-tick=0.05s"], env=env) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "cachenode: error: --clock-tick must be 0 (off) or at least 0.1s: "
+        "each tick is a journal write on every replica of every shard holding a TTL"
+    ]
+
+
 def test_pre_vote_is_on_unless_turned_off() -> None:
     cfg, *_ = load_config(build_parser().parse_args(BASE), {"CACHENODE_SECRET": "s"})
     assert cfg.timing.pre_vote is True

@@ -49,7 +49,7 @@ class NodeConfig:
     clock_tick_s: float = 1.0
     """A shard leader proposes a stamped Barrier into each shard it leads
     that holds a key with a TTL and applied nothing for this long
-    (``--clock-tick``; 0: never): a
+    (``--clock-tick``; 0: never; else at least 0.1 s): a
     replica that catches up on a shard's last entries late takes their
     stamps as of then, so this bounds how late its cluster clock can be
     (see :mod:`cachenode.server.cluster_clock`)."""

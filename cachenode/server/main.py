@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-workers", type=int, help="client gRPC worker threads (default 64); half of them at most serve BatchStream streams")
     s.add_argument("--clock-tick", help="a shard leader stamps an entry into a shard that holds a key with a TTL and "
                    "applied nothing for this long, so a replica catching up on an idle shard is at most about 1.25 "
-                   "times this late on TTLs (default 1s; 0 = off)")
+                   "times this late on TTLs (default 1s; 0 = off, else at least 0.1s)")
     s.add_argument("--leader-balance-s", type=float, help="move leadership to each shard's preferred replica every N s (default 2; 0 = off)")
     s.add_argument("--log-format", choices=["text", "json"], default=None)
     s.add_argument("--log-level", default=None)
@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_duration(flag: str, v: object, zero: bool = False) -> float:
-    """``90``, ``90s``, ``1.5m``, ``2h`` -> seconds (> 0, or >= 0 with ``zero``)."""
+def parse_duration(flag: str, v: object, zero: bool = False, least: tuple[float, str] | None = None) -> float:
+    """``90``, ``90s``, ``1.5m``, ``2h`` -> seconds (> 0, or >= 0 with ``zero``);
+    ``least`` = (seconds, why): a value other than 0 below it is refused, saying why."""
     text = str(v).strip().lower()
     mult = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
     try:
@@ -142,6 +143,8 @@ def parse_duration(flag: str, v: object, zero: bool = False) -> float:
         raise ConfigError(f"{flag}: {v!r} is not a duration (e.g. 30s, 10m, 1h)") from None
     if not (secs >= 0 if zero else secs > 0):
         raise ConfigError(f"{flag} must be {'>=' if zero else '>'} 0")
+    if least is not None and 0 < secs < least[0]:
+        raise ConfigError(f"{flag} must be {'0 (off) or ' if zero else ''}at least {least[0]:g}s: {least[1]}")
     return secs
 
 
@@ -253,7 +256,8 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         down_after_s=parse_duration("--down-after", opt("down_after", "3s")),
         heartbeat_s=parse_duration("--heartbeat-interval", opt("heartbeat_interval", "0.5s")),
         leader_wait_s=parse_duration("--leader-wait", opt("leader_wait", "3s"), zero=True),
-        clock_tick_s=parse_duration("--clock-tick", opt("clock_tick", "1s"), zero=True),
+        clock_tick_s=parse_duration("--clock-tick", opt("clock_tick", "1s"), zero=True,
+                                    least=(0.1, "each tick is a journal write on every replica of every shard holding a TTL")),
         boot_id_file=str(opt("boot_id_file", BOOT_ID_PATH)),
     )
     if cfg.down_after_s <= cfg.heartbeat_s:
