@@ -206,6 +206,17 @@ def test_a_binary_payload_costs_its_own_size_in_every_journal(nodes: dict[str, N
         assert max(sizes) < len(payload) + 100, f"{n.id}: an entry of {max(sizes)} bytes for a {len(payload)}-byte payload"
 
 
+def test_term_at_gives_the_logs_terms_and_none_outside_the_log(nodes: dict[str, Node]) -> None:
+    leader = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+    leader.g.propose(b"w1").result(timeout=10)
+    term, last = leader.on_driver(lambda: (leader.g.current_term(), leader.last_index))
+    assert term >= 1
+    assert leader.on_driver(lambda: leader.g.term_at(last)) == term
+    assert leader.on_driver(lambda: leader.g.term_at(1)) == 0  # pysyncobj's first entry, before any election
+    assert leader.on_driver(lambda: leader.g.term_at(0)) is None
+    assert leader.on_driver(lambda: leader.g.term_at(last + 1)) is None
+
+
 def test_journal_is_compacted_by_size(tmp_path: Path) -> None:
     """pysyncobj keeps the journal in memory: a group whose log outgrows
     ``log_compaction_bytes`` (and its state) snapshots and drops it."""
@@ -218,6 +229,7 @@ def test_journal_is_compacted_by_size(tmp_path: Path) -> None:
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s journal to shrink")
             assert n.on_driver(lambda n=n: n.g.snapshots_written) >= 1
+            assert n.on_driver(lambda n=n: n.g.term_at(2)) is None  # compacted away
 
 
 def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_path: Path) -> None:

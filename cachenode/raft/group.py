@@ -1190,15 +1190,20 @@ class RaftGroup:
         if self.journal.bytes > max(self._timing.log_compaction_bytes, state):
             self.sync.forceLogCompaction()
 
+    def term_at(self, index: int) -> int | None:
+        """The term of this replica's log entry ``index`` (driver thread: the
+        log changes only there), or ``None`` when the log does not hold it:
+        compacted into a snapshot, or not appended yet."""
+        j = self.journal
+        n = len(j)
+        pos = index - j[0][1] if n else -1
+        return int(j[pos][2]) if 0 <= pos < n else None
+
     def _term_committed(self) -> bool:
         """True once an entry of the current term is committed (the no-op a
         new pysyncobj leader appends): only then does the commit index cover
         every entry earlier leaders committed."""
-        j = self.journal
-        if not len(j):
-            return False
-        pos = self.sync.raftCommitIndex - j[0][1]
-        return 0 <= pos < len(j) and bool(j[pos][2] == self.sync.raftCurrentTerm)
+        return self.term_at(int(self.sync.raftCommitIndex)) == int(self.sync.raftCurrentTerm)
 
     def tick(self) -> None:
         inst = self._install

@@ -325,14 +325,7 @@ class ReplicaManager:
         """The Raft term of entry ``index`` of ``gid``'s log, being applied
         (driver thread); ``None`` when the log no longer holds it."""
         g = self.host.group(gid)
-        if g is None:
-            return None
-        j = g.journal
-        n = len(j)
-        if not n:
-            return None
-        pos = index - j[0][1]
-        return int(j[pos][2]) if 0 <= pos < n else None
+        return g.term_at(index) if g is not None else None
 
     def _meta_apply(self, payload: bytes, index: int) -> bytes:
         return self.meta_fsm.apply(payload, index, self.host.batch().state(META_GROUP_ID))
