@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cachenode._errors import NotLeader, Unavailable
+from cachenode._errors import NotLeader, OutcomeUnknown, Unavailable
 from cachenode.raft.group import BULK_FLUSH_BYTES, RaftGroup, RaftTiming
 from cachenode.raft.host import GroupHost
 from cachenode.raft.journal import DiskCommand
@@ -284,6 +284,38 @@ def test_a_follower_far_behind_installs_a_snapshot_read_only_as_it_is_sent(tmp_p
         assert max(n for n, _, _ in pieces) <= BULK_FLUSH_BYTES
         last = max(k for k, p in enumerate(pieces) if p[1])  # the transmission that was installed
         assert [p[2] for p in pieces[last:]] == [False] * (len(pieces) - last - 1) + [True]
+
+
+def test_a_write_on_a_cut_off_leader_ends_as_outcome_unknown_once_a_snapshot_covers_its_entry(
+    tmp_path: Path,
+) -> None:
+    """pysyncobj calls a proposal back when it applies the proposal's entry;
+    a replica that installs a snapshot applies on from the snapshot's end.
+    A leader cut off with a write in flight, then caught up by a snapshot
+    of the new leader's log, must end that write (its entry may or may not
+    be in the snapshot: outcome unknown), not hold it until the client's
+    deadline."""
+    timing = dataclasses.replace(TIMING, log_compaction_bytes=1 << 20)
+    with three_hosts(tmp_path, timing) as ns:
+        old = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        old.g.propose(b"v1").result(timeout=10)
+        others = [n for n in IDS if n != old.id]
+        old.block(set(others))
+        for nid in others:
+            ns[nid].block({old.id})
+        lost = old.g.propose(b"lost")
+        new = wait_for(lambda: leader_of(ns, others), "a new leader among the others")
+        for i in range(24):
+            new.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        wait_for(lambda: new.on_driver(lambda: new.g.snapshots_written) >= 1, "the new leader's snapshot")
+        assert not lost.done(), "a cut-off leader cannot commit"
+        old.block(set())
+        for nid in others:
+            ns[nid].block(set())
+        wait_for(lambda: old.on_driver(lambda: old.g.snapshots_installed) >= 1, "the old leader to install a snapshot")
+        with pytest.raises(OutcomeUnknown, match="outcome is unknown; retry with the same request id"):
+            lost.result(timeout=5)
+        assert b"lost" not in old.applied
 
 
 def test_a_follower_catches_up_from_entries_that_left_the_leaders_memory(tmp_path: Path) -> None:

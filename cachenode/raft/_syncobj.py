@@ -105,6 +105,25 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
                 callback(None, FAIL_REASON.NOT_LEADER)
         self._commands_queued = False
 
+    def fail_skipped(self, last_index: int) -> int:
+        """Fail, as outcome unknown, every command waiting on a log entry at
+        or below ``last_index``; return how many.  Driver thread, once a
+        received snapshot ending at ``last_index`` is installed: pysyncobj
+        calls such a command back only when it applies the entry, and
+        applies on from the snapshot's end, so the command would wait for
+        ever.  (A leader cut off from its followers, then caught up by a
+        snapshot, held its clients' writes until their deadlines.)  The
+        entry may or may not have been committed into the snapshot: the
+        caller retries with the same request id, which the dedup table
+        answers either way."""
+        waiting: Any = getattr(self, "_SyncObj__commandsWaitingCommit")  # noqa: B009 - name-mangled
+        failed = 0
+        for idx in [i for i in waiting if i <= last_index]:
+            for _term, callback in waiting.pop(idx):
+                callback(None, FAIL_REASON.UNKNOWN_OUTCOME)
+                failed += 1
+        return failed
+
     def _checkCommandsToApply(self) -> None:  # noqa: N802 - pysyncobj's name
         """pysyncobj drains its command queue at the end of every tick, by
         ``get_nowait`` until the queue raises ``Empty``, with a clock read

@@ -1902,6 +1902,10 @@ class RaftGroup:
             self.snapshots_installed += 1
             last = inst.header[0]
             log.info("group %s: installed snapshot at index %s", self.group_id, last[1])
+            skipped = self.sync.fail_skipped(int(last[1]))
+            if skipped:
+                log.info("group %s: %d proposals whose entries the snapshot covers end as outcome unknown",
+                         self.group_id, skipped)
             if self._on_installed is not None:
                 self._on_installed(int(last[1]), int(last[2]))
         self.status = self._read_status()

@@ -74,10 +74,13 @@ _NEVER_MS = (1 << 63) - 1
 
 IN_FLIGHT_MAX_S = 10.0
 """A periodic proposal (active expiry, clock tick) older than this no longer
-blocks the next one.  pysyncobj never resolves a proposal whose entry a
-snapshot install skipped (it jumps its applied index past it), so a leader
-that proposed, was cut off, and caught up by a snapshot would otherwise
-wait on it for good and stop expiring or ticking that shard."""
+blocks the next one.  pysyncobj itself never resolves a proposal whose entry
+a snapshot install skipped (it jumps its applied index past it); since
+session 30 the group fails those as outcome unknown once the install is in
+(``GroupSyncObj.fail_skipped``).  The bound stays as the last guard: a
+proposal left unresolved by any path, for example a leader that proposed,
+was cut off, and was caught up by a snapshot, would otherwise block that
+shard's expiry or ticks for good."""
 
 
 def _in_flight(entry: tuple[Future[bytes], float] | None, now: float, max_age_s: float) -> bool:
