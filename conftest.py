@@ -19,15 +19,24 @@ import os
 
 import pytest
 
-_RANK = {"jepsen": 0, "cluster": 1}
-"""A file's rank is its best-ranked test's; unmarked files rank last."""
+
+def _rank(items: list[pytest.Item]) -> int:
+    """0: a jepsen-lite suite file (every test marked ``jepsen``), minutes
+    long; 1: a file that starts clusters (a test marked ``cluster`` or
+    ``jepsen``), tens of seconds; 2: the rest, seconds.  A file with one
+    jepsen-lite run among other tests ranks 1, so the two workers do not
+    both open with a jepsen-lite run on 2 cores."""
+    marks = [{m.name for m in item.iter_markers()} for item in items]
+    if all("jepsen" in m for m in marks):
+        return 0
+    return 1 if any(m & {"cluster", "jepsen"} for m in marks) else 2
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return
-    rank: dict[str, int] = {}
+    by_file: dict[str, list[pytest.Item]] = {}
     for item in items:
-        r = min((_RANK[m.name] for m in item.iter_markers() if m.name in _RANK), default=len(_RANK))
-        rank[item.location[0]] = min(r, rank.get(item.location[0], r))
-    items.sort(key=lambda item: rank[item.location[0]])  # stable: order within a rank is kept
+        by_file.setdefault(item.nodeid.split("::", 1)[0], []).append(item)  # xdist's loadfile key
+    rank = {f: _rank(file_items) for f, file_items in by_file.items()}
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable: order within a rank is kept

@@ -356,6 +356,7 @@ def test_pysyncobj_internals_we_lean_on() -> None:
                  "_applyCommand", "_checkCommandsToApply", "_getFuncName", "_onTick"):  # GroupSyncObj
         assert hasattr(so.SyncObj, name), name
     assert isinstance(so._COMMAND_TYPE.REGULAR, int)
+    assert isinstance(so.FAIL_REASON.UNKNOWN_OUTCOME, int)  # GroupSyncObj.fail_skipped
     assert callable(so.monotonicTime)  # the clock of pysyncobj's drain, read by GroupSyncObj's
 
 

@@ -150,13 +150,26 @@ def test_read_index_serves_after_committed_write(nodes: dict[str, Node]) -> None
         follower.g.read_index().result(timeout=10)
 
 
-def test_cut_off_leader_never_serves_a_read(nodes: dict[str, Node]) -> None:
-    old = wait_for(lambda: leader_of(nodes, IDS), "a leader")
+def cut_off_the_leader(ns: dict[str, Node]) -> tuple[Node, list[str]]:
+    """Wait for a leader, commit ``v1`` through it, then cut it off from the
+    others both ways.  Returns it and the others' ids; :func:`reconnect_all` undoes
+    the cut.  TIMING's leader fallback keeps it leading meanwhile."""
+    old = wait_for(lambda: leader_of(ns, IDS), "a leader")
     old.g.propose(b"v1").result(timeout=10)
     others = [n for n in IDS if n != old.id]
     old.block(set(others))
     for nid in others:
-        nodes[nid].block({old.id})
+        ns[nid].block({old.id})
+    return old, others
+
+
+def reconnect_all(ns: dict[str, Node]) -> None:
+    for n in ns.values():
+        n.block(set())
+
+
+def test_cut_off_leader_never_serves_a_read(nodes: dict[str, Node]) -> None:
+    old, others = cut_off_the_leader(nodes)
     new = wait_for(lambda: leader_of(nodes, others), "a new leader among the others")
     new.g.propose(b"v2").result(timeout=10)
     assert old.role() == "leader", "the cut-off leader should still believe it leads"
@@ -165,10 +178,7 @@ def test_cut_off_leader_never_serves_a_read(nodes: dict[str, Node]) -> None:
     # leader has also served a read (which needs a full round of its own).
     new.g.read_index().result(timeout=10)
     assert not pending.done()
-    # Heal: the old leader learns the new term and fails the read.
-    old.block(set())
-    for nid in others:
-        nodes[nid].block(set())
+    reconnect_all(nodes)  # the old leader learns the new term and fails the read
     wait_for(pending.done, "the pending read to end")
     assert isinstance(pending.exception(), NotLeader)
     assert b"v1" in old.applied
@@ -297,21 +307,14 @@ def test_a_write_on_a_cut_off_leader_ends_as_outcome_unknown_once_a_snapshot_cov
     deadline."""
     timing = dataclasses.replace(TIMING, log_compaction_bytes=1 << 20)
     with three_hosts(tmp_path, timing) as ns:
-        old = wait_for(lambda: leader_of(ns, IDS), "a leader")
-        old.g.propose(b"v1").result(timeout=10)
-        others = [n for n in IDS if n != old.id]
-        old.block(set(others))
-        for nid in others:
-            ns[nid].block({old.id})
+        old, others = cut_off_the_leader(ns)
         lost = old.g.propose(b"lost")
         new = wait_for(lambda: leader_of(ns, others), "a new leader among the others")
         for i in range(24):
             new.g.propose(bytes([i]) * 100_000).result(timeout=10)
         wait_for(lambda: new.on_driver(lambda: new.g.snapshots_written) >= 1, "the new leader's snapshot")
         assert not lost.done(), "a cut-off leader cannot commit"
-        old.block(set())
-        for nid in others:
-            ns[nid].block(set())
+        reconnect_all(ns)
         wait_for(lambda: old.on_driver(lambda: old.g.snapshots_installed) >= 1, "the old leader to install a snapshot")
         with pytest.raises(OutcomeUnknown, match="outcome is unknown; retry with the same request id"):
             lost.result(timeout=5)
@@ -1167,11 +1170,6 @@ def _led_with_a_write(ns: dict[str, Node]) -> tuple[Node, int]:
     return leader, _votes(leader)["term"]
 
 
-def _heal(ns: dict[str, Node]) -> None:
-    for n in ns.values():
-        n.block(set())
-
-
 def _in_step(ns: dict[str, Node], term: int) -> bool:
     """Every replica in ``term`` and one of them leading."""
     return [_votes(n)["term"] for n in ns.values()] == [term] * 3 and leader_of(ns, IDS) is not None
@@ -1198,7 +1196,7 @@ def test_a_follower_that_alone_cannot_hear_its_leader_does_not_depose_it(tmp_pat
         assert _votes(cut)["won"] == won
         assert [_votes(n)["term"] for n in ns.values()] == [term] * 3
         leader.g.propose(b"during").result(timeout=10)  # the leader and the third commit it
-        _heal(ns)
+        reconnect_all(ns)
         caught_up(leader, cut, leader.last_index, "the cut follower to catch up")
         assert leader.role() == "leader" and [_votes(n)["term"] for n in ns.values()] == [term] * 3
 
@@ -1220,7 +1218,7 @@ def test_a_follower_cut_off_from_all_keeps_its_term_and_rejoins_without_an_elect
         wait_for(lambda: _votes(victim)["started"] >= before["started"] + 5, "five pre-vote rounds from the cut-off follower")
         assert _votes(victim)["term"] == term and _votes(victim)["won"] == before["won"]
         leader.g.propose(b"while cut off").result(timeout=10)
-        _heal(ns)
+        reconnect_all(ns)
         caught_up(leader, victim, leader.last_index, "the follower to catch up")
         assert leader.role() == "leader" and [_votes(n)["term"] for n in ns.values()] == [term] * 3
 

@@ -78,8 +78,7 @@ blocks the next one.  pysyncobj itself never resolves a proposal whose entry
 a snapshot install skipped (it jumps its applied index past it); since
 session 30 the group fails those as outcome unknown once the install is in
 (``GroupSyncObj.fail_skipped``).  The bound stays as the last guard: a
-proposal left unresolved by any path, for example a leader that proposed,
-was cut off, and was caught up by a snapshot, would otherwise block that
+proposal that some other path leaves unresolved would otherwise block that
 shard's expiry or ticks for good."""
 
 
