@@ -270,3 +270,49 @@ def test_whole_cluster_restart_keeps_data(cluster: tuple[Path, list[str]]) -> No
 def _address(directory: Path, node_id: str) -> str:
     doc: dict[str, Any] = json.loads((directory / "cluster.json").read_text())
     return next(n["address"] for n in doc["nodes"] if n["id"] == node_id)
+
+
+def test_local_up_starts_again_on_new_ports_when_a_node_finds_its_port_taken(tmp_path: Path) -> None:
+    """The ports of a new cluster are chosen free, then closed, then bound by
+    the nodes: another process can take one in between.  Here a socket holds
+    n2's client port before the nodes start; n2 exits (it cannot listen) and
+    ``local up`` starts the cluster again on new ports."""
+    import socket
+
+    from _cluster import kill_by_pid, recorded_pids
+    from cachectl import local
+    from cachectl.main import Context, build_parser
+    from cachectl.output import Output
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    chosen: list[list[int]] = []
+
+    def choose(host: str, count: int) -> list[int]:
+        ports = local.free_ports(host, count)
+        if not chosen:
+            ports[2] = taken.getsockname()[1]  # n2's client port
+        chosen.append(ports)
+        return ports
+
+    env = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["local", "up", "--nodes", "3", "--shards", "2", "--dir", str(tmp_path), "--wait", "90"]
+    ctx = Context(build_parser().parse_args(argv), env, Output(out, err, env))
+    pids: list[int] = []
+    try:
+        assert local.cmd_up(ctx, choose_ports=choose) == 0, err.getvalue()
+        pids = recorded_pids(tmp_path)
+        assert len(chosen) == 2
+        doc = json.loads((tmp_path / "cluster.json").read_text())
+        addresses = [n["address"] for n in doc["nodes"]]
+        assert f"127.0.0.1:{taken.getsockname()[1]}" not in addresses
+        assert "n2's port was taken before it could listen" in err.getvalue()
+        assert "cannot listen for clients" in (tmp_path / "n2" / "node.log").read_text()
+        with CacheClient(addresses, timeout=10.0) as c:
+            c.set("retry:k", b"v")
+            assert c.get("retry:k").value == b"v"
+    finally:
+        pids = sorted(set(pids) | set(recorded_pids(tmp_path)))
+        main(["local", "down", "--dir", str(tmp_path)], env, stdout=io.StringIO(), stderr=io.StringIO())
+        kill_by_pid(pids)
+        taken.close()

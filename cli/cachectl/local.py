@@ -33,14 +33,15 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cachectl import argtypes
 from cachectl.output import CliError, ExitStatus
@@ -556,7 +557,22 @@ def _write_secret(path: Path) -> None:
         os.close(fd)
 
 
-def _new_cluster(ctx: Context, directory: Path) -> ClusterDoc:
+START_ATTEMPTS = 3
+"""How often ``local up`` starts a new cluster when a node finds its port
+taken.  The ports are chosen free, closed, and bound by the nodes a moment
+later: another process's ``bind`` can take one in between (a second test
+worker, another ``local up``).  Nothing was acknowledged yet, so the next
+attempt empties the data directories and chooses new ports."""
+
+
+def _lost_its_port(died: _NodeDied) -> bool:
+    """The node stopped at start (exit 3) because it could not listen."""
+    return died.code == 3 and "cannot listen" in log_tail(died.rec, lines=3)
+
+
+def _new_cluster(
+    ctx: Context, directory: Path, choose_ports: Callable[[str, int], list[int]] = free_ports
+) -> ClusterDoc:
     a = ctx.args
     if a.replication > a.nodes:
         raise CliError(
@@ -564,7 +580,7 @@ def _new_cluster(ctx: Context, directory: Path) -> ClusterDoc:
             ExitStatus.USAGE,
         )
     host = a.host
-    ports = free_ports(host, 2 * a.nodes)
+    ports = choose_ports(host, 2 * a.nodes)
     fmt = f"[{host}]:{{}}" if ":" in host else f"{host}:{{}}"
     secret = directory / SECRET_FILE
     _write_secret(secret)
@@ -602,7 +618,22 @@ def _new_cluster(ctx: Context, directory: Path) -> ClusterDoc:
     )
 
 
-def cmd_up(ctx: Context) -> int:
+def _startup_failed(ctx: Context, doc: ClusterDoc, died: _NodeDied) -> NoReturn:
+    """Stop every node of ``doc``, show ``died``'s log tail, raise the CLI error."""
+    code = died.code
+    tail = log_tail(died.rec)
+    stop(doc.nodes, grace=5.0)
+    save(doc)
+    ctx.out.raw_err(f"--- last lines of {died.rec.log} ---\n{tail}\n---")
+    raise CliError(
+        f"node {died.rec.id} exited"
+        + (f" with code {code}" if code is not None else "")
+        + f" during startup; the other nodes were stopped; its log is {died.rec.log} (tail above)"
+    )
+
+
+def cmd_up(ctx: Context, choose_ports: Callable[[str, int], list[int]] = free_ports) -> int:
+    """``local up``; ``choose_ports(host, count)`` picks a new cluster's ports."""
     a = ctx.args
     directory = Path(a.dir).resolve()
     with _locked(directory):
@@ -617,37 +648,40 @@ def cmd_up(ctx: Context) -> int:
                 )
             ctx.out.note(f"restarting the stopped cluster in {directory} from its data")
         else:
-            doc = _new_cluster(ctx, directory)
+            doc = _new_cluster(ctx, directory, choose_ports)
             save(doc)
-        started = time.monotonic()
-        try:
-            for rec in doc.nodes:
-                rec.pid = spawn(rec, ctx.env)
-                save(doc)  # record every pid at once: `local down` must find them
-            wait_ready(ctx, doc, started + a.wait)
-        except _NodeDied as died:
-            code = died.code
-            tail = log_tail(died.rec)
-            stop(doc.nodes, grace=5.0)
-            save(doc)
-            ctx.out.raw_err(f"--- last lines of {died.rec.log} ---\n{tail}\n---")
-            raise CliError(
-                f"node {died.rec.id} exited"
-                + (f" with code {code}" if code is not None else "")
-                + f" during startup; the other nodes were stopped; its log is {died.rec.log} (tail above)"
-            ) from None
-        except _NotReady as nr:
-            stop(doc.nodes, grace=5.0)
-            save(doc)
-            raise CliError(
-                f"the cluster was not ready within {a.wait:g}s ({nr}); every node was stopped; "
-                f"see the logs in {directory}/<id>/node.log, or retry with a larger --wait",
-                ExitStatus.TIMEOUT,
-            ) from None
-        except BaseException:
-            stop(doc.nodes, grace=5.0)
-            save(doc)
-            raise
+        for attempt in range(1, START_ATTEMPTS + 1):
+            started = time.monotonic()
+            try:
+                for rec in doc.nodes:
+                    rec.pid = spawn(rec, ctx.env)
+                    save(doc)  # record every pid at once: `local down` must find them
+                wait_ready(ctx, doc, started + a.wait)
+                break
+            except _NodeDied as died:
+                if restarted or attempt == START_ATTEMPTS or not _lost_its_port(died):
+                    _startup_failed(ctx, doc, died)
+                stop(doc.nodes, grace=5.0)
+                ctx.out.note(
+                    f"node {died.rec.id}'s port was taken before it could listen "
+                    f"({died.rec.address}, {died.rec.raft_address}); starting again on new ports"
+                )
+                for rec in doc.nodes:
+                    shutil.rmtree(rec.data_dir, ignore_errors=True)
+                doc = _new_cluster(ctx, directory, choose_ports)
+                save(doc)
+            except _NotReady as nr:
+                stop(doc.nodes, grace=5.0)
+                save(doc)
+                raise CliError(
+                    f"the cluster was not ready within {a.wait:g}s ({nr}); every node was stopped; "
+                    f"see the logs in {directory}/<id>/node.log, or retry with a larger --wait",
+                    ExitStatus.TIMEOUT,
+                ) from None
+            except BaseException:
+                stop(doc.nodes, grace=5.0)
+                save(doc)
+                raise
         elapsed = time.monotonic() - started
     if ctx.json:
         ctx.out.json(doc.to_json())
