@@ -38,5 +38,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     by_file: dict[str, list[pytest.Item]] = {}
     for item in items:
         by_file.setdefault(item.nodeid.split("::", 1)[0], []).append(item)  # xdist's loadfile key
-    rank = {f: _rank(file_items) for f, file_items in by_file.items()}
-    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable: order within a rank is kept
+    ordered = sorted(by_file.values(), key=_rank)  # stable: order within a rank is kept
+    items[:] = [item for file_items in ordered for item in file_items]
