@@ -8,6 +8,7 @@ double from tests/_cluster.py.
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from cachenode._errors import (
     Overloaded,
     Unavailable,
 )
-from cachenode.client import AsyncCacheClient, CacheClient, CasResult, GetResult
+from cachenode.client import AsyncCacheClient, CacheClient, CasResult, GetResult, _call, _core
 from cachenode.client._status import Retry, classify, parse_leader_hint
 from cachenode.v1 import cache_pb2 as pb
 from cachenode.v1 import cache_pb2_grpc as pb_grpc
@@ -294,6 +295,55 @@ def test_classify_not_leader_hint() -> None:
 
 
 # ---------------------------------------------------------------------------
+# the retry budget, on a clock the test moves
+# ---------------------------------------------------------------------------
+
+
+def _attempt_timeouts_until_final_error(write: bool, timeout: float) -> tuple[list[float], Any]:
+    """Drive one call against a shard with no leader, each attempt failing
+    after 1 ms; returns every attempt's timeout and the final error."""
+    now = [0.0]
+    core = _core.ClientCore(
+        [UNREACHABLE],
+        timeout=timeout,
+        max_attempts=3,
+        client_id=None,
+        routing="smart",
+        clock=lambda: now[0],
+        rng=random.Random(7),
+    )
+    op = _call.Op("Set" if write else "Get", (b"k",), pb.SetRequest, write=write)
+    state = _core.CallState(core, op, deadline=now[0] + timeout)
+    no_leader = _FakeRpcError(
+        grpc.StatusCode.UNAVAILABLE, "no leader", (("cachenode-error", "unavailable"),)
+    )
+    timeouts: list[float] = []
+    while True:
+        target = state.target()
+        timeouts.append(state.attempt_timeout())
+        now[0] += 0.001
+        try:
+            delay = state.failed(no_leader, target)
+        except CacheError as e:
+            return timeouts, e
+        now[0] += delay
+
+
+def test_a_write_not_yet_applied_is_not_retried_in_an_attempt_too_short_to_finish() -> None:
+    # A last attempt of a few milliseconds times out on a busy machine, and a
+    # write attempt that times out may have been applied: it would turn the
+    # definite "not applied" into "outcome unknown" for nothing.
+    timeouts, err = _attempt_timeouts_until_final_error(write=True, timeout=1.0)
+    assert len(timeouts) > 4
+    assert min(timeouts) >= _core.SAFE_ATTEMPT_S
+    assert isinstance(err, Unavailable) and "It was not applied" in err.message
+    # A read spends nothing by trying, so it keeps trying to the end of its budget.
+    read_timeouts, read_err = _attempt_timeouts_until_final_error(write=False, timeout=1.0)
+    assert min(read_timeouts) < _core.SAFE_ATTEMPT_S
+    assert isinstance(read_err, Unavailable)
+
+
+# ---------------------------------------------------------------------------
 # a tiny server: DEADLINE_EXCEEDED after applying, then success
 # ---------------------------------------------------------------------------
 
@@ -452,17 +502,23 @@ def test_a_leader_transfer_costs_a_backoff_not_a_share_of_the_timeout(cluster: F
         c.set(key, "1")
         shard, old, new = cluster.leader_and_follower(key)
         # Every replica says "not the leader, leader unknown" twice, then the transfer is done.
-        cluster.inject(Fault("Set", grpc.StatusCode.FAILED_PRECONDITION, kind="not_leader", count=2))
+        cluster.inject(
+            Fault("Set", grpc.StatusCode.FAILED_PRECONDITION, kind="not_leader", count=2)
+        )
         cluster.move_leader(shard.id, new)
         t0 = time.monotonic()
         assert c.set(key, "2") is True
         assert time.monotonic() - t0 < 1.0
         # Elections do not use up the attempts either: more of them than
         # max_attempts, each after a backoff, all within the timeout.
-        cluster.inject(Fault("Set", grpc.StatusCode.FAILED_PRECONDITION, kind="not_leader", count=6))
+        cluster.inject(
+            Fault("Set", grpc.StatusCode.FAILED_PRECONDITION, kind="not_leader", count=6)
+        )
         cluster.clear_calls()
         assert c.set(key, "3") is True
-        assert len(cluster.calls("Set")) >= 7  # 6 refusals (and maybe a probe of a follower), then the write
+        assert (
+            len(cluster.calls("Set")) >= 7
+        )  # 6 refusals (and maybe a probe of a follower), then the write
 
 
 def test_unknown_leader_probes_replicas(cluster: FakeCluster) -> None:

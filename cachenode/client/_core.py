@@ -26,8 +26,11 @@ the call still fails, the error is ``OutcomeUnknown``, never ``Unavailable``.
 
 Deadlines: a user call gets ``timeout`` seconds in total.  Each attempt may
 use at most half of what is left (the last allowed attempt all of it), so a
-slow node cannot eat the whole budget before a retry gets a chance.  Failing
-to fetch the cluster map from every known address counts as one attempt.
+slow node cannot eat the whole budget before a retry gets a chance.  A
+write that surely was not applied yet is not retried in an attempt shorter
+than ``SAFE_ATTEMPT_S``: such an attempt would likely time out and leave its
+outcome unknown.  Failing to fetch the cluster map from every known address
+counts as one attempt.
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ SUSPECT_S = 2.0
 """How long an unreachable address is tried last."""
 MIN_ATTEMPT_S = 0.005
 """Below this much budget left, another attempt is pointless."""
+SAFE_ATTEMPT_S = 0.05
+"""The least time a retry of a write that was surely not applied yet gets.
+An attempt that times out may have reached the leader, so it turns that
+write's definite "not applied" into "outcome unknown"; a few-millisecond
+attempt at the end of the budget times out on any busy machine and is
+worth less than the definite answer it would spend."""
 
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # The transport must never resend a write behind our back: only this
@@ -395,10 +404,12 @@ class CallState:
 
     def attempt_timeout(self) -> float:
         """At most half the remaining budget; the last allowed attempt gets all of it."""
-        rem = max(self.remaining(), MIN_ATTEMPT_S)
+        return self._share(max(self.remaining(), MIN_ATTEMPT_S))
+
+    def _share(self, budget: float) -> float:
         if self.core.max_attempts - self.counted <= 1:
-            return rem
-        return rem / 2
+            return budget
+        return budget / 2
 
     # ---- routing ---------------------------------------------------------
 
@@ -538,15 +549,24 @@ class CallState:
         return self._next_delay(wait)
 
     def _next_delay(self, wait: _Wait) -> float:
-        if self.counted >= self.core.max_attempts or self.remaining() <= MIN_ATTEMPT_S:
+        """The wait before the next attempt, or raises when none is worth making:
+        the attempts ran out, or the budget left after the wait would give the
+        attempt less than it needs (``SAFE_ATTEMPT_S`` for a write that is
+        still surely not applied, ``MIN_ATTEMPT_S`` otherwise)."""
+        remaining = self.remaining()
+        if self.counted >= self.core.max_attempts or remaining <= MIN_ATTEMPT_S:
             raise self.final_error()
-        if wait is _Wait.NONE:
-            return 0.0
-        delay = self.core.backoff(self.backoffs)
-        self.backoffs += 1
-        if wait is _Wait.ELECTION:
-            delay = min(delay, ELECTION_BACKOFF_CAP_S)
-        return min(delay, self.remaining() / 2)
+        delay = 0.0
+        if wait is not _Wait.NONE:
+            delay = self.core.backoff(self.backoffs)
+            self.backoffs += 1
+            if wait is _Wait.ELECTION:
+                delay = min(delay, ELECTION_BACKOFF_CAP_S)
+            delay = min(delay, remaining / 2)
+        least = SAFE_ATTEMPT_S if self.op.write and not self.maybe_applied else MIN_ATTEMPT_S
+        if self._share(remaining - delay) < least:
+            raise self.final_error()
+        return delay
 
     def final_error(self) -> CacheError:
         """The error a user sees when the attempts or the budget ran out."""
