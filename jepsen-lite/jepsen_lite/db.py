@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +37,16 @@ import grpc
 
 from jepsen_lite.client import AdminClient
 
-__all__ = ["Cluster", "HarnessError", "Node", "UNSAFE_SWITCHES", "free_ports"]
+__all__ = [
+    "Cluster",
+    "HarnessError",
+    "Node",
+    "PortTaken",
+    "START_ATTEMPTS",
+    "UNSAFE_SWITCHES",
+    "free_ports",
+    "start_cluster",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +54,18 @@ NODE_MODULE: Final = "cachenode.server.main"
 UNSAFE_SWITCHES: Final = ("local-reads", "dup-incr", "local-ttl", "skip-fsync")
 NETNS_CLIENT_PORT: Final = 7100
 NETNS_RAFT_PORT: Final = 7101
+START_ATTEMPTS: Final = 3
+"""How many sets of fresh loopback ports :func:`start_cluster` tries."""
 
 
 class HarnessError(RuntimeError):
     """The harness could not do its job (exit 3); the message is one line."""
+
+
+class PortTaken(HarnessError):
+    """A node exited because it could not listen: a port that was free when
+    :func:`free_ports` chose it was bound by another process before the node
+    bound it (another ``bind(0)``, such as a second test worker's)."""
 
 
 def free_ports(host: str, count: int) -> list[int]:
@@ -118,6 +136,8 @@ class Cluster:
         extra_args: Sequence[str] = (),
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
+        extra_record: Mapping[str, Any] | None = None,
+        choose_ports: Callable[[str, int], list[int]] = free_ports,
     ) -> None:
         for u in unsafe:
             if u not in UNSAFE_SWITCHES:
@@ -131,12 +151,12 @@ class Cluster:
         self._wrap = wrap
         self.secret_file = root / "secret"
         self.record_file = root / "nodes.json"
-        self.extra_record: dict[str, Any] = {}
+        self.extra_record: dict[str, Any] = dict(extra_record or {})
         self.nodes: dict[str, Node] = {}
         self._admins: dict[str, AdminClient] = {}
         self._closed = False
         if hosts is None:
-            ports = free_ports("127.0.0.1", 2 * len(node_ids))
+            ports = choose_ports("127.0.0.1", 2 * len(node_ids))
             for i, nid in enumerate(node_ids):
                 self.nodes[nid] = self._node(nid, "127.0.0.1", ports[2 * i], ports[2 * i + 1])
         else:
@@ -357,10 +377,11 @@ class Cluster:
             for nid in want:
                 n = self.nodes[nid]
                 if n.proc is not None and n.proc.poll() is not None:
-                    tail = self.log_tail(nid, 3).replace("\n", " | ")
-                    raise HarnessError(
-                        f"node {nid} exited with code {n.proc.returncode} (log {n.log_path}: {tail})"
-                    )
+                    tail = self.log_tail(nid, 3)
+                    code = n.proc.returncode
+                    why = PortTaken if code == 3 and "cannot listen" in tail else HarnessError
+                    one_line = tail.replace("\n", " | ")
+                    raise why(f"node {nid} exited with code {code} (log {n.log_path}: {one_line})")
             st = self.statuses(want)
             led: set[int] = set()
             for s in st.values():
@@ -413,3 +434,39 @@ class Cluster:
                 }
             )
         return out
+
+
+def start_cluster(
+    root: Path,
+    node_ids: Sequence[str],
+    *,
+    timeout: float,
+    note: Callable[[str], None],
+    attempts: int = START_ATTEMPTS,
+    **kwargs: Any,
+) -> tuple[Cluster, float]:
+    """Make a :class:`Cluster` under ``root`` (``kwargs`` go to its constructor),
+    start it and wait until it is ready; returns it and the seconds waited.
+
+    On loopback ports (no ``hosts``) a node that lost its port (:class:`PortTaken`)
+    makes it start again: every node is stopped, ``root`` is emptied (nothing
+    was acknowledged yet) and new ports are chosen, at most ``attempts`` times,
+    with a one-line ``note`` each time.  Any other failure, or the last one,
+    stops every node and raises.  The caller owns the returned cluster and
+    must close it."""
+    attempt = 1
+    while True:
+        cluster = Cluster(root, node_ids, **kwargs)
+        try:
+            cluster.start()
+            return cluster, cluster.wait_ready(timeout)
+        except PortTaken as e:
+            cluster.close()
+            if kwargs.get("hosts") is not None or attempt >= attempts:
+                raise
+            note(f"note: {e}; starting the cluster again on new ports")
+            shutil.rmtree(root, ignore_errors=True)
+            attempt += 1
+        except BaseException:
+            cluster.close()
+            raise

@@ -39,7 +39,7 @@ from jepsen_lite import __version__, net
 from jepsen_lite.checker import CheckResult, KeyResult, check_history
 from jepsen_lite.checker.models import Model, get_model, set_full_summary
 from jepsen_lite.client import CacheClient
-from jepsen_lite.db import UNSAFE_SWITCHES, Cluster, HarnessError
+from jepsen_lite.db import UNSAFE_SWITCHES, HarnessError, start_cluster
 from jepsen_lite.generator import WORKLOADS, Generator, OpSpec
 from jepsen_lite.history import HistoryWriter, Op, pair_operations, read_history
 from jepsen_lite.nemesis import NEMESES, TARGETS, Nemesis, build_schedule
@@ -199,12 +199,25 @@ def run(cfg: RunConfig, say: Say = print, console_file: IO[str] | None = None) -
             mechanism = ns
             hosts = {n: ns.host_of(n) for n in node_ids}
             wrap = ns.wrap
-        cluster = Cluster(
-            cluster_dir, node_ids, shards=cfg.shards, unsafe=cfg.unsafe, hosts=hosts, wrap=wrap
+        say(
+            f"starting {cfg.nodes} nodes, {cfg.shards} shards"
+            + (f", unsafe: {', '.join(cfg.unsafe)}" if cfg.unsafe else "")
+            + (f", network faults via {net_kind}" if net_kind != "none" else "")
+        )
+        cluster, ready_s = start_cluster(
+            cluster_dir,
+            node_ids,
+            timeout=STARTUP_TIMEOUT_S,
+            note=say,
+            shards=cfg.shards,
+            unsafe=cfg.unsafe,
+            hosts=hosts,
+            wrap=wrap,
+            extra_record=(
+                {"netns": ns.namespaces(), "bridge": ns.bridge_if} if net_kind == "netns" else None
+            ),
         )
         stack.callback(cluster.close)
-        if net_kind == "netns":
-            cluster.extra_record = {"netns": ns.namespaces(), "bridge": ns.bridge_if}
         if net_kind == "filter":
 
             def set_filter(node: str, blocked: list[str]) -> None:
@@ -212,13 +225,6 @@ def run(cfg: RunConfig, say: Say = print, console_file: IO[str] | None = None) -
 
             fnet = net.FilterNet(node_ids, set_filter)
             mechanism = fnet
-        say(
-            f"starting {cfg.nodes} nodes, {cfg.shards} shards"
-            + (f", unsafe: {', '.join(cfg.unsafe)}" if cfg.unsafe else "")
-            + (f", network faults via {net_kind}" if net_kind != "none" else "")
-        )
-        cluster.start()
-        ready_s = cluster.wait_ready(STARTUP_TIMEOUT_S)
         info["startup_s"] = round(ready_s, 2)
         if net_kind == "filter":
             # Prove the mechanism works before relying on it.

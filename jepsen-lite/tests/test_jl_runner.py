@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from jepsen_lite import cli, client, net, runner
+from jepsen_lite import cli, client, db, net, runner
 from jl_run import ENV, live_nodes, reap_leftovers, run_cli, wait_for
 from jl_run import cli as cli_argv
 
@@ -78,6 +80,66 @@ def test_fault_filter_that_does_not_work_exits_3(
         reap_leftovers(tmp_path)
     assert code == 3
     assert "no usable fault mechanism" in capsys.readouterr().err
+    assert live_nodes(tmp_path) == []
+
+
+@pytest.mark.cluster
+def test_a_cluster_whose_node_finds_its_port_taken_starts_again_on_new_ports(
+    tmp_path: Path,
+) -> None:
+    # Ports are chosen free, closed, then bound by the nodes a moment later:
+    # another process's bind(0) can take one in between.  Here a listening
+    # socket holds n2's client port from the first choice.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    choices: list[list[int]] = []
+
+    def choose(host: str, count: int) -> list[int]:
+        ports = db.free_ports(host, count)
+        if not choices:
+            ports[2] = holder.getsockname()[1]  # n2's client port
+        choices.append(ports)
+        return ports
+
+    notes: list[str] = []
+    try:
+        cluster, _ = db.start_cluster(
+            tmp_path / "cluster", ["n1", "n2", "n3"], timeout=60, note=notes.append,
+            shards=2, choose_ports=choose,
+        )  # fmt: skip
+        try:
+            assert len(choices) == 2
+            assert cluster.nodes["n2"].client_port == choices[1][2]
+            assert set(cluster.statuses()) == {"n1", "n2", "n3"}
+        finally:
+            cluster.close()
+    finally:
+        holder.close()
+        reap_leftovers(tmp_path)
+    assert len(notes) == 1
+    assert "node n2 exited with code 3" in notes[0] and "cannot listen for clients" in notes[0]
+    assert "starting the cluster again on new ports" in notes[0]
+    assert live_nodes(tmp_path) == []
+
+
+def test_a_node_that_cannot_listen_on_fixed_ports_is_not_started_again(tmp_path: Path) -> None:
+    # Network-namespace runs give every node fixed ports: new ones would not help.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with contextlib.suppress(OSError):  # already bound by someone else: taken all the same
+        holder.bind(("127.0.0.1", db.NETNS_CLIENT_PORT))
+        holder.listen()
+    notes: list[str] = []
+    try:
+        with pytest.raises(db.PortTaken, match="cannot listen"):
+            db.start_cluster(
+                tmp_path / "cluster", ["n1"], timeout=60, note=notes.append, shards=1,
+                hosts={"n1": "127.0.0.1"},
+            )  # fmt: skip
+    finally:
+        holder.close()
+        reap_leftovers(tmp_path)
+    assert notes == []
     assert live_nodes(tmp_path) == []
 
 
