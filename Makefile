@@ -76,12 +76,19 @@ clean-native:
 	find cachenode -name '*.so' -delete
 	rm -f $(NATIVE)
 
-# iptables/iproute2 for jepsen-lite's network faults (namespaces + drops) when root.
+# What the tests need from Debian and the machine lacks, in one apt-get when root:
+# iptables + iproute2 for jepsen-lite's network faults (namespaces + drops),
+# etcd-server + redis-server for the test that drives them with the bench's
+# load generator (make bench-vs installs them too).
 system-deps:
-	@if [ "$$(id -u)" = "0" ] && ! command -v iptables >/dev/null 2>&1; then \
-	  echo "installing iptables + iproute2 (for jepsen-lite partitions)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null) \
-	  || echo "warning: could not install iptables; jepsen-lite falls back to the transport fault filter"; \
+	@pkgs=""; \
+	command -v iptables >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || pkgs=" iptables iproute2"; \
+	command -v etcd >/dev/null 2>&1 || pkgs="$$pkgs etcd-server"; \
+	command -v redis-server >/dev/null 2>&1 || pkgs="$$pkgs redis-server"; \
+	if [ -n "$$pkgs" ] && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing$$pkgs (for jepsen-lite partitions and the etcd/redis bench test)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null) \
+	  || echo "warning: could not install$$pkgs; jepsen-lite falls back to the transport fault filter and the etcd/redis test is skipped"; \
 	fi
 
 run: install
