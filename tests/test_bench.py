@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 import zlib
 from pathlib import Path
@@ -32,7 +33,7 @@ from cachenode.bench.report import (
     summarize,
 )
 from cachenode.bench.runner import run_phase, run_prefill, split_inflight
-from cachenode.bench.systems import EtcdCluster, RedisServer, fs_type
+from cachenode.bench.systems import EtcdCluster, RedisServer, free_ports, fs_type
 from cachenode.bench.targets import TargetSpec
 
 # ---- fast: no process started ---------------------------------------------------
@@ -522,11 +523,51 @@ def test_bench_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
         assert len(stderr.getvalue().strip().splitlines()) == 1
 
 
-@pytest.mark.cluster
-@pytest.mark.skipif(
+needs_etcd_and_redis = pytest.mark.skipif(
     not (shutil.which("etcd") and shutil.which("redis-server")),
-    reason="etcd-server and redis-server are not installed (cachectl bench --vs installs them)",
+    reason="etcd-server and redis-server are not installed (make test installs them as root)",
 )
+
+
+@pytest.mark.cluster
+@needs_etcd_and_redis
+def test_etcd_and_redis_start_again_on_new_ports_when_a_chosen_port_is_taken(
+    tmp_path: Path,
+) -> None:
+    # Ports are chosen free, closed, then bound by the servers a moment later:
+    # another process's bind(0) can take one in between.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    chosen: list[list[int]] = []
+
+    def choose(count: int) -> list[int]:
+        ports = free_ports(count)
+        if len(chosen) % 2 == 0:  # the first choice of each server
+            ports[-1] = taken
+        chosen.append(ports)
+        return ports
+
+    etcd = EtcdCluster(tmp_path / "etcd", members=3, choose_ports=choose)
+    redis = RedisServer(tmp_path / "redis", "always", choose_ports=choose)
+    try:
+        etcd.start()
+        assert len(chosen) == 2 and taken not in chosen[1]
+        assert "address already in use" in (tmp_path / "etcd" / "m3.log").read_text().lower()
+        redis.start()
+        assert len(chosen) == 4 and redis.port == chosen[3][0] != taken
+        assert len(etcd.procs) == 3 and len(redis.procs) == 1
+        assert all(p.alive() for p in [*etcd.procs, *redis.procs])
+    finally:
+        holder.close()
+        etcd.stop()
+        redis.stop()
+    assert not any(p.alive() for p in [*etcd.procs, *redis.procs])
+
+
+@pytest.mark.cluster
+@needs_etcd_and_redis
 def test_same_load_generator_drives_etcd_and_redis(tmp_path: Path) -> None:
     pytest.importorskip("redis")
     assert fs_type(tmp_path) != "unknown"

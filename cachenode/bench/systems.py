@@ -40,6 +40,7 @@ __all__ = [
     "code_facts",
     "EtcdCluster",
     "ManagedProcess",
+    "PortTaken",
     "RedisServer",
     "cpu_seconds",
     "cpu_total",
@@ -59,6 +60,15 @@ LOG_TAIL_LINES = 20
 
 class BenchError(Exception):
     """A benchmark step failed; the message is one line that says what to do next."""
+
+
+class PortTaken(BenchError):
+    """A server exited because a port :func:`free_ports` chose was bound by
+    another process before the server bound it (another ``bind(0)``)."""
+
+
+START_ATTEMPTS = 3
+"""How many sets of fresh ports ``start()`` tries when a server lost its port."""
 
 
 # ---- /proc ---------------------------------------------------------------------
@@ -238,7 +248,8 @@ def _wait_until(
     while True:
         for p in procs:
             if not p.alive():
-                raise BenchError(
+                why = PortTaken if "address already in use" in p.log_tail().lower() else BenchError
+                raise why(
                     f"{p.name} exited with code {p.popen.returncode} while starting; "
                     f"its log is {p.log} (last line: {p.log_tail(1).strip() or 'empty'})"
                 )
@@ -251,16 +262,39 @@ def _wait_until(
         time.sleep(0.1)
 
 
+def _start_with_retries(start_once: Callable[[], None], reset: Callable[[], None]) -> None:
+    """``start_once()`` (which stops what it started when it fails); when a
+    server lost its port, ``reset()`` and start again on new ports, at most
+    :data:`START_ATTEMPTS` times."""
+    attempt = 1
+    while True:
+        try:
+            start_once()
+            return
+        except PortTaken:
+            if attempt >= START_ATTEMPTS:
+                raise
+            reset()
+            attempt += 1
+
+
 # ---- etcd ------------------------------------------------------------------------
 
 
 class EtcdCluster:
     """A local etcd cluster of ``members`` members under ``base`` (lifecycle in the module docstring)."""
 
-    def __init__(self, base: Path, members: int = 3, binary: str = "etcd") -> None:
+    def __init__(
+        self,
+        base: Path,
+        members: int = 3,
+        binary: str = "etcd",
+        choose_ports: Callable[[int], list[int]] = free_ports,
+    ) -> None:
         self.base = base
         self.members = members
         self.binary = binary
+        self.choose_ports = choose_ports
         self.procs: list[ManagedProcess] = []
         self.client_urls: list[str] = []
         self.pb2_dir = base / "stubs"
@@ -273,10 +307,19 @@ class EtcdCluster:
         return {p.name: p.pid for p in self.procs}
 
     def start(self, deadline_s: float = 60.0) -> None:
+        _start_with_retries(lambda: self._start_once(deadline_s), self._reset)
+
+    def _reset(self) -> None:
+        """Forget a failed start: its processes (stopped) and its members' data."""
+        self.procs.clear()
+        for i in range(self.members):
+            shutil.rmtree(self.base / f"m{i + 1}", ignore_errors=True)
+
+    def _start_once(self, deadline_s: float) -> None:
         from cachenode.bench.targets import load_etcd_pb2
 
         self.base.mkdir(parents=True, exist_ok=True)
-        ports = free_ports(2 * self.members)
+        ports = self.choose_ports(2 * self.members)
         names = [f"m{i + 1}" for i in range(self.members)]
         peer_urls = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(self.members)]
         self.client_urls = [f"http://127.0.0.1:{ports[2 * i]}" for i in range(self.members)]
@@ -333,12 +376,19 @@ class EtcdCluster:
 class RedisServer:
     """One redis-server with an append-only file fsynced per ``appendfsync``."""
 
-    def __init__(self, base: Path, appendfsync: str, binary: str = "redis-server") -> None:
+    def __init__(
+        self,
+        base: Path,
+        appendfsync: str,
+        binary: str = "redis-server",
+        choose_ports: Callable[[int], list[int]] = free_ports,
+    ) -> None:
         if appendfsync not in ("always", "everysec"):
             raise ValueError(f"appendfsync must be always or everysec, not {appendfsync!r}")
         self.base = base
         self.appendfsync = appendfsync
         self.binary = binary
+        self.choose_ports = choose_ports
         self.port = 0
         self.procs: list[ManagedProcess] = []
 
@@ -350,8 +400,11 @@ class RedisServer:
         return {p.name: p.pid for p in self.procs}
 
     def start(self, deadline_s: float = 30.0) -> None:
+        _start_with_retries(lambda: self._start_once(deadline_s), self.procs.clear)
+
+    def _start_once(self, deadline_s: float) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
-        (self.port,) = free_ports(1)
+        (self.port,) = self.choose_ports(1)
         conf = self.base / "redis.conf"
         conf.write_text(
             "\n".join(
