@@ -203,11 +203,15 @@ class GroupStatus(Value):
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 
 
-def fail_reason_error(err: int) -> CacheError:
+def fail_reason_error(err: int, read: bool = False) -> CacheError:
     """Map a pysyncobj FAIL_REASON to our error hierarchy.
 
     Definite failures (the command was never appended, or was overwritten)
-    are Unavailable/Overloaded; everything else is OutcomeUnknown."""
+    are Unavailable/Overloaded; everything else is OutcomeUnknown.  For a
+    ``read`` (a read barrier) every failure is definite: a barrier changes
+    nothing, so a read that did not return has no outcome to doubt."""
+    if read and err != FAIL_REASON.QUEUE_FULL:
+        return Unavailable("leadership changed before the read could be served; nothing was read, retry")
     if err == FAIL_REASON.QUEUE_FULL:
         return Overloaded("the shard's command queue is full; retry with backoff")
     if err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):

@@ -548,13 +548,13 @@ class GroupHost:
 
 
 def _resolve(done: list[tuple[Future[Any], Any, Any, bool]]) -> None:
-    for fut, res, err, _read in done:
+    for fut, res, err, read in done:
         if fut.done():
             continue
         if err == FAIL_REASON.SUCCESS:
             fut.set_result(res)
         else:
-            fut.set_exception(fail_reason_error(err))
+            fut.set_exception(fail_reason_error(err, read))
 
 
 def _default_fatal(e: BaseException) -> None:
