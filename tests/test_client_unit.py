@@ -341,6 +341,10 @@ def test_a_write_not_yet_applied_is_not_retried_in_an_attempt_too_short_to_finis
     read_timeouts, read_err = _attempt_timeouts_until_final_error(write=False, timeout=1.0)
     assert min(read_timeouts) < _core.SAFE_ATTEMPT_S
     assert isinstance(read_err, Unavailable)
+    # A short timeout scales the floor down: a 100 ms write still retries.
+    short, short_err = _attempt_timeouts_until_final_error(write=True, timeout=0.1)
+    assert len(short) > 2 and min(short) >= 0.01
+    assert isinstance(short_err, Unavailable) and "It was not applied" in short_err.message
 
 
 # ---------------------------------------------------------------------------

@@ -79,11 +79,13 @@ SUSPECT_S = 2.0
 MIN_ATTEMPT_S = 0.005
 """Below this much budget left, another attempt is pointless."""
 SAFE_ATTEMPT_S = 0.05
-"""The least time a retry of a write that was surely not applied yet gets.
-An attempt that times out may have reached the leader, so it turns that
-write's definite "not applied" into "outcome unknown"; a few-millisecond
-attempt at the end of the budget times out on any busy machine and is
-worth less than the definite answer it would spend."""
+"""The least time a retry of a write that was surely not applied yet gets
+(a tenth of the call's timeout when that is less, so that a call with a
+100 ms timeout still follows a redirect).  An attempt that times out may
+have reached the leader, so it turns that write's definite "not applied"
+into "outcome unknown"; a few-millisecond attempt at the end of the budget
+times out on any busy machine and is worth less than the definite answer
+it would spend."""
 
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # The transport must never resend a write behind our back: only this
@@ -551,8 +553,8 @@ class CallState:
     def _next_delay(self, wait: _Wait) -> float:
         """The wait before the next attempt, or raises when none is worth making:
         the attempts ran out, or the budget left after the wait would give the
-        attempt less than it needs (``SAFE_ATTEMPT_S`` for a write that is
-        still surely not applied, ``MIN_ATTEMPT_S`` otherwise)."""
+        attempt less than it needs (up to ``SAFE_ATTEMPT_S`` for a write that
+        is still surely not applied, ``MIN_ATTEMPT_S`` otherwise)."""
         remaining = self.remaining()
         if self.counted >= self.core.max_attempts or remaining <= MIN_ATTEMPT_S:
             raise self.final_error()
@@ -563,7 +565,9 @@ class CallState:
             if wait is _Wait.ELECTION:
                 delay = min(delay, ELECTION_BACKOFF_CAP_S)
             delay = min(delay, remaining / 2)
-        least = SAFE_ATTEMPT_S if self.op.write and not self.maybe_applied else MIN_ATTEMPT_S
+        least = MIN_ATTEMPT_S
+        if self.op.write and not self.maybe_applied:
+            least = max(least, min(SAFE_ATTEMPT_S, self.core.timeout / 10))
         if self._share(remaining - delay) < least:
             raise self.final_error()
         return delay
