@@ -299,52 +299,75 @@ def test_classify_not_leader_hint() -> None:
 # ---------------------------------------------------------------------------
 
 
-def _attempt_timeouts_until_final_error(write: bool, timeout: float) -> tuple[list[float], Any]:
-    """Drive one call against a shard with no leader, each attempt failing
-    after 1 ms; returns every attempt's timeout and the final error."""
-    now = [0.0]
-    core = _core.ClientCore(
-        [UNREACHABLE],
-        timeout=timeout,
-        max_attempts=3,
-        client_id=None,
-        routing="smart",
-        clock=lambda: now[0],
-        rng=random.Random(7),
-    )
-    op = _call.Op("Set" if write else "Get", (b"k",), pb.SetRequest, write=write)
-    state = _core.CallState(core, op, deadline=now[0] + timeout)
-    no_leader = _FakeRpcError(
+class _NoLeaderCall:
+    """One call driven by hand against a shard with no leader, on a clock the
+    test moves: each attempt fails 1 ms after it is sent."""
+
+    NO_LEADER = _FakeRpcError(
         grpc.StatusCode.UNAVAILABLE, "no leader", (("cachenode-error", "unavailable"),)
     )
-    timeouts: list[float] = []
-    while True:
-        target = state.target()
-        timeouts.append(state.attempt_timeout())
-        now[0] += 0.001
-        try:
-            delay = state.failed(no_leader, target)
-        except CacheError as e:
-            return timeouts, e
-        now[0] += delay
+
+    def __init__(self, write: bool, timeout: float) -> None:
+        self.now = 0.0
+        core = _core.ClientCore(
+            [UNREACHABLE], timeout=timeout, max_attempts=3, client_id=None, routing="smart",
+            clock=lambda: self.now, rng=random.Random(7),
+        )  # fmt: skip
+        op = _call.Op("Set" if write else "Get", (b"k",), pb.SetRequest, write=write)
+        self.state = _core.CallState(core, op, deadline=timeout)
+        self.timeouts: list[float] = []
+
+    def attempt(self) -> float:
+        """Send one attempt and fail it; returns the backoff before the next."""
+        target = self.state.target()
+        self.timeouts.append(self.state.attempt_timeout())
+        self.now += 0.001
+        return self.state.failed(self.NO_LEADER, target)
+
+    def until_final_error(self) -> CacheError:
+        while True:
+            try:
+                delay = self.attempt()  # moves the clock itself: add the delay after
+            except CacheError as e:
+                return e
+            self.now += delay
 
 
 def test_a_write_not_yet_applied_is_not_retried_in_an_attempt_too_short_to_finish() -> None:
     # A last attempt of a few milliseconds times out on a busy machine, and a
     # write attempt that times out may have been applied: it would turn the
     # definite "not applied" into "outcome unknown" for nothing.
-    timeouts, err = _attempt_timeouts_until_final_error(write=True, timeout=1.0)
-    assert len(timeouts) > 4
-    assert min(timeouts) >= _core.SAFE_ATTEMPT_S
+    write = _NoLeaderCall(write=True, timeout=1.0)
+    err = write.until_final_error()
+    assert len(write.timeouts) > 4
+    assert min(write.timeouts) > _core.SAFE_ATTEMPT_S * 0.999  # the last gets the floor, to rounding
     assert isinstance(err, Unavailable) and "It was not applied" in err.message
+    # The last wait is shortened to leave the last attempt its floor: the
+    # call ends with less than two floors of its budget left.
+    assert write.now > 1.0 - 2 * _core.SAFE_ATTEMPT_S
     # A read spends nothing by trying, so it keeps trying to the end of its budget.
-    read_timeouts, read_err = _attempt_timeouts_until_final_error(write=False, timeout=1.0)
-    assert min(read_timeouts) < _core.SAFE_ATTEMPT_S
-    assert isinstance(read_err, Unavailable)
+    read = _NoLeaderCall(write=False, timeout=1.0)
+    assert isinstance(read.until_final_error(), Unavailable)
+    assert min(read.timeouts) < _core.SAFE_ATTEMPT_S
     # A short timeout scales the floor down: a 100 ms write still retries.
-    short, short_err = _attempt_timeouts_until_final_error(write=True, timeout=0.1)
-    assert len(short) > 2 and min(short) >= 0.01
-    assert isinstance(short_err, Unavailable) and "It was not applied" in short_err.message
+    short = _NoLeaderCall(write=True, timeout=0.1)
+    err = short.until_final_error()
+    assert len(short.timeouts) > 2 and min(short.timeouts) >= 0.01
+    assert isinstance(err, Unavailable) and "It was not applied" in err.message
+
+
+def test_a_retry_whose_budget_went_meanwhile_is_not_sent() -> None:
+    # Between a failure and the next attempt the client may refresh its map,
+    # which can spend most of what was left: the floor holds at the send.
+    write = _NoLeaderCall(write=True, timeout=1.0)
+    write.attempt()
+    write.now = 0.96  # a slow map refresh
+    with pytest.raises(Unavailable, match="It was not applied"):
+        write.state.attempt_timeout()
+    read = _NoLeaderCall(write=False, timeout=1.0)
+    read.attempt()
+    read.now = 0.96
+    assert read.state.attempt_timeout() == pytest.approx(0.02)
 
 
 # ---------------------------------------------------------------------------

@@ -28,9 +28,9 @@ Deadlines: a user call gets ``timeout`` seconds in total.  Each attempt may
 use at most half of what is left (the last allowed attempt all of it), so a
 slow node cannot eat the whole budget before a retry gets a chance.  A
 write that surely was not applied yet is not retried in an attempt shorter
-than ``SAFE_ATTEMPT_S``: such an attempt would likely time out and leave its
-outcome unknown.  Failing to fetch the cluster map from every known address
-counts as one attempt.
+than ``min(SAFE_ATTEMPT_S, timeout / 10)``: such an attempt would likely time
+out and leave its outcome unknown.  Failing to fetch the cluster map from
+every known address counts as one attempt.
 """
 
 from __future__ import annotations
@@ -405,13 +405,35 @@ class CallState:
         return self.deadline - self.core.clock()
 
     def attempt_timeout(self) -> float:
-        """At most half the remaining budget; the last allowed attempt gets all of it."""
-        return self._share(max(self.remaining(), MIN_ATTEMPT_S))
+        """At most half the remaining budget; the last allowed attempt gets all
+        of it.  Called right before each attempt is sent: a retry of a write
+        that surely was not applied yet is not sent with less than half its
+        floor (see :meth:`_floor`: :meth:`_next_delay` left it the whole
+        floor, but a map refresh may have spent the budget since, and a sleep
+        overshoots by a little); the call's final error is raised instead."""
+        timeout = self._share(max(self.remaining(), MIN_ATTEMPT_S))
+        if self.attempts and timeout < self._floor() / 2 and self._guards_its_answer():
+            raise self.final_error()
+        return timeout
+
+    def _guards_its_answer(self) -> bool:
+        """A write whose failures so far all said "not applied"."""
+        return self.op.write and not self.maybe_applied
+
+    def _floor(self) -> float:
+        """The least timeout worth giving the next attempt: ``SAFE_ATTEMPT_S``
+        (a tenth of the call's timeout when that is less) for a write that is
+        still surely not applied, ``MIN_ATTEMPT_S`` otherwise."""
+        if self._guards_its_answer():
+            return max(MIN_ATTEMPT_S, min(SAFE_ATTEMPT_S, self.core.timeout / 10))
+        return MIN_ATTEMPT_S
+
+    def _last_allowed(self) -> bool:
+        """Is the next attempt the last that max_attempts allows?"""
+        return self.core.max_attempts - self.counted <= 1
 
     def _share(self, budget: float) -> float:
-        if self.core.max_attempts - self.counted <= 1:
-            return budget
-        return budget / 2
+        return budget if self._last_allowed() else budget / 2
 
     # ---- routing ---------------------------------------------------------
 
@@ -552,25 +574,23 @@ class CallState:
 
     def _next_delay(self, wait: _Wait) -> float:
         """The wait before the next attempt, or raises when none is worth making:
-        the attempts ran out, or the budget left after the wait would give the
-        attempt less than it needs (up to ``SAFE_ATTEMPT_S`` for a write that
-        is still surely not applied, ``MIN_ATTEMPT_S`` otherwise)."""
+        the attempts ran out, or the budget left could not give the next
+        attempt its floor (:meth:`_floor`).  The wait is shortened to leave
+        the attempt that much."""
         remaining = self.remaining()
         if self.counted >= self.core.max_attempts or remaining <= MIN_ATTEMPT_S:
             raise self.final_error()
-        delay = 0.0
-        if wait is not _Wait.NONE:
-            delay = self.core.backoff(self.backoffs)
-            self.backoffs += 1
-            if wait is _Wait.ELECTION:
-                delay = min(delay, ELECTION_BACKOFF_CAP_S)
-            delay = min(delay, remaining / 2)
-        least = MIN_ATTEMPT_S
-        if self.op.write and not self.maybe_applied:
-            least = max(least, min(SAFE_ATTEMPT_S, self.core.timeout / 10))
-        if self._share(remaining - delay) < least:
+        floor = self._floor()
+        room = remaining - (floor if self._last_allowed() else 2 * floor)
+        if room < 0:
             raise self.final_error()
-        return delay
+        if wait is _Wait.NONE:
+            return 0.0
+        delay = self.core.backoff(self.backoffs)
+        self.backoffs += 1
+        if wait is _Wait.ELECTION:
+            delay = min(delay, ELECTION_BACKOFF_CAP_S)
+        return min(delay, remaining / 2, room)
 
     def final_error(self) -> CacheError:
         """The error a user sees when the attempts or the budget ran out."""
