@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import time
 import zlib
 from pathlib import Path
@@ -33,7 +34,13 @@ from cachenode.bench.report import (
     summarize,
 )
 from cachenode.bench.runner import run_phase, run_prefill, split_inflight
-from cachenode.bench.systems import EtcdCluster, RedisServer, free_ports, fs_type
+from cachenode.bench.systems import (
+    EtcdCluster,
+    RedisServer,
+    free_ports,
+    fs_type,
+    no_service_starts,
+)
 from cachenode.bench.targets import TargetSpec
 
 # ---- fast: no process started ---------------------------------------------------
@@ -521,6 +528,21 @@ def test_bench_rejects_bad_input_in_one_line(tmp_path: Path) -> None:
         code = main(argv, {**os.environ, **env}, stdout=io.StringIO(), stderr=stderr)
         assert code == 2, (argv, stderr.getvalue())
         assert len(stderr.getvalue().strip().splitlines()) == 1
+
+
+def test_installing_packages_starts_no_service(tmp_path: Path) -> None:
+    # Debian starts a package's service at install unless policy-rc.d says no:
+    # a redis-server on 6379 would outlive the benchmark.
+    policy = tmp_path / "policy-rc.d"
+    with no_service_starts(policy):
+        assert os.access(policy, os.X_OK)
+        done = subprocess.run([str(policy), "redis-server", "start"], check=False)
+        assert done.returncode == 101  # "action forbidden by policy"
+    assert not policy.exists()
+    policy.write_text("#!/bin/sh\nexit 0\n")  # the machine's own policy stays as it is
+    with no_service_starts(policy):
+        pass
+    assert policy.read_text() == "#!/bin/sh\nexit 0\n"
 
 
 needs_etcd_and_redis = pytest.mark.skipif(

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "cpu_total",
     "dead_processes",
     "ensure_installed",
+    "no_service_starts",
     "free_ports",
     "fs_type",
     "machine_facts",
@@ -171,6 +172,7 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    log_start: int = 0  # where this process's output begins in ``log`` (appended to across starts)
 
     @property
     def pid(self) -> int:
@@ -180,8 +182,11 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines this process wrote (not an earlier start's)."""
         try:
-            text = self.log.read_text(errors="replace")
+            with open(self.log, "rb") as f:
+                f.seek(self.log_start)
+                text = f.read().decode(errors="replace")
         except OSError as err:
             return f"(cannot read {self.log}: {err})"
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
@@ -193,6 +198,7 @@ def spawn(
     """Start ``argv`` in its own session (Ctrl-C goes to us, not to it), output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
+        start = out.tell()
         try:
             popen = subprocess.Popen(
                 list(argv),
@@ -206,7 +212,7 @@ def spawn(
             )
         except OSError as err:
             raise BenchError(f"could not start {name} ({argv[0]}): {err}") from None
-    return ManagedProcess(name, popen, log)
+    return ManagedProcess(name, popen, log, start)
 
 
 def stop_processes(procs: Iterable[ManagedProcess], grace: float = 10.0) -> None:
@@ -253,7 +259,8 @@ def _wait_until(
                     f"{p.name} exited with code {p.popen.returncode} while starting; "
                     f"its log is {p.log} (last line: {p.log_tail(1).strip() or 'empty'})"
                 )
-        if ready():
+        # Ready, and still ours: another server may answer on a port ours lost.
+        if ready() and all(p.alive() for p in procs):
             return
         if time.monotonic() >= end:
             raise BenchError(
@@ -450,6 +457,27 @@ class RedisServer:
 # ---- installation and facts -------------------------------------------------------
 
 
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
+@contextlib.contextmanager
+def no_service_starts(policy: Path = POLICY_RC_D) -> Iterator[None]:
+    """While a package installs, Debian's policy hook says no to starting
+    services (unless the machine has its own policy): the benchmark starts
+    its own servers on free ports, and nothing may be left listening on a
+    default port."""
+    created = False
+    if not policy.exists():
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            policy.unlink(missing_ok=True)
+
+
 def ensure_installed(systems: Iterable[str], note: Callable[[str], None]) -> None:
     """Install what ``--vs`` needs and lacks: Debian ``etcd-server``/``redis-server``, PyPI ``redis``.
 
@@ -471,9 +499,10 @@ def ensure_installed(systems: Iterable[str], note: Callable[[str], None]) -> Non
         note(f"installing {', '.join(debs)} from Debian (needed by --vs)")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *debs]):
-            done = subprocess.run(
-                argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL
-            )
+            with no_service_starts():
+                done = subprocess.run(
+                    argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL
+                )
             if done.returncode != 0:
                 last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise BenchError(
