@@ -366,6 +366,17 @@ class Cluster:
             return f"(cannot read {self.nodes[nid].log_path}: {e})"
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
+    def _lost_its_port(self, nid: str) -> bool:
+        """Did the node's last start end because an address it listens on was in use?"""
+        try:
+            text = self.nodes[nid].log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        last_start = text.rsplit("=== jepsen-lite: start #", 1)[-1]
+        return any(
+            "cannot listen" in line and "in use" in line.lower() for line in last_start.splitlines()
+        )
+
     def wait_ready(self, timeout: float, ids: Sequence[str] | None = None) -> float:
         """Wait until every listed node (default all) answers and every shard has a
         leader.  Returns the seconds waited; raises HarnessError on timeout or
@@ -377,10 +388,9 @@ class Cluster:
             for nid in want:
                 n = self.nodes[nid]
                 if n.proc is not None and n.proc.poll() is not None:
-                    tail = self.log_tail(nid, 3)
                     code = n.proc.returncode
-                    why = PortTaken if code == 3 and "cannot listen" in tail else HarnessError
-                    one_line = tail.replace("\n", " | ")
+                    why = PortTaken if code == 3 and self._lost_its_port(nid) else HarnessError
+                    one_line = self.log_tail(nid, 3).replace("\n", " | ")
                     raise why(f"node {nid} exited with code {code} (log {n.log_path}: {one_line})")
             st = self.statuses(want)
             led: set[int] = set()
@@ -442,21 +452,25 @@ def start_cluster(
     *,
     timeout: float,
     note: Callable[[str], None],
+    made: Callable[[Cluster], None] = lambda cluster: None,
     attempts: int = START_ATTEMPTS,
     **kwargs: Any,
 ) -> tuple[Cluster, float]:
     """Make a :class:`Cluster` under ``root`` (``kwargs`` go to its constructor),
     start it and wait until it is ready; returns it and the seconds waited.
 
-    On loopback ports (no ``hosts``) a node that lost its port (:class:`PortTaken`)
-    makes it start again: every node is stopped, ``root`` is emptied (nothing
-    was acknowledged yet) and new ports are chosen, at most ``attempts`` times,
-    with a one-line ``note`` each time.  Any other failure, or the last one,
-    stops every node and raises.  The caller owns the returned cluster and
-    must close it."""
+    ``made(cluster)`` runs as soon as each cluster object exists, before any
+    of its nodes starts: the caller registers its cleanup there, so that an
+    interrupt at any point stops every node.  On loopback ports (no
+    ``hosts``) a node that lost its port (:class:`PortTaken`) makes it start
+    again: every node is stopped, ``root`` is emptied (nothing was
+    acknowledged yet) and new ports are chosen, for at most ``attempts``
+    starts in all, with a one-line ``note`` before each new one.  Any other
+    failure, or the last start's, stops every node and raises."""
     attempt = 1
     while True:
         cluster = Cluster(root, node_ids, **kwargs)
+        made(cluster)
         try:
             cluster.start()
             return cluster, cluster.wait_ready(timeout)

@@ -39,7 +39,7 @@ from jepsen_lite import __version__, net
 from jepsen_lite.checker import CheckResult, KeyResult, check_history
 from jepsen_lite.checker.models import Model, get_model, set_full_summary
 from jepsen_lite.client import CacheClient
-from jepsen_lite.db import UNSAFE_SWITCHES, HarnessError, start_cluster
+from jepsen_lite.db import UNSAFE_SWITCHES, Cluster, HarnessError, start_cluster
 from jepsen_lite.generator import WORKLOADS, Generator, OpSpec
 from jepsen_lite.history import HistoryWriter, Op, pair_operations, read_history
 from jepsen_lite.nemesis import NEMESES, TARGETS, Nemesis, build_schedule
@@ -204,11 +204,20 @@ def run(cfg: RunConfig, say: Say = print, console_file: IO[str] | None = None) -
             + (f", unsafe: {', '.join(cfg.unsafe)}" if cfg.unsafe else "")
             + (f", network faults via {net_kind}" if net_kind != "none" else "")
         )
+
+        def note(line: str) -> None:
+            say(line)
+            info["notes"].append(line)
+
+        def made(c: Cluster) -> None:
+            stack.callback(c.close)  # before any node starts: an interrupt stops them all
+
         cluster, ready_s = start_cluster(
             cluster_dir,
             node_ids,
             timeout=STARTUP_TIMEOUT_S,
-            note=say,
+            note=note,
+            made=made,
             shards=cfg.shards,
             unsafe=cfg.unsafe,
             hosts=hosts,
@@ -217,7 +226,6 @@ def run(cfg: RunConfig, say: Say = print, console_file: IO[str] | None = None) -
                 {"netns": ns.namespaces(), "bridge": ns.bridge_if} if net_kind == "netns" else None
             ),
         )
-        stack.callback(cluster.close)
         if net_kind == "filter":
 
             def set_filter(node: str, blocked: list[str]) -> None:

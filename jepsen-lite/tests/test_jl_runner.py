@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import socket
@@ -123,12 +122,17 @@ def test_a_cluster_whose_node_finds_its_port_taken_starts_again_on_new_ports(
     assert live_nodes(tmp_path) == []
 
 
-def test_a_node_that_cannot_listen_on_fixed_ports_is_not_started_again(tmp_path: Path) -> None:
-    # Network-namespace runs give every node fixed ports: new ones would not help.
+@pytest.mark.cluster
+def test_a_node_that_cannot_listen_on_fixed_ports_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Network-namespace runs give every node fixed ports: new ones would not
+    # help.  Here the fixed client port is one a listening socket holds.
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with contextlib.suppress(OSError):  # already bound by someone else: taken all the same
-        holder.bind(("127.0.0.1", db.NETNS_CLIENT_PORT))
-        holder.listen()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    monkeypatch.setattr(db, "NETNS_CLIENT_PORT", holder.getsockname()[1])
+    monkeypatch.setattr(db, "NETNS_RAFT_PORT", db.free_ports("127.0.0.1", 1)[0])
     notes: list[str] = []
     try:
         with pytest.raises(db.PortTaken, match="cannot listen"):
