@@ -12,7 +12,7 @@ RUN_DIR ?= .cluster
 NODES  ?= 3
 SHARDS ?= 16
 
-.PHONY: install proto run test test-fast check jepsen bench bench-vs clean system-deps native clean-native
+.PHONY: install proto run test test-fast check jepsen bench bench-vs clean system-deps net-deps server-deps native clean-native
 
 install: $(STAMP) $(NATIVE)
 
@@ -76,20 +76,38 @@ clean-native:
 	find cachenode -name '*.so' -delete
 	rm -f $(NATIVE)
 
-# What the tests need from Debian and the machine lacks, in one apt-get when root:
-# iptables + iproute2 for jepsen-lite's network faults (namespaces + drops),
-# etcd-server + redis-server for the test that drives them with the bench's
-# load generator (make bench-vs installs them too).
-system-deps:
-	@pkgs=""; \
-	command -v iptables >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || pkgs=" iptables iproute2"; \
-	command -v etcd >/dev/null 2>&1 || pkgs="$$pkgs etcd-server"; \
-	command -v redis-server >/dev/null 2>&1 || pkgs="$$pkgs redis-server"; \
-	if [ -n "$$pkgs" ] && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing$$pkgs (for jepsen-lite partitions and the etcd/redis bench test)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null) \
-	  || echo "warning: could not install$$pkgs; jepsen-lite falls back to the transport fault filter and the etcd/redis test is skipped"; \
+# What the tests need from Debian and the machine lacks, when root: one
+# apt-get per purpose, so a package the distribution lacks costs only its
+# own group.  Services are not started by the install (a policy-rc.d that
+# says no, while it runs): nothing may listen on a default port behind a
+# test's back.  $(call apt_install,PRESENT-CHECK,PACKAGES,WHAT-IF-MISSING)
+define apt_install
+	@if ! ( $(1) ) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(2)"; \
+	    created=""; \
+	    if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && created=1; \
+	    fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null) \
+	      || echo "warning: could not install $(2); $(3)"; \
+	    if [ -n "$$created" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  else \
+	    echo "warning: $(2) missing (install as root); $(3)"; \
+	  fi; \
 	fi
+endef
+
+# iptables + iproute2: jepsen-lite's network faults (namespaces + drops).
+net-deps:
+	$(call apt_install,command -v iptables && command -v ip,iptables iproute2,jepsen-lite falls back to the transport fault filter)
+
+# etcd + Redis: the test that drives them with the benchmark's load generator
+# (make bench-vs installs them too).
+server-deps:
+	$(call apt_install,command -v etcd && command -v redis-server,etcd-server redis-server,the etcd/redis benchmark test is skipped)
+
+system-deps: net-deps server-deps
 
 run: install
 	$(BIN)/cachectl local up --nodes $(NODES) --shards $(SHARDS) --dir $(RUN_DIR) --foreground
@@ -110,7 +128,7 @@ check: install
 	$(BIN)/ruff check cachenode cli jepsen-lite tests
 	$(BIN)/mypy cachenode
 
-jepsen: install system-deps
+jepsen: install net-deps
 	$(BIN)/jepsen-lite matrix --out jepsen-results --doc docs/jepsen.md
 
 bench: install
