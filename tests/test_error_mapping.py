@@ -32,7 +32,8 @@ def test_raft_failure_reaches_the_wire_as(reason: int, kind: str, code: grpc.Sta
 
 @pytest.mark.parametrize("reason", [c[0] for c in CASES if c[1] != "overloaded"])
 def test_a_read_barrier_that_fails_is_a_definite_failure_worded_for_a_read(reason: int) -> None:
-    # A barrier changes nothing: a read that did not return has no outcome to doubt.
+    # A barrier writes nothing the client asked for: a read that did not
+    # return has no outcome to doubt.
     err = fail_reason_error(reason, read=True)
     assert err.kind == "unavailable"
     assert "read" in err.message and "write" not in err.message and "request id" not in err.message

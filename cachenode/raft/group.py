@@ -208,8 +208,9 @@ def fail_reason_error(err: int, read: bool = False) -> CacheError:
 
     Definite failures (the command was never appended, or was overwritten)
     are Unavailable/Overloaded; everything else is OutcomeUnknown.  For a
-    ``read`` (a read barrier) every failure is definite: a barrier changes
-    nothing, so a read that did not return has no outcome to doubt."""
+    ``read`` (a read barrier) every failure is definite: a barrier writes
+    nothing the client asked for (it may still commit and stamp the cluster
+    clock), so a read that did not return has no outcome to doubt."""
     if read and err != FAIL_REASON.QUEUE_FULL:
         return Unavailable("leadership changed before the read could be served; nothing was read, retry")
     if err == FAIL_REASON.QUEUE_FULL:
