@@ -558,9 +558,7 @@ def test_etcd_and_redis_start_again_on_new_ports_when_a_chosen_port_is_taken(
 ) -> None:
     # Ports are chosen free, closed, then bound by the servers a moment later:
     # another process's bind(0) can take one in between.
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
+    holder = socket.create_server(("127.0.0.1", 0))
     taken = holder.getsockname()[1]
     chosen: list[list[int]] = []
 

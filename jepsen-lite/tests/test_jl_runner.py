@@ -89,9 +89,7 @@ def test_a_cluster_whose_node_finds_its_port_taken_starts_again_on_new_ports(
     # Ports are chosen free, closed, then bound by the nodes a moment later:
     # another process's bind(0) can take one in between.  Here a listening
     # socket holds n2's client port from the first choice.
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
+    holder = socket.create_server(("127.0.0.1", 0))
     choices: list[list[int]] = []
 
     def choose(host: str, count: int) -> list[int]:
@@ -128,9 +126,7 @@ def test_a_node_that_cannot_listen_on_fixed_ports_is_not_started_again(
 ) -> None:
     # Network-namespace runs give every node fixed ports: new ones would not
     # help.  Here the fixed client port is one a listening socket holds.
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
+    holder = socket.create_server(("127.0.0.1", 0))
     monkeypatch.setattr(db, "NETNS_CLIENT_PORT", holder.getsockname()[1])
     monkeypatch.setattr(db, "NETNS_RAFT_PORT", db.free_ports("127.0.0.1", 1)[0])
     notes: list[str] = []
