@@ -269,6 +269,31 @@ def test_set_full_summary() -> None:
     assert set_full_summary(pair_operations(only_late)).valid is None
 
 
+def test_set_full_ignores_crashed_adds_no_read_saw() -> None:
+    # Every add of the key crashed (its nodes were killed) and the final read
+    # saw none of them: maybe none was added, nothing was lost, nothing to judge.
+    crashed = hist(
+        (0, "invoke", "add", 1),
+        (0, "info", "add", 1),
+        (1, "invoke", "add", 2),
+        (1, "info", "add", 2),
+        (2, "invoke", "read", None),
+        (2, "ok", "read", []),
+    )
+    s = set_full_summary(pair_operations(crashed))
+    assert (s.valid, s.never_read, s.stable, s.lost) == (True, [], 0, [])
+    # A crashed add that a read did see counts from that read on.
+    seen = hist(
+        (0, "invoke", "add", 1),
+        (0, "info", "add", 1),
+        (2, "invoke", "read", None),
+        (2, "ok", "read", [1]),
+        (2, "invoke", "read", None),
+        (2, "ok", "read", []),
+    )
+    assert set_full_summary(pair_operations(seen)).lost == [1]
+
+
 # ------------------------------------------------------------------------------ ttl
 
 

@@ -295,7 +295,9 @@ class SetFullSummary:
       it was known present does not contain it;
     * ``stale``: some read that began after the element was known present missed it,
       yet a later read saw it again (a stale read, not a loss);
-    * ``never_read``: no read began after the add completed, so nothing can be said;
+    * ``never_read``: no read began after the element was known present (its add
+      completed, or a read saw it), so nothing can be said of it; an element whose
+      adds all crashed and that no read saw was maybe never added and is not counted;
     * ``valid``: False if anything was lost or stale, None if no element could be
       judged at all, else True.
     """
@@ -337,6 +339,8 @@ def set_full_summary(ops: Sequence[Operation]) -> SetFullSummary:
     never: list[Hashable] = []
     stable = 0
     for e, known in adds.items():
+        if known == INF:
+            continue  # only crashed adds, and no read saw it: maybe never added, nothing to judge
         after = [seen for call, _ret, seen in reads if call > known]
         if not after:
             never.append(e)
