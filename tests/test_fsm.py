@@ -43,6 +43,8 @@ from cachenode.fsm import (
     read_get,
     ttl_remaining_ms,
 )
+from cachenode.fsm.codec import restamp_command
+from cachenode.fsm.commands import restamped
 from cachenode.storage.base import MAX_KEY_BYTES, Record, StateWriter, Storage, StorageFault
 from cachenode.storage.lmdb_store import LmdbStorage
 from cachenode.storage.memory_store import MemoryStorage
@@ -692,6 +694,48 @@ def test_error_result_maps_to_error_hierarchy() -> None:
 
     assert isinstance(ErrorResult("failed_precondition", "m").to_error(), FailedPrecondition)
     assert isinstance(ErrorResult("no_such_kind", "m").to_error(), Internal)
+
+
+def test_a_restamped_command_moves_every_expiry_it_sets_with_its_stamp() -> None:
+    r = rid(7)
+    assert restamped(Set(b"k", b"v", 6000, Condition.IF_ABSENT, 5000, r), 3000) == Set(
+        b"k", b"v", 4000, Condition.IF_ABSENT, 3000, r)
+    assert restamped(Set(b"k", b"v", 0, Condition.ALWAYS, 5000), 9000) == Set(b"k", b"v", 0, Condition.ALWAYS, 9000)
+    assert restamped(CompareAndSet(b"k", b"old", None, False, b"new", 5500, 5000, r), 7000) == CompareAndSet(
+        b"k", b"old", None, False, b"new", 7500, 7000, r)
+    assert restamped(MSet(((b"a", b"1", 0), (b"b", b"2", 5100)), 5000, r), 2000) == MSet(
+        ((b"a", b"1", 0), (b"b", b"2", 2100)), 2000, r)
+    assert restamped(Delete(b"k", 5000, r), 1) == Delete(b"k", 1, r)
+    assert restamped(Incr(b"n", -3, 5000, r), 8) == Incr(b"n", -3, 8, r)
+    # Expire names records by the expiry they hold: those do not move.
+    assert restamped(Expire(((b"k", 4000),), 5000), 4500) == Expire(((b"k", 4000),), 4500)
+    assert restamped(Barrier(5000), 4000) == Barrier(4000)
+    # An expiry already past stays past: moved below 1 it would read as "never".
+    assert restamped(Set(b"k", b"v", 100, Condition.ALWAYS, 5000), 1000) == Set(b"k", b"v", 1, Condition.ALWAYS, 1000)
+
+
+def test_restamp_command_reencodes_only_what_it_changes() -> None:
+    payload = encode_command(Set(b"k", b"v", 6000, Condition.ALWAYS, 5000, rid(1)))
+    assert decode_command(restamp_command(payload, 4000)) == Set(b"k", b"v", 5000, Condition.ALWAYS, 4000, rid(1))
+    assert restamp_command(payload, 5000) is payload  # already this stamp
+    garbage = b"\x01\x01\x93\xc0"
+    assert restamp_command(garbage, 4000) is garbage  # malformed: every replica's apply rejects it as it is
+    far = encode_command(Set(b"k", b"v", 2**64 - 1, Condition.ALWAYS, 5000))
+    assert restamp_command(far, 6000) is far  # a moved expiry out of range: left as it was
+
+
+def test_a_forwarded_command_restamped_by_the_leader_ends_no_ttl_early(node: Node) -> None:
+    """The leader of the new term stamped a 1 s TTL at 10,000; a command the
+    previous leader stamped at 11,500 (its chain ahead) is forwarded to it.
+    Appended as stamped, it moves the shard's clock past the TTL at once;
+    restamped with the leader's clock, the key lives its second."""
+    node.apply(Set(b"ttl", b"v", 11_000, Condition.ALWAYS, 10_000))
+    forwarded = encode_command(Set(b"other", b"w", 0, Condition.ALWAYS, 11_500))
+    node.apply_raw(restamp_command(forwarded, 10_100))
+    assert node.s.reader(G).clock_ms() == 10_100
+    assert node.get(b"ttl") == Record(b"v", 1, 11_000)
+    node.apply_raw(forwarded)  # what happened before: the key's TTL ends 500 ms early
+    assert node.get(b"ttl") is None
 
 
 # -- determinism, replay, snapshots (hypothesis) -----------------------------------

@@ -56,9 +56,13 @@ class Node:
         self.last_index = 0
         self.group: RaftGroup | None = None
         self.installs: list[tuple[int, int, int]] = []  # on_installed calls: (index, term, state's applied index then)
+        self.restamp: Callable[[bytes], bytes] | None = None  # what the group's restamp hook does (None: nothing)
 
     def on_driver(self, fn: Callable[[], T]) -> T:
         return self.host.call(fn).result(timeout=10)
+
+    def restamped(self, payload: bytes) -> bytes:
+        return payload if self.restamp is None else self.restamp(payload)
 
     def on_installed(self, index: int, term: int) -> None:
         self.installs.append((index, term, self.host.batch().state(GID).applied_index()))
@@ -111,7 +115,8 @@ def three_hosts(
             n.host.start()
         for n in ns.values():
             def create(n: Node = n) -> RaftGroup:
-                return n.host.create_group(GID, IDS, n.apply, lambda: b"barrier", on_installed=n.on_installed)
+                return n.host.create_group(GID, IDS, n.apply, lambda: b"barrier", on_installed=n.on_installed,
+                                           restamp=n.restamped)
             n.group = n.on_driver(create)
         yield ns
     finally:
@@ -1362,6 +1367,37 @@ def test_a_transfer_under_load_elects_its_target_in_one_term(tmp_path: Path) -> 
             stop.set()
             t.join(timeout=15)
         assert not failed, failed[:3]  # writes waited for the transfer, none was refused or discarded
+
+
+def test_proposals_a_transfer_held_are_restamped_by_the_leader_they_are_forwarded_to(tmp_path: Path) -> None:
+    """The old leader holds what is proposed during a transfer and forwards
+    it to the new leader, which appends it in its own term: each payload
+    goes through the new leader's ``restamp`` hook first (the server gives
+    it the new leader's cluster-clock stamp), and every replica applies what
+    the hook returned.  What is proposed on the leader itself is not
+    touched, nor is anything else the hook did not change."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader, term = _led_with_a_write(ns)
+        target = next(n for n in ns.values() if n is not leader)
+        for n in ns.values():
+            n.restamp = lambda p, nid=n.id: b"restamped by " + nid.encode() + b": " + p
+        caught_up(leader, target, leader.last_index, "the target to have the write")
+
+        def transfer_then_propose() -> list[Future[bytes]] | None:
+            asked: Future[Any] = Future()
+            leader.g.transfer_leadership(target.id, asked.set_result)
+            if asked.done() and asked.result() is not None:
+                return None  # refused while the target lags: ask again
+            return [leader.g.propose(b"held %d" % i) for i in range(3)]
+        held = wait_for(lambda: leader.on_driver(transfer_then_propose), "the leader to start the transfer")
+        want = [b"restamped by " + target.id.encode() + b": held %d" % i for i in range(3)]
+        assert [f.result(timeout=15) for f in held] == want  # the apply result echoes the applied payload
+        assert (target.role(), _votes(target)["term"]) == ("leader", term + 1)
+        assert target.g.propose(b"direct").result(timeout=10) == b"direct"
+        for n in ns.values():
+            wait_for(lambda n=n: b"direct" in n.applied, f"{n.id} to apply the last write")
+            applied = [p for p in n.applied if b"held" in p]
+            assert applied == want, (n.id, applied)
 
 
 def _transfer_into_a_cut_link(ns: dict[str, Node]) -> tuple[Node, Node, int]:

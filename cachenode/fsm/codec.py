@@ -42,9 +42,10 @@ from .commands import (
     Result,
     Set,
     SetResult,
+    restamped,
 )
 
-__all__ = ["FORMAT_VERSION", "encode_command", "decode_command", "encode_result", "decode_result"]
+__all__ = ["FORMAT_VERSION", "encode_command", "decode_command", "restamp_command", "encode_result", "decode_result"]
 
 FORMAT_VERSION = 1
 _U64_MAX = (1 << 64) - 1
@@ -353,6 +354,17 @@ def decode_command(b: bytes) -> Command:
         raise
     except Exception as e:  # e.g. TypeError for a non-bytes payload
         raise ValueError(f"malformed command: {type(e).__name__}: {e}") from None
+
+
+def restamp_command(b: bytes, now_ms: int) -> bytes:
+    """The encoded command ``b`` stamped ``now_ms`` instead (see
+    :func:`.commands.restamped`); ``b`` itself when it already is, or when
+    it is malformed (every replica's apply rejects it as such)."""
+    try:
+        cmd = decode_command(b)
+        return b if cmd.now_ms == now_ms else encode_command(restamped(cmd, now_ms))
+    except ValueError:  # malformed, or a moved expiry out of range
+        return b
 
 
 # -- results -----------------------------------------------------------------

@@ -170,6 +170,36 @@ class Barrier(Value):
 Command = Set | Delete | CompareAndSet | Incr | MSet | Expire | Barrier
 
 
+def _moved(expires_at_ms: int, shift: int) -> int:
+    """An expiry moved by ``shift`` ms; 0 (never) stays 0, and one that
+    would reach 0 or below is 1 (long past), never "never"."""
+    return max(1, expires_at_ms + shift) if expires_at_ms else 0
+
+
+def restamped(cmd: Command, now_ms: int) -> Command:
+    """``cmd`` stamped ``now_ms`` instead, with every expiry it sets moved
+    by the same amount, so that each TTL still runs its full length from
+    the stamp.  A leader calls it for a command another replica stamped and
+    forwarded to it: the stamp must be from the chain of the leader that
+    appends it (see ``server/cluster_clock.py``).  ``Expire``'s keys name
+    records as they are and do not move.  Pure; any thread."""
+    shift = now_ms - cmd.now_ms
+    if isinstance(cmd, Set):
+        return Set(cmd.key, cmd.value, _moved(cmd.expires_at_ms, shift), cmd.condition, now_ms, cmd.rid)
+    if isinstance(cmd, CompareAndSet):
+        return CompareAndSet(cmd.key, cmd.expected_value, cmd.expected_version, cmd.expect_absent,
+                             cmd.new_value, _moved(cmd.expires_at_ms, shift), now_ms, cmd.rid)
+    if isinstance(cmd, MSet):
+        return MSet(tuple([(k, v, _moved(e, shift)) for k, v, e in cmd.items]), now_ms, cmd.rid)
+    if isinstance(cmd, Delete):
+        return Delete(cmd.key, now_ms, cmd.rid)
+    if isinstance(cmd, Incr):
+        return Incr(cmd.key, cmd.delta, now_ms, cmd.rid)
+    if isinstance(cmd, Expire):
+        return Expire(cmd.keys, now_ms)
+    return Barrier(now_ms)
+
+
 # -- results -----------------------------------------------------------------
 
 

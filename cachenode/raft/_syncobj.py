@@ -39,6 +39,9 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         self._apply_fn = apply_fn
         self._apply_entry_id: int | None = None
         self._commands_queued = False
+        # The leader's new stamp for a payload another replica forwarded
+        # (RaftGroup's ``restamp``); None: appended as forwarded.
+        self.restamp: Callable[[bytes], bytes] | None = None
         # Until this time.monotonic() instant the queue is not drained: a
         # leadership transfer under way (RaftGroup.transfer_leadership).
         self.hold_until = 0.0
@@ -84,11 +87,36 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         follower's forwarded ones) passes here: any thread.  The flag is
         raised only after the command is in the queue, and the driver lowers
         it before it drains (:meth:`_checkCommandsToApply`), so a command is
-        never left queued with the flag down."""
+        never left queued with the flag down.
+
+        pysyncobj passes no ``commandType`` only for a command another
+        replica forwarded (an ``apply_command`` message, driver thread):
+        its type byte is already on it, and its payload goes through
+        :attr:`restamp` (:meth:`_restamped`)."""
         try:
+            if commandType is None and self.restamp is not None:
+                command = self._restamped(command, self.restamp)
             super()._applyCommand(command, callback, commandType)
         finally:
             self._commands_queued = True
+
+    def _restamped(self, command: bytes, restamp: Callable[[bytes], bytes]) -> bytes:
+        """A forwarded command with ``restamp`` applied to its payload, when
+        it is one of ours (:meth:`propose_entry`'s shape); anything else
+        (membership changes, what does not unpickle) as it came."""
+        if command[:1] != bytes((_REGULAR,)):
+            return command
+        try:
+            func_id, args = pickle.loads(command[1:])
+        except Exception:  # noqa: BLE001 - not our shape: pysyncobj judges it when it applies it
+            return command
+        ours = self._methodToID.get(self._getFuncName("apply_entry"))
+        if func_id != ours or type(args) is not tuple or len(args) != 1 or type(args[0]) is not bytes:
+            return command
+        payload = restamp(args[0])
+        if payload is args[0]:
+            return command
+        return bytes((_REGULAR,)) + pickle.dumps((func_id, (payload,)), protocol=5)
 
     def fail_queued(self) -> None:
         """Fail every command still in the queue with NOT_LEADER (it was

@@ -922,6 +922,7 @@ class RaftGroup:
         hold: bool = False,
         on_release: Callable[[], None] | None = None,
         on_installed: Callable[[int, int], None] | None = None,
+        restamp: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """Driver thread only (builds pysyncobj state and touches the batch).
         ``hold``/``on_release``: see :class:`GroupTransport`.
@@ -929,7 +930,11 @@ class RaftGroup:
         after pysyncobj took a snapshot received from the leader, with its
         last entry's index and term; the state holds the snapshot then (in
         the open batch), and no entry after it was applied yet.  It stands
-        in for the applies the snapshot replaced (the cluster clock)."""
+        in for the applies the snapshot replaced (the cluster clock).
+        ``restamp(payload)``: called on the driver thread for each payload
+        another replica forwarded here (proposals it held or queued while
+        leadership moved), before it is queued; what it returns is appended
+        instead (the cluster clock's stamp of the leader appending it)."""
         self.host = host
         self._on_installed = on_installed
         self.group_id = group_id
@@ -1016,6 +1021,7 @@ class RaftGroup:
             apply_fn, Node(self_id), [Node(m) for m in others], conf,
             transport=self.transport, nodeClass=Node,
         )
+        self.sync.restamp = restamp
         self.sync.transfer.on_installed = self._move_incoming_into_place
         self.transport.receiver = self._on_snapshot_piece
         if not timing.pre_vote:

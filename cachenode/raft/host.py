@@ -185,13 +185,14 @@ class GroupHost:
         hold: bool = False,
         on_release: Callable[[], None] | None = None,
         on_installed: Callable[[int, int], None] | None = None,
+        restamp: Callable[[bytes], bytes] | None = None,
     ) -> RaftGroup:
         if group_id in self._groups:
             return self._groups[group_id]
         g = RaftGroup(
             self, group_id, self.node_id, members, apply_fn, barrier_payload,
             os.path.join(self.data_dir, "snapshots", str(group_id)), self.timing,
-            hold, on_release, on_installed,
+            hold, on_release, on_installed, restamp,
         )
         self._groups[group_id] = g
         return g

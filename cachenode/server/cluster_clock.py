@@ -64,12 +64,17 @@ stored clock), takes the snapshot's clock at once.  The snapshot's state
 may hold a few entries past that last entry, whose term is not known
 here: then the install passes no term, so no rule that trusts one applies.
 
-Known gap, found by review and not fixed: commands stamped by a leader
-that then hands leadership over are appended in the next term, so their
-stamps count as the new leader's own.  That can make a TTL the new leader
-stamped before them early by the gap between the two chains: an apply
-delay (milliseconds) after a planned transfer, up to about a clock tick
-after a failover to a successor that was behind.
+Forwarded commands: a leader that hands leadership over forwards to its
+successor what it held during the transfer (and pysyncobj forwards what a
+replica had queued when it stepped down); the successor appends them in
+its own term.  Kept as the old leader stamped them, they would count as the
+new leader's own stamps, and the old chain can be ahead of the new one (by
+an apply delay after a planned transfer, up to about a clock tick after a
+failover to a successor that was behind): a TTL the new leader stamped
+before them would then end early by that much.  So the new leader stamps
+each forwarded command again from its own clock, before it is appended,
+and moves the expiries the command sets by the same amount
+(``ReplicaManager._restamp``, through ``RaftGroup``'s ``restamp`` hook).
 
 Threads: :meth:`now` from any thread (gRPC workers stamp and judge with
 it; the driver stamps expiry and barriers); :meth:`applied`,

@@ -50,7 +50,7 @@ from .._clock import Clock
 from .._errors import CacheError, NotFound, NotLeader, OutcomeUnknown, Unavailable
 from .._types import META_GROUP_ID, ClusterMap, NodeId, ShardDescriptor, group_label
 from ..fsm import commands as C
-from ..fsm.codec import decode_result, encode_command
+from ..fsm.codec import decode_result, encode_command, restamp_command
 from ..fsm.machine import ShardStateMachine
 from ..fsm.meta_machine import (
     MetaStateMachine,
@@ -438,7 +438,7 @@ class ReplicaManager:
         else:
             g = self.host.create_group(
                 gid, members, self._shard_apply(gid), self._barrier_payload(gid), hold, released,
-                self._shard_installed(gid),
+                self._shard_installed(gid), self._restamp(gid),
             )
             j = g.journal  # loaded: entries of newer terms than its last are a live leader's
             self.cluster_clock.set_floor_term(gid, int(j[len(j) - 1][2]) if len(j) else 0)
@@ -467,6 +467,16 @@ class ReplicaManager:
             preferred = s.replicas[0]
             if preferred != self.cfg.node_id and self.host.mux.is_up(preferred):
                 g.transfer_leadership(preferred, lambda err: None)
+
+    def _restamp(self, gid: int) -> Callable[[bytes], bytes]:
+        """A command another replica stamped, then forwarded to this one
+        (the leader it held it for handed leadership over, or stepped down
+        with it queued), gets this node's stamp: the stamp of an entry of
+        this node's term must come from this node's chain, or applying it
+        would move cluster time to the forwarder's chain, which can be
+        ahead, and a TTL this node stamped before would end early.  Driver
+        thread."""
+        return lambda payload: restamp_command(payload, self.cluster_now(gid))
 
     def _barrier_payload(self, gid: int) -> Callable[[], bytes]:
         return lambda: encode_command(C.Barrier(now_ms=self.cluster_now(gid)))
