@@ -1,5 +1,6 @@
 """`cachenode serve` refuses bad settings with one line and exit 2, before
-it binds anything."""
+it binds anything; an address it cannot listen on ends it with one line and
+exit 4 (in use) or 3 (anything else)."""
 
 from __future__ import annotations
 
@@ -186,3 +187,50 @@ print(repr([set_cpu_policy("batch", {str(empty)!r}), policies()]))
 """)
     assert outcome[0] is False and "only the main thread" in outcome[1]
     assert after == [os.SCHED_BATCH]  # the one thread there is
+
+
+def _serve(tmp_path: Path, listen: str, raft_listen: str) -> tuple[int, list[str]]:
+    """Run a real `cachenode serve` that must fail to start: its exit code
+    and its stderr lines.  The deadline ends it if it started after all."""
+    import subprocess
+    import sys
+
+    args = ["serve", "--node-id", "n1", "--listen", listen, "--raft-listen", raft_listen,
+            "--initial-cluster", f"n1={listen}/{raft_listen}", "--data-dir", str(tmp_path / "n1"),
+            "--cpu-policy", "inherit"]
+    env = {**os.environ, "CACHENODE_SECRET": "s"}
+    done = subprocess.run([sys.executable, "-m", "cachenode.server.main", *args], capture_output=True,
+                          text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    return done.returncode, [line for line in done.stderr.splitlines() if "error" in line]
+
+
+@pytest.mark.parametrize("which", ["client", "raft"])
+def test_a_port_another_socket_holds_exits_4_saying_so(tmp_path: Path, which: str) -> None:
+    """Exit 4 is the one code harnesses that choose ports retry on (a
+    process took the port between choosing and binding)."""
+    import socket
+
+    from cachenode.server.main import EXIT_ADDRESS_IN_USE
+
+    with socket.create_server(("127.0.0.1", 0)) as held, socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        taken, free = f"127.0.0.1:{held.getsockname()[1]}", f"127.0.0.1:{spare.getsockname()[1]}"
+        spare.close()
+        code, errors = _serve(tmp_path, taken, free) if which == "client" else _serve(tmp_path, free, taken)
+    assert code == EXIT_ADDRESS_IN_USE == 4
+    what, flag = ("clients", "--listen") if which == "client" else ("Raft peers", "--raft-listen")
+    assert errors == [f"cachenode: error: cannot listen for {what} on {taken}: address already in use; "
+                      f"stop what holds it, or choose another port with {flag}"], errors
+
+
+def test_an_address_that_cannot_be_bound_for_another_reason_exits_3(tmp_path: Path) -> None:
+    """192.0.2.1 (TEST-NET-1) is no address of this machine's: choosing
+    another port would not help, so it is not exit 4."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        raft = f"127.0.0.1:{s.getsockname()[1]}"
+    code, errors = _serve(tmp_path, "192.0.2.1:7001", raft)
+    assert code == 3
+    assert errors == ["cachenode: error: cannot listen for clients on 192.0.2.1:7001; check --listen"], errors

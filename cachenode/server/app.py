@@ -6,9 +6,11 @@ their own; nothing else in the code base constructs these objects.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -37,7 +39,36 @@ GRPC_OPTIONS = [
 
 
 class NodeStartError(Exception):
-    """The node could not start (port taken, data dir locked...)."""
+    """The node could not start (data dir locked, an address it cannot listen on...)."""
+
+
+class AddressInUse(NodeStartError):
+    """An address the node listens on is held by another socket: the node
+    exits with its own code (``cachenode serve``: 4), so that whoever chose
+    the port can choose another without reading the node's log."""
+
+
+IN_USE = "address already in use; stop what holds it, or choose another port with"
+
+
+def _in_use(address: str) -> bool:
+    """Does binding ``address`` (``host:port``) fail because another socket
+    holds it?  Asked after gRPC could not listen there, as gRPC does not
+    say why.  Binds as gRPC does (``SO_REUSEADDR``, so a closed
+    connection's TIME_WAIT does not count).  Racy by nature: the holder may
+    have let go since, and then the error is reported without the cause."""
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    except ValueError:  # not host:port; validated long before this
+        return False
+    return False
 
 
 class Node:
@@ -69,7 +100,9 @@ class Node:
                 unsafe_lazy_commit_s=1.0 if cfg.unsafe.skip_fsync else 0.0,
             )
         except OSError as e:
-            raise NodeStartError(f"cannot listen for Raft peers on {cfg.raft_listen}: {e.strerror}") from None
+            if e.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"cannot listen for Raft peers on {cfg.raft_listen}: {IN_USE} --raft-listen") from None
+            raise NodeStartError(f"cannot listen for Raft peers on {cfg.raft_listen}: {e.strerror}; check --raft-listen") from None
         self.replicas = ReplicaManager(cfg, self.host, self.storage, self.clock)
         self.pd = PlacementDriver(
             cfg.node_id, MetaGroupStore(self.replicas),
@@ -91,7 +124,9 @@ class Node:
             self.port = 0
         if not self.port:
             self.host.mux.close()
-            raise NodeStartError(f"cannot listen for clients on {cfg.listen} (address in use?)")
+            if _in_use(cfg.listen):
+                raise AddressInUse(f"cannot listen for clients on {cfg.listen}: {IN_USE} --listen")
+            raise NodeStartError(f"cannot listen for clients on {cfg.listen}; check --listen")
 
     def start(self) -> None:
         self.server.start()

@@ -1,7 +1,9 @@
 """``cachenode serve``: run one node in the foreground.
 
 Exit codes: 0 clean stop (SIGTERM/SIGINT), 2 bad configuration, 3 could not
-start (port in use, data dir locked), 70 stopped to protect data (disk fault).
+start (data dir locked, cannot listen), 4 could not start because an address
+it listens on is in use (choose another port), 70 stopped to protect data
+(disk fault).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from ..storage.lmdb_store import BOOT_ID_PATH
 from .config import NodeConfig, Unsafe
 
 log = logging.getLogger("cachenode")
+
+EXIT_ADDRESS_IN_USE = 4
+"""The node did not start: an address it listens on is in use.  Harnesses
+that choose free ports start again on new ones on this code alone."""
 
 CPU_POLICIES = ("batch", "inherit")
 """``--cpu-policy`` values: see :func:`set_cpu_policy`."""
@@ -383,13 +389,13 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         log.warning("!!! UNSAFE MODE --unsafe-%s IS ON: this node breaks cachenode's guarantees on purpose. TESTING ONLY !!!", name.replace("_", "-"))
     if not cfg.fsync:
         log.warning("--fsync=never: acknowledged writes can be lost on power loss (benchmarks only)")
-    from .app import Node, NodeStartError  # deferred: keeps --help fast
+    from .app import AddressInUse, Node, NodeStartError  # deferred: keeps --help fast
 
     try:
         node = Node(cfg, fault_injection=faults)
     except NodeStartError as e:
         print(f"cachenode: error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_ADDRESS_IN_USE if isinstance(e, AddressInUse) else 3
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import grpc
 
+from cachenode.server.main import EXIT_ADDRESS_IN_USE
 from jepsen_lite.client import AdminClient
 
 __all__ = [
@@ -366,17 +367,6 @@ class Cluster:
             return f"(cannot read {self.nodes[nid].log_path}: {e})"
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
-    def _lost_its_port(self, nid: str) -> bool:
-        """Did the node's last start end because an address it listens on was in use?"""
-        try:
-            text = self.nodes[nid].log_path.read_text(errors="replace")
-        except OSError:
-            return False
-        last_start = text.rsplit("=== jepsen-lite: start #", 1)[-1]
-        return any(
-            "cannot listen" in line and "in use" in line.lower() for line in last_start.splitlines()
-        )
-
     def wait_ready(self, timeout: float, ids: Sequence[str] | None = None) -> float:
         """Wait until every listed node (default all) answers and every shard has a
         leader.  Returns the seconds waited; raises HarnessError on timeout or
@@ -389,7 +379,7 @@ class Cluster:
                 n = self.nodes[nid]
                 if n.proc is not None and n.proc.poll() is not None:
                     code = n.proc.returncode
-                    why = PortTaken if code == 3 and self._lost_its_port(nid) else HarnessError
+                    why = PortTaken if code == EXIT_ADDRESS_IN_USE else HarnessError
                     one_line = self.log_tail(nid, 3).replace("\n", " | ")
                     raise why(f"node {nid} exited with code {code} (log {n.log_path}: {one_line})")
             st = self.statuses(want)
