@@ -211,10 +211,10 @@ def fail_reason_error(err: int, read: bool = False) -> CacheError:
     ``read`` (a read barrier) every failure is definite: a barrier writes
     nothing the client asked for (it may still commit and stamp the cluster
     clock), so a read that did not return has no outcome to doubt."""
-    if read and err != FAIL_REASON.QUEUE_FULL:
-        return Unavailable("leadership changed before the read could be served; nothing was read, retry")
     if err == FAIL_REASON.QUEUE_FULL:
         return Overloaded("the shard's command queue is full; retry with backoff")
+    if read:
+        return Unavailable("leadership changed before the read could be served; nothing was read, retry")
     if err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
         return Unavailable("the shard has no leader right now (election in progress); the write was not applied, retry")
     if err == FAIL_REASON.DISCARDED:
