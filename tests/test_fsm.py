@@ -43,7 +43,7 @@ from cachenode.fsm import (
     read_get,
     ttl_remaining_ms,
 )
-from cachenode.fsm.codec import restamp_command
+from cachenode.fsm.codec import decode_multi, encode_multi, restamp_command
 from cachenode.fsm.commands import restamped
 from cachenode.storage.base import MAX_KEY_BYTES, Record, StateWriter, Storage, StorageFault
 from cachenode.storage.lmdb_store import LmdbStorage
@@ -720,8 +720,24 @@ def test_restamp_command_reencodes_only_what_it_changes() -> None:
     assert restamp_command(payload, 5000) is payload  # already this stamp
     garbage = b"\x01\x01\x93\xc0"
     assert restamp_command(garbage, 4000) is garbage  # malformed: every replica's apply rejects it as it is
-    far = encode_command(Set(b"k", b"v", 2**64 - 1, Condition.ALWAYS, 5000))
-    assert restamp_command(far, 6000) is far  # a moved expiry out of range: left as it was
+    far = encode_command(Set(b"k", b"v", 2**64 - 1000, Condition.ALWAYS, 5000))
+    assert decode_command(restamp_command(far, 6000)) == Set(b"k", b"v", 2**64 - 1, Condition.ALWAYS, 6000)
+
+
+def test_restamp_command_restamps_each_command_of_a_multi_entry() -> None:
+    """A Batch RPC's writes for one shard travel as one multi entry."""
+    a = encode_command(Set(b"a", b"1", 5500, Condition.ALWAYS, 5000, rid(1)))
+    b = encode_command(MSet(((b"b", b"2", 0), (b"c", b"3", 6000)), 5000, rid(2)))
+    bad = b"\x01\x01\x93\xc0"
+    entry = encode_multi([a, bad, b])
+    out = decode_multi(restamp_command(entry, 4000))
+    assert [decode_command(out[0]), out[1], decode_command(out[2])] == [
+        Set(b"a", b"1", 4500, Condition.ALWAYS, 4000, rid(1)),
+        bad,  # malformed on its own: every replica's apply rejects this command alone, as before
+        MSet(((b"b", b"2", 0), (b"c", b"3", 5000)), 4000, rid(2)),
+    ]
+    assert restamp_command(entry, 5000) is entry
+    assert restamp_command(b"\xc1\x93", 4000) == b"\xc1\x93"  # an undecodable multi entry stays as it is
 
 
 def test_a_forwarded_command_restamped_by_the_leader_ends_no_ttl_early(node: Node) -> None:

@@ -353,7 +353,8 @@ def test_pysyncobj_internals_we_lean_on() -> None:
         assert hasattr(so.Serializer, name), name  # SnapshotTransfer wraps SyncObj._SyncObj__serializer
     for name in ("_getLeader", "raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "hasQuorum",
                  "doTick", "transferLeadership", "forceLogCompaction", "_doDestroy", "getStatus",
-                 "_applyCommand", "_checkCommandsToApply", "_getFuncName", "_onTick"):  # GroupSyncObj
+                 "_applyCommand", "_checkCommandsToApply", "_getFuncName", "_onTick",
+                 "_SyncObj__callErrCallback"):  # GroupSyncObj
         assert hasattr(so.SyncObj, name), name
     assert isinstance(so._COMMAND_TYPE.REGULAR, int)
     assert isinstance(so.FAIL_REASON.UNKNOWN_OUTCOME, int)  # GroupSyncObj.fail_skipped

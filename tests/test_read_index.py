@@ -1382,14 +1382,7 @@ def test_proposals_a_transfer_held_are_restamped_by_the_leader_they_are_forwarde
         for n in ns.values():
             n.restamp = lambda p, nid=n.id: b"restamped by " + nid.encode() + b": " + p
         caught_up(leader, target, leader.last_index, "the target to have the write")
-
-        def transfer_then_propose() -> list[Future[bytes]] | None:
-            asked: Future[Any] = Future()
-            leader.g.transfer_leadership(target.id, asked.set_result)
-            if asked.done() and asked.result() is not None:
-                return None  # refused while the target lags: ask again
-            return [leader.g.propose(b"held %d" % i) for i in range(3)]
-        held = wait_for(lambda: leader.on_driver(transfer_then_propose), "the leader to start the transfer")
+        held = _transfer_holding(leader, target, [b"held %d" % i for i in range(3)])
         want = [b"restamped by " + target.id.encode() + b": held %d" % i for i in range(3)]
         assert [f.result(timeout=15) for f in held] == want  # the apply result echoes the applied payload
         assert (target.role(), _votes(target)["term"]) == ("leader", term + 1)
@@ -1398,6 +1391,39 @@ def test_proposals_a_transfer_held_are_restamped_by_the_leader_they_are_forwarde
             wait_for(lambda n=n: b"direct" in n.applied, f"{n.id} to apply the last write")
             applied = [p for p in n.applied if b"held" in p]
             assert applied == want, (n.id, applied)
+
+
+def _transfer_holding(leader: Node, target: Node, payloads: list[bytes]) -> list[Future[bytes]]:
+    """Start handing leadership from ``leader`` to ``target`` and propose
+    ``payloads`` on ``leader`` in the same driver step, so the transfer
+    holds them and the old leader forwards them to ``target``."""
+    def transfer_then_propose() -> list[Future[bytes]] | None:
+        asked: Future[Any] = Future()
+        leader.g.transfer_leadership(target.id, asked.set_result)
+        if asked.done() and asked.result() is not None:
+            return None  # refused while the target lags: ask again
+        return [leader.g.propose(p) for p in payloads]
+    held: list[Future[bytes]] = wait_for(lambda: leader.on_driver(transfer_then_propose), "the leader to start the transfer")
+    return held
+
+
+def test_a_forwarded_proposal_whose_restamp_fails_is_refused_not_lost(tmp_path: Path) -> None:
+    """The hook raising (a bug, or the store failing under the clock) must
+    not leave the forwarder waiting out its deadline: the new leader refuses
+    the command, and the proposer learns at once that it was not applied."""
+    with three_hosts(tmp_path, PV_TIMING) as ns:
+        leader, _ = _led_with_a_write(ns)
+        target = next(n for n in ns.values() if n is not leader)
+
+        def broken(payload: bytes) -> bytes:
+            raise RuntimeError("restamp failed")
+        target.restamp = broken
+        caught_up(leader, target, leader.last_index, "the target to have the write")
+        held = _transfer_holding(leader, target, [b"held"])
+        with pytest.raises(Unavailable, match="denied"):
+            held[0].result(timeout=15)
+        assert all(b"held" not in n.applied for n in ns.values())
+        assert not target.fatal  # logged and gone on, as for any failed message
 
 
 def _transfer_into_a_cut_link(ns: dict[str, Node]) -> tuple[Node, Node, int]:

@@ -356,17 +356,6 @@ def decode_command(b: bytes) -> Command:
         raise ValueError(f"malformed command: {type(e).__name__}: {e}") from None
 
 
-def restamp_command(b: bytes, now_ms: int) -> bytes:
-    """The encoded command ``b`` stamped ``now_ms`` instead (see
-    :func:`.commands.restamped`); ``b`` itself when it already is, or when
-    it is malformed (every replica's apply rejects it as such)."""
-    try:
-        cmd = decode_command(b)
-        return b if cmd.now_ms == now_ms else encode_command(restamped(cmd, now_ms))
-    except ValueError:  # malformed, or a moved expiry out of range
-        return b
-
-
 # -- results -----------------------------------------------------------------
 
 _R_SET, _R_DELETE, _R_CAS, _R_INCR, _R_MSET, _R_EXPIRE, _R_BARRIER, _R_ERROR, _R_REPLAYED = range(
@@ -483,6 +472,31 @@ def decode_multi(b: bytes) -> list[bytes]:
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_MULTI or not all(isinstance(x, bytes) for x in items):
         raise ValueError("a multi entry must be a list of 1..10000 encoded commands")
     return items
+
+
+def restamp_command(b: bytes, now_ms: int) -> bytes:
+    """The encoded entry ``b`` stamped ``now_ms`` instead (see
+    :func:`.commands.restamped`): one command, or each command of a multi
+    entry.  ``b`` itself when nothing changes; a command that is malformed
+    (every replica's apply rejects it, on its own) is left as it is."""
+    if not is_multi(b):
+        return _restamp_one(b, now_ms)
+    try:
+        parts = decode_multi(b)
+    except ValueError:
+        return b
+    moved = [_restamp_one(p, now_ms) for p in parts]
+    if all(m is p for m, p in zip(moved, parts, strict=True)):
+        return b
+    return encode_multi(moved)
+
+
+def _restamp_one(b: bytes, now_ms: int) -> bytes:
+    try:
+        cmd = decode_command(b)
+    except ValueError:
+        return b
+    return b if cmd.now_ms == now_ms else encode_command(restamped(cmd, now_ms))
 
 
 def encode_multi_result(results: list[bytes]) -> bytes:

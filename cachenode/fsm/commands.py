@@ -170,10 +170,14 @@ class Barrier(Value):
 Command = Set | Delete | CompareAndSet | Incr | MSet | Expire | Barrier
 
 
+_U64_MAX: Final = (1 << 64) - 1
+
+
 def _moved(expires_at_ms: int, shift: int) -> int:
-    """An expiry moved by ``shift`` ms; 0 (never) stays 0, and one that
-    would reach 0 or below is 1 (long past), never "never"."""
-    return max(1, expires_at_ms + shift) if expires_at_ms else 0
+    """An expiry moved by ``shift`` ms; 0 (never) stays 0, one that would
+    reach 0 or below is 1 (long past), never "never", and none passes the
+    u64 range the codec allows."""
+    return min(_U64_MAX, max(1, expires_at_ms + shift)) if expires_at_ms else 0
 
 
 def restamped(cmd: Command, now_ms: int) -> Command:

@@ -77,10 +77,14 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         a copy).  pysyncobj unpickles whatever protocol it gets (its
         ``__doApplyCommand`` calls ``pickle.loads``) and dispatches by the
         method id exactly as for the decorator's commands."""
+        self._applyCommand(pickle.dumps((self._entry_func_id(), (payload,)), protocol=5), callback, _REGULAR)
+
+    def _entry_func_id(self) -> int:
+        """The method id pysyncobj gave :meth:`apply_entry`."""
         func_id = self._apply_entry_id
         if func_id is None:
             func_id = self._apply_entry_id = self._methodToID[self._getFuncName("apply_entry")]
-        self._applyCommand(pickle.dumps((func_id, (payload,)), protocol=5), callback, _REGULAR)
+        return func_id
 
     def _applyCommand(self, command: bytes, callback: Any, commandType: int | None = None) -> None:  # noqa: N802, N803 - pysyncobj's names
         """Every command pysyncobj queues (ours, membership changes, a
@@ -92,10 +96,16 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
         pysyncobj passes no ``commandType`` only for a command another
         replica forwarded (an ``apply_command`` message, driver thread):
         its type byte is already on it, and its payload goes through
-        :attr:`restamp` (:meth:`_restamped`)."""
+        :attr:`restamp` (:meth:`_restamped`).  Should that raise, the
+        command is refused (the forwarder learns it was not applied) and
+        the error goes on to the host, as any other in a driver step."""
         try:
             if commandType is None and self.restamp is not None:
-                command = self._restamped(command, self.restamp)
+                try:
+                    command = self._restamped(command, self.restamp)
+                except BaseException:
+                    self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
+                    raise
             super()._applyCommand(command, callback, commandType)
         finally:
             self._commands_queued = True
@@ -110,8 +120,7 @@ class GroupSyncObj(SyncObj):  # type: ignore[misc]
             func_id, args = pickle.loads(command[1:])
         except Exception:  # noqa: BLE001 - not our shape: pysyncobj judges it when it applies it
             return command
-        ours = self._methodToID.get(self._getFuncName("apply_entry"))
-        if func_id != ours or type(args) is not tuple or len(args) != 1 or type(args[0]) is not bytes:
+        if func_id != self._entry_func_id() or type(args) is not tuple or len(args) != 1 or type(args[0]) is not bytes:
             return command
         payload = restamp(args[0])
         if payload is args[0]:

@@ -59,15 +59,17 @@ def _in_use(address: str) -> bool:
     have let go since, and then the error is reported without the cause."""
     host, _, port = address.rpartition(":")
     try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(sockaddr)
-    except OSError as e:
-        return e.errno == errno.EADDRINUSE
-    except ValueError:  # not host:port; validated long before this
+        found = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):  # not host:port, or a name that does not resolve (validated long before)
         return False
+    for family, kind, proto, _, sockaddr in found:  # "localhost" may be ::1 and 127.0.0.1
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
     return False
 
 
@@ -102,7 +104,7 @@ class Node:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise AddressInUse(f"cannot listen for Raft peers on {cfg.raft_listen}: {IN_USE} --raft-listen") from None
-            raise NodeStartError(f"cannot listen for Raft peers on {cfg.raft_listen}: {e.strerror}; check --raft-listen") from None
+            raise NodeStartError(f"cannot listen for Raft peers on {cfg.raft_listen}: {e.strerror or e}; check --raft-listen") from None
         self.replicas = ReplicaManager(cfg, self.host, self.storage, self.clock)
         self.pd = PlacementDriver(
             cfg.node_id, MetaGroupStore(self.replicas),

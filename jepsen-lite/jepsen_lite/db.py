@@ -35,7 +35,6 @@ from typing import Any, Final
 
 import grpc
 
-from cachenode.server.main import EXIT_ADDRESS_IN_USE
 from jepsen_lite.client import AdminClient
 
 __all__ = [
@@ -61,6 +60,15 @@ START_ATTEMPTS: Final = 3
 
 class HarnessError(RuntimeError):
     """The harness could not do its job (exit 3); the message is one line."""
+
+
+def _exit_address_in_use() -> int:
+    """The node's exit code for "an address it listens on is in use";
+    imported only once a node has died (jepsen-lite otherwise loads only
+    cachenode's client and protocol stubs)."""
+    from cachenode.server.main import EXIT_ADDRESS_IN_USE
+
+    return EXIT_ADDRESS_IN_USE
 
 
 class PortTaken(HarnessError):
@@ -379,7 +387,7 @@ class Cluster:
                 n = self.nodes[nid]
                 if n.proc is not None and n.proc.poll() is not None:
                     code = n.proc.returncode
-                    why = PortTaken if code == EXIT_ADDRESS_IN_USE else HarnessError
+                    why = PortTaken if code == _exit_address_in_use() else HarnessError
                     one_line = self.log_tail(nid, 3).replace("\n", " | ")
                     raise why(f"node {nid} exited with code {code} (log {n.log_path}: {one_line})")
             st = self.statuses(want)
