@@ -55,6 +55,7 @@ SECRET_FILE = "secret"
 DEFAULT_DIR = ".cluster"
 NODE_MODULE = "cachenode.server.main"
 LOG_TAIL_LINES = 30
+WATCH_INTERVAL_S = 1.0  # how often `local up --foreground` looks whether its nodes still run
 
 # Popen objects of the nodes this process started, so they can be reaped.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -171,7 +172,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--foreground",
         action="store_true",
-        help="stay in the foreground with a short how-to; Ctrl-C stops every node",
+        help="stay in the foreground with a short how-to; Ctrl-C stops every node, "
+        "and it ends by itself once every node has stopped",
     )
     p.add_argument(
         "--wait",
@@ -719,18 +721,76 @@ def _foreground(ctx: Context, doc: ClusterDoc, directory: Path) -> int:
     ctx.out.line(f"Logs: {directory}/<node>/node.log. Press Ctrl-C to stop every node.")
     stop_evt = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_evt.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ended: tuple[str, ExitStatus] | None = None
     try:
-        while not stop_evt.wait(1.0):
-            pass
+        while ended is None and not stop_evt.wait(WATCH_INTERVAL_S):
+            ended = _nodes_gone(directory, doc)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if ended is not None:
+        message, status = ended
+        if status is not ExitStatus.OK:
+            raise CliError(message, status)
+        ctx.out.line(message)
+        return status
     with _locked(directory):
         current = load(directory) or doc
         notes = stop(current.nodes, grace=10.0)
         save(current)
     ctx.out.line("; ".join(notes) + f"; data kept in {directory}" if notes else "stopped")
     return ExitStatus.OK
+
+
+def _nodes_gone(directory: Path, doc: ClusterDoc) -> tuple[str, ExitStatus] | None:
+    """Has every node of the foreground cluster stopped?  ``None`` while one runs.
+
+    Called by `_foreground` on the main thread every `WATCH_INTERVAL_S`, while
+    other cachectl commands may be changing the cluster file.  It reads the file
+    without the lock (`save` replaces it whole).  Nodes stopped by another command
+    (`local down`, `stop-node`) have no pid there: the cluster was stopped on
+    purpose.  Nodes that still have a pid but no process exited by themselves;
+    that is confirmed under the lock, because a `local down` in progress has
+    signalled its nodes before it clears their pids, and the pids are cleared.
+    """
+    try:
+        current = load(directory) or doc
+    except CliError:
+        return None  # not a file we can read now: look again at the next round
+    stopped = (
+        f"every node was stopped by another cachectl command; data kept in {directory}",
+        ExitStatus.OK,
+    )
+    recorded = [r for r in current.nodes if r.pid]
+    if not recorded:
+        return stopped
+    if any(runs_node(r.pid, r) for r in recorded if r.pid):
+        return None
+    try:
+        with _locked(directory):
+            current = load(directory) or current
+            recorded = [r for r in current.nodes if r.pid]
+            if not recorded:
+                return stopped
+            if any(runs_node(r.pid, r) for r in recorded if r.pid):
+                return None
+            exited = ", ".join(f"{r.id} ({_how_it_ended(r.pid)})" for r in recorded if r.pid)
+            stop(current.nodes, grace=0.0)  # nothing runs: this clears the pids
+            save(current)
+    except CliError:
+        return None  # another command holds the lock: it is changing the cluster
+    return (
+        f"every node has exited by itself: {exited}; see {directory}/<node>/node.log, "
+        f"then start the cluster again from its data with `cachectl local up --dir {directory}`",
+        ExitStatus.FAILED,
+    )
+
+
+def _how_it_ended(pid: int) -> str:
+    code = _exit_code(pid)
+    if code is None:
+        return f"pid {pid}, gone"  # not our child (a restarted cluster): no status to read
+    return f"pid {pid}, killed by signal {-code}" if code < 0 else f"pid {pid}, exit status {code}"
 
 
 def cmd_down(ctx: Context) -> int:
