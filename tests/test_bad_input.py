@@ -72,6 +72,37 @@ def test_incr_on_text_is_failed_precondition_and_changes_nothing(cluster: LocalC
     assert stub.Get(pb.GetRequest(key=b"txt"), timeout=5).value == b"hello"
 
 
+def test_a_request_id_reused_for_a_different_request_is_refused_and_changes_nothing(cluster: LocalCluster) -> None:
+    """Answering it with the first request's result would acknowledge a write
+    that was never applied, or hand an incr the answer of a set."""
+    stub = cluster.cache(cluster.node_ids[0])
+    h = pb.RequestHeader(request_id=pb.RequestId(client_id=b"reuser", seq=1))
+    first = stub.Set(pb.SetRequest(header=h, key=b"reuse", value=b"first", ttl_ms=60_000), timeout=5)
+    # The same request again is a retry (its TTL is stamped anew): the first answer.
+    again = stub.Set(pb.SetRequest(header=h, key=b"reuse", value=b"first", ttl_ms=60_000), timeout=5)
+    assert (again.applied, again.version) == (first.applied, first.version)
+    reuses = [
+        ("Set", pb.SetRequest(header=h, key=b"reuse", value=b"second")),
+        ("Incr", pb.IncrRequest(header=h, key=b"reuse", delta=1)),
+        ("Delete", pb.DeleteRequest(header=h, key=b"reuse")),
+        ("CompareAndSet", pb.CompareAndSetRequest(header=h, key=b"reuse", expected_value=b"first", new_value=b"x")),
+        ("MSet", pb.MSetRequest(header=h, items=[pb.KeyValue(key=b"reuse", value=b"m")])),
+    ]
+    for method, req in reuses:
+        code, details, md = status_of(getattr(stub, method), req)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (method, code, details)
+        assert f"request id (client {b'reuser'.hex()}, seq 1)" in details, details
+        assert "was already used on this shard for a different request" in details and "nothing was applied" in details
+        assert md["cachenode-error"] == "failed_precondition"
+    batch = stub.Batch(pb.BatchRequest(ops=[pb.BatchOp(incr=pb.IncrRequest(header=h, key=b"reuse", delta=1))]), timeout=5)
+    assert batch.results[0].error.kind == "failed_precondition", batch
+    assert batch.results[0].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    for nid in cluster.node_ids:  # every replica, once it has applied the refusals
+        g = wait_for(lambda n=nid: cluster.cache(n).Get(pb.GetRequest(
+            key=b"reuse", header=pb.RequestHeader(consistency=pb.LINEARIZABLE)), timeout=5), 10, "a read")
+        assert (g.value, g.version) == (b"first", first.version)
+
+
 def test_unknown_shard_is_not_found(cluster: LocalCluster) -> None:
     code, details, _ = status_of(cluster.admin(cluster.node_ids[0]).GetShardStatus, pb.ShardStatusRequest(shard_id=999))
     assert code == grpc.StatusCode.NOT_FOUND and "999" in details

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cachenode._errors import FailedPrecondition
 from cachenode.fsm import (
     Barrier,
     BarrierResult,
@@ -43,7 +44,7 @@ from cachenode.fsm import (
     read_get,
     ttl_remaining_ms,
 )
-from cachenode.fsm.codec import decode_multi, encode_multi, restamp_command
+from cachenode.fsm.codec import decode_multi, encode_multi, fingerprint, restamp_command
 from cachenode.fsm.commands import restamped
 from cachenode.storage.base import MAX_KEY_BYTES, Record, StateWriter, Storage, StorageFault
 from cachenode.storage.lmdb_store import LmdbStorage
@@ -401,6 +402,60 @@ def test_unsafe_dup_incr_applies_retries_again(tmp_path: Path) -> None:
     assert node.apply(Set(b"s", b"a", 0, Condition.IF_ABSENT, 13, rid(2))) == SetResult(True, 3)
 
 
+REUSES = [
+    # (first request, another request with the same request id)
+    (Set(b"k", b"v", 0, Condition.ALWAYS, 10), Incr(b"k", 1, 11)),  # another command
+    (Set(b"k", b"v", 0, Condition.ALWAYS, 10), Set(b"j", b"v", 0, Condition.ALWAYS, 11)),  # another key
+    (Set(b"k", b"v", 0, Condition.ALWAYS, 10), Set(b"k", b"w", 0, Condition.ALWAYS, 11)),  # another value
+    (Set(b"k", b"v", 0, Condition.ALWAYS, 10), Set(b"k", b"v", 0, Condition.IF_ABSENT, 11)),
+    (Incr(b"n", 1, 10), Incr(b"n", 2, 11)),
+    (Delete(b"k", 10), Delete(b"j", 11)),
+    (CompareAndSet(b"k", None, None, True, b"v", 0, 10), CompareAndSet(b"k", None, 0, False, b"v", 0, 11)),
+    (CompareAndSet(b"k", b"a", None, False, b"v", 0, 10), CompareAndSet(b"k", b"b", None, False, b"v", 0, 11)),
+    (MSet(((b"a", b"1", 0), (b"b", b"2", 0)), 10), MSet(((b"a", b"1", 0), (b"b", b"3", 0)), 11)),
+    (MSet(((b"a", b"12", 0),), 10), MSet(((b"a1", b"2", 0),), 11)),  # the same bytes, split elsewhere
+]
+
+
+@pytest.mark.parametrize(("first", "other"), REUSES)
+def test_a_request_id_reused_for_a_different_request_is_refused(node: Node, first: Command, other: Command) -> None:
+    """Answering the reuse with the first request's result would tell its
+    client that a write was applied when nothing was (or hand an incr the
+    result of a set)."""
+    first, other = first.replace(rid=rid(1)), other.replace(rid=rid(1))
+    answer = node.apply_raw(encode_command(first))
+    data = [node.get(k) for k in (b"k", b"j", b"n", b"a", b"b", b"a1")]
+    res = node.apply(other)
+    assert isinstance(res, ErrorResult) and res.kind == FailedPrecondition.kind, res
+    assert "request id (client 636c69656e74, seq 1) was already used on this shard for a different request" in res.message
+    assert "nothing was applied" in res.message
+    assert [node.get(k) for k in (b"k", b"j", b"n", b"a", b"b", b"a1")] == data
+    assert node.s.reader(G).applied_index() == 2  # the refusal used its index, like any answer
+    # The record is kept: a true retry of the first request still gets its answer.
+    assert node.apply_raw(encode_command(first.replace(now_ms=12))) == answer
+
+
+def test_a_retry_stamped_by_another_leader_is_the_same_request(node: Node) -> None:
+    """A retry reaches a leader with another clock (or is restamped when
+    forwarded): its stamp and expiries differ, and it is still the retry."""
+    first = Set(b"k", b"v", 30_010, Condition.IF_ABSENT, 10, rid(1))
+    answer = node.apply_raw(encode_command(first))
+    assert node.apply_raw(encode_command(restamped(first, 5_000))) == answer
+    mset = MSet(((b"a", b"1", 0), (b"b", b"2", 1_010)), 10, rid(2))
+    answer = node.apply_raw(encode_command(mset))
+    assert node.apply_raw(encode_command(restamped(mset, 9_999))) == answer
+
+
+def test_a_dedup_record_from_before_fingerprints_still_answers_its_retries(node: Node) -> None:
+    """Records written before fingerprints hold the encoded result alone;
+    they live at most one dedup window after an upgrade."""
+    b = node.s.begin()
+    b.state(G).dedup_put(b"client", 1, encode_result(IncrResult(5, 1)), 10)
+    b.commit()
+    assert node.apply(Incr(b"n", 5, 11, rid(1))) == IncrResult(5, 1)
+    assert node.get(b"n") is None
+
+
 def test_dedup_entries_expire_after_the_window(node: Node) -> None:
     node.sm = ShardStateMachine(dedup_window_ms=1000)
     assert node.apply(Incr(b"n", 1, 10_000, rid(1))) == IncrResult(1, 1)
@@ -612,6 +667,35 @@ any_commands: st.SearchStrategy[Command] = st.one_of(
 @given(any_commands)
 def test_command_codec_round_trip(cmd: Command) -> None:
     assert decode_command(encode_command(cmd)) == cmd
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_commands.filter(lambda c: not isinstance(c, Expire | Barrier)), u64, rids)
+def test_fingerprint_ignores_the_stamp_expiries_and_request_id(cmd: Command, now: int, other_rid: RequestId | None) -> None:
+    assert fingerprint(restamped(cmd, now)) == fingerprint(cmd)
+    assert fingerprint(cmd.replace(rid=other_rid)) == fingerprint(cmd)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(any_commands.filter(lambda c: not isinstance(c, Expire | Barrier)), min_size=2, max_size=2))
+def test_fingerprint_differs_when_the_request_does(pair: list[Command]) -> None:
+    a, b = pair
+    same = fingerprint(restamped(a, 0)) == fingerprint(restamped(b, 0))
+    assert same == (_asked(a) == _asked(b)), (a, b)
+
+
+def _asked(cmd: Command) -> tuple[object, ...]:
+    """What a request asked for, as the fingerprint's contract lists it."""
+    if isinstance(cmd, MSet):
+        return ("MSet", tuple((k, v) for k, v, _ in cmd.items))
+    if isinstance(cmd, Set):
+        return ("Set", cmd.key, cmd.value, int(cmd.condition))
+    if isinstance(cmd, CompareAndSet):
+        return ("CAS", cmd.key, cmd.expected_value, cmd.expected_version, cmd.expect_absent, cmd.new_value)
+    if isinstance(cmd, Incr):
+        return ("Incr", cmd.key, cmd.delta)
+    assert isinstance(cmd, Delete)
+    return ("Delete", cmd.key)
 
 
 any_results: st.SearchStrategy[Result] = st.one_of(

@@ -84,7 +84,11 @@ class CacheClient:
     in progress): those retry with a backoff of 50 ms doubling to 0.3 s
     until the timeout.  ``client_id`` (1..64 bytes) names this client in
     request ids; a random one is chosen when omitted.  Two clients must never
-    share a client id.
+    share a client id, and that includes this client's next run: its seqs
+    start at 1 again, and within the nodes' dedup window (5 minutes) a write
+    whose request id the last run used is not applied (refused when it
+    differs from the write that used it, answered with that write's result
+    when it does not).
 
     ``routing="smart"`` (the default) sends each request to the shard leader
     and asks nodes not to forward it.  ``routing="proxy"`` sends everything to

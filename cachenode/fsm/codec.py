@@ -15,11 +15,13 @@ Pure functions; any thread.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import xxhash
 
 from ..storage.base import MAX_KEY_BYTES
 from .commands import (
@@ -45,7 +47,10 @@ from .commands import (
     restamped,
 )
 
-__all__ = ["FORMAT_VERSION", "encode_command", "decode_command", "restamp_command", "encode_result", "decode_result"]
+__all__ = [
+    "FORMAT_VERSION", "encode_command", "decode_command", "restamp_command", "fingerprint",
+    "encode_result", "decode_result",
+]
 
 FORMAT_VERSION = 1
 _U64_MAX = (1 << 64) - 1
@@ -243,6 +248,43 @@ def _fields(cmd: Command) -> tuple[int, list[Any]]:
     if isinstance(cmd, Expire):
         return _T_EXPIRE, [cmd.keys, cmd.now_ms]
     return _T_BARRIER, [cmd.now_ms]
+
+
+_I64 = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
+
+
+def fingerprint(cmd: Command) -> int:
+    """A u64 digest of what the client's request asked for: the command's
+    type and its keys, values, condition, expectations or delta.  Not its
+    stamp, its expiries (they move with the stamp, so two attempts of one
+    request differ there) nor its request id.  Every attempt of one request
+    has the same fingerprint, on every replica and platform; a request id
+    reused for another request almost surely has another (the state machine
+    keeps it with the id's result to tell the two apart).  A TTL change
+    alone is not seen.  Pure; any thread.
+
+    Each field is hashed on its own, seeded with the digest so far: no
+    copy of the values (an MSet may carry hundreds of MiB), and no two
+    ways of splitting the same bytes into fields hash alike."""
+    h = xxhash.xxh3_64_intdigest
+    if isinstance(cmd, Set):
+        return int(h(cmd.value, h(cmd.key, _T_SET << 8 | int(cmd.condition))))
+    if isinstance(cmd, MSet):
+        d = _T_MSET
+        for key, value, _ in cmd.items:
+            d = h(value, h(key, d))
+        return int(d)
+    if isinstance(cmd, Delete):
+        return int(h(cmd.key, _T_DELETE))
+    if isinstance(cmd, Incr):
+        return int(h(_I64.pack(cmd.delta), h(cmd.key, _T_INCR)))
+    if isinstance(cmd, CompareAndSet):
+        ev, ever = cmd.expected_value, cmd.expected_version
+        d = h(cmd.key, _T_CAS << 8 | (ev is None) << 2 | (ever is None) << 1 | cmd.expect_absent)
+        d = h(_U64.pack(ever or 0), h(ev or b"", d))
+        return int(h(cmd.new_value, d))
+    raise ValueError(f"{type(cmd).__name__} carries no request id to fingerprint")
 
 
 def encode_command(cmd: Command) -> bytes:

@@ -20,17 +20,29 @@ Rules every replica follows, so replicas never diverge:
   ``expires_at_ms == 0 or expires_at_ms > clock``; an expired record that is
   still stored behaves as absent for every command.
 * Exactly once: a command with a request id that was seen before returns
-  the result recorded the first time, and changes nothing else.
+  the result recorded the first time, and changes nothing else.  The record
+  keeps the request's :func:`~.codec.fingerprint` too: a command that
+  reuses the id for a different request is refused (``failed_precondition``,
+  nothing applied, the record kept) instead of answered with another
+  request's result.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import struct
 
 from .._errors import FailedPrecondition, Internal, InvalidArgument
 from ..storage.base import Record, StateReader, StateWriter, StorageFault
-from .codec import decode_command, decode_multi, encode_multi_result, encode_result, is_multi
+from .codec import (
+    decode_command,
+    decode_multi,
+    encode_multi_result,
+    encode_result,
+    fingerprint,
+    is_multi,
+)
 from .commands import (
     Barrier,
     BarrierResult,
@@ -106,6 +118,31 @@ def _value_write(key: bytes, value: bytes, expires_at_ms: int, index: int, clock
     return key, Record(value, index, expires_at_ms)
 
 
+_FINGERPRINTED = 0xF1
+"""First byte of a dedup record that keeps its request's fingerprint: u8
+0xF1 + BE8 fingerprint + the encoded result.  A record written before
+fingerprints holds the encoded result alone, which starts with
+``codec.FORMAT_VERSION``."""
+_DEDUP_RECORD = struct.Struct(">BQ")
+
+
+def _replayed(stored: bytes, fp: int, client_id: bytes, seq: int) -> bytes:
+    """The answer to a command whose request id (client_id, seq) has the
+    dedup record ``stored``: the recorded result when the command is the
+    same request (``fp``, its fingerprint, matches), else a refusal."""
+    if stored[:1] != b"\xf1":
+        return stored  # recorded before fingerprints: no way to tell
+    if _DEDUP_RECORD.unpack_from(stored)[1] == fp:
+        return stored[_DEDUP_RECORD.size:]
+    return encode_result(ErrorResult(
+        FailedPrecondition.kind,
+        f"request id (client {client_id.hex()[:32]}, seq {seq}) was already used on this shard "
+        f"for a different request, which it answered; nothing was applied.  A retry must repeat "
+        f"its request exactly, and every new request needs a new seq (a client that restarts with "
+        f"a fixed client id must not reuse its seqs within the dedup window)",
+    ))
+
+
 class _Refused(Exception):
     """The command is valid but the data forbids it (no state change)."""
 
@@ -163,10 +200,12 @@ class ShardStateMachine:
 
         clock = cmd.now_ms if cmd.now_ms > stored_clock else stored_clock
         rid = None if isinstance(cmd, Expire | Barrier) else cmd.rid
+        fp = 0
         if rid is not None:
+            fp = fingerprint(cmd)  # Expire and Barrier have no rid
             cached = w.dedup_get(rid.client_id, rid.seq)
             if cached is not None and not (self.unsafe_dup_incr and isinstance(cmd, Incr)):
-                return cached, clock
+                return _replayed(cached, fp, rid.client_id, rid.seq), clock
 
         try:
             result, writes = self._plan(cmd, index, clock, w)
@@ -191,7 +230,7 @@ class ShardStateMachine:
                 else:
                     w.put(key, rec)
             if rid is not None:
-                w.dedup_put(rid.client_id, rid.seq, encoded, clock)
+                w.dedup_put(rid.client_id, rid.seq, _DEDUP_RECORD.pack(_FINGERPRINTED, fp) + encoded, clock)
         except StorageFault:
             raise
         except Exception as fault:

@@ -33,6 +33,7 @@ from .._clock import Clock
 from .._errors import (
     CacheError,
     EpochMismatch,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotLeader,
@@ -442,7 +443,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         shard = self._shard(key, req.header)
 
         def reply(res: C.Result) -> pb.SetResponse:
-            assert isinstance(res, C.SetResult), res
+            if not isinstance(res, C.SetResult):
+                raise _answered_another(res, "set")
             return pb.SetResponse(applied=res.applied, version=res.version)
 
         return self._start_write("Set", req, shard, deadline, lambda now: C.Set(
@@ -455,7 +457,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         shard = self._shard(key, req.header)
 
         def reply(res: C.Result) -> pb.DeleteResponse:
-            assert isinstance(res, C.DeleteResult), res
+            if not isinstance(res, C.DeleteResult):
+                raise _answered_another(res, "delete")
             return pb.DeleteResponse(deleted=res.deleted, version=res.version)
 
         return self._start_write("Delete", req, shard, deadline, lambda now: C.Delete(key=key, now_ms=now, rid=rid), reply, collector)
@@ -480,7 +483,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         shard = self._shard(key, req.header)
 
         def reply(res: C.Result) -> pb.CompareAndSetResponse:
-            assert isinstance(res, C.CasResult), res
+            if not isinstance(res, C.CasResult):
+                raise _answered_another(res, "compare-and-set")
             return pb.CompareAndSetResponse(
                 succeeded=res.succeeded, version=res.version, current_found=res.current_found,
                 current_value=res.current_value or b"", current_version=res.current_version,
@@ -496,7 +500,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         shard = self._shard(key, req.header)
 
         def reply(res: C.Result) -> pb.IncrResponse:
-            assert isinstance(res, C.IncrResult), res
+            if not isinstance(res, C.IncrResult):
+                raise _answered_another(res, "incr")
             return pb.IncrResponse(value=res.value, version=res.version)
 
         return self._start_write("Incr", req, shard, deadline,
@@ -675,8 +680,21 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 # tests/test_cache_service_garbage.py keeps it so.
 
 
+def _answered_another(res: C.Result, what: str) -> FailedPrecondition:
+    """A write answered with another kind of result: its request id has a
+    dedup record from before fingerprints (``fsm/machine.py``), written by
+    a different request that reused the id.  Newer records refuse such a
+    reuse in the state machine itself."""
+    return FailedPrecondition(
+        f"this {what}'s request id was already used for a different request, "
+        f"which it answered ({type(res).__name__}); nothing was applied.  A retry must repeat its "
+        f"request exactly, and every new request needs a new seq"
+    )
+
+
 def _mset_reply(res: C.Result) -> pb.MSetResponse:
-    assert isinstance(res, C.MSetResult), res
+    if not isinstance(res, C.MSetResult):
+        raise _answered_another(res, "mset")
     return pb.MSetResponse(count=res.count, versions=[res.version])
 
 
