@@ -19,6 +19,11 @@ HASH_SPACE = 1 << 64
 META_GROUP_ID = 0xFFFF_FFFF
 """Group id of the cluster-metadata Raft group (shard ids are 0..2**32-2)."""
 
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""The largest gRPC message a node or a cachenode client sends or accepts,
+both ways (gRPC's default is 4 MiB to receive): an mget of a few 1 MiB
+values must reach its caller."""
+
 STREAM_ACCEPTED = "cachenode-stream"
 """The header (value "1") a node sends when it accepts a BatchStream, before
 it reads any request; a refused stream ends without it."""

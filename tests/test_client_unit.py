@@ -265,10 +265,26 @@ class _FakeRpcError(grpc.RpcError):
         (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             (),
-            "Received message larger than max",
+            "Received message larger than max",  # the node refused the request
             "InvalidArgument",
             Retry.NEVER,
             False,
+        ),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            (),
+            "Stream removed (CLIENT: Received message larger than max (6291630 vs. 4194304))",  # the answer
+            "InvalidArgument",
+            Retry.NEVER,
+            True,
+        ),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            (),
+            "SERVER: Sent message larger than max (272637970 vs. 268435456)",  # the node's answer
+            "InvalidArgument",
+            Retry.NEVER,
+            True,
         ),
     ],
 )
@@ -280,6 +296,26 @@ def test_classify(
     assert f.retry is retry
     assert f.maybe_sent is maybe_sent
     assert "set 'k'" in f.error.message and "\n" not in f.error.message
+
+
+@pytest.mark.parametrize(
+    ("details", "says"),
+    [
+        ("Stream removed (CLIENT: Received message larger than max (6291630 vs. 4194304))",
+         "the answer is larger than one gRPC message may be"),
+        ("SERVER: Sent message larger than max (272637970 vs. 268435456)",
+         "the answer is larger than one gRPC message may be"),
+        ("CLIENT: Sent message larger than max (272637970 vs. 268435456)",
+         "the request is larger than one gRPC message may be"),
+        ("Received message larger than max (272637970 vs. 268435456)",
+         "the request is larger than one gRPC message may be"),
+    ],
+)
+def test_classify_names_the_message_that_was_too_large(details: str, says: str) -> None:
+    f = classify(_FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details, ()), what="mget", target="n1")
+    assert f.error.message.startswith(f"mget: {says} ({details}); "), f.error.message
+    hint = "ask for fewer keys per call" if "answer" in says else "send less data per call"
+    assert f.error.message.endswith(hint)
 
 
 def test_classify_not_leader_hint() -> None:

@@ -83,6 +83,19 @@ def test_smart_client_operations(endpoints: list[str]) -> None:
         assert stale is not None and stale.value == b"v1"
 
 
+def test_an_mget_answer_larger_than_grpcs_default_message_reaches_the_client(endpoints: list[str]) -> None:
+    """gRPC receives at most 4 MiB by default.  Twelve 1 MiB values over
+    three nodes put at least four in one node's answer."""
+    keys = [f"mib:{i}" for i in range(12)]
+    with CacheClient(endpoints, timeout=30.0) as c:
+        c.mset({k: bytes([i]) * (1 << 20) for i, k in enumerate(keys)})
+        got = c.mget(keys)
+        assert [got[k].value for k in keys] == [bytes([i]) * (1 << 20) for i in range(12)]
+    code, out, err = ctl("mget", *keys[:5], "--json", endpoint=endpoints[0], timeout=30.0)
+    assert code == 0, err
+    assert len(out) > 5 * (1 << 20)
+
+
 def test_smart_client_covers_every_shard(endpoints: list[str]) -> None:
     with CacheClient(endpoints, timeout=10.0) as c:
         data = {f"many:{i}": f"v{i}" for i in range(200)}

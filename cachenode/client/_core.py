@@ -54,7 +54,7 @@ from cachenode._errors import (
     Overloaded,
     Unavailable,
 )
-from cachenode._types import NodeId, ShardDescriptor
+from cachenode._types import MAX_MESSAGE_BYTES, NodeId, ShardDescriptor
 from cachenode.client._call import Op, Target
 from cachenode.client._convert import (
     check_int64,
@@ -91,6 +91,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # The transport must never resend a write behind our back: only this
     # module decides what is retried, and with which request id.
     ("grpc.enable_retries", 0),
+    # As large as a node sends: gRPC's default of 4 MiB refused an mget of five 1 MiB values.
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Reconnect quickly to a restarted node instead of failing fast for up to 2 minutes.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),

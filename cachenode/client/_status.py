@@ -197,12 +197,19 @@ def classify(err: grpc.RpcError, *, what: str, target: str) -> Failure:
             maybe_sent=True,
         )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details.lower():
+        # The answer when received here or sent by the node; else the
+        # request (refused before it was sent, or by the node that read it).
+        low = details.lower()
+        answer = "client: received" in low or "server: sent" in low
         return Failure(
             InvalidArgument(
-                f"{what}: the message is too large for gRPC ({details}); send less data"
+                f"{what}: the answer is larger than one gRPC message may be ({details}); "
+                f"ask for fewer keys per call" if answer else
+                f"{what}: the request is larger than one gRPC message may be ({details}); "
+                f"send less data per call"
             ),
             Retry.NEVER,
-            maybe_sent=False,
+            maybe_sent=answer,
         )
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return Failure(

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from .._clock import SystemClock
+from .._types import MAX_MESSAGE_BYTES
 from ..pd.driver import PdConfig, PlacementDriver
 from ..pd.planner import PlanConfig
 from ..raft.host import GroupHost
@@ -32,8 +33,8 @@ from .replicas import MetaGroupStore, ReplicaManager
 log = logging.getLogger(__name__)
 
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
 ]
 

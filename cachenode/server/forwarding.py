@@ -16,13 +16,14 @@ from typing import Any
 import grpc
 
 from .._errors import ALL_KINDS, CacheError, NotLeader, OutcomeUnknown, Unavailable
+from .._types import MAX_MESSAGE_BYTES
 from ..v1 import cache_pb2_grpc
 from .status import ERROR_KEY, LEADER_KEY
 
 CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),  # never resend a write behind the caller's back
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # A restarted leader must be reachable again at once, not after gRPC's
     # default reconnect backoff (up to 2 minutes of fast failures).
     ("grpc.initial_reconnect_backoff_ms", 100),
