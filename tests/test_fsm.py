@@ -428,7 +428,7 @@ def test_a_request_id_reused_for_a_different_request_is_refused(node: Node, firs
     res = node.apply(other)
     assert isinstance(res, ErrorResult) and res.kind == FailedPrecondition.kind, res
     assert "request id (client 636c69656e74, seq 1) was already used on this shard for a different request" in res.message
-    assert "nothing was applied" in res.message
+    assert "nothing was applied on this shard. A retry must repeat its request exactly" in res.message
     assert [node.get(k) for k in (b"k", b"j", b"n", b"a", b"b", b"a1")] == data
     assert node.s.reader(G).applied_index() == 2  # the refusal used its index, like any answer
     # The record is kept: a true retry of the first request still gets its answer.

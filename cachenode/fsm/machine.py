@@ -67,6 +67,7 @@ from .commands import (
 
 __all__ = [
     "ShardStateMachine",
+    "REUSED_REQUEST_ID_HINT",
     "read_get",
     "ttl_remaining_ms",
     "DEDUP_WINDOW_MS",
@@ -126,6 +127,13 @@ fingerprints holds the encoded result alone, which starts with
 _DEDUP_RECORD = struct.Struct(">BQ")
 
 
+REUSED_REQUEST_ID_HINT = (
+    "A retry must repeat its request exactly, and every new request needs a new seq "
+    "(a client that restarts with a fixed client id must not reuse its seqs within the dedup window)"
+)
+"""What to do about a request id reused for a different request (also said by the server)."""
+
+
 def _replayed(stored: bytes, fp: int, client_id: bytes, seq: int) -> bytes:
     """The answer to a command whose request id (client_id, seq) has the
     dedup record ``stored``: the recorded result when the command is the
@@ -134,12 +142,11 @@ def _replayed(stored: bytes, fp: int, client_id: bytes, seq: int) -> bytes:
         return stored  # recorded before fingerprints: no way to tell
     if _DEDUP_RECORD.unpack_from(stored)[1] == fp:
         return stored[_DEDUP_RECORD.size:]
+    client = client_id.hex() if len(client_id) <= 16 else client_id[:16].hex() + "..."
     return encode_result(ErrorResult(
         FailedPrecondition.kind,
-        f"request id (client {client_id.hex()[:32]}, seq {seq}) was already used on this shard "
-        f"for a different request, which it answered; nothing was applied.  A retry must repeat "
-        f"its request exactly, and every new request needs a new seq (a client that restarts with "
-        f"a fixed client id must not reuse its seqs within the dedup window)",
+        f"request id (client {client}, seq {seq}) was already used on this shard for a different "
+        f"request, which it answered; nothing was applied on this shard. {REUSED_REQUEST_ID_HINT}",
     ))
 
 

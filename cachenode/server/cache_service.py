@@ -44,7 +44,7 @@ from .._errors import (
 from .._types import STREAM_ACCEPTED, ShardDescriptor
 from ..fsm import commands as C
 from ..fsm.codec import decode_result, encode_command, encode_multi, split_multi_result
-from ..fsm.machine import read_get, ttl_remaining_ms
+from ..fsm.machine import REUSED_REQUEST_ID_HINT, read_get, ttl_remaining_ms
 from ..raft.group import RaftGroup
 from ..storage.base import Record, StateReader
 from ..v1 import cache_pb2 as pb
@@ -686,9 +686,8 @@ def _answered_another(res: C.Result, what: str) -> FailedPrecondition:
     a different request that reused the id.  Newer records refuse such a
     reuse in the state machine itself."""
     return FailedPrecondition(
-        f"this {what}'s request id was already used for a different request, "
-        f"which it answered ({type(res).__name__}); nothing was applied.  A retry must repeat its "
-        f"request exactly, and every new request needs a new seq"
+        f"this {what}'s request id was already used on its shard for a different request, which "
+        f"it answered ({type(res).__name__}); nothing was applied on that shard. {REUSED_REQUEST_ID_HINT}"
     )
 
 
