@@ -278,14 +278,6 @@ class _FakeRpcError(grpc.RpcError):
             Retry.NEVER,
             True,
         ),
-        (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            (),
-            "SERVER: Sent message larger than max (272637970 vs. 268435456)",  # the node's answer
-            "InvalidArgument",
-            Retry.NEVER,
-            True,
-        ),
     ],
 )
 def test_classify(
@@ -390,6 +382,24 @@ def test_a_write_not_yet_applied_is_not_retried_in_an_attempt_too_short_to_finis
     err = short.until_final_error()
     assert len(short.timeouts) > 2 and min(short.timeouts) >= 0.01
     assert isinstance(err, Unavailable) and "It was not applied" in err.message
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_an_answer_too_large_leaves_a_write_unknown_and_a_read_refused(write: bool) -> None:
+    """A write coalesced into one Batch with reads of large values was sent
+    and maybe applied, though the Batch's answer could not be taken."""
+    call = _NoLeaderCall(write=write, timeout=1.0)
+    too_large = _FakeRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "Stream removed (CLIENT: Received message larger than max (9 vs. 4))", ()
+    )
+    with pytest.raises(CacheError) as e:
+        call.state.failed(too_large, call.state.target())
+    if write:
+        assert isinstance(e.value, OutcomeUnknown), e.value
+        assert e.value.message.endswith("This write may or may not have been applied (at most once); read the key to find out")
+    else:
+        assert isinstance(e.value, InvalidArgument), e.value
+    assert "the answer is larger than one gRPC message may be" in e.value.message
 
 
 def test_a_retry_whose_budget_went_meanwhile_is_not_sent() -> None:

@@ -533,6 +533,13 @@ class CallState:
         if self.op.write and f.maybe_sent:
             self.maybe_applied = True
         if f.retry is Retry.NEVER:
+            if self.op.write and f.maybe_sent:
+                # The node answered and the answer was lost: too large, with
+                # the answers of the reads coalesced into the same Batch.
+                raise OutcomeUnknown(
+                    f"{f.error.message}. This write may or may not have been applied (at most once); "
+                    "read the key to find out"
+                ) from None
             raise f.error from None
 
         table = self.core.table

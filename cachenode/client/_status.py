@@ -196,10 +196,10 @@ def classify(err: grpc.RpcError, *, what: str, target: str) -> Failure:
             Retry.TIMEOUT,
             maybe_sent=True,
         )
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details.lower():
+    low = details.lower()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in low:
         # The answer when received here or sent by the node; else the
         # request (refused before it was sent, or by the node that read it).
-        low = details.lower()
         answer = "client: received" in low or "server: sent" in low
         return Failure(
             InvalidArgument(
