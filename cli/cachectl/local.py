@@ -703,7 +703,8 @@ def cmd_up(ctx: Context, choose_ports: Callable[[str, int], list[int]] = free_po
 
 
 def _foreground(ctx: Context, doc: ClusterDoc, directory: Path) -> int:
-    """Keep the cluster in the foreground until Ctrl-C/SIGTERM, then stop it."""
+    """Keep the cluster in the foreground until Ctrl-C/SIGTERM, then stop it;
+    or until every node has stopped by other means (see `_nodes_gone`)."""
     import signal
     import threading
 
@@ -755,32 +756,32 @@ def _nodes_gone(directory: Path, doc: ClusterDoc) -> tuple[str, ExitStatus] | No
     """
     try:
         current = load(directory) or doc
-    except CliError:
+    except (CliError, OSError):
         return None  # not a file we can read now: look again at the next round
     stopped = (
         f"every node was stopped by another cachectl command; data kept in {directory}",
         ExitStatus.OK,
     )
-    recorded = [r for r in current.nodes if r.pid]
+    recorded = [(r, r.pid) for r in current.nodes if r.pid]
     if not recorded:
         return stopped
-    if any(runs_node(r.pid, r) for r in recorded if r.pid):
+    if any(runs_node(pid, r) for r, pid in recorded):
         return None
     try:
         with _locked(directory):
             current = load(directory) or current
-            recorded = [r for r in current.nodes if r.pid]
+            recorded = [(r, r.pid) for r in current.nodes if r.pid]
             if not recorded:
                 return stopped
-            if any(runs_node(r.pid, r) for r in recorded if r.pid):
+            if any(runs_node(pid, r) for r, pid in recorded):
                 return None
-            exited = ", ".join(f"{r.id} ({_how_it_ended(r.pid)})" for r in recorded if r.pid)
+            exited = ", ".join(f"{r.id} ({_how_it_ended(pid)})" for r, pid in recorded)
             stop(current.nodes, grace=0.0)  # nothing runs: this clears the pids
             save(current)
-    except CliError:
-        return None  # another command holds the lock: it is changing the cluster
+    except (CliError, OSError):
+        return None  # another command holds the lock (it is changing the cluster), or no lock file now
     return (
-        f"every node has exited by itself: {exited}; see {directory}/<node>/node.log, "
+        f"every node that was running has exited by itself: {exited}; see {directory}/<node>/node.log, "
         f"then start the cluster again from its data with `cachectl local up --dir {directory}`",
         ExitStatus.FAILED,
     )
