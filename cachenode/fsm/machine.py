@@ -138,7 +138,7 @@ def _replayed(stored: bytes, fp: int, client_id: bytes, seq: int) -> bytes:
     """The answer to a command whose request id (client_id, seq) has the
     dedup record ``stored``: the recorded result when the command is the
     same request (``fp``, its fingerprint, matches), else a refusal."""
-    if stored[:1] != b"\xf1":
+    if not stored or stored[0] != _FINGERPRINTED:
         return stored  # recorded before fingerprints: no way to tell
     if _DEDUP_RECORD.unpack_from(stored)[1] == fp:
         return stored[_DEDUP_RECORD.size:]
