@@ -533,3 +533,17 @@ def test_pid_reuse_is_never_signalled(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize(("code", "said"), [
+    (None, ""),
+    (3, " with code 3"),
+    (-9, " (killed by SIGKILL)"),
+    (-7, " (killed by SIGBUS; SIGBUS usually means that the node's data disk is full (LMDB writes through "
+         "its memory map): free space there, then start it again)"),
+    (-99, " (killed by signal 99)"),
+])
+def test_a_node_that_died_is_said_to_have_ended_by_its_code_or_signal(code: int | None, said: str) -> None:
+    """SIGBUS is what a node gets when LMDB cannot back a page of its map
+    on a full disk: the message says so, and what to do."""
+    assert cachectl.local._died_how(code) == said

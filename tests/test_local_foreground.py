@@ -146,7 +146,7 @@ def test_it_ends_with_an_error_when_every_node_has_exited_by_itself(tmp_path: Pa
         line = fg.err_since_ready()[0]
         assert line.startswith("cachectl: error: every node that was running has exited by itself: "), line
         for node, pid in zip(("n1", "n2", "n3"), fg.node_pids, strict=True):
-            assert f"{node} (pid {pid}, killed by signal 9)" in line, line
+            assert f"{node} (pid {pid}, killed by SIGKILL)" in line, line
         assert f"`cachectl local up --dir {tmp_path}`" in line
         assert _pids_in_file(tmp_path) == [None, None, None]
         # ... and the cluster starts again from its data, as the line says.

@@ -631,9 +631,7 @@ def _startup_failed(ctx: Context, doc: ClusterDoc, died: _NodeDied) -> NoReturn:
     save(doc)
     ctx.out.raw_err(f"--- last lines of {died.rec.log} ---\n{tail}\n---")
     raise CliError(
-        f"node {died.rec.id} exited"
-        + (f" with code {code}" if code is not None else "")
-        + f" during startup; the other nodes were stopped; its log is {died.rec.log} (tail above)"
+        f"node {died.rec.id} exited{_died_how(code)} during startup; the other nodes were stopped; its log is {died.rec.log} (tail above)"
     )
 
 
@@ -776,6 +774,8 @@ def _nodes_gone(directory: Path, doc: ClusterDoc) -> tuple[str, ExitStatus] | No
             if any(runs_node(pid, r) for r, pid in recorded):
                 return None
             exited = ", ".join(f"{r.id} ({_how_it_ended(pid)})" for r, pid in recorded)
+            if any(_exit_code(pid) == -signal.SIGBUS for _, pid in recorded):
+                exited += f" ({SIGBUS_HINT})"
             stop(current.nodes, grace=0.0)  # nothing runs: this clears the pids
             save(current)
     except (CliError, OSError):
@@ -791,7 +791,31 @@ def _how_it_ended(pid: int) -> str:
     code = _exit_code(pid)
     if code is None:
         return f"pid {pid}, gone"  # not our child (a restarted cluster): no status to read
-    return f"pid {pid}, killed by signal {-code}" if code < 0 else f"pid {pid}, exit status {code}"
+    return f"pid {pid}, {_ended(code)}"
+
+
+def _ended(code: int) -> str:
+    """How a node process ended: ``exit status 3``, ``killed by SIGKILL``."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+SIGBUS_HINT = ("SIGBUS usually means that the node's data disk is full (LMDB writes through its memory map): "
+               "free space there, then start it again")
+
+
+def _died_how(code: int | None) -> str:
+    """For "node n1 exited{...} right after starting": its exit code, or
+    the signal that killed it and what that signal may mean."""
+    if code is None:
+        return ""
+    if code >= 0:
+        return f" with code {code}"
+    return f" ({_ended(code)}" + (f"; {SIGBUS_HINT})" if -code == signal.SIGBUS else ")")
 
 
 def cmd_down(ctx: Context) -> int:
@@ -843,9 +867,7 @@ def _spawn_and_wait(ctx: Context, doc: ClusterDoc, rec: NodeRecord, wait_s: floa
         save(doc)
         ctx.out.raw_err(f"--- last lines of {rec.log} ---\n{log_tail(rec)}\n---")
         raise CliError(
-            f"{what} {rec.id} exited"
-            + (f" with code {died.code}" if died.code is not None else "")
-            + f" right after starting; its log is {rec.log} (tail above)"
+            f"{what} {rec.id} exited{_died_how(died.code)} right after starting; its log is {rec.log} (tail above)"
         ) from None
     except _NotReady:
         raise CliError(
