@@ -7,6 +7,7 @@
     ├── NotLeader                   this replica does not lead the shard (carries a leader hint)
     ├── EpochMismatch               the request named an outdated shard epoch
     ├── Overloaded                  command queue full; retry later
+    ├── DiskFull                    the leader's disk is below its reserve; the write was NOT applied
     ├── Unavailable                 no leader / no quorum; the write was NOT applied
     ├── OutcomeUnknown              proposed, but the deadline passed before the outcome was known
     └── Internal                    a bug; the message says where
@@ -59,6 +60,13 @@ class Overloaded(CacheError):
     kind: ClassVar[str] = "overloaded"
 
 
+class DiskFull(CacheError):
+    """A write that adds data, refused by a shard leader whose node has less
+    free disk than its reserve (``--disk-reserve``), before it was proposed."""
+
+    kind: ClassVar[str] = "disk_full"
+
+
 class Unavailable(CacheError):
     kind: ClassVar[str] = "unavailable"
 
@@ -80,6 +88,7 @@ ALL_KINDS: dict[str, type[CacheError]] = {
         NotLeader,
         EpochMismatch,
         Overloaded,
+        DiskFull,
         Unavailable,
         OutcomeUnknown,
         Internal,

@@ -18,6 +18,7 @@ from cachenode._errors import EpochMismatch, NotLeader, OutcomeUnknown, Unavaila
 from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor, key_hash
 from cachenode.server.cache_service import CacheService
 from cachenode.server.config import NodeConfig
+from cachenode.server.disk_space import DiskReserve, DiskSpace
 from cachenode.server.forwarding import ForwardedError
 from cachenode.server.status import ERROR_KEY
 from cachenode.storage.base import Record
@@ -112,7 +113,8 @@ def service(installing: bool, storage: LmdbStorage | None = None, answers: list[
                      initial_cluster=(NodeInfo("n2", "127.0.0.1:0", "127.0.0.1:0"),), secret=b"s",
                      grpc_workers=workers, leader_wait_s=leader_wait_s)
     fwd = Forwarder(answers)
-    return CacheService(cfg, Replicas(installing, storage), fwd, SystemClock()), fwd  # type: ignore[arg-type]
+    no_reserve = DiskSpace("/nonexistent", DiskReserve(percent=0.0, size=0), "n2")
+    return CacheService(cfg, Replicas(installing, storage), fwd, SystemClock(), no_reserve), fwd  # type: ignore[arg-type]
 
 
 def stale_get() -> pb.GetRequest:

@@ -52,6 +52,7 @@ def test_public_surface_is_exactly_all() -> None:
         "CacheError",
         "CasResult",
         "EpochMismatch",
+        "DiskFull",
         "FailedPrecondition",
         "GetResult",
         "Internal",

@@ -38,7 +38,7 @@ def test_grpc_workers_reach_the_config_and_bound_the_streams() -> None:
     cfg, *_ = load_config(args, {"CACHENODE_SECRET": "s"})
     assert cfg.grpc_workers == 6
     # the stream cap is derived from it (no replicas needed to build the service)
-    assert CacheService(cfg, None, None, None).max_streams == 3  # type: ignore[arg-type]
+    assert CacheService(cfg, None, None, None, None).max_streams == 3  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", ["1", "0", "5000"])

@@ -21,6 +21,7 @@ Everything not named in ``__all__`` is private.
 
 from cachenode._errors import (
     CacheError,
+    DiskFull,
     EpochMismatch,
     FailedPrecondition,
     Internal,
@@ -41,6 +42,7 @@ __all__ = [
     "CacheClient",
     "CacheError",
     "CasResult",
+    "DiskFull",
     "EpochMismatch",
     "FailedPrecondition",
     "GetResult",

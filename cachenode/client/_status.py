@@ -80,6 +80,7 @@ _RETRY_BY_KIND: dict[str, Retry] = {
     "not_leader": Retry.REDIRECT,
     "epoch_mismatch": Retry.STALE_ROUTE,
     "overloaded": Retry.BUSY,
+    "disk_full": Retry.NEVER,
     "unavailable": Retry.NO_LEADER,
     "outcome_unknown": Retry.TIMEOUT,
 }
@@ -92,6 +93,7 @@ _ADVICE: dict[str, str] = {
     "not_leader": "retry against the leader",
     "epoch_mismatch": "the shard layout changed; refresh the cluster map and retry",
     "overloaded": "the node is overloaded; retry later or slow down",
+    "disk_full": "it was not applied",
     "unavailable": "the shard has no leader or no quorum; it was not applied; retry shortly",
     "outcome_unknown": "it may or may not have been applied",
 }
@@ -134,7 +136,9 @@ def _connect_failed(details: str) -> bool:
     )
 
 
-def _short(details: str, limit: int = 200) -> str:
+def _short(details: str, limit: int = 600) -> str:
+    """One line, cut at ``limit`` characters: a node's own messages (the
+    disk reserve's, a reused request id's) run to 300-400 with their advice."""
     one = " ".join(details.split())
     return one if len(one) <= limit else one[:limit] + "..."
 
@@ -172,7 +176,7 @@ def classify(err: grpc.RpcError, *, what: str, target: str) -> Failure:
         cls = ALL_KINDS[kind]
         retry = _RETRY_BY_KIND.get(kind, Retry.NEVER)
         message = f"{what} failed on {target}: {details}"
-        if kind not in ("invalid_argument", "failed_precondition"):
+        if kind not in ("invalid_argument", "failed_precondition", "disk_full"):  # those say it themselves
             message += f" ({_ADVICE[kind]})"
         return Failure(cls(message), retry, maybe_sent=(retry is Retry.TIMEOUT))
 

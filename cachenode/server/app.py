@@ -25,6 +25,7 @@ from ..storage.lmdb_store import LmdbStorage, read_boot_id
 from .admin_service import AdminService
 from .cache_service import CacheService
 from .config import NodeConfig
+from .disk_space import DiskSpace
 from .forwarding import Forwarder
 from .handlers import add_service
 from .pd_agent import PdAgent
@@ -81,6 +82,7 @@ class Node:
         clock: SystemClock | None = None,
         storage: Storage | None = None,
         fault_injection: bool = False,
+        disk: DiskSpace | None = None,
     ) -> None:
         self.cfg = cfg
         os.makedirs(cfg.data_dir, exist_ok=True)
@@ -114,12 +116,13 @@ class Node:
         )
         self.pd_agent = PdAgent(cfg, self.replicas)
         self.forwarder = Forwarder(cfg.me().address)
+        self.disk = disk or DiskSpace(cfg.data_dir, cfg.disk_reserve, cfg.node_id)
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
             options=GRPC_OPTIONS,
             maximum_concurrent_rpcs=cfg.grpc_workers * 16,
         )
-        add_service(self.server, "Cache", CacheService(cfg, self.replicas, self.forwarder, self.clock))
+        add_service(self.server, "Cache", CacheService(cfg, self.replicas, self.forwarder, self.clock, self.disk))
         add_service(self.server, "Admin", AdminService(cfg, self.replicas, self.clock, fault_injection, self.pd))
         try:
             self.port = self.server.add_insecure_port(cfg.listen)
@@ -132,6 +135,7 @@ class Node:
             raise NodeStartError(f"cannot listen for clients on {cfg.listen}; check --listen")
 
     def start(self) -> None:
+        self.disk.start()
         self.server.start()
         self.host.start()
         self.replicas.start()
@@ -143,6 +147,7 @@ class Node:
         self.pd_agent.stop()
         self.pd.stop()
         self.server.stop(grace=1.0).wait(3)
+        self.disk.stop()
         stopped = self.host.stop()
         self.forwarder.close()
         self.storage.close(clean=stopped)

@@ -51,6 +51,7 @@ from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
 from . import validation as V
 from .config import NodeConfig
+from .disk_space import DiskSpace
 from .forwarding import ForwardedError, Forwarder, error_from_kind
 from .replicas import ReplicaManager, wait_future
 from .status import ERROR_KEY, abort, error_metadata, status_code
@@ -148,11 +149,13 @@ class _ClockProbe:
 
 
 class CacheService(cache_pb2_grpc.CacheServicer):
-    def __init__(self, cfg: NodeConfig, replicas: ReplicaManager, forwarder: Forwarder, clock: Clock) -> None:
+    def __init__(self, cfg: NodeConfig, replicas: ReplicaManager, forwarder: Forwarder, clock: Clock,
+                 disk: DiskSpace) -> None:
         self.cfg = cfg
         self.r = replicas
         self.fwd = forwarder
         self.clock = clock
+        self.disk = disk
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fanout")
         # Each open BatchStream holds a gRPC worker thread for its lifetime:
         # at most half of them, so unary calls always find a thread.
@@ -404,11 +407,15 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
     def _start_write(self, method: str, req: Any, shard: ShardDescriptor, deadline: float,
                      make: Callable[[int], C.Command], reply: Callable[[C.Result], Any],
-                     collector: _EntryCollector | None = None, give_up: float | None = None) -> Finish:
+                     collector: _EntryCollector | None = None, give_up: float | None = None,
+                     disk_judged: bool = False) -> Finish:
         """Begin a write on ``shard``: propose ``make(now)`` here (joining the
         Batch's entry through ``collector``) or forward ``req`` (a request,
         or a function building it) to the leader; ``give_up``: see
-        :meth:`_forward`."""
+        :meth:`_forward`.  A leader whose disk is below its reserve refuses
+        the writes that add data here, before proposing them (the leader's
+        disk decides: a forwarded write is judged where it is proposed);
+        ``disk_judged``: the caller did that for the whole request."""
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
@@ -416,6 +423,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             # (its collector has proposed by then): collector None.
             restart = functools.partial(self._start_write, method, req, shard, deadline, make, reply, None)
             return self._forward(method, req, shard, e, deadline, True, restart, give_up)
+        if self.disk.full and method in _ADDS_DATA and not disk_judged:
+            raise self.disk.refusal()
         payload = encode_command(make(self._now(shard.id)))
         wait: Callable[[float], bytes]
         if collector is not None:
@@ -648,19 +657,31 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             items.append((k, V.check_value(it.value, max_value), V.check_ttl(it.ttl_ms)))
             keys.append(k)
         rid = V.request_id(req.header)
-        parts = [self._start_mset_part(req, s, [items[i] for i in pos], rid, deadline, collector)
-                 for s, pos in self._by_shard(keys, req.header).values()]
+        by_shard = self._by_shard(keys, req.header)
+        judged = len(by_shard) > 1
+        if judged and self.disk.full:
+            # Judged once for every part, and refused whole before any part
+            # is proposed: part by part, the disk could be found full
+            # after the parts before had begun.
+            for s, _ in by_shard.values():
+                g = self.r.local_group(s.id)
+                if g is not None and g.is_leader:
+                    raise self.disk.refusal()
+        parts = [self._start_mset_part(req, s, [items[i] for i in pos], rid, deadline, collector, judged)
+                 for s, pos in by_shard.values()]
         return _MSetSum(parts)
 
     def _start_mset_part(self, req: pb.MSetRequest, shard: ShardDescriptor, its: list[tuple[bytes, bytes, int]],
-                         rid: C.RequestId | None, deadline: float, collector: _EntryCollector | None) -> Finish:
+                         rid: C.RequestId | None, deadline: float, collector: _EntryCollector | None,
+                         disk_judged: bool) -> Finish:
         """One shard's part of an MSet: its own entry (or a share of the Batch's)."""
 
         def sub() -> pb.MSetRequest:
             return pb.MSetRequest(header=req.header, items=[pb.KeyValue(key=k, value=v, ttl_ms=t) for k, v, t in its])
 
         return self._start_write("MSet", sub, shard, deadline, lambda now: C.MSet(
-            items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid), _mset_reply, collector)
+            items=tuple((k, v, now + t if t else 0) for k, v, t in its), now_ms=now, rid=rid), _mset_reply, collector,
+            disk_judged=disk_judged)
 
     def MGet(self, req: pb.MGetRequest, ctx: grpc.ServicerContext) -> pb.MGetResponse:
         return self._unary(ctx, self._start_mget, req)  # type: ignore[no-any-return]
@@ -678,6 +699,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 # request.  Only the cyclic collector frees those: 7-8 % of a node's CPU in
 # 100-key msets, in pauses of 10-50 ms that hold the GIL.
 # tests/test_cache_service_garbage.py keeps it so.
+
+
+_ADDS_DATA = frozenset(("Set", "CompareAndSet", "Incr", "MSet"))
+"""The writes a leader refuses while its disk is below the reserve (all but Delete)."""
 
 
 def _answered_another(res: C.Result, what: str) -> FailedPrecondition:

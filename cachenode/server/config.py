@@ -7,6 +7,7 @@ import dataclasses
 from .._types import NodeInfo
 from ..raft.group import RaftTiming
 from ..storage.lmdb_store import BOOT_ID_PATH
+from .disk_space import DiskReserve
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +63,9 @@ class NodeConfig:
     timing: RaftTiming = RaftTiming()
     unsafe: Unsafe = Unsafe()
     map_size: int = 64 << 30
+    disk_reserve: DiskReserve = DiskReserve()
+    """Disk kept free: below it, the shards this node leads refuse writes
+    that add data (``--disk-reserve``; see :mod:`cachenode.server.disk_space`)."""
     lmdb_writemap: bool = True  # LMDB writes pages through its map (faster; the data file is sparse, map_size apparent)
     cpu_policy: str = "batch"
     """``batch``: every thread of a node process started under SCHED_OTHER

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import gc
 import json
 import logging
@@ -25,6 +26,7 @@ from ..raft.group import RaftTiming
 from ..storage.base import MAX_KEY_BYTES
 from ..storage.lmdb_store import BOOT_ID_PATH
 from .config import NodeConfig, Unsafe
+from .disk_space import parse_reserve
 
 log = logging.getLogger("cachenode")
 
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lmdb-writemap", choices=["on", "off"],
                    help="on (default): LMDB changes pages in place through its memory map (faster; the data file "
                    "is sparse and its apparent size is the map size, 64 GiB); off: for filesystems without sparse files")
+    s.add_argument("--disk-reserve",
+                   help="disk space to keep free, as a share of the data directory's filesystem (e.g. 5%%) or a "
+                        "size (e.g. 2GiB): below it, the shards this node leads refuse writes that add data with "
+                        "RESOURCE_EXHAUSTED (disk_full) instead of filling the disk; deletes and reads go on "
+                        "(default 5%%; 0: off)")
     s.add_argument("--pre-vote", choices=["on", "off"],
                    help="on (default): a replica stands for election only once a majority of its shard's replicas "
                    "say they hear no leader either (Raft's PreVote), so one that alone cannot hear its leader (a "
@@ -219,6 +226,10 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
     writemap = str(opt("lmdb_writemap", "on"))
     if writemap not in ("on", "off"):
         raise ConfigError("--lmdb-writemap must be on or off")
+    try:
+        disk_reserve = parse_reserve(str(opt("disk_reserve", "5%")))
+    except ValueError as e:
+        raise ConfigError(f"--disk-reserve: {e}") from None
     shards = int(opt("shards", 16))  # type: ignore[call-overload]
     if not 1 <= shards <= 4096:
         raise ConfigError("--shards must be 1..4096")
@@ -250,6 +261,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
         initial_cluster=cluster, secret=secret, shards=shards, replication=rep,
         fsync=fsync == "always",
         lmdb_writemap=writemap == "on",
+        disk_reserve=disk_reserve,
         cpu_policy=cpu_policy,
         max_key_bytes=max_key,
         max_value_bytes=max_value,
@@ -380,6 +392,9 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         print(f"cachenode: error: {e}", file=sys.stderr)
         return 2
     setup_logging(fmt, level, cfg.node_id)
+    # A fatal signal (SIGBUS: LMDB writing through its map onto a full disk;
+    # SIGSEGV) leaves every thread's stack in the log instead of nothing.
+    faulthandler.enable()
     applied, what = set_cpu_policy(cfg.cpu_policy)
     if applied:
         log.info("CPU scheduling: %s", what)

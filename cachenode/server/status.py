@@ -12,6 +12,7 @@ import grpc
 
 from .._errors import (
     CacheError,
+    DiskFull,
     EpochMismatch,
     FailedPrecondition,
     Internal,
@@ -30,6 +31,7 @@ GRPC_STATUS: dict[type[CacheError], grpc.StatusCode] = {
     NotLeader: grpc.StatusCode.UNAVAILABLE,
     EpochMismatch: grpc.StatusCode.ABORTED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     OutcomeUnknown: grpc.StatusCode.DEADLINE_EXCEEDED,
     Internal: grpc.StatusCode.INTERNAL,

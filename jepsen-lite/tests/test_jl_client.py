@@ -33,6 +33,7 @@ C = grpc.StatusCode
         (C.NOT_FOUND, "not_found", "fail"),
         (C.ABORTED, "epoch_mismatch", "fail"),
         (C.RESOURCE_EXHAUSTED, "overloaded", "fail"),
+        (C.RESOURCE_EXHAUSTED, "disk_full", "fail"),
         (C.UNAVAILABLE, "not_leader", "fail"),
         (C.UNAVAILABLE, "unavailable", "fail"),
         (C.UNAVAILABLE, None, "info"),  # transport failure: maybe delivered

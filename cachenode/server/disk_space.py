@@ -1,0 +1,193 @@
+"""The disk a node keeps free, and the writes it refuses to keep it so.
+
+A node whose data directory runs out of space stops itself: a journal write
+that fails is a ``StorageFault``, and LMDB, which writes through its memory
+map, is killed by SIGBUS.  The replicas of a shard fill their disks
+together, so a cluster that runs full would lose every node at once and
+could not start again until space was freed.  ``DiskSpace`` keeps a reserve
+free instead.  While less than the reserve (``--disk-reserve``: a share of
+the filesystem, 5 % by default, or a size) is free, the shard leaders on
+this node refuse the writes that add data (set, mset, incr,
+compare-and-set) with ``disk_full`` (``RESOURCE_EXHAUSTED``), before they
+are proposed, so nothing of them is applied.  Deletes, reads and the Raft
+traffic of every shard (followers appending, snapshots, the placement
+driver's map) go on.  Writes are taken again once the free space is back
+above the reserve plus a twentieth of it, so a disk at the edge does not
+flap.
+
+The reserve must hold what arrives while the leaders refuse: entries
+already proposed, a follower's share of writes whose leader is on a node
+with more room, and the snapshot a log compaction writes (about the size of
+the shard replica).  A node whose disk fills completely still stops.
+
+Threads: one daemon thread (``disk-space``) looks at the filesystem every
+``interval`` seconds, ten times as often once less than twice the reserve
+is free (a disk that fills at 100 MB/s takes 5 MB between looks then), and
+is the only writer of :attr:`DiskSpace.full`; gRPC worker threads read it,
+any number at once (one attribute: no lock).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+
+from .._errors import DiskFull
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+_SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[a-z]*)\s*$")
+MAX_SHARE = 50.0
+"""A reserve above half the filesystem is almost surely a typo for a size."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DiskReserve:
+    """How much disk to keep free: ``percent`` of the filesystem's size, or
+    ``size`` bytes (one of them; both 0: no reserve)."""
+
+    percent: float = 5.0
+    size: int = 0
+
+    def of(self, capacity: int) -> int:
+        """The reserve in bytes on a filesystem of ``capacity`` bytes."""
+        return self.size if self.size else int(capacity * self.percent / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else show_size(self.size)
+
+
+def parse_reserve(text: str) -> DiskReserve:
+    """``5%``, ``0``, ``512MiB``, ``2G``, ``1073741824`` -> a reserve (sizes
+    are binary: K, M, G, T with or without ``iB``).  ValueError says why."""
+    m = _SPEC.match(str(text).lower())
+    if m is None or m.group(2) not in _UNITS and m.group(2) != "%":
+        raise ValueError(f"{text!r} is neither a share of the disk (e.g. 5%) nor a size (e.g. 512MiB, 2GiB, 0)")
+    number = float(m.group(1))
+    if m.group(2) == "%":
+        if number > MAX_SHARE:
+            raise ValueError(f"{text!r} keeps more than half the disk free; give at most {MAX_SHARE:g}%, or a size")
+        return DiskReserve(percent=number, size=0)
+    return DiskReserve(percent=0.0, size=int(number * _UNITS[m.group(2)]))
+
+
+def show_size(n: int) -> str:
+    """``1536`` -> ``1.5 KiB``: for messages."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reading:
+    """One look at the filesystem."""
+
+    free: int
+    capacity: int
+    reserve: int
+
+
+class DiskSpace:
+    """Whether this node's disk is below its reserve.
+
+    ``statvfs`` (a seam: tests pass their own) is asked about ``path``, the
+    data directory, by :meth:`check`: at :meth:`start` and then every
+    ``interval`` seconds on the ``disk-space`` thread.  A filesystem that
+    cannot be read counts as having room (the journal reports a disk that
+    fails)."""
+
+    def __init__(self, path: str, reserve: DiskReserve, node_id: str,
+                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs, interval: float = 0.5) -> None:
+        self.path = path
+        self.reserve = reserve
+        self.node_id = node_id
+        self._statvfs = statvfs
+        self._interval = interval
+        self.full = False
+        """True while the free space is below the reserve (written by
+        :meth:`check` only)."""
+        self.last: Reading | None = None
+        self._unreadable = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> bool:
+        """Look at the filesystem once and update :attr:`full`; returns it.
+        Called by :meth:`start` and the ``disk-space`` thread (one at a time)."""
+        try:
+            st = self._statvfs(self.path)
+        except OSError as e:
+            if not self._unreadable:
+                log.warning("cannot read the free space of %s (%s); writes are taken as if it had room", self.path, e)
+            self._unreadable = True
+            self.full = False
+            return False
+        self._unreadable = False
+        capacity, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        reserve = self.reserve.of(capacity)
+        self.last = reading = Reading(free, capacity, reserve)
+        if not self.full and free < reserve:
+            self.full = True
+            log.warning("%s; the shards this node leads refuse writes that add data until %s is free "
+                        "(deletes, reads and replication go on)", self._state(reading), show_size(resume_at(reserve)))
+        elif self.full and free >= resume_at(reserve):
+            self.full = False
+            log.info("%s: the shards this node leads take writes again", self._state(reading))
+        return self.full
+
+    def refusal(self) -> DiskFull:
+        """The error for a write refused while :attr:`full` (any thread)."""
+        reading = self.last
+        state = self._state(reading) if reading is not None else f"node {self.node_id} is low on disk space"
+        resume = show_size(resume_at(reading.reserve)) if reading is not None else "its reserve"
+        return DiskFull(
+            f"{state}, so it takes no writes that add data; nothing was applied. Free disk space on "
+            f"{self.node_id} (writes resume once {resume} is free), give it a larger disk, or lower "
+            f"--disk-reserve; deletes and reads still work"
+        )
+
+    def _state(self, r: Reading) -> str:
+        return (f"node {self.node_id} has {show_size(r.free)} free of {show_size(r.capacity)} on {self.path}, "
+                f"below its reserve of {show_size(r.reserve)} (--disk-reserve {self.reserve})")
+
+    def start(self) -> None:
+        """Look once (so a node that starts on a full disk refuses at once)
+        and start the thread.  A reserve of 0 needs neither."""
+        if not self.reserve.of(1 << 62):
+            return
+        self.check()
+        self._thread = threading.Thread(target=self._run, name="disk-space", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def next_look(self) -> float:
+        """Seconds until the next look: ``interval``, or a tenth of it once
+        less than twice the reserve is free."""
+        r = self.last
+        near = r is not None and r.free < 2 * r.reserve
+        return self._interval / 10 if near else self._interval
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.next_look()):
+            try:
+                self.check()
+            except Exception:  # a bug here must not end the checks (and leave `full` stuck)
+                log.exception("disk space check failed")
+
+
+def resume_at(reserve: int) -> int:
+    """Free bytes at which a full node takes writes again."""
+    return reserve + reserve // 20
