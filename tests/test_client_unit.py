@@ -22,6 +22,7 @@ import pytest
 import cachenode.client as client_pkg
 from cachenode._errors import (
     CacheError,
+    DiskFull,
     EpochMismatch,
     FailedPrecondition,
     InvalidArgument,
@@ -401,6 +402,31 @@ def test_an_answer_too_large_leaves_a_write_unknown_and_a_read_refused(write: bo
     else:
         assert isinstance(e.value, InvalidArgument), e.value
     assert "the answer is larger than one gRPC message may be" in e.value.message
+
+
+DISK_FULL = _FakeRpcError(
+    grpc.StatusCode.RESOURCE_EXHAUSTED, "node n1 has 1.0 MiB free ..., so it takes no writes that add data; "
+    "nothing was applied.", (("cachenode-error", "disk_full"),)
+)
+TIMED_OUT = _FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_a_full_disk_refuses_at_once_and_is_not_retried(write: bool) -> None:
+    call = _NoLeaderCall(write=write, timeout=5.0)
+    with pytest.raises(DiskFull, match="nothing was applied"):
+        call.state.failed(DISK_FULL, call.state.target())
+
+
+def test_a_full_disk_after_an_attempt_that_may_have_applied_leaves_the_write_unknown() -> None:
+    """The first attempt timed out (maybe applied, maybe still in flight);
+    the retry's refusal says nothing about it."""
+    call = _NoLeaderCall(write=True, timeout=5.0)
+    delay = call.state.failed(TIMED_OUT, call.state.target())
+    call.now += delay + 0.001
+    with pytest.raises(OutcomeUnknown) as e:
+        call.state.failed(DISK_FULL, call.state.target())
+    assert "An earlier attempt of this write may have been applied" in e.value.message
 
 
 def test_a_retry_whose_budget_went_meanwhile_is_not_sent() -> None:

@@ -1,16 +1,21 @@
-"""A real cluster whose disk fills up: its nodes refuse the writes that add
-data once less than the reserve is free, keep every write they acknowledged,
-go on deleting and reading, and take writes again once the disk has room.
+"""Real clusters below their disk reserve.
 
-The three nodes keep their data on one small tmpfs that this test mounts
-(and grows, as an operator would add space) and unmounts; the test needs
-root and ``mount``, like the network-namespace tests.  The reserve's
-arithmetic, with a fake filesystem: tests/test_disk_space.py.
+* A cluster whose disk fills up: its nodes refuse the writes that add data
+  once less than the reserve is free, keep every write they acknowledged, go
+  on deleting and reading, and take writes again once the disk has room.
+  The three nodes keep their data on one small tmpfs that the test mounts
+  (and grows, as an operator would add space) and unmounts: it needs root
+  and ``mount``, like the network-namespace tests.
+* A cluster where one node has a reserve larger than any disk: only the
+  shards it leads refuse, wherever a write is sent (no mount needed).
+
+The reserve's arithmetic, with a fake filesystem: tests/test_disk_space.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _nodes import cachectl, local_cluster, pid_alive, wait_for
+from _nodes import LocalCluster, cachectl, local_cluster, pid_alive, wait_for
 
 from cachenode.client import CacheClient, DiskFull
 from cachenode.v1 import cache_pb2 as pb
@@ -92,20 +97,26 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
         assert "nothing was applied" in refusal.message
         assert _free(small_disk) > 16 * MiB, "the reserve left no room: the test's sizes are wrong"
 
-        # Every node sees the same filesystem: each leader refuses, raw
-        # calls get RESOURCE_EXHAUSTED with the disk_full kind.
-        for node in c.node_ids:
-            stub = c.cache(node)
+        # Every node sees the same filesystem: each shard's leader refuses
+        # (one key per shard), a raw call with RESOURCE_EXHAUSTED + disk_full.
+        per_shard = {}
+        for i in range(400):
+            per_shard.setdefault(c.shard_of(f"probe-{i}".encode()), f"probe-{i}".encode())
+        assert len(per_shard) == 4
 
-            def refused(stub=stub) -> bool:  # type: ignore[no-untyped-def]
+        def every_leader_refuses() -> bool:
+            for key in per_shard.values():
                 try:
-                    stub.Set(pb.SetRequest(key=b"probe", value=b"x"), timeout=10)
-                except grpc.RpcError as e:
-                    return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and \
-                        ("cachenode-error", "disk_full") in tuple(e.trailing_metadata() or ())
-                return False
+                    client.set(key, b"x")
+                    return False
+                except DiskFull:
+                    pass
+            return True
 
-            wait_for(refused, timeout=10, what=f"{node} to refuse a set with disk_full")
+        wait_for(every_leader_refuses, timeout=10, what="every shard's leader to refuse a set")
+        err = _refused_raw(c.cache(c.node_ids[1]), "Set", pb.SetRequest(key=b"probe", value=b"x"))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("cachenode-error", "disk_full") in tuple(err.trailing_metadata() or ())
 
         # Each kind of write that adds data is refused, fast (never retried
         # until the deadline), and changes nothing.
@@ -117,15 +128,6 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
             with pytest.raises(DiskFull):
                 attempt()
         assert time.monotonic() - started < 5
-        # A raw MSet over every shard, to a node that leads some of them, is
-        # refused whole: none of its keys appears on any shard.
-        keys = [f"multi-{i}".encode() for i in range(32)]
-        assert len({c.shard_of(k) for k in keys}) == 4
-        err = _refused_raw(c.cache(c.node_ids[0]), "MSet",
-                           pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"v") for k in keys]))
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert all(v is None for v in client.mget(keys).values())
-
         # cachectl: one line and a non-zero exit.
         r = cachectl("--endpoints", c.endpoints, "set", "cli-key", "v")
         assert r.returncode == 1 and r.stdout == ""
@@ -144,7 +146,7 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
         # The operator adds space: writes are taken again.
         subprocess.run(["mount", "-o", f"remount,size={2 * DISK_MIB}m", str(small_disk)], check=True, timeout=30)
 
-        probes = {k: b"x" for k in keys}  # over every shard, so every leader's judgement
+        probes = {k: b"x" for k in per_shard.values()}  # every shard: every leader's judgement
 
         def takes_writes() -> bool:
             with contextlib.suppress(DiskFull):
@@ -157,3 +159,77 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
         assert client.incr(b"counter") == 1
         assert client.get(first).value == b"after"
         assert all(pid_alive(p) for p in pids)
+
+
+def _restart_with(c: LocalCluster, node_id: str, *args: str) -> None:
+    """Restart ``node_id`` with ``args`` after its own (the last flag wins):
+    ``cluster.json`` keeps each node's exact argv for ``start-node``."""
+    c.stop_node(node_id)
+    path = c.dir / "cluster.json"
+    doc = json.loads(path.read_text())
+    for n in doc["nodes"]:
+        if n["id"] == node_id:
+            n["argv"] += list(args)
+    path.write_text(json.dumps(doc))
+    c.start_node(node_id)
+
+
+def _key_of(c: LocalCluster, shard: int, tag: str) -> bytes:
+    for i in range(1000):
+        if c.shard_of(k := f"{tag}-{i}".encode()) == shard:
+            return k
+    raise AssertionError(f"no key of shard {shard}")
+
+
+def test_only_the_shards_a_full_node_leads_refuse_and_an_mset_says_which_parts_it_wrote(tmp_path: Path) -> None:
+    """No mount needed: n1 alone runs with a reserve larger than any disk.
+    A write is judged by its shard's leader wherever it is sent; an MSet
+    that n1 would lead a part of is refused whole there, and one sent to a
+    leader with room writes its parts there and says so."""
+    with local_cluster(tmp_path / "c", nodes=3, shards=4) as c:
+        _restart_with(c, "n1", "--disk-reserve=1024T")
+        c.wait_settled()  # each shard led by its first replica again
+        shards = c.cluster_map().shards
+        full = next((s.id for s in shards if s.replicas[0] == "n1"), None)
+        room = next((s for s in shards if s.replicas[0] != "n1"), None)
+        assert full is not None and room is not None, "the map gives n1 no shard to lead, or every one"
+        with CacheClient(c.endpoints.split(","), timeout=10) as client:
+            assert client.set(_key_of(c, room.id, "room"), b"v")
+            with pytest.raises(DiskFull, match=r"node n1 has .* free .* below its reserve of 1024\.0 TiB"):
+                client.set(_key_of(c, full, "full"), b"v")
+            with pytest.raises(DiskFull):
+                client.incr(_key_of(c, full, "n"))
+            assert client.delete(_key_of(c, full, "full")) is False  # deletes are taken
+
+            # Sent to a node with room, a write for n1's shard is judged by n1.
+            err = _refused_raw(c.cache(room.replicas[0]), "Set", pb.SetRequest(key=_key_of(c, full, "fwd"), value=b"v"))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Sent to n1, a write for a shard led elsewhere is taken.
+            assert c.cache("n1").Set(pb.SetRequest(key=_key_of(c, room.id, "via-n1"), value=b"v"), timeout=10).applied
+
+            # An MSet over both shards, sent to n1: refused whole.
+            whole = [_key_of(c, full, "whole"), _key_of(c, room.id, "whole")]
+            err = _refused_raw(c.cache("n1"), "MSet", pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"v") for k in whole]))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "applied in part" not in err.details()
+            assert client.mget(whole) == {k: None for k in whole}
+
+            # Sent to the other leader: its part is written, and the error says so.
+            part = [_key_of(c, full, "part"), _key_of(c, room.id, "part")]
+            err = _refused_raw(c.cache(room.replicas[0]), "MSet",
+                               pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"v") for k in part]))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ("cachenode-error", "disk_full") in tuple(err.trailing_metadata() or ())
+            assert err.details().startswith(
+                f"this mset was applied in part: shard {room.id} wrote 1 of its keys (an mset is atomic per shard, "
+                f"not across shards); the part on shard {full} failed: node n1 has "), err.details()
+            got = client.mget(part)
+            assert got[part[0]] is None and got[part[1]] is not None and got[part[1]].value == b"v"
+
+        # cachectl status names the node that refuses.
+        r = cachectl("--endpoints", c.endpoints, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        disks = {n["id"]: n["disk"] for n in json.loads(r.stdout)["nodes"]}
+        assert disks["n1"]["full"] and disks["n1"]["reserve_bytes"] == 1 << 50
+        assert not disks["n2"]["full"] and 0 < disks["n2"]["reserve_bytes"] < disks["n2"]["capacity_bytes"]
+        r = cachectl("--endpoints", c.endpoints, "status")
+        assert r.returncode == 0 and "refuses writes" in r.stdout, r.stdout

@@ -15,10 +15,11 @@ from _nodes import wait_for
 
 from cachenode._clock import SystemClock
 from cachenode._errors import DiskFull, NotLeader
+from cachenode._sizes import show_size
 from cachenode._types import ClusterMap, NodeInfo, ShardDescriptor
 from cachenode.server.cache_service import CacheService
 from cachenode.server.config import NodeConfig
-from cachenode.server.disk_space import DiskReserve, DiskSpace, parse_reserve, resume_at, show_size
+from cachenode.server.disk_space import DiskReserve, DiskSpace, parse_reserve, resume_at
 from cachenode.server.main import ConfigError, build_parser, load_config
 from cachenode.server.status import status_code
 from cachenode.v1 import cache_pb2 as pb
@@ -49,6 +50,7 @@ def test_a_reserve_is_a_share_of_the_disk_or_a_binary_size(text: str, expected: 
 @pytest.mark.parametrize(("text", "says"), [
     ("", "neither a share"), ("lots", "neither a share"), ("-5%", "neither a share"),
     ("5 PB", "neither a share"), ("5%%", "neither a share"), ("60%", "more than half"),
+    ("0.5", "less than a byte"), ("0.4b", "less than a byte"),
 ])
 def test_a_reserve_that_is_not_one_is_refused_saying_what_is(text: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
@@ -60,7 +62,8 @@ def test_the_reserve_in_bytes_follows_the_filesystem_only_when_a_share() -> None
     assert DiskReserve(percent=0.0, size=MiB).of(100 * GiB) == MiB
     assert DiskReserve(percent=0.0, size=0).of(100 * GiB) == 0
     assert str(DiskReserve()) == "5%" and str(parse_reserve("1.5GiB")) == "1.5 GiB"
-    assert show_size(0) == "0 B" and show_size(1536) == "1.5 KiB"
+    assert show_size(0) == "0 B" and show_size(1536) == "1.5 KiB" and show_size(3 << 40) == "3.0 TiB"
+    assert show_size(5000 << 40) == "5000.0 TiB"
 
 
 def _node_args(*extra: str) -> Any:
@@ -75,6 +78,18 @@ def test_the_node_flag_sets_the_reserve_and_defaults_to_five_percent() -> None:
     assert cfg.disk_reserve == DiskReserve(percent=0.0, size=256 * MiB)
     with pytest.raises(ConfigError, match=r"--disk-reserve: 'half' is neither"):
         load_config(_node_args("--disk-reserve", "half"), {"CACHENODE_SECRET": "s"})
+
+
+def test_in_a_config_file_the_reserve_is_a_string_or_zero(tmp_path: Any) -> None:
+    """A TOML number could mean a share or bytes: only 0 (off) is taken."""
+    conf = tmp_path / "node.toml"
+    for value, expected in (('"10%"', DiskReserve(percent=10.0)), ("0", DiskReserve(percent=0.0, size=0))):
+        conf.write_text(f"disk-reserve = {value}\n")
+        cfg, *_ = load_config(_node_args("--config", str(conf)), {"CACHENODE_SECRET": "s"})
+        assert cfg.disk_reserve == expected
+    conf.write_text("disk-reserve = 5\n")
+    with pytest.raises(ConfigError, match=r'write 5 as a string, "5%" or "5MiB"'):
+        load_config(_node_args("--config", str(conf)), {"CACHENODE_SECRET": "s"})
 
 
 # ---- watching a filesystem -------------------------------------------------------
@@ -113,7 +128,8 @@ def test_below_the_reserve_the_disk_is_full_until_the_reserve_and_a_twentieth_is
     assert disk.check() is True
     fs.free = 105
     assert disk.check() is False
-    assert "the shards this node leads take writes again" in caplog.text
+    assert "node n1 has 105.0 MiB free on /data again (reserve 100.0 MiB): the shards it leads take writes again" \
+        in caplog.text
 
 
 def test_it_looks_ten_times_as_often_once_less_than_twice_the_reserve_is_free() -> None:
@@ -148,6 +164,15 @@ def test_a_filesystem_that_cannot_be_read_counts_as_having_room(caplog: pytest.L
     fs.fail = OSError(5, "Input/output error")
     assert disk.check() is False
     assert "cannot read the free space of /data" in caplog.text
+
+
+def test_a_filesystem_that_says_it_has_no_size_counts_as_having_room() -> None:
+    fs = Fs(free_mib=0)
+    sizeless = os.statvfs_result((4096, 0, 0, 0, 0, 0, 0, 0, 0, 255))
+    disk = DiskSpace("/fuse", DiskReserve(percent=0.0, size=MiB), "n1", statvfs=lambda path: sizeless)
+    assert disk.check() is False
+    disk = DiskSpace("/data", DiskReserve(percent=0.0, size=MiB), "n1", statvfs=fs.statvfs)
+    assert disk.check() is True
 
 
 def test_no_reserve_means_no_watching() -> None:

@@ -372,6 +372,24 @@ class TestConformance:
             else:
                 assert got is not None and (got.value, got.version, got.expires_at_ms) == (v, version, exp)
 
+    def test_answered_says_whether_a_request_id_has_a_dedup_record(self, storage: Storage) -> None:
+        """Through the writer (its own uncommitted record), then the reader
+        and a view (committed only), and gone once pruned."""
+        b = storage.begin()
+        w = b.state(1)
+        assert not w.answered(b"c1", 1)
+        w.dedup_put(b"c1", 1, b"r1", 100)
+        assert w.answered(b"c1", 1) and not w.answered(b"c1", 2) and not w.answered(b"c2", 1)
+        assert not storage.reader(1).answered(b"c1", 1)
+        b.commit()
+        assert storage.reader(1).answered(b"c1", 1) and not storage.reader(2).answered(b"c1", 1)
+        with storage.view(1) as v:
+            assert v.answered(b"c1", 1) and not v.answered(b"c1", 2)
+        b = storage.begin()
+        assert b.state(1).dedup_prune(101, 64) == 1
+        b.commit()
+        assert not storage.reader(1).answered(b"c1", 1)
+
     def test_dedup_get_put_prune(self, storage: Storage) -> None:
         b = storage.begin()
         w = b.state(1)

@@ -136,6 +136,10 @@ def node_status_from_wire(msg: pb.NodeStatus) -> NodeStatus:
         fsync=msg.fsync,
         leader_balancing=msg.leader_balancing,
         metadata_role=msg.metadata_role,
+        disk_free_bytes=msg.disk.free_bytes,
+        disk_capacity_bytes=msg.disk.capacity_bytes,
+        disk_reserve_bytes=msg.disk.reserve_bytes,
+        disk_full=msg.disk.full,
     )
 
 

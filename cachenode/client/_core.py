@@ -48,6 +48,7 @@ import grpc
 
 from cachenode._errors import (
     CacheError,
+    DiskFull,
     EpochMismatch,
     InvalidArgument,
     OutcomeUnknown,
@@ -539,6 +540,14 @@ class CallState:
                 raise OutcomeUnknown(
                     f"{f.error.message}. This write may or may not have been applied (at most once); "
                     "read the key to find out"
+                ) from None
+            if self.op.write and self.maybe_applied and isinstance(f.error, DiskFull):
+                # The leader refuses before proposing; it answers a retry
+                # whose id it has applied, but an earlier attempt may still
+                # be in flight, or applied where it has not caught up yet.
+                raise OutcomeUnknown(
+                    f"{f.error.message}. An earlier attempt of this write may have been applied "
+                    "(at most once, with the same request id); read the key to find out"
                 ) from None
             raise f.error from None
 

@@ -75,3 +75,7 @@ class NodeStatus:
     fsync: str
     leader_balancing: str = ""  # "on", "paused" or "off" ("" from an older node)
     metadata_role: str = ""  # its metadata replica: "leader", "follower", "candidate"; "" = none
+    disk_free_bytes: int = 0  # its data directory's filesystem (0 from an older node)
+    disk_capacity_bytes: int = 0
+    disk_reserve_bytes: int = 0  # --disk-reserve in bytes; 0: none
+    disk_full: bool = False  # below the reserve: the shards it leads refuse writes that add data

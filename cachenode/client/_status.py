@@ -93,7 +93,6 @@ _ADVICE: dict[str, str] = {
     "not_leader": "retry against the leader",
     "epoch_mismatch": "the shard layout changed; refresh the cluster map and retry",
     "overloaded": "the node is overloaded; retry later or slow down",
-    "disk_full": "it was not applied",
     "unavailable": "the shard has no leader or no quorum; it was not applied; retry shortly",
     "outcome_unknown": "it may or may not have been applied",
 }

@@ -20,6 +20,7 @@ from ..raft.group import RaftGroup
 from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
 from .config import NodeConfig
+from .disk_space import DiskSpace
 from .replicas import ReplicaManager
 from .status import abort
 
@@ -55,9 +56,10 @@ def _map_json(m: ClusterMap) -> bytes:
 class AdminService(cache_pb2_grpc.AdminServicer):
     def __init__(
         self, cfg: NodeConfig, replicas: ReplicaManager, clock: SystemClock, fault_injection: bool,
-        pd: PlacementDriver,
+        pd: PlacementDriver, disk: DiskSpace,
     ) -> None:
         self.cfg = cfg
+        self.disk = disk
         self.r = replicas
         self.pd = pd
         self.clock = clock
@@ -90,7 +92,16 @@ class AdminService(cache_pb2_grpc.AdminServicer):
             fsync="always" if self.cfg.fsync else "never",
             leader_balancing=self.r.leader_balancing(), leader_balance_rounds=self.r.leader_balance_rounds,
             metadata_role=meta.status.role if meta is not None else "",
+            disk=self._disk(),
         )
+
+    def _disk(self) -> pb.DiskStatus:
+        """A fresh look, and whether the disk-space thread found it full."""
+        try:
+            r = self.disk.look()
+        except OSError:
+            return pb.DiskStatus(full=self.disk.full)
+        return pb.DiskStatus(free_bytes=r.free, capacity_bytes=r.capacity, reserve_bytes=r.reserve, full=self.disk.full)
 
     def GetShardStatus(self, req: pb.ShardStatusRequest, ctx: grpc.ServicerContext) -> pb.ShardStatus:
         try:

@@ -123,7 +123,7 @@ class Node:
             maximum_concurrent_rpcs=cfg.grpc_workers * 16,
         )
         add_service(self.server, "Cache", CacheService(cfg, self.replicas, self.forwarder, self.clock, self.disk))
-        add_service(self.server, "Admin", AdminService(cfg, self.replicas, self.clock, fault_injection, self.pd))
+        add_service(self.server, "Admin", AdminService(cfg, self.replicas, self.clock, fault_injection, self.pd, self.disk))
         try:
             self.port = self.server.add_insecure_port(cfg.listen)
         except RuntimeError:

@@ -414,18 +414,21 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         or a function building it) to the leader; ``give_up``: see
         :meth:`_forward`.  A leader whose disk is below its reserve refuses
         the writes that add data here, before proposing them (the leader's
-        disk decides: a forwarded write is judged where it is proposed);
-        ``disk_judged``: the caller did that for the whole request."""
+        disk decides: a forwarded write is judged where it is proposed),
+        unless its request id was answered before (a retry gets the first
+        answer); ``disk_judged``: the caller did that for the whole request."""
         try:
             g = self.r.leader_group(shard.id)
         except NotLeader as e:
             # Restarted here once this node leads, outside any Batch's entry
             # (its collector has proposed by then): collector None.
-            restart = functools.partial(self._start_write, method, req, shard, deadline, make, reply, None)
+            restart = functools.partial(self._start_write, method, req, shard, deadline, make, reply, None,
+                                        disk_judged=disk_judged)
             return self._forward(method, req, shard, e, deadline, True, restart, give_up)
-        if self.disk.full and method in _ADDS_DATA and not disk_judged:
+        cmd = make(self._now(shard.id))
+        if self.disk.full and method in _ADDS_DATA and not disk_judged and not self._answered(shard.id, cmd):
             raise self.disk.refusal()
-        payload = encode_command(make(self._now(shard.id)))
+        payload = encode_command(cmd)
         wait: Callable[[float], bytes]
         if collector is not None:
             wait = collector.add(g, payload)
@@ -441,6 +444,12 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             return reply(res)
 
         return finish
+
+    def _answered(self, gid: int, cmd: C.Command) -> bool:
+        """Has this shard's replica here applied a write with ``cmd``'s
+        request id?  (Its dedup record answers the retry.)"""
+        rid = cmd.rid if isinstance(cmd, (C.Set, C.Delete, C.CompareAndSet, C.Incr, C.MSet)) else None
+        return rid is not None and self.r.reader(gid).answered(rid.client_id, rid.seq)
 
     def _start_set(self, req: pb.SetRequest, deadline: float, collector: _EntryCollector | None = None) -> Finish:
         key = V.check_key(req.key, self.cfg.max_key_bytes)
@@ -669,7 +678,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                     raise self.disk.refusal()
         parts = [self._start_mset_part(req, s, [items[i] for i in pos], rid, deadline, collector, judged)
                  for s, pos in by_shard.values()]
-        return _MSetSum(parts)
+        return _MSetSum(parts, [s.id for s, _ in by_shard.values()])
 
     def _start_mset_part(self, req: pb.MSetRequest, shard: ShardDescriptor, its: list[tuple[bytes, bytes, int]],
                          rid: C.RequestId | None, deadline: float, collector: _EntryCollector | None,
@@ -723,20 +732,44 @@ def _mset_reply(res: C.Result) -> pb.MSetResponse:
 
 
 class _MSetSum:
-    """Finish of an MSet: waits for every shard's part; counts and versions summed."""
+    """Finish of an MSet: waits for every shard's part; counts and versions
+    summed.  When a part failed after others were applied, the error (the
+    first failing part's kind and code) says which shards applied theirs:
+    an MSet is atomic per shard, not across shards."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "shards")
 
-    def __init__(self, parts: list[Finish]) -> None:
+    def __init__(self, parts: list[Finish], shards: list[int]) -> None:
         self.parts = parts
+        self.shards = shards
 
     def __call__(self) -> pb.MSetResponse:
         count, versions = 0, []
-        for part in self.parts:
-            r = part()  # ours or forwarded: an MSetResponse either way
+        applied: list[int] = []
+        failed: tuple[int, CacheError | ForwardedError] | None = None
+        for shard, part in zip(self.shards, self.parts, strict=True):
+            try:
+                r = part()  # ours or forwarded: an MSetResponse either way
+            except (CacheError, ForwardedError) as e:
+                failed = failed or (shard, e)
+                continue
+            applied.append(shard)
             count += int(r.count)
             versions.extend(r.versions[:1])
-        return pb.MSetResponse(count=count, versions=versions)
+        if failed is None:
+            return pb.MSetResponse(count=count, versions=versions)
+        shard, err = failed
+        if not applied:
+            raise err
+        said = (f"this mset was applied in part: shard{'s' if len(applied) > 1 else ''} "
+                f"{', '.join(map(str, applied))} wrote {count} of its keys (an mset is atomic per shard, "
+                f"not across shards); the part on shard {shard} failed: ")
+        if isinstance(err, ForwardedError):
+            raise ForwardedError(err.code, said + err.details, err.metadata)
+        partly = type(err)(said + err.message)
+        if isinstance(err, NotLeader) and isinstance(partly, NotLeader):
+            partly.leader_id, partly.leader_address = err.leader_id, err.leader_address
+        raise partly
 
 
 class _MGetMerge:

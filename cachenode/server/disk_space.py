@@ -20,11 +20,12 @@ already proposed, a follower's share of writes whose leader is on a node
 with more room, and the snapshot a log compaction writes (about the size of
 the shard replica).  A node whose disk fills completely still stops.
 
-Threads: one daemon thread (``disk-space``) looks at the filesystem every
-``interval`` seconds, ten times as often once less than twice the reserve
-is free (a disk that fills at 100 MB/s takes 5 MB between looks then), and
-is the only writer of :attr:`DiskSpace.full`; gRPC worker threads read it,
-any number at once (one attribute: no lock).
+Threads: :meth:`DiskSpace.start` looks once, then one daemon thread
+(``disk-space``) looks every ``interval`` seconds, ten times as often once
+less than twice the reserve is free (a disk that fills at 100 MB/s takes
+5 MB between looks then).  They write :attr:`DiskSpace.full`, one after
+the other; gRPC worker threads read it, any number at once (one
+attribute: no lock).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import threading
 from collections.abc import Callable
 
 from .._errors import DiskFull
+from .._sizes import show_size
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,10 @@ def parse_reserve(text: str) -> DiskReserve:
         if number > MAX_SHARE:
             raise ValueError(f"{text!r} keeps more than half the disk free; give at most {MAX_SHARE:g}%, or a size")
         return DiskReserve(percent=number, size=0)
-    return DiskReserve(percent=0.0, size=int(number * _UNITS[m.group(2)]))
-
-
-def show_size(n: int) -> str:
-    """``1536`` -> ``1.5 KiB``: for messages."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    size = int(number * _UNITS[m.group(2)])
+    if number and not size:
+        raise ValueError(f"{text!r} is less than a byte; give 0 to keep no reserve")
+    return DiskReserve(percent=0.0, size=size)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,11 +115,22 @@ class DiskSpace:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def look(self) -> Reading:
+        """One look at the filesystem (any thread; changes nothing).
+        OSError when it cannot be read, or says it has no size (some FUSE
+        filesystems)."""
+        st = self._statvfs(self.path)
+        unit = st.f_frsize or st.f_bsize
+        capacity, free = st.f_blocks * unit, st.f_bavail * unit
+        if not capacity:
+            raise OSError(f"statvfs reports a size of 0 for {self.path}")
+        return Reading(free, capacity, self.reserve.of(capacity))
+
     def check(self) -> bool:
         """Look at the filesystem once and update :attr:`full`; returns it.
         Called by :meth:`start` and the ``disk-space`` thread (one at a time)."""
         try:
-            st = self._statvfs(self.path)
+            reading = self.look()
         except OSError as e:
             if not self._unreadable:
                 log.warning("cannot read the free space of %s (%s); writes are taken as if it had room", self.path, e)
@@ -132,16 +138,16 @@ class DiskSpace:
             self.full = False
             return False
         self._unreadable = False
-        capacity, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-        reserve = self.reserve.of(capacity)
-        self.last = reading = Reading(free, capacity, reserve)
+        self.last = reading
+        free, reserve = reading.free, reading.reserve
         if not self.full and free < reserve:
             self.full = True
             log.warning("%s; the shards this node leads refuse writes that add data until %s is free "
                         "(deletes, reads and replication go on)", self._state(reading), show_size(resume_at(reserve)))
         elif self.full and free >= resume_at(reserve):
             self.full = False
-            log.info("%s: the shards this node leads take writes again", self._state(reading))
+            log.info("node %s has %s free on %s again (reserve %s): the shards it leads take writes again",
+                     self.node_id, show_size(free), self.path, show_size(reserve))
         return self.full
 
     def refusal(self) -> DiskFull:
@@ -163,8 +169,12 @@ class DiskSpace:
         """Look once (so a node that starts on a full disk refuses at once)
         and start the thread.  A reserve of 0 needs neither."""
         if not self.reserve.of(1 << 62):
+            log.info("no disk reserve (--disk-reserve 0): a full disk stops this node")
             return
         self.check()
+        if self.last is not None:
+            log.info("disk reserve %s (--disk-reserve %s): %s free of %s on %s", show_size(self.last.reserve),
+                     self.reserve, show_size(self.last.free), show_size(self.last.capacity), self.path)
         self._thread = threading.Thread(target=self._run, name="disk-space", daemon=True)
         self._thread.start()
 

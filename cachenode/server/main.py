@@ -26,7 +26,7 @@ from ..raft.group import RaftTiming
 from ..storage.base import MAX_KEY_BYTES
 from ..storage.lmdb_store import BOOT_ID_PATH
 from .config import NodeConfig, Unsafe
-from .disk_space import parse_reserve
+from .disk_space import DiskReserve, parse_reserve
 
 log = logging.getLogger("cachenode")
 
@@ -226,8 +226,12 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[NodeConf
     writemap = str(opt("lmdb_writemap", "on"))
     if writemap not in ("on", "off"):
         raise ConfigError("--lmdb-writemap must be on or off")
+    reserve_spec = opt("disk_reserve", str(DiskReserve()))
+    if not isinstance(reserve_spec, str) and reserve_spec != 0:  # a TOML number: a share or bytes?
+        raise ConfigError(f"--disk-reserve: write {reserve_spec!r} as a string, \"{reserve_spec}%\" or "
+                          f"\"{reserve_spec}MiB\" (a bare number is bytes)")
     try:
-        disk_reserve = parse_reserve(str(opt("disk_reserve", "5%")))
+        disk_reserve = parse_reserve(str(reserve_spec))
     except ValueError as e:
         raise ConfigError(f"--disk-reserve: {e}") from None
     shards = int(opt("shards", 16))  # type: ignore[call-overload]

@@ -90,6 +90,11 @@ class StateReader(Protocol):
         """Number of stored records (O(1))."""
         ...
 
+    def answered(self, client_id: bytes, seq: int) -> bool:
+        """True when the request id (client_id, seq) has a dedup record: the
+        group applied a write with it, and answers its retries from it."""
+        ...
+
     def installing(self) -> bool:
         """True while a snapshot is being loaded piece by piece
         (:meth:`StateWriter.begin_install`): the state is then neither the

@@ -604,6 +604,9 @@ class _LmdbStateReader:
     def installing(self) -> bool:
         return self._in_txn(_LmdbView.installing)
 
+    def answered(self, client_id: bytes, seq: int) -> bool:
+        return self._in_txn(lambda v: v.answered(client_id, seq))
+
     def clock_ms(self) -> int:
         return self._in_txn(_LmdbView.clock_ms)
 
@@ -667,6 +670,12 @@ class _LmdbView:
     def installing(self) -> bool:
         try:
             return self._txn.get(self._p + _INSTALLING, db=self._dbs.gmeta) is not None
+        except lmdb.Error as e:
+            raise _fault(e) from e
+
+    def answered(self, client_id: bytes, seq: int) -> bool:
+        try:
+            return self._txn.get(self._p + dedup_entry(client_id, seq), db=self._dbs.dedup) is not None
         except lmdb.Error as e:
             raise _fault(e) from e
 
@@ -903,6 +912,9 @@ class _LmdbStateWriter:
         self._applied = index
         self._clock = clock_ms
         self._dirty = True
+
+    def answered(self, client_id: bytes, seq: int) -> bool:
+        return self.dedup_get(client_id, seq) is not None
 
     def dedup_get(self, client_id: bytes, seq: int) -> bytes | None:
         try:

@@ -95,6 +95,9 @@ class _View:
     def installing(self) -> bool:
         return self._g().installing
 
+    def answered(self, client_id: bytes, seq: int) -> bool:
+        return dedup_entry(client_id, seq) in self._g().dedup
+
     def clock_ms(self) -> int:
         return self._g().clock
 

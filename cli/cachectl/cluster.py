@@ -11,7 +11,9 @@ nodes ``{"id", "address", "raft_address", "state": "up"|"down", "replicas":
 [shard ids], "leaders": [shard ids], "uptime_s", "version", "fsync",
 "leader_balancing": "on"|"paused"|"off", "metadata": this node's role in
 the metadata group ("leader"|"follower"|"candidate", null: not a member),
-"error"}``,
+"disk": {"free_bytes", "capacity_bytes", "reserve_bytes", "full"} (full:
+below ``--disk-reserve``, so the shards it leads refuse writes that add
+data; null when down), "error"}``,
 shards ``{"id", "range": [lo, hi], "epoch", "replicas": [node ids], "leader":
 node id or null, "term", "applied_index", "commit_index", "keys", "size_bytes"}``
 (term and indexes from the leader, or the most advanced reachable replica).
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from cachectl.output import ExitStatus, one_line
+from cachenode._sizes import show_size
 
 if TYPE_CHECKING:
     from cachectl.main import Context
@@ -77,6 +80,7 @@ def gather_status(client: CacheClient) -> dict[str, Any]:
                     "fsync": None,
                     "leader_balancing": None,
                     "metadata": None,
+                    "disk": None,
                     "error": answers.get(n.id),
                 }
             )
@@ -94,6 +98,12 @@ def gather_status(client: CacheClient) -> dict[str, Any]:
                     "fsync": st.fsync,
                     "leader_balancing": st.leader_balancing or None,
                     "metadata": st.metadata_role or None,
+                    "disk": {
+                        "free_bytes": st.disk_free_bytes,
+                        "capacity_bytes": st.disk_capacity_bytes,
+                        "reserve_bytes": st.disk_reserve_bytes,
+                        "full": st.disk_full,
+                    },
                     "error": None,
                 }
             )
@@ -139,7 +149,7 @@ def cmd_status(ctx: Context) -> int:
         return ExitStatus.OK
 
     nt = Table(title="Nodes", title_justify="left")
-    for col in ("ID", "ADDRESS", "RAFT", "STATE", "REPLICAS", "LEADS", "METADATA", "UPTIME"):
+    for col in ("ID", "ADDRESS", "RAFT", "STATE", "REPLICAS", "LEADS", "METADATA", "UPTIME", "DISK FREE"):
         nt.add_column(col)
     for n in doc["nodes"]:
         state = "[green]up[/]" if n["state"] == "up" else "[red]down[/]"
@@ -152,6 +162,7 @@ def cmd_status(ctx: Context) -> int:
             _ids(n["leaders"]),
             n["metadata"] or "-",
             f"{n['uptime_s']:.0f}s" if n["uptime_s"] is not None else "-",
+            _disk(n["disk"]),
         )
     st = Table(title="Shards", title_justify="left")
     for col in ("ID", "RANGE", "EPOCH", "REPLICAS", "LEADER", "TERM", "APPLIED", "KEYS"):
@@ -177,6 +188,16 @@ def cmd_status(ctx: Context) -> int:
         f"(map version {doc['map_version']})"
     )
     return ExitStatus.OK
+
+
+def _disk(disk: dict[str, Any] | None) -> str:
+    """``12.0 GiB``, or in red ``95.6 MiB < reserve 96.0 MiB: refuses writes``."""
+    if not disk or not disk["capacity_bytes"]:
+        return "-"
+    free = show_size(disk["free_bytes"])
+    if disk["full"]:
+        return f"[red]{free} < reserve {show_size(disk['reserve_bytes'])}: refuses writes[/]"
+    return free
 
 
 def _ids(ids: list[int]) -> str:
