@@ -80,6 +80,11 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
     with local_cluster(small_disk / "c", nodes=3, shards=4, extra=[f"--disk-reserve={RESERVE}"]) as c, \
             CacheClient(c.endpoints.split(","), timeout=10) as client:
         pids = [int(n["pid"]) for n in c.info()["nodes"]]
+        # A raw write with a request id, applied while there is room.
+        first_ask = pb.SetRequest(key=b"with-id", value=b"first", header=pb.RequestHeader(
+            request_id=pb.RequestId(client_id=b"test-client", seq=1)))
+        first_answer = c.cache(c.node_ids[0]).Set(first_ask, timeout=10)
+        assert first_answer.applied
         # Fill the disk through the smart client until a leader refuses.
         acked: dict[bytes, bytes] = {}
         refusal: DiskFull | None = None
@@ -128,6 +133,14 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
             with pytest.raises(DiskFull):
                 attempt()
         assert time.monotonic() - started < 5
+        # Its retry gets its first answer, not a refusal (the dedup record
+        # answers it); the next seq is refused.
+        assert c.cache(c.node_ids[2]).Set(first_ask, timeout=10) == first_answer
+        next_ask = pb.SetRequest(key=b"with-id", value=b"second", header=pb.RequestHeader(
+            request_id=pb.RequestId(client_id=b"test-client", seq=2)))
+        assert _refused_raw(c.cache(c.node_ids[2]), "Set", next_ask).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert client.get(b"with-id").value == b"first"
+
         # cachectl: one line and a non-zero exit.
         r = cachectl("--endpoints", c.endpoints, "set", "cli-key", "v")
         assert r.returncode == 1 and r.stdout == ""
