@@ -671,10 +671,12 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         if judged and self.disk.full:
             # Judged once for every part, and refused whole before any part
             # is proposed: part by part, the disk could be found full
-            # after the parts before had begun.
+            # after the parts before had begun.  A retry (its id answered
+            # on a shard led here) is let through, as in _start_write.
             for s, _ in by_shard.values():
                 g = self.r.local_group(s.id)
-                if g is not None and g.is_leader:
+                if g is not None and g.is_leader and not (
+                        rid is not None and self.r.reader(s.id).answered(rid.client_id, rid.seq)):
                     raise self.disk.refusal()
         parts = [self._start_mset_part(req, s, [items[i] for i in pos], rid, deadline, collector, judged)
                  for s, pos in by_shard.values()]

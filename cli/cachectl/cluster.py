@@ -181,6 +181,13 @@ def cmd_status(ctx: Context) -> int:
         )
     ctx.out.table(nt)
     ctx.out.table(st)
+    for n in doc["nodes"]:
+        if n["disk"] and n["disk"]["full"]:
+            ctx.out.line(
+                f"{n['id']} has {show_size(n['disk']['free_bytes'])} free, below its disk reserve of "
+                f"{show_size(n['disk']['reserve_bytes'])}: the shards it leads refuse writes that add data "
+                f"until space is freed on it (or --disk-reserve is lowered)"
+            )
     up = sum(n["state"] == "up" for n in doc["nodes"])
     led = sum(s["leader"] is not None for s in doc["shards"])
     ctx.out.line(
@@ -191,13 +198,12 @@ def cmd_status(ctx: Context) -> int:
 
 
 def _disk(disk: dict[str, Any] | None) -> str:
-    """``12.0 GiB``, or in red ``95.6 MiB < reserve 96.0 MiB: refuses writes``."""
+    """``12.0 GiB``, or in red ``95.6 MiB FULL`` (below the reserve: the
+    line under the table says what that means)."""
     if not disk or not disk["capacity_bytes"]:
         return "-"
     free = show_size(disk["free_bytes"])
-    if disk["full"]:
-        return f"[red]{free} < reserve {show_size(disk['reserve_bytes'])}: refuses writes[/]"
-    return free
+    return f"[red]{free} FULL[/]" if disk["full"] else free
 
 
 def _ids(ids: list[int]) -> str:
