@@ -67,7 +67,7 @@ def test_the_reserve_in_bytes_follows_the_filesystem_only_when_a_share() -> None
 
 
 def _node_args(*extra: str) -> Any:
-    return build_parser().parse_args(["serve", "--node-id", "n1", "--data-dir", "/tmp/x",
+    return build_parser().parse_args(["serve", "--node-id", "n1", "--data-dir", "node-data",
                                       "--initial-cluster", "n1=127.0.0.1:1/127.0.0.1:2", *extra])
 
 
