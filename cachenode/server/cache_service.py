@@ -426,7 +426,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                                         disk_judged=disk_judged)
             return self._forward(method, req, shard, e, deadline, True, restart, give_up)
         cmd = make(self._now(shard.id))
-        if self.disk.full and method in _ADDS_DATA and not disk_judged and not self._answered(shard.id, cmd):
+        if self.disk.full and method in _ADDS_DATA and not disk_judged and not self._answered(shard.id, _rid_of(cmd)):
             raise self.disk.refusal()
         payload = encode_command(cmd)
         wait: Callable[[float], bytes]
@@ -445,10 +445,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 
         return finish
 
-    def _answered(self, gid: int, cmd: C.Command) -> bool:
-        """Has this shard's replica here applied a write with ``cmd``'s
-        request id?  (Its dedup record answers the retry.)"""
-        rid = cmd.rid if isinstance(cmd, (C.Set, C.Delete, C.CompareAndSet, C.Incr, C.MSet)) else None
+    def _answered(self, gid: int, rid: C.RequestId | None) -> bool:
+        """Has this shard's replica here applied a write with request id
+        ``rid``?  (Its dedup record answers the retry.)"""
         return rid is not None and self.r.reader(gid).answered(rid.client_id, rid.seq)
 
     def _start_set(self, req: pb.SetRequest, deadline: float, collector: _EntryCollector | None = None) -> Finish:
@@ -675,8 +674,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             # on a shard led here) is let through, as in _start_write.
             for s, _ in by_shard.values():
                 g = self.r.local_group(s.id)
-                if g is not None and g.is_leader and not (
-                        rid is not None and self.r.reader(s.id).answered(rid.client_id, rid.seq)):
+                if g is not None and g.is_leader and not self._answered(s.id, rid):
                     raise self.disk.refusal()
         parts = [self._start_mset_part(req, s, [items[i] for i in pos], rid, deadline, collector, judged)
                  for s, pos in by_shard.values()]
@@ -710,6 +708,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
 # request.  Only the cyclic collector frees those: 7-8 % of a node's CPU in
 # 100-key msets, in pauses of 10-50 ms that hold the GIL.
 # tests/test_cache_service_garbage.py keeps it so.
+
+
+def _rid_of(cmd: C.Command) -> C.RequestId | None:
+    return cmd.rid if isinstance(cmd, (C.Set, C.Delete, C.CompareAndSet, C.Incr, C.MSet)) else None
 
 
 _ADDS_DATA = frozenset(("Set", "CompareAndSet", "Incr", "MSet"))
