@@ -6,8 +6,10 @@
   The three nodes keep their data on one small tmpfs that the test mounts
   (and grows, as an operator would add space) and unmounts: it needs root
   and ``mount``, like the network-namespace tests.
-* A cluster where one node has a reserve larger than any disk: only the
-  shards it leads refuse, wherever a write is sent (no mount needed).
+* A cluster of four nodes where one has a reserve larger than any disk:
+  the shards with a replica on it refuse, those it leads and those it
+  follows, wherever a write is sent, and the shard without one takes
+  writes (no mount needed).
 
 The reserve's arithmetic, with a fake filesystem: tests/test_disk_space.py.
 """
@@ -194,47 +196,64 @@ def _key_of(c: LocalCluster, shard: int, tag: str) -> bytes:
     raise AssertionError(f"no key of shard {shard}")
 
 
-def test_only_the_shards_a_full_node_leads_refuse_and_an_mset_says_which_parts_it_wrote(tmp_path: Path) -> None:
-    """No mount needed: n1 alone runs with a reserve larger than any disk.
-    A write is judged by its shard's leader wherever it is sent; an MSet
-    that n1 would lead a part of is refused whole there, and one sent to a
-    leader with room writes its parts there and says so."""
-    with local_cluster(tmp_path / "c", nodes=3, shards=4) as c:
+def test_every_shard_with_a_replica_on_a_full_node_refuses_and_an_mset_says_which_parts_it_wrote(
+        tmp_path: Path) -> None:
+    """No mount needed: n1 alone runs with a reserve larger than any disk,
+    in a cluster of four nodes, so one shard has no replica on n1.  The
+    shard n1 leads refuses, and so do the shards it follows (their leaders
+    heard from n1), wherever the write is sent; the shard without n1 takes
+    writes.  An MSet that a node would lead a refused part of is refused
+    whole there; one whose refused part is led elsewhere writes the other
+    parts and says so.  Once n1 has room again, every shard takes writes."""
+    with local_cluster(tmp_path / "c", nodes=4, shards=4) as c:
         _restart_with(c, "n1", "--disk-reserve=1024T")
         c.wait_settled()  # each shard led by its first replica again
         shards = c.cluster_map().shards
-        full = next((s.id for s in shards if s.replicas[0] == "n1"), None)
-        room = next((s for s in shards if s.replicas[0] != "n1"), None)
-        assert full is not None and room is not None, "the map gives n1 no shard to lead, or every one"
+        led = next((s.id for s in shards if s.replicas[0] == "n1"), None)
+        followed = next((s for s in shards if "n1" in s.replicas[1:]), None)
+        room = next((s for s in shards if "n1" not in s.replicas and followed and s.replicas[0] != followed.replicas[0]),
+                    None)
+        assert led is not None and followed is not None and room is not None, \
+            f"the map lacks a shard n1 leads, one it follows, or one without it: {shards}"
         with CacheClient(c.endpoints.split(","), timeout=10) as client:
             assert client.set(_key_of(c, room.id, "room"), b"v")
             with pytest.raises(DiskFull, match=r"node n1 has .* free .* below its reserve of 1024\.0 TiB"):
-                client.set(_key_of(c, full, "full"), b"v")
+                client.set(_key_of(c, led, "led"), b"v")
+            # The leader of a shard n1 follows heard n1 say so (at start, over the Raft port).
+            with pytest.raises(DiskFull, match=rf"on node {followed.replicas[0]} at .*: shard {followed.id} has a replica "
+                               r"on node n1, which is below its disk reserve \(.* free of .*, reserve 1024\.0 TiB\), "
+                               r"so the shard takes no writes"):
+                client.set(_key_of(c, followed.id, "followed"), b"v")
             with pytest.raises(DiskFull):
-                client.incr(_key_of(c, full, "n"))
-            assert client.delete(_key_of(c, full, "full")) is False  # deletes are taken
+                client.incr(_key_of(c, followed.id, "n"))
+            with pytest.raises(DiskFull):
+                client.cas(_key_of(c, followed.id, "cas"), b"v", expected_version=0)
+            assert client.delete(_key_of(c, led, "led")) is False  # deletes are taken
+            assert client.delete(_key_of(c, followed.id, "followed")) is False
 
             # Sent to a node with room, a write for n1's shard is judged by n1.
-            err = _refused_raw(c.cache(room.replicas[0]), "Set", pb.SetRequest(key=_key_of(c, full, "fwd"), value=b"v"))
+            err = _refused_raw(c.cache(room.replicas[0]), "Set", pb.SetRequest(key=_key_of(c, led, "fwd"), value=b"v"))
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            # Sent to n1, a write for a shard led elsewhere is taken.
+            # Sent to n1, a write for the shard without a replica there is taken.
             assert c.cache("n1").Set(pb.SetRequest(key=_key_of(c, room.id, "via-n1"), value=b"v"), timeout=10).applied
 
-            # An MSet over both shards, sent to n1: refused whole.
-            whole = [_key_of(c, full, "whole"), _key_of(c, room.id, "whole")]
-            err = _refused_raw(c.cache("n1"), "MSet", pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"v") for k in whole]))
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "applied in part" not in err.details()
-            assert client.mget(whole) == {k: None for k in whole}
+            # An MSet over n1's shard and the one with room, sent to n1: refused whole.
+            for at, shard in (("n1", led), (followed.replicas[0], followed.id)):
+                whole = [_key_of(c, shard, f"whole-{at}"), _key_of(c, room.id, f"whole-{at}")]
+                err = _refused_raw(c.cache(at), "MSet", pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"v") for k in whole]))
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "applied in part" not in err.details()
+                assert client.mget(whole) == {k: None for k in whole}
 
-            # Sent to the other leader: its part is written, and the error says so.
-            part = [_key_of(c, full, "part"), _key_of(c, room.id, "part")]
+            # Sent to the leader with room: its part is written, and the error says so.
+            part = [_key_of(c, followed.id, "part"), _key_of(c, room.id, "part")]
             err = _refused_raw(c.cache(room.replicas[0]), "MSet",
                                pb.MSetRequest(items=[pb.KeyValue(key=k, value=b"v") for k in part]))
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert ("cachenode-error", "disk_full") in tuple(err.trailing_metadata() or ())
             assert err.details().startswith(
                 f"this mset was applied in part: shard {room.id} wrote 1 of its keys (an mset is atomic per shard, "
-                f"not across shards); the part on shard {full} failed: node n1 has "), err.details()
+                f"not across shards); the part on shard {followed.id} failed: shard {followed.id} has a replica on "
+                f"node n1, which is below its disk reserve"), err.details()
             got = client.mget(part)
             assert got[part[0]] is None and got[part[1]] is not None and got[part[1]].value == b"v"
 
@@ -247,5 +266,19 @@ def test_only_the_shards_a_full_node_leads_refuse_and_an_mset_says_which_parts_i
         r = cachectl("--endpoints", c.endpoints, "status", env={"COLUMNS": "80"})
         said = " ".join(r.stdout.split())  # 80 columns: the lines wrap
         assert r.returncode == 0 and "FULL" in said, r.stdout
-        assert "n1 has" in said and "below its disk reserve of 1024.0 TiB: the shards it leads refuse writes" in said
+        assert "n1 has" in said and "below its disk reserve of 1024.0 TiB: the shards with a replica on it refuse writes" in said
         assert "n2 has" not in said
+
+        # n1 with room again (the last flag wins): every shard takes writes.
+        _restart_with(c, "n1", "--disk-reserve=5%")
+        with CacheClient(c.endpoints.split(","), timeout=10) as client:
+            for shard in (led, followed.id):
+                wait_for(lambda shard=shard: _takes(client, _key_of(c, shard, "again")), timeout=30,
+                         what=f"shard {shard} to take writes with n1's disk back to 5 %")
+
+
+def _takes(client: CacheClient, key: bytes) -> bool:
+    try:
+        return client.set(key, b"v") is True
+    except DiskFull:
+        return False

@@ -128,7 +128,7 @@ def test_below_the_reserve_the_disk_is_full_until_the_reserve_and_a_twentieth_is
     assert disk.check() is True
     fs.free = 105
     assert disk.check() is False
-    assert "node n1 has 105.0 MiB free on /data again (reserve 100.0 MiB): the shards it leads take writes again" \
+    assert "node n1 has 105.0 MiB free on /data again (reserve 100.0 MiB): its shards take writes again" \
         in caplog.text
 
 
@@ -193,6 +193,101 @@ def test_start_looks_at_once_and_the_thread_keeps_looking() -> None:
         wait_for(lambda: not disk.full, timeout=10, what="the disk-space thread to see the room")
     finally:
         disk.stop()
+
+
+# ---- what peers say --------------------------------------------------------------------
+
+
+def test_the_peers_are_told_at_the_first_look_and_whenever_the_disk_fills_or_has_room_again() -> None:
+    fs = Fs(free_mib=900)
+    told: list[dict[str, Any]] = []
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=fs.statvfs, tell=told.append)
+    disk.check()
+    assert told == [{"disk": {"full": False, "reading": (900 * MiB, 1000 * MiB, 100 * MiB)}}]
+    fs.free = 500
+    disk.check()
+    assert len(told) == 1  # nothing changed: said again only by the host, every second
+    fs.free = 99
+    disk.check()
+    assert told[-1] == {"disk": {"full": True, "reading": (99 * MiB, 1000 * MiB, 100 * MiB)}} and disk.blocked
+    fs.free = 98
+    disk.check()
+    assert len(told) == 2
+    fs.free = 105
+    disk.check()
+    assert told[-1]["disk"]["full"] is False and not disk.blocked and len(told) == 3
+    fs.fail = OSError(5, "Input/output error")  # unreadable: counts as room, and that was said
+    disk.check()
+    assert len(told) == 3
+
+
+FULL_N3 = {"disk": {"full": True, "reading": (95 * MiB, 1000 * MiB, 100 * MiB)}}
+
+
+def test_a_peer_below_its_reserve_refuses_the_writes_of_the_shards_with_a_replica_on_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=Fs(900).statvfs)
+    caplog.set_level(logging.INFO, logger="cachenode.server.disk_space")
+    disk.check()
+    assert not disk.blocked and disk.refusal_for(4, ("n1", "n2", "n3")) is None
+    disk.heard("n3", FULL_N3)
+    assert disk.blocked and not disk.full and set(disk.full_peers) == {"n3"}
+    assert "node n3 is below its disk reserve (95.0 MiB free of 1000.0 MiB, reserve 100.0 MiB)" in caplog.text
+    assert disk.refusal_for(4, ("n1", "n2", "n4")) is None  # no replica on n3
+    err = disk.refusal_for(4, ("n1", "n2", "n3"))
+    assert isinstance(err, DiskFull) and err.message == (
+        "shard 4 has a replica on node n3, which is below its disk reserve (95.0 MiB free of 1000.0 MiB, "
+        "reserve 100.0 MiB), so the shard takes no writes that add data; nothing was applied. Free disk "
+        "space on n3 (writes resume once 105.0 MiB is free there), give it a larger disk, or lower its "
+        "--disk-reserve; deletes and reads still work")
+    disk.heard("n3", {"disk": {"full": False, "reading": (200 * MiB, 1000 * MiB, 100 * MiB)}})
+    assert not disk.blocked and disk.refusal_for(4, ("n3",)) is None
+    assert "node n3 is no longer below its disk reserve (it has room again)" in caplog.text
+
+
+def test_a_peer_whose_link_is_down_counts_as_having_room_until_it_says_otherwise() -> None:
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=Fs(900).statvfs)
+    disk.heard("n3", FULL_N3)
+    disk.heard("n2", FULL_N3)
+    disk.heard("n3", None)
+    assert set(disk.full_peers) == {"n2"} and disk.blocked
+    disk.heard("n2", None)
+    assert not disk.blocked
+    disk.heard("n2", None)  # nothing to forget
+    assert not disk.blocked
+
+
+def test_this_nodes_own_disk_is_named_before_a_peers() -> None:
+    fs = Fs(free_mib=50)
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=fs.statvfs)
+    disk.check()
+    disk.heard("n3", FULL_N3)
+    err = disk.refusal_for(4, ("n2", "n3"))
+    assert err is not None and err.message.startswith("node n1 has 50.0 MiB free")
+    fs.free = 900
+    disk.check()
+    assert disk.blocked and not disk.full  # n3 still is
+    err = disk.refusal_for(4, ("n2", "n3"))
+    assert err is not None and err.message.startswith("shard 4 has a replica on node n3")
+
+
+@pytest.mark.parametrize("news", [
+    {}, {"disk": None}, {"disk": "full"}, {"disk": {"full": 1}}, {"disk": {"full": "yes"}}, {"disk": []},
+])
+def test_news_that_does_not_say_full_plainly_counts_as_room(news: dict[str, Any]) -> None:
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=Fs(900).statvfs)
+    disk.heard("n3", news)
+    assert not disk.blocked and disk.refusal_for(1, ("n3",)) is None
+
+
+@pytest.mark.parametrize("reading", [None, (1, 2), ("95", 1000, 100), (1.5, 2, 3)])
+def test_a_full_peer_whose_figures_are_malformed_still_refuses_without_them(reading: Any) -> None:
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=Fs(900).statvfs)
+    disk.heard("n3", {"disk": {"full": True, "reading": reading}})
+    err = disk.refusal_for(7, ("n3",))
+    assert err is not None and err.message.startswith(
+        "shard 7 has a replica on node n3, which is below its disk reserve, so the shard takes no writes")
+    assert "Free disk space on n3, give it" in err.message
 
 
 # ---- the Cache service --------------------------------------------------------------

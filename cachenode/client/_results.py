@@ -78,4 +78,4 @@ class NodeStatus:
     disk_free_bytes: int = 0  # its data directory's filesystem (0 from an older node)
     disk_capacity_bytes: int = 0
     disk_reserve_bytes: int = 0  # --disk-reserve in bytes; 0: none
-    disk_full: bool = False  # below the reserve: the shards it leads refuse writes that add data
+    disk_full: bool = False  # below the reserve: the shards with a replica on it refuse writes that add data

@@ -16,8 +16,8 @@ The driver loop, per iteration::
 That order is what makes the journal durable before any acknowledgement and
 turns many writes into one fsync (group commit).
 
-Threads: ``wake``, ``call``, ``complete`` (pysyncobj callback path, driver
-thread) and ``group``/``groups`` are safe from any thread; everything else
+Threads: ``wake``, ``call``, ``tell_peers``, ``complete`` (pysyncobj
+callback path, driver thread) and ``group``/``groups`` are safe from any thread; everything else
 runs on the driver thread.
 """
 
@@ -49,7 +49,16 @@ SLOW_ITERATION_S = 0.5
 
 CONTROL_GROUP_ID = 0xFFFF_FFFE
 """Raft-port frames for the host itself, not for a group: ReadIndex probes
-(``{"probe": {group: seq}}``) and their answers (``{"ack": {group: (seq, term)}}``)."""
+(``{"probe": {group: seq}}``), their answers (``{"ack": {group: (seq, term)}}``)
+and a node's news for its peers (``{"news": {...}}``, :meth:`GroupHost.tell_peers`)."""
+
+NEWS_PERIOD_S = 1.0
+"""A node's news is said again this often: a frame dropped on a blocked link
+fires no link event, so the peer would otherwise keep the old news."""
+
+PeerNewsFn = Callable[[NodeId, dict[str, Any] | None], None]
+"""``on_peer_news(node, news)``: ``node`` said ``news``; None: the link to it
+went down, so nothing it said holds any more (driver thread)."""
 
 
 class GroupHost:
@@ -65,10 +74,12 @@ class GroupHost:
         on_fatal: Callable[[BaseException], None] | None = None,
         unsafe_lazy_commit_s: float = 0.0,
         apply_commit_delay_s: float = 0.05,
+        on_peer_news: PeerNewsFn | None = None,
     ) -> None:
         """``apply_commit_delay_s``: how long a batch holding only state-machine
         applies (re-derivable from the journal) may stay uncommitted, waiting
-        to share a commit with the next journal write (see _finish_iteration)."""
+        to share a commit with the next journal write (see _finish_iteration).
+        ``on_peer_news``: what peers say with :meth:`tell_peers` goes there."""
         journal.install()
         self.node_id = node_id
         self.storage = storage
@@ -76,6 +87,9 @@ class GroupHost:
         self.data_dir = data_dir
         self.tick_interval = tick_interval
         self._on_fatal = on_fatal or _default_fatal
+        self._on_peer_news = on_peer_news
+        self._news: dict[str, Any] | None = None  # what tell_peers said last (None: nothing yet)
+        self._news_due = False
         self.mux = RaftMux(node_id, raft_listen, secret, self._deliver, self._peer_event)
         self._groups: dict[int, RaftGroup] = {}
         self._batch: Batch | None = None
@@ -104,6 +118,7 @@ class GroupHost:
         self.iterations = 0
         self.commits = 0
         self.handler_errors = 0
+        self.every(NEWS_PERIOD_S, self._say_news)
 
     # ---- any thread -------------------------------------------------------
 
@@ -148,6 +163,17 @@ class GroupHost:
         self._calls.append((fn, fut))
         self.mux.wake()
         return fut
+
+    def tell_peers(self, news: dict[str, Any]) -> None:
+        """Say ``news`` (a small dict of plain values: this node's state that
+        its peers act on, such as whether its disk is below the reserve) to
+        every connected peer: in the next iteration, to each peer again when
+        the link to it comes up, and every ``NEWS_PERIOD_S``.  The latest
+        news replaces what was said before; a peer that shares no group
+        with this node hears nothing (there is no link to it).  Any thread."""
+        self._news = dict(news)
+        self._news_due = True
+        self.mux.wake()
 
     def group(self, group_id: int) -> RaftGroup | None:
         return self._groups.get(group_id)
@@ -299,6 +325,9 @@ class GroupHost:
                     acks[gid] = (seq, g.current_term())
             if acks:
                 self.mux.send(node, CONTROL_GROUP_ID, {"ack": acks})
+        news = message.get("news")
+        if isinstance(news, dict) and self._on_peer_news is not None:
+            self._hand_news(node, news)
         ack = message.get("ack")
         if isinstance(ack, dict):
             for gid, answer in ack.items():
@@ -321,9 +350,20 @@ class GroupHost:
             text = text[:200] + "..."
         log.error("group %s: %s failed: %s: %s", g.group_id, what, type(e).__name__, text)
 
+    def _hand_news(self, node: NodeId, news: dict[str, Any] | None) -> None:
+        assert self._on_peer_news is not None
+        try:
+            self._on_peer_news(node, news)
+        except Exception:  # a bug in the listener must not stop the driver
+            log.exception("handling news from %s failed", node)
+
     def _peer_event(self, node: NodeId, up: bool) -> None:
         for g in self._groups.values():
             g.transport.peer_event(node, up)
+        if up:
+            self._say_news(node)
+        elif self._on_peer_news is not None:
+            self._hand_news(node, None)
 
     def _run(self) -> None:
         next_tick = time.monotonic()
@@ -484,7 +524,19 @@ class GroupHost:
         for g in self._groups.values():
             g.journal.release_memory()
 
+    def _say_news(self, node: NodeId | None = None) -> None:
+        """Send the news to ``node``, or to every connected peer (driver thread)."""
+        if node is None:
+            self._news_due = False  # before reading the news: tell_peers sets the news first, then the flag
+        news = self._news
+        if news is None:
+            return
+        for peer in ([node] if node is not None else self.mux.peers_up()):
+            self.mux.send(peer, CONTROL_GROUP_ID, {"news": news})
+
     def _flush_network(self, appends_only: bool = False) -> None:
+        if self._news_due:
+            self._say_news()
         if self._probes:
             probes, self._probes = self._probes, {}
             for node, groups in probes.items():

@@ -161,6 +161,10 @@ class RaftMux:
         c = self._out.get(node)
         return c is not None and c.state == "up" and node not in self.blocked
 
+    def peers_up(self) -> list[NodeId]:
+        """The peers whose outbound link is up (blocked or not)."""
+        return [node for node, c in self._out.items() if c.state == "up"]
+
     def link_up(self, node: NodeId) -> bool:
         """The link to ``node`` is up, blocked or not: a block (fault
         injection) drops messages like a lossy network and fires no link

@@ -98,11 +98,13 @@ class Node:
             writemap=cfg.lmdb_writemap,
             boot_id=lambda: read_boot_id(cfg.boot_id_file),
         )
+        self.disk = disk or DiskSpace(cfg.data_dir, cfg.disk_reserve, cfg.node_id)
         try:
             self.host = GroupHost(
                 cfg.node_id, self.storage, cfg.raft_listen, cfg.secret, cfg.data_dir,
                 timing=cfg.timing, tick_interval=cfg.tick_interval_s,
                 unsafe_lazy_commit_s=1.0 if cfg.unsafe.skip_fsync else 0.0,
+                on_peer_news=self.disk.heard,
             )
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
@@ -116,7 +118,7 @@ class Node:
         )
         self.pd_agent = PdAgent(cfg, self.replicas)
         self.forwarder = Forwarder(cfg.me().address)
-        self.disk = disk or DiskSpace(cfg.data_dir, cfg.disk_reserve, cfg.node_id)
+        self.disk.tell = self.host.tell_peers  # the peers' leaders refuse writes while this disk is full
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
             options=GRPC_OPTIONS,

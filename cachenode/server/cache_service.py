@@ -413,8 +413,9 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         Batch's entry through ``collector``) or forward ``req`` (a request,
         or a function building it) to the leader; ``give_up``: see
         :meth:`_forward`.  A leader whose disk is below its reserve refuses
-        the writes that add data here, before proposing them (the leader's
-        disk decides: a forwarded write is judged where it is proposed),
+        the writes that add data here, before proposing them, and so does
+        one with a replica on a node that said it is (the leader decides: a
+        forwarded write is judged where it is proposed),
         unless its request id was answered before (a retry gets the first
         answer); ``disk_judged``: the caller did that for the whole request."""
         try:
@@ -426,8 +427,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
                                         disk_judged=disk_judged)
             return self._forward(method, req, shard, e, deadline, True, restart, give_up)
         cmd = make(self._now(shard.id))
-        if self.disk.full and method in _ADDS_DATA and not disk_judged and not self._answered(shard.id, _rid_of(cmd)):
-            raise self.disk.refusal()
+        if self.disk.blocked and method in _ADDS_DATA and not disk_judged:
+            refused = self.disk.refusal_for(shard.id, g.status.members)
+            if refused is not None and not self._answered(shard.id, _rid_of(cmd)):
+                raise refused
         payload = encode_command(cmd)
         wait: Callable[[float], bytes]
         if collector is not None:
@@ -667,15 +670,18 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         rid = V.request_id(req.header)
         by_shard = self._by_shard(keys, req.header)
         judged = len(by_shard) > 1
-        if judged and self.disk.full:
+        if judged and self.disk.blocked:
             # Judged once for every part, and refused whole before any part
-            # is proposed: part by part, the disk could be found full
-            # after the parts before had begun.  A retry (its id answered
-            # on a shard led here) is let through, as in _start_write.
+            # is proposed: part by part, a disk could be found full after
+            # the parts before had begun.  A retry (its id answered on a
+            # shard led here) is let through, as in _start_write.
             for s, _ in by_shard.values():
                 g = self.r.local_group(s.id)
-                if g is not None and g.is_leader and not self._answered(s.id, rid):
-                    raise self.disk.refusal()
+                if g is None or not g.is_leader:
+                    continue
+                refused = self.disk.refusal_for(s.id, g.status.members)
+                if refused is not None and not self._answered(s.id, rid):
+                    raise refused
         parts = [self._start_mset_part(req, s, [items[i] for i in pos], rid, deadline, collector, judged)
                  for s, pos in by_shard.values()]
         return _MSetSum(parts, [s.id for s, _ in by_shard.values()])

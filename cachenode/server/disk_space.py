@@ -15,17 +15,27 @@ driver's map) go on.  Writes are taken again once the free space is back
 above the reserve plus a twentieth of it, so a disk at the edge does not
 flap.
 
+A follower's disk counts too.  A node tells its Raft peers whether it is
+below its reserve (``GroupHost.tell_peers``: when that changes, when a link
+comes up, and every second), and a leader refuses those writes for every
+shard with a replica on a node that said so (:meth:`DiskSpace.refusal_for`).
+Without that, a follower on a smaller or fuller disk than its leader's
+would take entries until its disk filled and it stopped.  A peer whose link
+is down counts as having room: it takes no entries, and says again how its
+disk is as soon as the link is back.
+
 The reserve must hold what arrives while the leaders refuse: entries
-already proposed, a follower's share of writes whose leader is on a node
-with more room, and the snapshot a log compaction writes (about the size of
-the shard replica).  A node whose disk fills completely still stops.
+already proposed, what arrives before a peer's news does, and the snapshot
+a log compaction writes (about the size of the shard replica).  A node
+whose disk fills completely still stops.
 
 Threads: :meth:`DiskSpace.start` looks once, then one daemon thread
 (``disk-space``) looks every ``interval`` seconds, ten times as often once
 less than twice the reserve is free (a disk that fills at 100 MB/s takes
-5 MB between looks then).  They write :attr:`DiskSpace.full`, one after
-the other; gRPC worker threads read it, any number at once (one
-attribute: no lock).
+5 MB between looks then).  The Raft driver thread hands in the peers' news
+(:meth:`DiskSpace.heard`).  Both write :attr:`DiskSpace.blocked` and
+:attr:`DiskSpace.full_peers` under a lock; gRPC worker threads read them,
+any number at once (one attribute each, replaced whole: no lock).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from .._errors import DiskFull
 from .._sizes import show_size
@@ -101,15 +112,26 @@ class DiskSpace:
     fails)."""
 
     def __init__(self, path: str, reserve: DiskReserve, node_id: str,
-                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs, interval: float = 0.5) -> None:
+                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs, interval: float = 0.5,
+                 tell: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``tell``: says this node's disk state to its peers (the node
+        passes ``GroupHost.tell_peers``; None: they are not told)."""
         self.path = path
         self.reserve = reserve
         self.node_id = node_id
         self._statvfs = statvfs
         self._interval = interval
+        self.tell = tell
         self.full = False
         """True while the free space is below the reserve (written by
         :meth:`check` only)."""
+        self.full_peers: dict[str, Reading] = {}
+        """The peers that said they are below their reserve, with what they
+        said (replaced whole by :meth:`heard`)."""
+        self.blocked = False
+        """``full`` or a peer is: the one attribute a write reads first."""
+        self._lock = threading.Lock()
+        self._told: bool | None = None
         self.last: Reading | None = None
         self._unreadable = False
         self._stop = threading.Event()
@@ -135,20 +157,80 @@ class DiskSpace:
             if not self._unreadable:
                 log.warning("cannot read the free space of %s (%s); writes are taken as if it had room", self.path, e)
             self._unreadable = True
-            self.full = False
+            self._set_full(False, None)
             return False
         self._unreadable = False
         self.last = reading
         free, reserve = reading.free, reading.reserve
         if not self.full and free < reserve:
-            self.full = True
+            self._set_full(True, reading)
             log.warning("%s; the shards this node leads refuse writes that add data until %s is free "
                         "(deletes, reads and replication go on)", self._state(reading), show_size(resume_at(reserve)))
         elif self.full and free >= resume_at(reserve):
-            self.full = False
-            log.info("node %s has %s free on %s again (reserve %s): the shards it leads take writes again",
+            self._set_full(False, reading)
+            log.info("node %s has %s free on %s again (reserve %s): its shards take writes again",
                      self.node_id, show_size(free), self.path, show_size(reserve))
+        elif self._told is None:
+            self._set_full(self.full, reading)
         return self.full
+
+    def _set_full(self, full: bool, reading: Reading | None) -> None:
+        with self._lock:
+            self.full = full
+            self.blocked = full or bool(self.full_peers)
+        if self.tell is not None and self._told is not full:
+            self._told = full
+            said = None if reading is None else (reading.free, reading.capacity, reading.reserve)
+            self.tell({"disk": {"full": full, "reading": said}})
+
+    def heard(self, node: str, news: dict[str, Any] | None) -> None:
+        """``node`` said ``news`` (``GroupHost``'s ``on_peer_news``: driver
+        thread); None: the link to it is down.  Anything malformed counts as
+        room: a peer's news only ever refuses writes."""
+        disk = news.get("disk") if news is not None else None
+        reading = None
+        if isinstance(disk, dict) and disk.get("full") is True:
+            said = disk.get("reading")
+            if isinstance(said, tuple) and len(said) == 3 and all(type(x) is int for x in said):
+                reading = Reading(*said)
+            else:
+                reading = Reading(0, 0, 0)
+        with self._lock:
+            was = node in self.full_peers
+            if reading is None and not was:
+                return
+            peers = dict(self.full_peers)
+            if reading is None:
+                del peers[node]
+            else:
+                peers[node] = reading
+            self.full_peers = peers
+            self.blocked = self.full or bool(peers)
+        if reading is not None and not was:
+            log.warning("node %s is below its disk reserve%s: the shards with a replica on it refuse writes that "
+                        "add data", node, _said(reading))
+        elif reading is None:
+            log.info("node %s is no longer below its disk reserve (%s): its shards take writes again", node,
+                     "its link is down" if news is None else "it has room again")
+
+    def refusal_for(self, shard: int, members: tuple[str, ...]) -> DiskFull | None:
+        """The error for a write that adds data to ``shard``, whose replicas
+        are on ``members``: this node is below its reserve, or one of them
+        said it is; None: all have room (any thread)."""
+        if self.full:
+            return self.refusal()
+        peers = self.full_peers
+        for node in members:
+            reading = peers.get(node)
+            if reading is not None:
+                resume = f" (writes resume once {show_size(resume_at(reading.reserve))} is free there)" \
+                    if reading.capacity else ""
+                return DiskFull(
+                    f"shard {shard} has a replica on node {node}, which is below its disk reserve{_said(reading)}, "
+                    f"so the shard takes no writes that add data; nothing was applied. Free disk space on {node}"
+                    f"{resume}, give it a larger disk, or lower its --disk-reserve; deletes and reads still work"
+                )
+        return None
 
     def refusal(self) -> DiskFull:
         """The error for a write refused while :attr:`full` (any thread)."""
@@ -196,6 +278,12 @@ class DiskSpace:
                 self.check()
             except Exception:  # a bug here must not end the checks (and leave `full` stuck)
                 log.exception("disk space check failed")
+
+
+def _said(r: Reading) -> str:
+    if not r.capacity:
+        return ""
+    return f" ({show_size(r.free)} free of {show_size(r.capacity)}, reserve {show_size(r.reserve)})"
 
 
 def resume_at(reserve: int) -> int:

@@ -12,8 +12,8 @@ nodes ``{"id", "address", "raft_address", "state": "up"|"down", "replicas":
 "leader_balancing": "on"|"paused"|"off", "metadata": this node's role in
 the metadata group ("leader"|"follower"|"candidate", null: not a member),
 "disk": {"free_bytes", "capacity_bytes", "reserve_bytes", "full"} (full:
-below ``--disk-reserve``, so the shards it leads refuse writes that add
-data; null when down), "error"}``,
+below ``--disk-reserve``, so the shards with a replica on it refuse writes
+that add data; null when down), "error"}``,
 shards ``{"id", "range": [lo, hi], "epoch", "replicas": [node ids], "leader":
 node id or null, "term", "applied_index", "commit_index", "keys", "size_bytes"}``
 (term and indexes from the leader, or the most advanced reachable replica).
@@ -185,7 +185,7 @@ def cmd_status(ctx: Context) -> int:
         if n["disk"] and n["disk"]["full"]:
             ctx.out.line(
                 f"{n['id']} has {show_size(n['disk']['free_bytes'])} free, below its disk reserve of "
-                f"{show_size(n['disk']['reserve_bytes'])}: the shards it leads refuse writes that add data "
+                f"{show_size(n['disk']['reserve_bytes'])}: the shards with a replica on it refuse writes that add data "
                 f"until space is freed on it (or --disk-reserve is lowered)"
             )
     up = sum(n["state"] == "up" for n in doc["nodes"])
