@@ -269,12 +269,22 @@ def test_every_shard_with_a_replica_on_a_full_node_refuses_and_an_mset_says_whic
         assert "n1 has" in said and "below its disk reserve of 1024.0 TiB: the shards with a replica on it refuse writes" in said
         assert "n2 has" not in said
 
-        # n1 with room again (the last flag wins): every shard takes writes.
+        # What the refusal advises: the replica moved off n1, its shard takes writes.
+        spare = next(n for n in ("n1", "n2", "n3", "n4") if n not in followed.replicas)
+        r = cachectl("--endpoints", c.endpoints, "operator", "add", "move-replica", "--shard", str(followed.id),
+                     "--from", "n1", "--to", spare)
+        assert r.returncode == 0, r.stderr
+        with CacheClient(c.endpoints.split(","), timeout=10) as client:
+            wait_for(lambda: _takes(client, _key_of(c, followed.id, "moved")), timeout=60,
+                     what=f"shard {followed.id} to take writes once its replica left n1")
+            with pytest.raises(DiskFull):
+                client.set(_key_of(c, led, "still"), b"v")
+
+        # n1 with room again (the last flag wins): its shard takes writes.
         _restart_with(c, "n1", "--disk-reserve=5%")
         with CacheClient(c.endpoints.split(","), timeout=10) as client:
-            for shard in (led, followed.id):
-                wait_for(lambda shard=shard: _takes(client, _key_of(c, shard, "again")), timeout=30,
-                         what=f"shard {shard} to take writes with n1's disk back to 5 %")
+            wait_for(lambda: _takes(client, _key_of(c, led, "again")), timeout=30,
+                     what=f"shard {led} to take writes with n1's disk back to 5 %")
 
 
 def _takes(client: CacheClient, key: bytes) -> bool:

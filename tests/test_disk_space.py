@@ -238,8 +238,9 @@ def test_a_peer_below_its_reserve_refuses_the_writes_of_the_shards_with_a_replic
     assert isinstance(err, DiskFull) and err.message == (
         "shard 4 has a replica on node n3, which is below its disk reserve (95.0 MiB free of 1000.0 MiB, "
         "reserve 100.0 MiB), so the shard takes no writes that add data; nothing was applied. Free disk "
-        "space on n3 (writes resume once 105.0 MiB is free there), give it a larger disk, or lower its "
-        "--disk-reserve; deletes and reads still work")
+        "space on n3 (writes resume once 105.0 MiB is free there), give it a larger disk, lower its "
+        "--disk-reserve, or move the replica to a node with room (cachectl operator add move-replica --shard 4 "
+        "--from n3 --to NODE); deletes and reads still work")
     disk.heard("n3", {"disk": {"full": False, "reading": (200 * MiB, 1000 * MiB, 100 * MiB)}})
     assert not disk.blocked and disk.refusal_for(4, ("n3",)) is None
     assert "node n3 is no longer below its disk reserve (it has room again)" in caplog.text
@@ -287,7 +288,7 @@ def test_a_full_peer_whose_figures_are_malformed_still_refuses_without_them(read
     err = disk.refusal_for(7, ("n3",))
     assert err is not None and err.message.startswith(
         "shard 7 has a replica on node n3, which is below its disk reserve, so the shard takes no writes")
-    assert "Free disk space on n3, give it" in err.message
+    assert "Free disk space on n3, give it" in err.message and "--shard 7 --from n3 --to NODE" in err.message
 
 
 # ---- the Cache service --------------------------------------------------------------

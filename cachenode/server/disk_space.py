@@ -228,7 +228,9 @@ class DiskSpace:
                 return DiskFull(
                     f"shard {shard} has a replica on node {node}, which is below its disk reserve{_said(reading)}, "
                     f"so the shard takes no writes that add data; nothing was applied. Free disk space on {node}"
-                    f"{resume}, give it a larger disk, or lower its --disk-reserve; deletes and reads still work"
+                    f"{resume}, give it a larger disk, lower its --disk-reserve, or move the replica to a node "
+                    f"with room (cachectl operator add move-replica --shard {shard} --from {node} --to NODE); "
+                    f"deletes and reads still work"
                 )
         return None
 
