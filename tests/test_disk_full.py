@@ -204,8 +204,11 @@ def test_every_shard_with_a_replica_on_a_full_node_refuses_and_an_mset_says_whic
     heard from n1), wherever the write is sent; the shard without n1 takes
     writes.  An MSet that a node would lead a refused part of is refused
     whole there; one whose refused part is led elsewhere writes the other
-    parts and says so.  Once n1 has room again, every shard takes writes."""
+    parts and says so.  The replica checker (paused until then) moves the
+    replicas off n1, and once n1 has room again it gets replicas back."""
     with local_cluster(tmp_path / "c", nodes=4, shards=4) as c:
+        r = cachectl("scheduler", "pause", "replica-checker", "--endpoints", c.endpoints)
+        assert r.returncode == 0, r.stderr
         _restart_with(c, "n1", "--disk-reserve=1024T")
         c.wait_settled()  # each shard led by its first replica again
         shards = c.cluster_map().shards
@@ -280,11 +283,29 @@ def test_every_shard_with_a_replica_on_a_full_node_refuses_and_an_mset_says_whic
             with pytest.raises(DiskFull):
                 client.set(_key_of(c, led, "still"), b"v")
 
-        # n1 with room again (the last flag wins): its shard takes writes.
+            # The placement driver does the same for the rest, its leadership first.
+            r = cachectl("scheduler", "resume", "replica-checker", "--endpoints", c.endpoints)
+            assert r.returncode == 0, r.stderr
+            wait_for(lambda: not _replicas_on(c, "n1"), timeout=90, what="the placement driver to move every replica off n1")
+            r = cachectl("cluster", "status", "--json", "--endpoints", c.endpoints)
+            assert r.returncode == 0, r.stderr
+            doc = json.loads(r.stdout)
+            assert {n["id"]: n["below_reserve"] for n in doc["nodes"]} == {"n1": True, "n2": False, "n3": False, "n4": False}
+            assert doc["balanced"]["replicas"], doc  # n1, with none, does not count
+            r = cachectl("cluster", "status", "--endpoints", c.endpoints, env={"COLUMNS": "200"})
+            assert r.returncode == 0 and "below its disk reserve: its replicas move away" in r.stdout, r.stdout
+            for shard in c.cluster_map().shards:
+                wait_for(lambda shard=shard: _takes(client, _key_of(c, shard.id, "evicted")), timeout=30,
+                         what=f"shard {shard.id} to take writes with no replica on n1")
+
+        # n1 with room again (the last flag wins): the balancer gives it replicas.
         _restart_with(c, "n1", "--disk-reserve=5%")
-        with CacheClient(c.endpoints.split(","), timeout=10) as client:
-            wait_for(lambda: _takes(client, _key_of(c, led, "again")), timeout=30,
-                     what=f"shard {led} to take writes with n1's disk back to 5 %")
+        wait_for(lambda: _replicas_on(c, "n1"), timeout=90, what="the balancer to move a replica back to n1")
+
+
+def _replicas_on(c: LocalCluster, node: str) -> list[int]:
+    """The shards with a replica on ``node``, in n2's map now (LocalCluster.cluster_map is cached)."""
+    return [s.id for s in c.admin("n2").GetClusterMap(pb.ClusterMapRequest(), timeout=5).shards if node in s.replicas]
 
 
 def _takes(client: CacheClient, key: bytes) -> bool:

@@ -51,6 +51,8 @@ class StoreStats:
     used_bytes: int = 0
     read_rate: float = 0.0  # ops/s
     write_rate: float = 0.0  # ops/s
+    reserve_bytes: int = 0  # the node's --disk-reserve in bytes (0: none or unknown)
+    below_reserve: bool = False  # the node's own judgement: its shards refuse writes that add data
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,8 +73,10 @@ class NodeView:
         return self.state in (DRAINING, REMOVING)
 
     def full(self, min_free_ratio: float) -> bool:
+        """Below its own disk reserve, or with less than ``min_free_ratio``
+        of its disk free (a node that reports no reserve)."""
         s = self.stats
-        return s.capacity_bytes > 0 and s.available_bytes < s.capacity_bytes * min_free_ratio
+        return s.below_reserve or (s.capacity_bytes > 0 and s.available_bytes < s.capacity_bytes * min_free_ratio)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

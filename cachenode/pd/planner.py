@@ -4,7 +4,9 @@ operators.  They never act; the controller decides what runs.
 * ``replica-checker`` keeps every shard, and the metadata group, at the
   replication factor on distinct, live, serving nodes: replaces replicas of
   dead nodes, moves them off draining nodes, adds missing and removes extra
-  replicas.  The metadata group is not shrunk while its members are
+  replicas.  Once nothing else is wrong with a shard, it moves the shard's
+  replica off a node below its disk reserve to a node with room (a shard
+  with a replica there refuses writes that add data).  The metadata group is not shrunk while its members are
   healthy (it keeps the size the cluster started with), grows in pairs,
   and its replicas move only while all its other members are up.
 * ``balance-replica`` evens out replica counts (to within ``tolerance``).
@@ -212,6 +214,31 @@ def check_replicas(r: _Round) -> None:
             elif extra:
                 r.propose(Operator(r.next_id(), "remove-member", s.id, (Step(StepKind.REMOVE_MEMBER, s.id, extra[0]),),
                                    f"{extra[0]} is in the Raft group but not in the map"))
+            if not (missing or extra):
+                _move_off_full_disk(r, s.id, reps)
+
+
+def _move_off_full_disk(r: _Round, shard: ShardId, reps: list[NodeId]) -> None:
+    """A shard whose replica sits on a node below its disk reserve refuses
+    writes that add data (server/disk_space.py): move that replica to a
+    node with room.  Not the metadata group: its writes are never refused.
+    The node's freed pages stay in its LMDB file, so it counts as full (and
+    takes no replica) until space is freed on it."""
+    if shard == META_GROUP_ID:
+        return
+    view = r.view
+    full = [n for n in reps if view.is_up(n) and view.nodes[n].stats.below_reserve]
+    if not full:
+        return
+    src = full[0]
+    tgt = r.target_for(shard)
+    if tgt is None:
+        r.notes.append(f"{group_label(shard)}: node {src} is below its disk reserve, but no node with room can take "
+                       f"its replica (free disk space on {src}, or add a node)")
+        return
+    r.propose(move_replica(r.next_id(), view, shard, src, tgt,
+                           f"node {src} is below its disk reserve: the shard refuses writes that add data while a "
+                           f"replica is there"))
 
 
 def _badness(r: _Round, sv: ShardView, n: NodeId) -> tuple[int, int, int, str]:

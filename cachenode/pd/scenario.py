@@ -6,6 +6,7 @@ A scenario is one directive per line (``#`` starts a comment)::
     node n1                      # serving, up (the defaults)
     node n4 draining
     node n5 serving dead capacity=100 available=1
+    node n6 below-reserve          # below its own --disk-reserve
     bootstrap 16 n1 n2 n3        # 16 shards placed as at cluster start
     shard 3 n1 n2 n4 leader=n2 members=n1,n2 lag=n4:500
     meta n1 n2 n3 leader=n2        # the metadata group (same keywords)
@@ -69,7 +70,8 @@ def parse(text: str) -> Scenario:
                 state = next((p for p in pos[1:] if p in NODE_STATES), "serving")
                 live = next((Liveness(p) for p in pos[1:] if p in ("up", "down", "dead")), Liveness.UP)
                 cap = int(kw.get("capacity", 0))
-                stats = StoreStats(capacity_bytes=cap, available_bytes=int(kw.get("available", cap)))
+                stats = StoreStats(capacity_bytes=cap, available_bytes=int(kw.get("available", cap)),
+                                   below_reserve="below-reserve" in pos[1:])
                 nodes[pos[0]] = (state, live, stats)
             elif words[0] == "bootstrap":
                 n = int(pos[0])

@@ -38,7 +38,7 @@ def replica_status(shard_id: int, g: RaftGroup, r: ReplicaManager) -> pb.Replica
 def _stats_pb(s: StoreStats) -> pb.StoreStats:
     return pb.StoreStats(
         capacity_bytes=s.capacity_bytes, available_bytes=s.available_bytes, used_bytes=s.used_bytes,
-        read_rate=s.read_rate, write_rate=s.write_rate,
+        read_rate=s.read_rate, write_rate=s.write_rate, reserve_bytes=s.reserve_bytes, below_reserve=s.below_reserve,
     )
 
 
@@ -168,7 +168,8 @@ class AdminService(cache_pb2_grpc.AdminServicer):
         try:
             node = NodeInfo(req.node.id, req.node.address, req.node.raft_address)
             st = req.stats
-            stats = StoreStats(st.capacity_bytes, st.available_bytes, st.used_bytes, st.read_rate, st.write_rate)
+            stats = StoreStats(st.capacity_bytes, st.available_bytes, st.used_bytes, st.read_rate, st.write_rate,
+                               st.reserve_bytes, st.below_reserve)
             reps = tuple(
                 ReplicaReport(
                     r.shard_id, r.role, r.leader or None, r.term, r.commit_index, r.applied_index,

@@ -116,7 +116,7 @@ class Node:
             PdConfig(heartbeat_s=cfg.heartbeat_s, down_after_s=cfg.down_after_s,
                      max_down_time_s=cfg.max_down_time_s, plan=PlanConfig(replication=cfg.replication)),
         )
-        self.pd_agent = PdAgent(cfg, self.replicas)
+        self.pd_agent = PdAgent(cfg, self.replicas, self.disk)
         self.forwarder = Forwarder(cfg.me().address)
         self.disk.tell = self.host.tell_peers  # the peers' leaders refuse writes while this disk is full
         self.server = grpc.server(

@@ -35,6 +35,7 @@ from .._types import ClusterMap, group_label
 from ..v1 import cache_pb2 as pb
 from ..v1 import cache_pb2_grpc
 from .config import NodeConfig
+from .disk_space import DiskSpace
 from .replicas import ReplicaManager
 from .status import LEADER_KEY
 
@@ -46,9 +47,13 @@ MIN_HEARTBEAT_S = 0.02
 
 
 class PdAgent:
-    def __init__(self, cfg: NodeConfig, replicas: ReplicaManager, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: NodeConfig, replicas: ReplicaManager, disk: DiskSpace,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``disk``: whether this node is below its disk reserve, reported
+        with every heartbeat (the PD then moves replicas off it)."""
         self.cfg = cfg
         self.r = replicas
+        self.disk = disk
         self.host = replicas.host
         self.now = monotonic
         self._channels: dict[str, grpc.Channel] = {}
@@ -154,9 +159,11 @@ class PdAgent:
             dt = max(1e-3, now - self._last[0])
             wr, rr = (w - self._last[1]) / dt, (rd - self._last[2]) / dt
         self._last = (now, w, rd)
+        seen = self.disk.last
         return pb.StoreStats(
             capacity_bytes=capacity, available_bytes=available,
             used_bytes=sum(r.size_bytes for r in replicas), read_rate=rr, write_rate=wr,
+            reserve_bytes=seen.reserve if seen is not None else 0, below_reserve=self.disk.full,
         )
 
     def _execute(self, ins: pb.Instruction) -> None:

@@ -5,8 +5,10 @@
 ``cluster status --json`` prints ``{"pd": node id, "map_version": N,
 "balanced": {"replicas": bool, "leaders": bool}, "nodes": [{"id", "address",
 "state", "liveness", "replicas", "leaders", "preferred_leaders",
-"down_for_s", "removable", "meta", "available_bytes", "write_rate",
-"read_rate"}], "operators": [...], "paused": [...]}``; an operator is
+"down_for_s", "removable", "meta", "available_bytes", "below_reserve",
+"write_rate", "read_rate"}], "operators": [...], "paused": [...]}`` (a node
+below its disk reserve does not count for "balanced": the placement driver
+moves its replicas away); an operator is
 ``{"id", "kind", "shard", "status", "step", "steps", "reason", "detail",
 "source"}``.
 """
@@ -125,12 +127,13 @@ def status_doc(st: Any) -> dict[str, Any]:
             "id": n.id, "address": n.address, "state": n.state, "liveness": n.liveness,
             "replicas": n.replicas, "leaders": n.leaders, "preferred_leaders": n.preferred_leaders,
             "down_for_s": round(n.down_for_s, 1), "removable": n.removable, "meta": n.meta,
-            "available_bytes": n.stats.available_bytes, "write_rate": round(n.stats.write_rate, 1),
+            "available_bytes": n.stats.available_bytes, "below_reserve": n.stats.below_reserve,
+            "write_rate": round(n.stats.write_rate, 1),
             "read_rate": round(n.stats.read_rate, 1),
         }
         for n in st.nodes
     ]
-    active = [n for n in nodes if n["state"] == "serving" and n["liveness"] == "up"]
+    active = [n for n in nodes if n["state"] == "serving" and n["liveness"] == "up" and not n["below_reserve"]]
 
     def spread(key: str) -> bool:
         vals = [n[key] for n in active]
@@ -156,6 +159,8 @@ def _render(doc: dict[str, Any], show_all: bool) -> Group:
             note.append("metadata")
         if n["liveness"] != "up":
             note.append(f"silent {n['down_for_s']:.0f}s")
+        if n["below_reserve"]:
+            note.append("[red]below its disk reserve: its replicas move away[/]")
         nt.add_row(
             n["id"], n["address"], n["state"], live, str(n["replicas"]), str(n["leaders"]),
             f"{n['write_rate']:.0f}", ", ".join(note),
