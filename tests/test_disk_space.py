@@ -291,6 +291,29 @@ def test_a_full_peer_whose_figures_are_malformed_still_refuses_without_them(read
     assert "Free disk space on n3, give it" in err.message and "--shard 7 --from n3 --to NODE" in err.message
 
 
+def test_fault_injection_counts_the_disk_as_full_until_lifted_and_tells_the_peers() -> None:
+    fs = Fs(free_mib=900)
+    told: list[dict[str, Any]] = []
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=fs.statvfs, tell=told.append)
+    disk.check()
+    disk.force(True)
+    assert disk.full and disk.blocked and disk.check() is True  # a look does not undo it
+    assert told[-1] == {"disk": {"full": True, "reading": None}}  # no figures: they would contradict it
+    err = disk.refusal_for(3, ("n1", "n2"))
+    assert err is not None and err.message == (
+        "node n1 counts its disk as below its reserve (fault injection: Admin.SetDiskFault), so it takes no "
+        "writes that add data; nothing was applied. Writes resume once the fault is lifted "
+        "(Admin.SetDiskFault below_reserve=false); deletes and reads still work")
+    disk.force(False)
+    assert not disk.full and not disk.blocked and told[-1]["disk"]["full"] is False
+    disk.force(False)  # lifting twice changes nothing
+    assert len(told) == 3
+    fs.free = 50  # lifted onto a disk that is below the reserve: judged as measured
+    disk.force(True)
+    disk.force(False)
+    assert disk.full and told[-1]["disk"]["full"] is True and disk.refusal().message.startswith("node n1 has 50.0 MiB")
+
+
 # ---- the Cache service --------------------------------------------------------------
 
 HALF = 2**63

@@ -162,6 +162,14 @@ class AdminService(cache_pb2_grpc.AdminServicer):
         except CacheError as e:
             abort(ctx, e)
 
+    def SetDiskFault(self, req: pb.DiskFaultRequest, ctx: grpc.ServicerContext) -> pb.DiskFaultResponse:
+        try:
+            self._check_faults()
+            self.disk.force(req.below_reserve)
+            return pb.DiskFaultResponse(below_reserve=self.disk.full)
+        except CacheError as e:
+            abort(ctx, e)
+
     # ---- placement driver (answered by the metadata leader) -----------------
 
     def Heartbeat(self, req: pb.HeartbeatRequest, ctx: grpc.ServicerContext) -> pb.HeartbeatResponse:

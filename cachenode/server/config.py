@@ -64,7 +64,7 @@ class NodeConfig:
     unsafe: Unsafe = Unsafe()
     map_size: int = 64 << 30
     disk_reserve: DiskReserve = DiskReserve()
-    """Disk kept free: below it, the shards this node leads refuse writes
+    """Disk kept free: below it, the shards with a replica here refuse writes
     that add data (``--disk-reserve``; see :mod:`cachenode.server.disk_space`)."""
     lmdb_writemap: bool = True  # LMDB writes pages through its map (faster; the data file is sparse, map_size apparent)
     cpu_policy: str = "batch"

@@ -132,6 +132,8 @@ class DiskSpace:
         """``full`` or a peer is: the one attribute a write reads first."""
         self._lock = threading.Lock()
         self._told: bool | None = None
+        self._forced = False  # fault injection: below the reserve whatever the disk says (force)
+        self._judging = threading.RLock()  # one check or force at a time
         self.last: Reading | None = None
         self._unreadable = False
         self._stop = threading.Event()
@@ -151,6 +153,12 @@ class DiskSpace:
     def check(self) -> bool:
         """Look at the filesystem once and update :attr:`full`; returns it.
         Called by :meth:`start` and the ``disk-space`` thread (one at a time)."""
+        with self._judging:
+            return self._check()
+
+    def _check(self) -> bool:
+        if self._forced:
+            return True
         try:
             reading = self.look()
         except OSError as e:
@@ -164,7 +172,7 @@ class DiskSpace:
         free, reserve = reading.free, reading.reserve
         if not self.full and free < reserve:
             self._set_full(True, reading)
-            log.warning("%s; the shards this node leads refuse writes that add data until %s is free "
+            log.warning("%s; the shards with a replica here refuse writes that add data until %s is free "
                         "(deletes, reads and replication go on)", self._state(reading), show_size(resume_at(reserve)))
         elif self.full and free >= resume_at(reserve):
             self._set_full(False, reading)
@@ -173,6 +181,24 @@ class DiskSpace:
         elif self._told is None:
             self._set_full(self.full, reading)
         return self.full
+
+    def force(self, below: bool) -> None:
+        """Fault injection (``Admin.SetDiskFault``, jepsen-lite's ``disk``
+        nemesis): count the disk as below the reserve whatever it says
+        (True), or as measured again (False).  Any thread; the check that
+        runs at the same time on the ``disk-space`` thread sees the flag
+        before it decides, or is undone by the look below."""
+        with self._judging:
+            if below:
+                self._forced = True
+                self._set_full(True, None)  # the peers are told no figures: they would contradict the refusal
+                log.warning("node %s counts its disk as below its reserve (fault injection): the shards with a "
+                            "replica here refuse writes that add data", self.node_id)
+            elif self._forced:
+                self._forced = False
+                self._set_full(False, self.last)  # then judged afresh
+                self._check()
+                log.warning("node %s judges its disk as measured again (fault injection ended)", self.node_id)
 
     def _set_full(self, full: bool, reading: Reading | None) -> None:
         with self._lock:
@@ -237,6 +263,10 @@ class DiskSpace:
     def refusal(self) -> DiskFull:
         """The error for a write refused while :attr:`full` (any thread)."""
         reading = self.last
+        if self._forced:
+            return DiskFull(
+                f"{self._state(reading)}, so it takes no writes that add data; nothing was applied. Writes resume "
+                f"once the fault is lifted (Admin.SetDiskFault below_reserve=false); deletes and reads still work")
         state = self._state(reading) if reading is not None else f"node {self.node_id} is low on disk space"
         resume = show_size(resume_at(reading.reserve)) if reading is not None else "its reserve"
         return DiskFull(
@@ -245,7 +275,9 @@ class DiskSpace:
             f"--disk-reserve; deletes and reads still work"
         )
 
-    def _state(self, r: Reading) -> str:
+    def _state(self, r: Reading | None) -> str:
+        if self._forced or r is None:
+            return f"node {self.node_id} counts its disk as below its reserve (fault injection: Admin.SetDiskFault)"
         return (f"node {self.node_id} has {show_size(r.free)} free of {show_size(r.capacity)} on {self.path}, "
                 f"below its reserve of {show_size(r.reserve)} (--disk-reserve {self.reserve})")
 

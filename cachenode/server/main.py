@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "is sparse and its apparent size is the map size, 64 GiB); off: for filesystems without sparse files")
     s.add_argument("--disk-reserve",
                    help="disk space to keep free, as a share of the data directory's filesystem (e.g. 5%%) or a "
-                        "size (e.g. 2GiB): below it, the shards this node leads refuse writes that add data with "
+                        "size (e.g. 2GiB): below it, the shards with a replica here refuse writes that add data with "
                         "RESOURCE_EXHAUSTED (disk_full) instead of filling the disk; deletes and reads go on "
                         "(default 5%%; 0: off)")
     s.add_argument("--pre-vote", choices=["on", "off"],

@@ -171,7 +171,7 @@ def _add_run(sub: Any) -> None:
         "--nemesis-target",
         choices=TARGETS,
         default=None,
-        help="kill/pause/clock target (default: seeded mix)",
+        help="kill/pause/clock/disk target (default: seeded mix)",
     )
     p.add_argument(
         "--op-timeout",

@@ -257,6 +257,12 @@ class AdminClient:
         )
         return int(resp.offset_ms)
 
+    def set_disk_fault(self, below_reserve: bool) -> bool:
+        """Make the node count its disk as below its reserve (True), or as
+        measured (False); returns what it counts now."""
+        resp = self._stub.SetDiskFault(pb.DiskFaultRequest(below_reserve=below_reserve), timeout=self.timeout)
+        return bool(resp.below_reserve)
+
     def add_operator(self, kind: str, shard: int, source: str, target: str) -> pb.OperatorInfo:
         """Ask the placement driver for a move or a leader transfer (raises
         grpc.RpcError; UNAVAILABLE with a leader hint when this node is not

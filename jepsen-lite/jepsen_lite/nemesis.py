@@ -17,6 +17,12 @@ Kinds (``--nemesis``):
 * ``clock`` -- ``Admin.SetClockOffset`` of +-5..60 s on a shard leader or one node;
   reset to 0 at the end;
 * ``mixed`` -- each window draws one of the four kinds above;
+* ``disk`` -- ``Admin.SetDiskFault`` on a shard leader, one node or a
+  minority: the node counts its disk as below its reserve, so every shard
+  with a replica there refuses writes that add data (``disk_full``, a
+  definite ``fail``), and the placement driver moves replicas off it;
+  lifted at the end (not part of ``mixed``, so that the schedules of earlier
+  seeds stay as they were);
 * ``none`` -- no faults;
 * ``membership`` -- through the placement driver: move a replica of a hot
   shard to a node that has none (``move-replica``: add, catch up, hand over
@@ -61,12 +67,13 @@ FAULT_KINDS: Final = ("partition", "kill", "pause", "clock")
 MEMBERSHIP_ACTIONS: Final = (
     ("move-replica", 3), ("move-leader-replica", 2), ("transfer-leader", 2), ("drain-pd-node", 2),
 )
-NEMESES: Final = ("none", "partition", "kill", "pause", "clock", "membership", "mixed")
+NEMESES: Final = ("none", "partition", "kill", "pause", "clock", "membership", "mixed", "disk")
 TARGETS: Final = ("one", "minority", "leader", "all")
 _TARGETS_BY_KIND: Final = {
     "kill": (("one", 3), ("minority", 3), ("leader", 3), ("all", 1)),
     "pause": (("one", 1), ("minority", 1), ("leader", 1)),
     "clock": (("leader", 2), ("one", 1)),
+    "disk": (("leader", 2), ("one", 2), ("minority", 1)),
 }
 QUIET_S: Final = (3.0, 6.0)
 FAULT_S: Final = (5.0, 10.0)
@@ -188,6 +195,7 @@ class Nemesis(threading.Thread):
         self._lock = threading.Lock()
         self._active: _Active | None = None
         self._skewed: set[str] = set()
+        self._disk_faulted: set[str] = set()
         self.counts: dict[str, int] = {}
         self.errors: list[str] = []
         self.error: BaseException | None = None
@@ -240,6 +248,18 @@ class Nemesis(threading.Thread):
         if target == "minority":
             return sorted(rng.sample(nodes, max(1, (len(nodes) - 1) // 2)))
         return [rng.choice(nodes)]
+
+    def _disk_targets(self, target: str, rng: random.Random) -> list[str]:
+        """As :meth:`_targets`, but ``one`` is a replica of a hot shard: a
+        node that holds none of the keys in use would refuse nothing."""
+        if target != "one":
+            return self._targets(target, rng)
+        cmap = self.cluster.admin(sorted(self.cluster.nodes)[0]).cluster_map()
+        shards = {s.id: list(s.replicas) for s in cmap.shards}
+        hot = [s for s in self.tracker.hot(last=3) if s in shards]  # the keys in use now
+        if not hot:
+            return self._targets(target, rng)
+        return [rng.choice(shards[rng.choice(hot)])]
 
     # -------------------------------------------------------------- membership
 
@@ -344,6 +364,12 @@ class Nemesis(threading.Thread):
                     "start-clock",
                     {"target": plan.target, "offsets_ms": {n: plan.offset_ms for n in act.nodes}},
                 )
+            elif plan.kind == "disk":
+                act.nodes = self._disk_targets(plan.target or "one", rng)
+                for n in act.nodes:
+                    self._disk_faulted.add(n)
+                    self.cluster.admin(n).set_disk_fault(True)
+                self._log("start-disk", {"target": plan.target, "nodes": act.nodes})
             elif plan.kind == "membership":
                 info = self._membership(plan.target or "move-replica", rng)
                 if info["action"] == "drain":
@@ -377,6 +403,9 @@ class Nemesis(threading.Thread):
             elif kind == "clock":
                 self._reset_clocks(act.nodes)
                 self._log("stop-clock", {"nodes": act.nodes})
+            elif kind == "disk":
+                self._lift_disk_faults(act.nodes)
+                self._log("stop-disk", {"nodes": act.nodes})
             elif kind == "membership":
                 if act.drained is not None:
                     drained = act.drained
@@ -392,9 +421,16 @@ class Nemesis(threading.Thread):
             self.cluster.admin(n).set_clock_offset(0)
             self._skewed.discard(n)
 
+    def _lift_disk_faults(self, nodes: Sequence[str]) -> None:
+        for n in nodes:
+            if self.cluster.nodes[n].running():  # a restarted process starts with none
+                self.cluster.admin(n).set_disk_fault(False)
+            self._disk_faulted.discard(n)
+
     def heal_all(self) -> None:
         """Undo every fault: the active one, then a blanket heal (network healed,
-        every paused node continued, every dead node restarted, clocks reset)."""
+        every paused node continued, every dead node restarted, clocks reset, disk
+        faults lifted)."""
         self.halt()
         with self._lock:
             self._stop_active()
@@ -414,6 +450,9 @@ class Nemesis(threading.Thread):
             for n in sorted(self._skewed):
                 with contextlib.suppress(Exception):
                     self._reset_clocks([n])
+            for n in sorted(self._disk_faulted):
+                with contextlib.suppress(Exception):
+                    self._lift_disk_faults([n])
             self._log(
                 "heal", {"resumed": paused, "restarted": dead}, error="; ".join(problems) or None
             )

@@ -105,7 +105,7 @@ def test_unknown_workload_is_rejected() -> None:
 # ------------------------------------------------------------------ nemesis schedule
 
 
-@pytest.mark.parametrize("nemesis", ["partition", "kill", "pause", "clock", "mixed"])
+@pytest.mark.parametrize("nemesis", ["partition", "kill", "pause", "clock", "mixed", "disk"])
 def test_schedule_is_seeded_and_well_formed(nemesis: str) -> None:
     a = build_schedule(nemesis, 5, 120.0)
     assert a == build_schedule(nemesis, 5, 120.0)
@@ -117,7 +117,7 @@ def test_schedule_is_seeded_and_well_formed(nemesis: str) -> None:
         assert p.duration_s <= 10.0 + 1e-9
         assert p.start_s + p.duration_s <= 120.0 + 1e-9
         prev_end = p.start_s + p.duration_s
-        assert p.kind in FAULT_KINDS
+        assert p.kind in (*FAULT_KINDS, "disk")
         if nemesis != "mixed":
             assert p.kind == nemesis
         if p.kind == "clock":
@@ -127,7 +127,8 @@ def test_schedule_is_seeded_and_well_formed(nemesis: str) -> None:
 
 def test_mixed_uses_every_kind_and_pins_apply() -> None:
     kinds = {p.kind for p in build_schedule("mixed", 1, 600.0)}
-    assert kinds == set(FAULT_KINDS)
+    assert kinds == set(FAULT_KINDS)  # not disk: earlier seeds keep their schedules
+    assert {p.target for p in build_schedule("disk", 1, 600.0)} == {"leader", "one", "minority"}
     assert {p.shape for p in build_schedule("partition", 1, 100.0, shape="bridge")} == {"bridge"}
     assert {p.target for p in build_schedule("kill", 1, 100.0, target="all")} == {"all"}
 

@@ -30,6 +30,11 @@ SAFE = {
         ["--workload", "register", "--nemesis", "membership", "--time", "45", "--seed", "12"],
         "replica moves (also of the leader's replica), leader transfers and draining the PD's node under load",
     ),
+    "counter-disk": (
+        ["--workload", "counter", "--nemesis", "disk", "--time", "20", "--seed", "1"],
+        "a node counts its disk as below its reserve: its shards refuse increments (definite failures, never "
+        "applied) while the placement driver moves replicas off it, then back",
+    ),
     "counter-kill": (
         ["--workload", "counter", "--nemesis", "kill", "--time", "40", "--seed", "5"],
         "kill all, a minority, one (restart on the same data)",
@@ -89,6 +94,8 @@ def test_safe_cluster_is_linearizable(name: str, tmp_path: Path) -> None:
         assert res["faults_total"] >= 1
         assert not res["nemesis_errors"]
     assert res["ops"]["ok"] > 100
+    if "disk" in args:
+        assert res["ops"]["fail"] > 0, "no write was refused: the disk fault hit no shard in use"
     assert live_nodes(tmp_path) == []
 
 
