@@ -6,9 +6,10 @@ operators.  They never act; the controller decides what runs.
   dead nodes, moves them off draining nodes, adds missing and removes extra
   replicas.  Once nothing else is wrong with a shard, it moves the shard's
   replica off a node below its disk reserve to a node with room (a shard
-  with a replica there refuses writes that add data).  The metadata group is not shrunk while its members are
-  healthy (it keeps the size the cluster started with), grows in pairs,
-  and its replicas move only while all its other members are up.
+  with a replica there refuses writes that add data).  The metadata group
+  is not shrunk while its members are healthy (it keeps the size the
+  cluster started with), grows in pairs, and its replicas move only while
+  all its other members are up.
 * ``balance-replica`` evens out replica counts (to within ``tolerance``).
 * ``balance-leader`` evens out preferred leaders (the first replica in each
   shard's descriptor, which the nodes make the actual leader).

@@ -123,8 +123,8 @@ class DiskSpace:
         self._interval = interval
         self.tell = tell
         self.full = False
-        """True while the free space is below the reserve (written by
-        :meth:`check` only)."""
+        """True while the free space is below the reserve, or a fault says
+        so (written by :meth:`check` and :meth:`force`, one at a time)."""
         self.full_peers: dict[str, Reading] = {}
         """The peers that said they are below their reserve, with what they
         said (replaced whole by :meth:`heard`)."""
