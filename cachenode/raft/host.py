@@ -17,8 +17,8 @@ That order is what makes the journal durable before any acknowledgement and
 turns many writes into one fsync (group commit).
 
 Threads: ``wake``, ``call``, ``tell_peers``, ``complete`` (pysyncobj
-callback path, driver thread) and ``group``/``groups`` are safe from any thread; everything else
-runs on the driver thread.
+callback path, driver thread) and ``group``/``groups`` are safe from any
+thread; everything else runs on the driver thread.
 """
 
 from __future__ import annotations
