@@ -44,9 +44,11 @@ class Heard:
 
 @contextlib.contextmanager
 def hosts(root: Path, listeners: dict[str, PeerNewsFn] | None = None,
-          fatal: list[BaseException] | None = None) -> Iterator[tuple[dict[str, GroupHost], dict[str, Heard]]]:
+          fatal: list[BaseException] | None = None, period_s: float = 1.0,
+          ) -> Iterator[tuple[dict[str, GroupHost], dict[str, Heard]]]:
     """Three hosts, each wanting a link to the other two; ``listeners``
-    replace a host's Heard; what stops a driver goes into ``fatal``."""
+    replace a host's Heard; what stops a driver goes into ``fatal``;
+    ``period_s``: how often each says its news again."""
     heard = {nid: Heard() for nid in IDS}
     hs: dict[str, GroupHost] = {}
     stopped = fatal if fatal is not None else []
@@ -55,7 +57,7 @@ def hosts(root: Path, listeners: dict[str, PeerNewsFn] | None = None,
             (root / nid).mkdir()
             hs[nid] = GroupHost(nid, LmdbStorage(str(root / nid / "db"), map_size=1 << 24, fsync=False),
                                 "127.0.0.1:0", b"secret", str(root / nid), on_fatal=stopped.append,
-                                on_peer_news=(listeners or {}).get(nid, heard[nid]))
+                                on_peer_news=(listeners or {}).get(nid, heard[nid]), news_period_s=period_s)
         for h in hs.values():
             for nid, other in hs.items():
                 if other is not h:
@@ -64,9 +66,9 @@ def hosts(root: Path, listeners: dict[str, PeerNewsFn] | None = None,
         yield hs, heard
     finally:
         for h in hs.values():
-            h.stop()
-            h.mux.close()
-            h.storage.close()
+            if h.stop():  # else its driver still runs: leave its sockets and files to the process's end
+                h.mux.close()
+                h.storage.close()
 
 
 def test_news_reaches_every_peer_once_the_links_are_up_and_the_latest_replaces_the_earlier(tmp_path: Path) -> None:
@@ -135,3 +137,24 @@ def test_a_listener_that_raises_does_not_stop_the_driver(tmp_path: Path) -> None
         # b's driver survived the listener's errors: it still runs calls.
         assert hs["b"].call(lambda: 42).result(timeout=5) == 42
         assert fatal == []
+
+
+def test_news_from_a_peer_our_link_to_is_not_up_waits_until_we_ask_for_it(tmp_path: Path) -> None:
+    """b has no link of its own to a (it does not want one): a's news, sent
+    on a's link, is not taken, since b could not forget it (forgetting
+    happens when b's link goes down).  Once b's link comes up, b asks, and
+    a answers at once: with news said again only every minute here, only
+    the asking can deliver it in time."""
+    with hosts(tmp_path, period_s=60.0) as (hs, heard):
+        hs["b"].unwant_peer("a")  # before start: no link from b to a
+        hs["a"].tell_peers({"disk": {"full": True}})
+        for h in hs.values():
+            h.start()
+        wait_for(lambda: heard["c"].last_from("a") == {"disk": {"full": True}}, what="c to hear a", timeout=10)
+        # b has read a's frame (news and a request for b's) and c's (a request):
+        wait_for(lambda: hs["b"].mux.frames_in >= 2, what="b to read a's and c's first frames", timeout=10)
+        hs["b"].call(lambda: None).result(timeout=5)  # ... and handled them: the driver has gone round since
+        assert heard["b"].last_from("a") == "nothing"
+        hs["b"].call(lambda: hs["b"].want_peer("a")).result(timeout=5)
+        wait_for(lambda: heard["b"].last_from("a") == {"disk": {"full": True}},
+                 what="b to ask a and hear its news", timeout=10)

@@ -74,7 +74,8 @@ class NodeView:
 
     def full(self, min_free_ratio: float) -> bool:
         """Below its own disk reserve, or with less than ``min_free_ratio``
-        of its disk free (a node that reports no reserve)."""
+        of its disk free (whatever its reserve: a new replica's snapshot
+        should not take a node to its reserve)."""
         s = self.stats
         return s.below_reserve or (s.capacity_bytes > 0 and s.available_bytes < s.capacity_bytes * min_free_ratio)
 

@@ -248,12 +248,18 @@ class Operator:
 
 
 def _leader_target(view: ClusterView, shard: ShardId, avoid: NodeId, candidates: Sequence[NodeId]) -> NodeId | None:
-    """The replica that should lead instead of ``avoid``: up, fewest
-    preferred leaderships, then lowest id."""
+    """The replica that should lead instead of ``avoid``: up, not below its
+    disk reserve (its replicas are moving away), fewest preferred
+    leaderships, then lowest id."""
     ok = [c for c in candidates if c != avoid and view.is_up(c)]
     if not ok:
         return None
-    return min(ok, key=lambda c: (view.preferred_leader_count(c), c))
+    return min(ok, key=lambda c: (_below_reserve(view, c), view.preferred_leader_count(c), c))
+
+
+def _below_reserve(view: ClusterView, node: NodeId) -> bool:
+    n = view.nodes.get(node)
+    return n is not None and n.stats.below_reserve
 
 
 def _leads(view: ClusterView, shard: ShardId, node: NodeId) -> bool:

@@ -111,16 +111,16 @@ class _Round:
         self.influence(op)
         self.out.append(op)
 
-    def target_for(self, shard: ShardId, exclude: Iterable[NodeId] = ()) -> NodeId | None:
+    def target_for(self, shard: ShardId, exclude: Iterable[NodeId] = (), limit: bool = True) -> NodeId | None:
         """The best node for a new replica of ``shard``: serving, up, not
-        full, below its snapshot limit, without a replica of the shard;
-        fewest replicas (counting influence), then lowest id."""
+        full, below its snapshot limit (``limit``), without a replica of the
+        shard; fewest replicas (counting influence), then lowest id."""
         desc = self.view.map.group(shard)
         have = set(desc.replicas if desc else ()) | set(exclude)
         ok = [
             n.id for n in self.view.nodes.values()
             if n.accepts_replicas and n.id not in have and n.id in _map_ids(self.view)
-            and not n.full(self.cfg.min_free_ratio) and self.adding[n.id] < self.cfg.store_limit
+            and not n.full(self.cfg.min_free_ratio) and (not limit or self.adding[n.id] < self.cfg.store_limit)
         ]
         if not ok:
             return None
@@ -234,8 +234,12 @@ def _move_off_full_disk(r: _Round, shard: ShardId, reps: list[NodeId]) -> None:
     src = full[0]
     tgt = r.target_for(shard)
     if tgt is None:
-        r.notes.append(f"{group_label(shard)}: node {src} is below its disk reserve, but no node with room can take "
-                       f"its replica (free disk space on {src}, or add a node)")
+        if r.target_for(shard, limit=False) is not None:
+            r.notes.append(f"{group_label(shard)}: node {src} is below its disk reserve; its replica moves once a "
+                           f"node with room is below its snapshot limit ({r.cfg.store_limit})")
+        else:
+            r.notes.append(f"{group_label(shard)}: node {src} is below its disk reserve, but no node with room can "
+                           f"take its replica (free disk space on {src}, or add a node)")
         return
     r.propose(move_replica(r.next_id(), view, shard, src, tgt,
                            f"node {src} is below its disk reserve: the shard refuses writes that add data while a "
@@ -300,8 +304,11 @@ def _best_leader(r: _Round, shard: ShardId, avoid: NodeId | None = None) -> Node
 
 
 def balance_leaders(r: _Round) -> None:
+    """Even out preferred leaders among the balanceable nodes, leaving out
+    nodes below their disk reserve: the replica checker moves their
+    replicas (leaderships first) away."""
     view, cfg = r.view, r.cfg
-    nodes = _balance_nodes(r)
+    nodes = [n for n in _balance_nodes(r) if not view.nodes[n].stats.below_reserve]
     if len(nodes) < 2:
         return
     while r.room():

@@ -50,7 +50,8 @@ SLOW_ITERATION_S = 0.5
 CONTROL_GROUP_ID = 0xFFFF_FFFE
 """Raft-port frames for the host itself, not for a group: ReadIndex probes
 (``{"probe": {group: seq}}``), their answers (``{"ack": {group: (seq, term)}}``)
-and a node's news for its peers (``{"news": {...}}``, :meth:`GroupHost.tell_peers`)."""
+and a node's news for its peers (``{"news": {...}}``, :meth:`GroupHost.tell_peers`;
+``"tell_me": True`` asks the peer for its news in return)."""
 
 NEWS_PERIOD_S = 1.0
 """A node's news is said again this often: a frame dropped on a blocked link
@@ -75,11 +76,13 @@ class GroupHost:
         unsafe_lazy_commit_s: float = 0.0,
         apply_commit_delay_s: float = 0.05,
         on_peer_news: PeerNewsFn | None = None,
+        news_period_s: float = NEWS_PERIOD_S,
     ) -> None:
         """``apply_commit_delay_s``: how long a batch holding only state-machine
         applies (re-derivable from the journal) may stay uncommitted, waiting
         to share a commit with the next journal write (see _finish_iteration).
-        ``on_peer_news``: what peers say with :meth:`tell_peers` goes there."""
+        ``on_peer_news``: what peers say with :meth:`tell_peers` goes there;
+        ``news_period_s``: how often this node's news is said again."""
         journal.install()
         self.node_id = node_id
         self.storage = storage
@@ -118,7 +121,7 @@ class GroupHost:
         self.iterations = 0
         self.commits = 0
         self.handler_errors = 0
-        self.every(NEWS_PERIOD_S, self._say_news)
+        self.every(news_period_s, self._say_news)
 
     # ---- any thread -------------------------------------------------------
 
@@ -168,7 +171,7 @@ class GroupHost:
         """Say ``news`` (a small dict of plain values: this node's state that
         its peers act on, such as whether its disk is below the reserve) to
         every connected peer: in the next iteration, to each peer again when
-        the link to it comes up, and every ``NEWS_PERIOD_S``.  The latest
+        a link between the two comes up, and every ``news_period_s``.  The latest
         news replaces what was said before; a peer that shares no group
         with this node hears nothing (there is no link to it).  Any thread."""
         self._news = dict(news)
@@ -325,8 +328,14 @@ class GroupHost:
                     acks[gid] = (seq, g.current_term())
             if acks:
                 self.mux.send(node, CONTROL_GROUP_ID, {"ack": acks})
+        if message.get("tell_me") is True:
+            self._say_news(node)
         news = message.get("news")
-        if isinstance(news, dict) and self._on_peer_news is not None:
+        if isinstance(news, dict) and self._on_peer_news is not None and self.mux.link_up(node):
+            # Only while our link to the peer is up: its news comes on its
+            # own link, so a frame read after ours went down (and the peer
+            # was forgotten) would otherwise stay, unheard-of, forever.
+            # Ours coming up asks for the news again (_peer_event).
             self._hand_news(node, news)
         ack = message.get("ack")
         if isinstance(ack, dict):
@@ -361,7 +370,7 @@ class GroupHost:
         for g in self._groups.values():
             g.transport.peer_event(node, up)
         if up:
-            self._say_news(node)
+            self._say_news(node, ask=True)
         elif self._on_peer_news is not None:
             self._hand_news(node, None)
 
@@ -524,15 +533,19 @@ class GroupHost:
         for g in self._groups.values():
             g.journal.release_memory()
 
-    def _say_news(self, node: NodeId | None = None) -> None:
-        """Send the news to ``node``, or to every connected peer (driver thread)."""
+    def _say_news(self, node: NodeId | None = None, ask: bool = False) -> None:
+        """Send the news to ``node``, or to every connected peer; ``ask``:
+        and ask ``node`` for its own (driver thread)."""
         if node is None:
             self._news_due = False  # before reading the news: tell_peers sets the news first, then the flag
         news = self._news
-        if news is None:
+        message: dict[str, Any] = {} if news is None else {"news": news}
+        if ask and self._on_peer_news is not None:
+            message["tell_me"] = True
+        if not message:
             return
         for peer in ([node] if node is not None else self.mux.peers_up()):
-            self.mux.send(peer, CONTROL_GROUP_ID, {"news": news})
+            self.mux.send(peer, CONTROL_GROUP_ID, message)
 
     def _flush_network(self, appends_only: bool = False) -> None:
         if self._news_due:

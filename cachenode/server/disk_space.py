@@ -21,8 +21,9 @@ comes up, and every second), and a leader refuses those writes for every
 shard with a replica on a node that said so (:meth:`DiskSpace.refusal_for`).
 Without that, a follower on a smaller or fuller disk than its leader's
 would take entries until its disk filled and it stopped.  A peer whose link
-is down counts as having room: it takes no entries, and says again how its
-disk is as soon as the link is back.
+is down counts as having room: it takes no entries meanwhile, and when the
+link comes back it is asked at once how its disk is (one round trip on the
+Raft port, while the first entries may already be on their way).
 
 The reserve must hold what arrives while the leaders refuse: entries
 already proposed, what arrives before a peer's news does, and the snapshot
@@ -33,7 +34,8 @@ Threads: :meth:`DiskSpace.start` looks once, then one daemon thread
 (``disk-space``) looks every ``interval`` seconds, ten times as often once
 less than twice the reserve is free (a disk that fills at 100 MB/s takes
 5 MB between looks then).  The Raft driver thread hands in the peers' news
-(:meth:`DiskSpace.heard`).  Both write :attr:`DiskSpace.blocked` and
+(:meth:`DiskSpace.heard`), and a gRPC thread may inject a fault
+(:meth:`DiskSpace.force`).  They write :attr:`DiskSpace.blocked` and
 :attr:`DiskSpace.full_peers` under a lock; gRPC worker threads read them,
 any number at once (one attribute each, replaced whole: no lock).
 """
@@ -196,8 +198,10 @@ class DiskSpace:
                             "replica here refuse writes that add data", self.node_id)
             elif self._forced:
                 self._forced = False
-                self._set_full(False, self.last)  # then judged afresh
-                self._check()
+                with self._lock:
+                    self.full = False  # judged afresh, as measured; blocked stays set until then
+                if not self._check():
+                    self._set_full(False, self.last)
                 log.warning("node %s judges its disk as measured again (fault injection ended)", self.node_id)
 
     def _set_full(self, full: bool, reading: Reading | None) -> None:
