@@ -72,6 +72,11 @@ class NodeView:
     def leaving(self) -> bool:
         return self.state in (DRAINING, REMOVING)
 
+    @property
+    def below_reserve(self) -> bool:
+        """Below its own disk reserve: its shards refuse writes that add data."""
+        return self.stats.below_reserve
+
     def full(self, min_free_ratio: float) -> bool:
         """Below its own disk reserve, or with less than ``min_free_ratio``
         of its disk free (whatever its reserve: a new replica's snapshot

@@ -254,12 +254,7 @@ def _leader_target(view: ClusterView, shard: ShardId, avoid: NodeId, candidates:
     ok = [c for c in candidates if c != avoid and view.is_up(c)]
     if not ok:
         return None
-    return min(ok, key=lambda c: (_below_reserve(view, c), view.preferred_leader_count(c), c))
-
-
-def _below_reserve(view: ClusterView, node: NodeId) -> bool:
-    n = view.nodes.get(node)
-    return n is not None and n.stats.below_reserve
+    return min(ok, key=lambda c: (c in view.nodes and view.nodes[c].below_reserve, view.preferred_leader_count(c), c))
 
 
 def _leads(view: ClusterView, shard: ShardId, node: NodeId) -> bool:

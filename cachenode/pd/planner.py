@@ -228,7 +228,7 @@ def _move_off_full_disk(r: _Round, shard: ShardId, reps: list[NodeId]) -> None:
     if shard == META_GROUP_ID:
         return
     view = r.view
-    full = [n for n in reps if view.is_up(n) and view.nodes[n].stats.below_reserve]
+    full = [n for n in reps if view.is_up(n) and view.nodes[n].below_reserve]
     if not full:
         return
     src = full[0]
@@ -308,7 +308,7 @@ def balance_leaders(r: _Round) -> None:
     nodes below their disk reserve: the replica checker moves their
     replicas (leaderships first) away."""
     view, cfg = r.view, r.cfg
-    nodes = [n for n in _balance_nodes(r) if not view.nodes[n].stats.below_reserve]
+    nodes = [n for n in _balance_nodes(r) if not view.nodes[n].below_reserve]
     if len(nodes) < 2:
         return
     while r.room():

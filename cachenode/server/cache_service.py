@@ -428,9 +428,7 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             return self._forward(method, req, shard, e, deadline, True, restart, give_up)
         cmd = make(self._now(shard.id))
         if self.disk.blocked and method in _ADDS_DATA and not disk_judged:
-            refused = self.disk.refusal_for(shard.id, g.status.members)
-            if refused is not None and not self._answered(shard.id, _rid_of(cmd)):
-                raise refused
+            self._judge_disks(g, shard.id, _rid_of(cmd))
         payload = encode_command(cmd)
         wait: Callable[[float], bytes]
         if collector is not None:
@@ -447,6 +445,15 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             return reply(res)
 
         return finish
+
+    def _judge_disks(self, g: RaftGroup, gid: int, rid: C.RequestId | None) -> None:
+        """Raise DiskFull for a write that adds data to shard ``gid``, led
+        here by ``g``, while this node or a node with one of its replicas is
+        below its disk reserve, unless request id ``rid`` was answered
+        before (a retry gets its first answer)."""
+        refused = self.disk.refusal_for(gid, g.status.members)
+        if refused is not None and not self._answered(gid, rid):
+            raise refused
 
     def _answered(self, gid: int, rid: C.RequestId | None) -> bool:
         """Has this shard's replica here applied a write with request id
@@ -677,11 +684,8 @@ class CacheService(cache_pb2_grpc.CacheServicer):
             # shard led here) is let through, as in _start_write.
             for s, _ in by_shard.values():
                 g = self.r.local_group(s.id)
-                if g is None or not g.is_leader:
-                    continue
-                refused = self.disk.refusal_for(s.id, g.status.members)
-                if refused is not None and not self._answered(s.id, rid):
-                    raise refused
+                if g is not None and g.is_leader:
+                    self._judge_disks(g, s.id, rid)
         parts = [self._start_mset_part(req, s, [items[i] for i in pos], rid, deadline, collector, judged)
                  for s, pos in by_shard.values()]
         return _MSetSum(parts, [s.id for s, _ in by_shard.values()])
@@ -721,7 +725,7 @@ def _rid_of(cmd: C.Command) -> C.RequestId | None:
 
 
 _ADDS_DATA = frozenset(("Set", "CompareAndSet", "Incr", "MSet"))
-"""The writes a leader refuses while its disk is below the reserve (all but Delete)."""
+"""The writes a leader refuses while a disk of the shard's replicas is below its reserve (all but Delete)."""
 
 
 def _answered_another(res: C.Result, what: str) -> FailedPrecondition:

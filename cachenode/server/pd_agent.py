@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -149,21 +148,20 @@ class PdAgent:
 
     def _stats(self, replicas: list[pb.ReplicaReport]) -> pb.StoreStats:
         try:
-            fs = os.statvfs(self.cfg.data_dir)
-            capacity, available = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+            seen = self.disk.look()  # the same look the reserve is judged by
+            capacity, available, reserve = seen.capacity, seen.free, seen.reserve
         except OSError:
-            capacity = available = 0
+            capacity = available = reserve = 0
         now, w, rd = self.now(), self.r.writes_applied, self.r.reads_served
         wr = rr = 0.0
         if self._last is not None:
             dt = max(1e-3, now - self._last[0])
             wr, rr = (w - self._last[1]) / dt, (rd - self._last[2]) / dt
         self._last = (now, w, rd)
-        seen = self.disk.last
         return pb.StoreStats(
             capacity_bytes=capacity, available_bytes=available,
             used_bytes=sum(r.size_bytes for r in replicas), read_rate=rr, write_rate=wr,
-            reserve_bytes=seen.reserve if seen is not None else 0, below_reserve=self.disk.full,
+            reserve_bytes=reserve, below_reserve=self.disk.full,
         )
 
     def _execute(self, ins: pb.Instruction) -> None:
