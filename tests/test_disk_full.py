@@ -6,6 +6,9 @@
   The three nodes keep their data on one small tmpfs that the test mounts
   (and grows, as an operator would add space) and unmounts: it needs root
   and ``mount``, like the network-namespace tests.
+* The same disk filled, and then emptied by deleting keys: the nodes
+  compact their logs while short of disk, so the deletes give the disk
+  back and writes are taken again with no operator step.
 * A cluster of four nodes where one has a reserve larger than any disk:
   the shards with a replica on it refuse, those it leads and those it
   follows, wherever a write is sent, and the shard without one takes
@@ -177,6 +180,56 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
         assert client.mset({b"other": b"x", b"more": b"y"}) == 2
         assert client.incr(b"counter") == 1
         assert client.get(first).value == b"after"
+        assert all(pid_alive(p) for p in pids)
+
+
+def _fill_until_refused(client: CacheClient, prefix: str, disk: Path) -> dict[bytes, bytes]:
+    acked: dict[bytes, bytes] = {}
+    for i in range(2 * DISK_MIB * MiB // VALUE_BYTES):
+        key = f"{prefix}-{i}".encode()
+        try:
+            client.set(key, _value(i))
+        except DiskFull:
+            assert acked, "the first write was refused: the disk had no room to begin with"
+            return acked
+        acked[key] = _value(i)
+    raise AssertionError(f"{len(acked)} sets of 256 KiB and the disk never filled ({_free(disk)} B free)")
+
+
+def test_deleting_keys_gives_the_disk_back_and_writes_are_taken_again(small_disk: Path) -> None:
+    """LMDB keeps the pages a delete frees for its own reuse, and the
+    journal and the snapshots keep what was written until a log compaction,
+    which comes only after 16 MiB of log per shard: before session 36,
+    deleting every key left the disk as full as before and writes refused
+    for good.  Short of disk, a node now compacts each log that outweighs
+    its state, and deletes its journal segments as soon as they hold
+    little."""
+    with local_cluster(small_disk / "c", nodes=3, shards=4, extra=[f"--disk-reserve={RESERVE}"]) as c, \
+            CacheClient(c.endpoints.split(","), timeout=10) as client:
+        pids = [int(n["pid"]) for n in c.info()["nodes"]]
+        acked = _fill_until_refused(client, "fill", small_disk)
+        kept = dict(list(acked.items())[:4])
+        for key in list(acked)[4:]:
+            assert client.delete(key)
+        probes = {f"probe-{i}".encode(): b"x" for i in range(40)}  # every shard
+
+        def takes_writes() -> bool:
+            with contextlib.suppress(DiskFull):
+                return client.mset(probes) == len(probes)
+            return False
+
+        wait_for(takes_writes, timeout=30, what="writes to be taken again after the deletes")
+        got = client.mget(list(kept))
+        assert {k: r.value if r else None for k, r in got.items()} == kept
+        assert all(pid_alive(p) for p in pids), "a node stopped on the full disk"
+        logs = "".join(Path(n["log"]).read_text() for n in c.info()["nodes"])
+        assert "compacting its log to free disk" in logs
+        # The room is real, not one write's worth: the nodes take many more
+        # before they refuse again.  Fewer than were deleted: LMDB reuses
+        # the deleted pages, but the journal takes its room in segments of
+        # 16 MiB per node, and the nodes share this one small disk.
+        again = _fill_until_refused(client, "again", small_disk)
+        assert len(again) >= 10, (len(again), len(acked))
         assert all(pid_alive(p) for p in pids)
 
 

@@ -153,8 +153,8 @@ def test_the_refusal_says_how_much_is_free_and_what_to_do() -> None:
     assert err.message == (
         "node n1 has 20.0 MiB free of 1000.0 MiB on /srv/n1, below its reserve of 64.0 MiB "
         "(--disk-reserve 64.0 MiB), so it takes no writes that add data; nothing was applied. "
-        "Free disk space on n1 (writes resume once 67.2 MiB is free), give it a larger disk, "
-        "or lower --disk-reserve; deletes and reads still work")
+        "Delete keys (deletes are taken, and give their disk back), free disk space on n1 (writes resume "
+        "once 67.2 MiB is free), give it a larger disk, or lower --disk-reserve; reads still work")
 
 
 def test_a_filesystem_that_cannot_be_read_counts_as_having_room(caplog: pytest.LogCaptureFixture) -> None:
@@ -221,6 +221,31 @@ def test_the_peers_are_told_at_the_first_look_and_whenever_the_disk_fills_or_has
     assert len(told) == 3
 
 
+def test_the_node_hears_each_judgement_so_its_groups_compact_while_the_disk_is_short() -> None:
+    """``on_judged`` (the node passes GroupHost.set_short_of_disk) gets
+    ``full`` at every judgement: measured, faulted, lifted, unreadable."""
+    fs = Fs(free_mib=900)
+    judged: list[bool] = []
+    disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=fs.statvfs, tell=lambda news: None,
+                     on_judged=judged.append)
+    disk.check()
+    assert judged == [False]
+    fs.free = 99
+    disk.check()
+    assert judged == [False, True]
+    fs.free = 105
+    disk.check()
+    assert judged == [False, True, False]
+    disk.force(True)
+    disk.force(False)
+    assert judged == [False, True, False, True, False]
+    fs.free = 50
+    disk.check()
+    fs.fail = OSError(5, "Input/output error")
+    disk.check()
+    assert judged[-2:] == [True, False]
+
+
 FULL_N3 = {"disk": {"full": True, "reading": (95 * MiB, 1000 * MiB, 100 * MiB)}}
 
 
@@ -237,10 +262,10 @@ def test_a_peer_below_its_reserve_refuses_the_writes_of_the_shards_with_a_replic
     err = disk.refusal_for(4, ("n1", "n2", "n3"))
     assert isinstance(err, DiskFull) and err.message == (
         "shard 4 has a replica on node n3, which is below its disk reserve (95.0 MiB free of 1000.0 MiB, "
-        "reserve 100.0 MiB), so the shard takes no writes that add data; nothing was applied. Free disk "
-        "space on n3 (writes resume once 105.0 MiB is free there), give it a larger disk, lower its "
-        "--disk-reserve, or move the replica to a node with room (cachectl operator add move-replica --shard 4 "
-        "--from n3 --to NODE); deletes and reads still work")
+        "reserve 100.0 MiB), so the shard takes no writes that add data; nothing was applied. Delete keys "
+        "(deletes are taken, and give their disk back), free disk space on n3 (writes resume once 105.0 MiB "
+        "is free there), give it a larger disk, lower its --disk-reserve, or move the replica to a node with "
+        "room (cachectl operator add move-replica --shard 4 --from n3 --to NODE); reads still work")
     disk.heard("n3", {"disk": {"full": False, "reading": (200 * MiB, 1000 * MiB, 100 * MiB)}})
     assert not disk.blocked and disk.refusal_for(4, ("n3",)) is None
     assert "node n3 is no longer below its disk reserve (it has room again)" in caplog.text
@@ -288,7 +313,7 @@ def test_a_full_peer_whose_figures_are_malformed_still_refuses_without_them(read
     err = disk.refusal_for(7, ("n3",))
     assert err is not None and err.message.startswith(
         "shard 7 has a replica on node n3, which is below its disk reserve, so the shard takes no writes")
-    assert "Free disk space on n3, give it" in err.message and "--shard 7 --from n3 --to NODE" in err.message
+    assert "free disk space on n3, give it" in err.message and "--shard 7 --from n3 --to NODE" in err.message
 
 
 def test_fault_injection_counts_the_disk_as_full_until_lifted_and_tells_the_peers() -> None:

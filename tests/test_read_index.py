@@ -948,6 +948,40 @@ def test_a_log_over_its_size_is_compacted_once(tmp_path: Path) -> None:
             assert n.on_driver(lambda n=n: n.g.snapshots_written) == 1, n.id
 
 
+def test_a_node_short_of_disk_compacts_the_logs_that_outweigh_their_state(tmp_path: Path) -> None:
+    """Short of disk (``GroupHost.set_short_of_disk``), a replica compacts
+    its log as soon as the snapshot would free disk, long before
+    ``log_compaction_bytes``: so deleting keys gives the journal's disk
+    back.  A log no larger than the state stays (its snapshot would take as
+    much again), and with room on the disk nothing changes."""
+    with three_hosts(tmp_path) as ns:  # log_compaction_bytes: 16 MiB
+        leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
+        for n in ns.values():
+            n.store_payloads = True
+        for i in range(20):  # 2 MB of log, 2 MB of state
+            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.last_index) >= leader.last_index, f"{n.id} to apply")
+            n.host.set_short_of_disk(True)
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.g._compact_checked == (n.g.journal.bytes, True)),
+                     f"{n.id} to weigh its log against its state")
+            assert n.on_driver(lambda n=n: (n.g.snapshots_written, n.g._snap)) == (0, None), n.id
+            n.host.set_short_of_disk(False)
+            n.store_payloads = False
+        for i in range(25):  # 2.5 MB more log, and no more state (like overwrites or deletes)
+            leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.last_index) >= leader.last_index, f"{n.id} to apply")
+            assert n.on_driver(lambda n=n: (n.g.snapshots_written, n.g._snap)) == (0, None), "room: no compaction"
+            n.host.set_short_of_disk(True)
+        for n in ns.values():
+            wait_for(lambda n=n: n.on_driver(lambda: n.g.snapshots_written) >= 1, f"{n.id}'s snapshot")
+            wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s log to go")
+            assert n.on_driver(lambda n=n: n.g.term_at(2)) is None  # compacted away
+            assert len(dict(n.storage.reader(GID).items())) == 20
+
+
 def _cut_off_over_the_bound(ns: dict[str, Node]) -> tuple[Node, Node]:
     """(leader, follower): the follower, cut off (its link stays up), missed
     1.2 MB of writes, so the leader's log (1 MiB bound) is over it once."""

@@ -185,6 +185,40 @@ def test_an_idle_group_does_not_pin_old_segments(tmp_path: Path) -> None:
     again.close()
 
 
+def test_a_thrifty_log_frees_its_one_sealed_segment_without_a_write_of_its_own(tmp_path: Path) -> None:
+    """Short of disk (``thrifty``), the few live entries of an idle group
+    no longer keep the only sealed segment: a batch with nothing else to
+    write copies them forward, and the segment is deleted.  Otherwise the
+    log waits for a second sealed segment, and for a write."""
+    clock = FakeClock()
+    wal = WriteAheadLog(tmp_path / "w", segment_bytes=4096, monotonic=clock)
+    commit(wal, [("append", 9, 1, 1, b"idle"), ("set_meta", 9, "term", b"1")])
+    i = 0
+    while wal.stats()["segments"] < 2:
+        i += 1
+        commit(wal, [("append", 1, i, 1, b"busy" * 16)])
+    commit(wal, [("delete_before", 1, i)])  # group 1 compacted: only group 9 lives in the sealed segment
+    clock.t += 10
+    commit(wal, [("append", 1, i + 1, 1, b"one more")])
+    assert wal.stats()["segments"] == 2 and wal.rewritten_bytes == 0, "one sealed segment is not copied from"
+    empty = wal.writer()
+    assert not empty.write(), "a batch with nothing to write writes nothing"
+    empty.discard()
+
+    wal.thrifty = True
+    clock.t += 10
+    commit(wal, [])
+    st_ = wal.stats()
+    assert st_["segments"] == 1 and st_["deleted_segments"] == 1 and wal.rewritten_bytes == len(b"idle"), st_
+    assert wal.load_log(9) == [(b"idle", 1, 1)]
+    assert [k for _, k, _ in wal.load_log(1)] == [i, i + 1]
+    wal.close()
+    again = WriteAheadLog(tmp_path / "w", segment_bytes=4096, monotonic=clock)
+    assert again.load_log(9) == [(b"idle", 1, 1)] and again.load_log_meta(9) == {"term": b"1"}
+    assert [k for _, k, _ in again.load_log(1)] == [i, i + 1]
+    again.close()
+
+
 def test_a_copy_forward_never_brings_back_an_entry_deleted_in_the_same_batch(tmp_path: Path) -> None:
     clock = FakeClock()
     wal = WriteAheadLog(tmp_path / "w", segment_bytes=4096, monotonic=clock)

@@ -121,6 +121,13 @@ for a lagging follower to leave (see :meth:`RaftGroup._dump_snapshot`)."""
 SNAPSHOT_COMMIT_WAIT_S = 30.0
 """How long a snapshot writer waits for the applies it must include to be
 committed (they are, within the host's ``apply_commit_delay_s``)."""
+SHORT_OF_DISK_GAIN_BYTES = 1024 * 1024
+"""While the node is below its disk reserve (``GroupHost.short_of_disk``), a
+group compacts its log as soon as that frees disk: once its log and its
+snapshot file together exceed its state by this much and by the state's
+size (the new snapshot, written before the old one and the log's journal
+segments go).  So deleting keys gives disk space back, and the node takes
+writes again, without waiting for ``log_compaction_bytes``."""
 
 
 class _SnapshotStarted(Exception):
@@ -975,6 +982,7 @@ class RaftGroup:
         self._snap: tuple[Future[int], int] | None = None
         self._snap_done_at: float | None = None  # when the writer's dump was first seen done
         self._snap_installs = 0  # snapshots loaded; a writer older than one is void
+        self._compact_checked: tuple[int, bool] = (-1, False)  # (log size, short of disk) of the last "not yet"
         self.journal = StorageJournal(
             group_id, host.storage, host.batch, host.durable_batch, memory_bytes=timing.log_memory_bytes
         )
@@ -1189,17 +1197,40 @@ class RaftGroup:
         if self._role == 2 and term <= self.sync.raftCurrentTerm and seq > self._acked.get(node_id, 0):
             self._acked[node_id] = seq
 
-    def _maybe_compact_by_size(self) -> None:
-        """Ask pysyncobj for a snapshot when the log outgrew its bound
-        (driver thread, after ``doTick``).  Not while one is being written:
-        the log is still long then, and pysyncobj keeps the request until
-        the next tick with no snapshot in progress, so asking again would
-        dump the whole shard a second time right after the first is in."""
+    def _maybe_compact(self, short_of_disk: bool) -> None:
+        """Ask pysyncobj for a snapshot when it is due (driver thread, after
+        ``doTick``): the log outgrew its bound (``tick`` checks that) and the
+        state; or, ``short_of_disk``, when a snapshot frees disk (see
+        SHORT_OF_DISK_GAIN_BYTES).  Not while one is being written: the log
+        is still long then, and pysyncobj keeps the request until the next
+        tick with no snapshot in progress, so asking again would dump the
+        whole shard a second time right after the first is in.  Once a
+        check says "not yet", the next one waits for the log to change: a
+        shard whose state outweighs its log is not looked up every tick."""
         if self._snap is not None:
             return
+        size = self.journal.bytes
+        if (size, short_of_disk) == self._compact_checked:
+            return
         state = self.host.storage.reader(self.group_id).size_bytes()
-        if self.journal.bytes > max(self._timing.log_compaction_bytes, state):
+        if short_of_disk:
+            held = size + self._snapshot_bytes()
+            due = held - state > max(SHORT_OF_DISK_GAIN_BYTES, state)
+        else:
+            due = size > state
+        if due:
+            if short_of_disk:
+                log.info("group %s: compacting its log to free disk (log %s B, snapshot and log %s B, state %s B)",
+                         self.group_id, size, held, state)
             self.sync.forceLogCompaction()
+        else:
+            self._compact_checked = (size, short_of_disk)
+
+    def _snapshot_bytes(self) -> int:
+        try:
+            return os.stat(self._snapshot_file).st_size
+        except OSError:
+            return 0
 
     def term_at(self, index: int) -> int | None:
         """The term of this replica's log entry ``index`` (driver thread: the
@@ -1239,8 +1270,12 @@ class RaftGroup:
             self._election_gate()
         if self._role == 2 and len(self._members) == 1:
             self._commit_alone()
-        if self.journal.bytes > self._timing.log_compaction_bytes and not self.destroyed:
-            self._maybe_compact_by_size()
+        if self.destroyed:
+            pass
+        elif self.host.short_of_disk:
+            self._maybe_compact(True)
+        elif self.journal.bytes > self._timing.log_compaction_bytes:
+            self._maybe_compact(False)
         if self._ri_wait:
             self._finish_rounds()
 

@@ -16,7 +16,7 @@ The driver loop, per iteration::
 That order is what makes the journal durable before any acknowledgement and
 turns many writes into one fsync (group commit).
 
-Threads: ``wake``, ``call``, ``tell_peers``, ``complete`` (pysyncobj
+Threads: ``wake``, ``call``, ``tell_peers``, ``set_short_of_disk``, ``complete`` (pysyncobj
 callback path, driver thread) and ``group``/``groups`` are safe from any
 thread; everything else runs on the driver thread.
 """
@@ -52,6 +52,11 @@ CONTROL_GROUP_ID = 0xFFFF_FFFE
 (``{"probe": {group: seq}}``), their answers (``{"ack": {group: (seq, term)}}``)
 and a node's news for its peers (``{"news": {...}}``, :meth:`GroupHost.tell_peers`;
 ``"tell_me": True`` asks the peer for its news in return)."""
+
+RECLAIM_PERIOD_S = 1.0
+"""While short of disk, the host opens a batch this often, so that the
+journal copies a mostly dead segment forward even when nothing else is
+written (see :meth:`GroupHost._reclaim`)."""
 
 NEWS_PERIOD_S = 1.0
 """A node's news is said again this often: a frame dropped on a blocked link
@@ -121,7 +126,13 @@ class GroupHost:
         self.iterations = 0
         self.commits = 0
         self.handler_errors = 0
+        self.short_of_disk = False
+        """True while this node's disk is below its reserve (set by
+        :meth:`set_short_of_disk`; read by every group's tick): each group
+        then compacts a log that holds more than its state, so that deletes
+        give back the journal's disk space (see RaftGroup.tick)."""
         self.every(news_period_s, self._say_news)
+        self.every(RECLAIM_PERIOD_S, self._reclaim)
 
     # ---- any thread -------------------------------------------------------
 
@@ -177,6 +188,15 @@ class GroupHost:
         self._news = dict(news)
         self._news_due = True
         self.mux.wake()
+
+    def set_short_of_disk(self, short: bool) -> None:
+        """This node's disk is below its reserve (True) or has room again
+        (the server's ``DiskSpace`` calls it on each change).  Any thread:
+        one attribute, which every group reads at its next tick (within
+        ``tick_interval``, also when idle), and the storage's journal turns
+        thrifty (``Storage.set_short_of_disk``)."""
+        self.short_of_disk = short
+        self.storage.set_short_of_disk(short)
 
     def group(self, group_id: int) -> RaftGroup | None:
         return self._groups.get(group_id)
@@ -532,6 +552,15 @@ class GroupHost:
         so old commands may leave memory (StorageJournal.release_memory)."""
         for g in self._groups.values():
             g.journal.release_memory()
+
+    def _reclaim(self) -> None:
+        """Every RECLAIM_PERIOD_S (driver thread): while short of disk, open
+        the batch.  Its journal write copies the oldest segment's few live
+        entries forward when the rest of it is dead (the storage's thrifty
+        journal), so the segment is deleted although no write comes; a
+        batch with nothing to write costs an empty LMDB commit."""
+        if self.short_of_disk:
+            self.batch()
 
     def _say_news(self, node: NodeId | None = None, ask: bool = False) -> None:
         """Send the news to ``node``, or to every connected peer; ``ask``:

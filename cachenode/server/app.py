@@ -119,6 +119,7 @@ class Node:
         self.pd_agent = PdAgent(cfg, self.replicas, self.disk)
         self.forwarder = Forwarder(cfg.me().address)
         self.disk.tell = self.host.tell_peers  # the peers' leaders refuse writes while this disk is full
+        self.disk.on_judged = self.host.set_short_of_disk  # ... and its groups compact their logs meanwhile
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
             options=GRPC_OPTIONS,

@@ -115,15 +115,20 @@ class DiskSpace:
 
     def __init__(self, path: str, reserve: DiskReserve, node_id: str,
                  statvfs: Callable[[str], os.statvfs_result] = os.statvfs, interval: float = 0.5,
-                 tell: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 tell: Callable[[dict[str, Any]], None] | None = None,
+                 on_judged: Callable[[bool], None] | None = None) -> None:
         """``tell``: says this node's disk state to its peers (the node
-        passes ``GroupHost.tell_peers``; None: they are not told)."""
+        passes ``GroupHost.tell_peers``; None: they are not told).
+        ``on_judged``: called with :attr:`full` each time it is set (the node
+        passes ``GroupHost.set_short_of_disk``, so that its groups compact
+        their logs while the disk is below the reserve)."""
         self.path = path
         self.reserve = reserve
         self.node_id = node_id
         self._statvfs = statvfs
         self._interval = interval
         self.tell = tell
+        self.on_judged = on_judged
         self.full = False
         """True while the free space is below the reserve, or a fault says
         so (written by :meth:`check` and :meth:`force`, one at a time)."""
@@ -208,6 +213,8 @@ class DiskSpace:
         with self._lock:
             self.full = full
             self.blocked = full or bool(self.full_peers)
+        if self.on_judged is not None:
+            self.on_judged(full)
         if self.tell is not None and self._told is not full:
             self._told = full
             said = None if reading is None else (reading.free, reading.capacity, reading.reserve)
@@ -257,10 +264,10 @@ class DiskSpace:
                     if reading.capacity else ""
                 return DiskFull(
                     f"shard {shard} has a replica on node {node}, which is below its disk reserve{_said(reading)}, "
-                    f"so the shard takes no writes that add data; nothing was applied. Free disk space on {node}"
-                    f"{resume}, give it a larger disk, lower its --disk-reserve, or move the replica to a node "
-                    f"with room (cachectl operator add move-replica --shard {shard} --from {node} --to NODE); "
-                    f"deletes and reads still work"
+                    f"so the shard takes no writes that add data; nothing was applied. Delete keys (deletes are "
+                    f"taken, and give their disk back), free disk space on {node}{resume}, give it a larger disk, "
+                    f"lower its --disk-reserve, or move the replica to a node with room (cachectl operator add "
+                    f"move-replica --shard {shard} --from {node} --to NODE); reads still work"
                 )
         return None
 
@@ -274,9 +281,9 @@ class DiskSpace:
         state = self._state(reading) if reading is not None else f"node {self.node_id} is low on disk space"
         resume = show_size(resume_at(reading.reserve)) if reading is not None else "its reserve"
         return DiskFull(
-            f"{state}, so it takes no writes that add data; nothing was applied. Free disk space on "
-            f"{self.node_id} (writes resume once {resume} is free), give it a larger disk, or lower "
-            f"--disk-reserve; deletes and reads still work"
+            f"{state}, so it takes no writes that add data; nothing was applied. Delete keys (deletes are "
+            f"taken, and give their disk back), free disk space on {self.node_id} (writes resume once {resume} "
+            f"is free), give it a larger disk, or lower --disk-reserve; reads still work"
         )
 
     def _state(self, r: Reading | None) -> str:

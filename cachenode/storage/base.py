@@ -299,6 +299,12 @@ class Storage(Protocol):
         """Groups with any state or journal on disk."""
         ...
 
+    def set_short_of_disk(self, short: bool) -> None:
+        """The node's disk is below its reserve (True) or has room again:
+        while short, the journal gives back disk it holds for little
+        (``WriteAheadLog.thrifty``).  Any thread."""
+        ...
+
     def close(self, clean: bool = True) -> None:
         """Abort an open batch and release the storage.  ``clean=False``:
         a writer may still be running (its driver did not stop), so the

@@ -1447,6 +1447,9 @@ class LmdbStorage:
         """The write-ahead log's segments and bytes (for status and tests)."""
         return self._wal.stats()
 
+    def set_short_of_disk(self, short: bool) -> None:
+        self._wal.thrifty = short
+
     def groups(self) -> set[int]:
         out: set[int] = self._wal.groups()
         with self._env.begin() as txn:

@@ -449,6 +449,9 @@ class MemoryStorage:
                 | {g for g, m in self._log_meta.items() if m}
             )
 
+    def set_short_of_disk(self, short: bool) -> None:
+        """Nothing to give back: this storage holds no disk."""
+
     def close(self, clean: bool = True) -> None:
         if self._batch is not None:
             self._batch.abort()

@@ -62,7 +62,9 @@ once at least two sealed segments exist and the oldest holds at most a
 quarter of a segment of live entries, or the log holds more than twice its
 live bytes plus four segments, a batch copies the oldest segment's live
 entries forward (``REWRITE_BYTES`` per batch at most): replaying the copy
-replaces the original, and the old file can go.
+replaces the original, and the old file can go.  While the node is short of
+disk (:attr:`WriteAheadLog.thrifty`), one sealed segment is enough, and a
+batch with nothing of its own copies too.
 
 Threads: one writer, the storage's batch owner (the Raft driver thread):
 :meth:`WriteAheadLog.writer`, :meth:`WalBatch.write`, :meth:`sync`,
@@ -259,7 +261,7 @@ class WalBatch:
         :meth:`WriteAheadLog.publish`, in that order."""
         if not self._open:
             raise RuntimeError("WAL batch is closed")
-        if self._body:
+        if self._body or self._wal.thrifty:
             rw = self._wal._rewrites()
             if rw is not None:
                 self._prepend(rw)
@@ -308,6 +310,13 @@ class WriteAheadLog:
         self._groups: dict[int, _GroupLog] = {}
         self._segments: list[_Segment] = []
         self._by_seq: dict[int, _Segment] = {}
+        self.thrifty = False
+        """True while the node is short of disk (``LmdbStorage.set_short_of_disk``,
+        any thread): the oldest segment, once sealed and mostly dead, is
+        copied forward without waiting for a second sealed segment, also by
+        a batch that writes nothing else (the host opens one every second
+        then), so that a few live entries of an idle group do not keep 16
+        MiB of disk."""
         self._pending: WalBatch | None = None  # written, not yet published
         self._pending_at: tuple[_Segment, int] | None = None
         self._next_rewrite = 0.0
@@ -484,13 +493,13 @@ class WriteAheadLog:
         """Copies of the oldest segment's live entries, when it is mostly
         dead and other segments wait behind it (see the module docstring);
         at most REWRITE_BYTES, checked every REWRITE_EVERY_S.  Only ever
-        added to a batch that writes anyway: an idle node's journal does
-        not grow."""
+        added to a batch that writes anyway, unless :attr:`thrifty`: an idle
+        node's journal does not grow."""
         now = self._now()
         if now < self._next_rewrite:
             return None
         self._next_rewrite = now + REWRITE_EVERY_S
-        if sum(1 for s in self._segments if s.sealed) < 2:
+        if sum(1 for s in self._segments if s.sealed) < (1 if self.thrifty else 2):
             return None
         old = self._segments[0]
         if not old.sealed or old.entries == 0:
