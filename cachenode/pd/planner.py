@@ -223,8 +223,9 @@ def _move_off_full_disk(r: _Round, shard: ShardId, reps: list[NodeId]) -> None:
     """A shard whose replica sits on a node below its disk reserve refuses
     writes that add data (server/disk_space.py): move that replica to a
     node with room.  Not the metadata group: its writes are never refused.
-    The node's freed pages stay in its LMDB file, so it counts as full (and
-    takes no replica) until space is freed on it."""
+    The node's freed pages stay in its LMDB file until it restarts (and
+    compacts the file), so it may count as full (and take no replica) until
+    then, or until space is freed on it."""
     if shard == META_GROUP_ID:
         return
     view = r.view

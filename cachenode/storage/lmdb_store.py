@@ -108,14 +108,16 @@ import os
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, ClassVar, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import lmdb
 
+from .._sizes import show_size
 from .base import MAX_KEY_BYTES, Record, StateReader, StateWriter, StorageFault
-from .wal import SEGMENT_BYTES, WalBatch, WriteAheadLog, write_durably
+from .wal import SEGMENT_BYTES, WalBatch, WriteAheadLog, fsync_dir, write_durably
 
 __all__ = [
     "LmdbStorage",
@@ -160,6 +162,11 @@ _TORN = "state.torn"
 MIGRATE_FRAME_BYTES = 64 << 20
 """A legacy journal moves into the write-ahead log in frames of about this size."""
 SYNC_EVERY_S = 30.0
+COMPACT_AT_OPEN_BYTES = 64 << 20
+"""At open, the state's file is copied without its free pages when at least
+this much of it, and at least half of it, is free (see
+:meth:`LmdbStorage._compact_if_mostly_free`)."""
+_COMPACT_SUFFIX = ".compact"
 """How often the state is synced in the background (see LmdbStorage._sync_loop)."""
 
 _APPLIED = b"applied"
@@ -438,6 +445,11 @@ class _Dbs:
         self.logmeta = env.open_db(b"logmeta")
         self.state = (self.data, self.expiry, self.dedup, self.dedupt, self.gmeta)
         self.all = (*self.state, self.log, self.logmeta)
+
+
+def _pages(stat: Any) -> int:
+    """Pages a database takes (``stat`` of the environment or a transaction)."""
+    return int(stat["branch_pages"]) + int(stat["leaf_pages"]) + int(stat["overflow_pages"])
 
 
 def _put_records(
@@ -1248,6 +1260,7 @@ class LmdbStorage:
     ``wal_class`` and ``migrate_frame_bytes``: the write-ahead log's class
     and the frame size of the legacy journal's move into it (tests pass a
     subclass that dies half way, and small frames).
+    ``compact_at_open_bytes``: see :data:`COMPACT_AT_OPEN_BYTES` (0: never).
     Open one ``LmdbStorage`` per path per process."""
 
     def __init__(
@@ -1261,6 +1274,7 @@ class LmdbStorage:
         writemap: bool = True,
         wal_class: type[WriteAheadLog] = WriteAheadLog,
         migrate_frame_bytes: int = MIGRATE_FRAME_BYTES,
+        compact_at_open_bytes: int = COMPACT_AT_OPEN_BYTES,
     ) -> None:
         self.path = os.fspath(path)
         self._migrate_frame_bytes = migrate_frame_bytes
@@ -1274,21 +1288,26 @@ class LmdbStorage:
         try:
             boot = boot_id()
             self._trust_state(boot)
-            self._env = lmdb.open(
-                self.path,
-                map_size=map_size,
-                subdir=True,
-                create=True,
-                sync=False,
-                metasync=False,
-                writemap=writemap,
-                lock=True,
-                max_readers=max_readers,
-                max_dbs=8,
-            )
+
+            def open_env() -> lmdb.Environment:
+                return lmdb.open(
+                    self.path,
+                    map_size=map_size,
+                    subdir=True,
+                    create=True,
+                    sync=False,
+                    metasync=False,
+                    writemap=writemap,
+                    lock=True,
+                    max_readers=max_readers,
+                    max_dbs=8,
+                )
+
+            self._env = open_env()
             self._dbs = _Dbs(self._env)
             self._batch: _LmdbBatch | None = None
             self._migrate_journal()
+            self.compacted_bytes = self._compact_if_mostly_free(compact_at_open_bytes, open_env)
             self._record_boot(boot)
         except lmdb.Error as e:
             self._wal.close()
@@ -1324,6 +1343,57 @@ class LmdbStorage:
             self.rebuilt = True
         if torn:
             os.unlink(os.path.join(self.path, _TORN))
+
+    def _compact_if_mostly_free(self, limit: int, open_env: Callable[[], lmdb.Environment]) -> int:
+        """At open, before the first batch: when at least ``limit`` bytes and
+        half of the state's file are free pages, copy the state without them
+        and put the copy in its place; returns the bytes given back (0: not
+        done).  LMDB reuses the pages that deletes and deleted replicas free,
+        but never gives them back to the filesystem, so a node the placement
+        driver emptied because its disk was below the reserve stayed there;
+        a restart now gives that disk back.
+
+        Crash safety: the copy (one read transaction: the state as last
+        committed) is synced before it replaces the file, and the state's
+        marks (``state.clean``, ``state.boot``) are untouched, so a crash
+        leaves either file, each whole.  A copy that fails (no room for
+        it, say) is deleted and the state opened as it is."""
+        copy = os.path.join(self.path, "data.mdb" + _COMPACT_SUFFIX)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copy)  # a copy a crash cut short
+        if limit <= 0:
+            return 0
+        env = self._env
+        psize = int(env.stat()["psize"])
+        used = 2 + _pages(env.stat())  # the two meta pages, the main database (it names the others)
+        with env.begin() as txn:
+            used += sum(_pages(txn.stat(db)) for db in self._dbs.all)
+        size = (int(env.info()["last_pgno"]) + 1) * psize
+        free = size - used * psize
+        if free < limit or 2 * free < size:
+            return 0
+        started = time.monotonic()
+        try:
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                env.copyfd(fd, compact=True)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (OSError, lmdb.Error) as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy)
+            log.warning("could not compact the state's file in %s (%s free of %s): %s; it is used as it is",
+                        self.path, show_size(free), show_size(size), e)
+            return 0
+        env.close()
+        os.replace(copy, os.path.join(self.path, "data.mdb"))
+        fsync_dir(self.path)
+        self._env = open_env()
+        self._dbs = _Dbs(self._env)
+        log.info("compacted the state's file in %s: %s of free pages given back to the disk, %s kept (%.1f s)",
+                 self.path, show_size(free), show_size(size - free), time.monotonic() - started)
+        return free
 
     def _record_boot(self, boot: str) -> None:
         """From here on the state is written without syncs: drop the clean
