@@ -153,7 +153,8 @@ def test_the_refusal_says_how_much_is_free_and_what_to_do() -> None:
     assert err.message == (
         "node n1 has 20.0 MiB free of 1000.0 MiB on /srv/n1, below its reserve of 64.0 MiB "
         "(--disk-reserve 64.0 MiB), so it takes no writes that add data; nothing was applied. "
-        "Delete keys (deletes are taken, and give their disk back), free disk space on n1 (writes resume "
+        "Delete keys (deletes are taken, and the node compacts its logs to give their space back), free disk "
+        "space on n1 (writes resume "
         "once 67.2 MiB is free), give it a larger disk, or lower --disk-reserve; reads still work")
 
 
@@ -221,29 +222,32 @@ def test_the_peers_are_told_at_the_first_look_and_whenever_the_disk_fills_or_has
     assert len(told) == 3
 
 
-def test_the_node_hears_each_judgement_so_its_groups_compact_while_the_disk_is_short() -> None:
+def test_the_node_hears_every_judgement_with_the_free_space_so_its_groups_compact_while_short() -> None:
     """``on_judged`` (the node passes GroupHost.set_short_of_disk) gets
-    ``full`` at every judgement: measured, faulted, lifted, unreadable."""
+    ``full`` and the free bytes after every look and every fault injected
+    or lifted; an unreadable disk has room, free space unknown (0)."""
     fs = Fs(free_mib=900)
-    judged: list[bool] = []
+    judged: list[tuple[bool, int]] = []
     disk = DiskSpace("/data", DiskReserve(percent=10.0), "n1", statvfs=fs.statvfs, tell=lambda news: None,
-                     on_judged=judged.append)
+                     on_judged=lambda full, free: judged.append((full, free)))
     disk.check()
-    assert judged == [False]
+    disk.check()
+    assert judged == [(False, 900 * MiB)] * 2
     fs.free = 99
     disk.check()
-    assert judged == [False, True]
+    fs.free = 98
+    disk.check()
+    assert judged[-2:] == [(True, 99 * MiB), (True, 98 * MiB)]
     fs.free = 105
     disk.check()
-    assert judged == [False, True, False]
+    assert judged[-1] == (False, 105 * MiB)
     disk.force(True)
+    assert judged[-1] == (True, 105 * MiB)
     disk.force(False)
-    assert judged == [False, True, False, True, False]
-    fs.free = 50
-    disk.check()
+    assert judged[-1] == (False, 105 * MiB)
     fs.fail = OSError(5, "Input/output error")
     disk.check()
-    assert judged[-2:] == [True, False]
+    assert judged[-1] == (False, 0)
 
 
 FULL_N3 = {"disk": {"full": True, "reading": (95 * MiB, 1000 * MiB, 100 * MiB)}}
@@ -263,7 +267,8 @@ def test_a_peer_below_its_reserve_refuses_the_writes_of_the_shards_with_a_replic
     assert isinstance(err, DiskFull) and err.message == (
         "shard 4 has a replica on node n3, which is below its disk reserve (95.0 MiB free of 1000.0 MiB, "
         "reserve 100.0 MiB), so the shard takes no writes that add data; nothing was applied. Delete keys "
-        "(deletes are taken, and give their disk back), free disk space on n3 (writes resume once 105.0 MiB "
+        "(deletes are taken, and the node compacts its logs to give their space back), free disk space on n3 "
+        "(writes resume once 105.0 MiB "
         "is free there), give it a larger disk, lower its --disk-reserve, or move the replica to a node with "
         "room (cachectl operator add move-replica --shard 4 --from n3 --to NODE); reads still work")
     disk.heard("n3", {"disk": {"full": False, "reading": (200 * MiB, 1000 * MiB, 100 * MiB)}})

@@ -948,13 +948,25 @@ def test_a_log_over_its_size_is_compacted_once(tmp_path: Path) -> None:
             assert n.on_driver(lambda n=n: n.g.snapshots_written) == 1, n.id
 
 
-def test_a_node_short_of_disk_compacts_the_logs_that_outweigh_their_state(tmp_path: Path) -> None:
+def _checked_again(n: Node, short: bool) -> None:
+    """Wait until ``n``'s group weighed its log once more, with the log as
+    it is now (a check is repeated every COMPACT_CHECK_S)."""
+    before = n.on_driver(lambda: n.g._compact_check_at)
+    wait_for(lambda: n.on_driver(lambda: n.g._compact_check_at > before
+                                 and n.g._compact_checked == (n.g.journal.bytes, short)),
+             f"{n.id} to weigh its log again")
+
+
+def test_a_node_short_of_disk_compacts_a_log_as_soon_as_that_gives_disk_back(tmp_path: Path) -> None:
     """Short of disk (``GroupHost.set_short_of_disk``), a replica compacts
-    its log as soon as the snapshot would free disk, long before
-    ``log_compaction_bytes``: so deleting keys gives the journal's disk
-    back.  A log no larger than the state stays (its snapshot would take as
-    much again), and with room on the disk nothing changes."""
-    with three_hosts(tmp_path) as ns:  # log_compaction_bytes: 16 MiB
+    its log once the snapshot would give disk back, long before
+    ``log_compaction_bytes`` (16 MiB here): so deleting keys gives the
+    journal's disk back.  Not when the log is no larger than the state (the
+    snapshot would take as much again), not when the disk has no room for
+    the snapshot, not with room on the disk, and once compacted, not again
+    for nothing."""
+    big = 1 << 40
+    with three_hosts(tmp_path) as ns:
         leader = wait_for(lambda: leader_of(ns, IDS), "a leader")
         for n in ns.values():
             n.store_payloads = True
@@ -962,24 +974,34 @@ def test_a_node_short_of_disk_compacts_the_logs_that_outweigh_their_state(tmp_pa
             leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.last_index) >= leader.last_index, f"{n.id} to apply")
-            n.host.set_short_of_disk(True)
-        for n in ns.values():
-            wait_for(lambda n=n: n.on_driver(lambda: n.g._compact_checked == (n.g.journal.bytes, True)),
-                     f"{n.id} to weigh its log against its state")
-            assert n.on_driver(lambda n=n: (n.g.snapshots_written, n.g._snap)) == (0, None), n.id
-            n.host.set_short_of_disk(False)
             n.store_payloads = False
+            n.host.set_short_of_disk(True, big)
+        for n in ns.values():
+            _checked_again(n, True)
+            assert n.on_driver(lambda n=n: (n.g.snapshots_written, n.g._snap)) == (0, None), "log = state: kept"
+            n.host.set_short_of_disk(False, big)
         for i in range(25):  # 2.5 MB more log, and no more state (like overwrites or deletes)
             leader.g.propose(bytes([i]) * 100_000).result(timeout=10)
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.last_index) >= leader.last_index, f"{n.id} to apply")
+            # With room, the log (4.5 MB) is under its bound: not even weighed.
             assert n.on_driver(lambda n=n: (n.g.snapshots_written, n.g._snap)) == (0, None), "room: no compaction"
-            n.host.set_short_of_disk(True)
+            n.host.set_short_of_disk(True, 1 << 20)  # short, and no room for a 2 MB snapshot
+        for n in ns.values():
+            _checked_again(n, True)
+            assert n.on_driver(lambda n=n: (n.g.snapshots_written, n.g._snap)) == (0, None), "no room for it"
+            n.host.set_short_of_disk(True, big)
         for n in ns.values():
             wait_for(lambda n=n: n.on_driver(lambda: n.g.snapshots_written) >= 1, f"{n.id}'s snapshot")
             wait_for(lambda n=n: n.on_driver(lambda: n.g.journal.bytes) < 1 << 20, f"{n.id}'s log to go")
             assert n.on_driver(lambda n=n: n.g.term_at(2)) is None  # compacted away
             assert len(dict(n.storage.reader(GID).items())) == 20
+        for n in ns.values():  # compacted: weighed again and again, and not compacted again
+            wait_for(lambda n=n: n.on_driver(lambda: n.g._snap is None), f"{n.id}'s writer to finish")
+            written = n.on_driver(lambda n=n: n.g.snapshots_written)
+            _checked_again(n, True)
+            _checked_again(n, True)
+            assert n.on_driver(lambda n=n: (n.g.snapshots_written, n.g._snap)) == (written, None), n.id
 
 
 def _cut_off_over_the_bound(ns: dict[str, Node]) -> tuple[Node, Node]:

@@ -123,11 +123,20 @@ SNAPSHOT_COMMIT_WAIT_S = 30.0
 committed (they are, within the host's ``apply_commit_delay_s``)."""
 SHORT_OF_DISK_GAIN_BYTES = 1024 * 1024
 """While the node is below its disk reserve (``GroupHost.short_of_disk``), a
-group compacts its log as soon as that frees disk: once its log and its
-snapshot file together exceed its state by this much and by the state's
-size (the new snapshot, written before the old one and the log's journal
-segments go).  So deleting keys gives disk space back, and the node takes
-writes again, without waiting for ``log_compaction_bytes``."""
+group compacts its log as soon as that gives disk back: once its log and
+its snapshot file together exceed the snapshot it would write by this much
+and by an eighth of that snapshot (so a dump costs at most eight times what
+it frees), and the disk has room for that snapshot plus this much (it is
+written before the old one and the log's journal segments go).  So
+deleting keys gives disk space back, and the node takes writes again,
+without waiting for ``log_compaction_bytes``."""
+COMPACT_CHECK_S = 1.0
+"""A compaction check that said "not yet" is repeated after this long even
+if the log has not changed (the state it weighs is committed a little
+after the entries that change it)."""
+COMPACT_RETRY_S = 10.0
+"""After a snapshot that failed to be written, no compaction for disk space
+is asked for this long (a full disk fails each dump)."""
 
 
 class _SnapshotStarted(Exception):
@@ -982,7 +991,10 @@ class RaftGroup:
         self._snap: tuple[Future[int], int] | None = None
         self._snap_done_at: float | None = None  # when the writer's dump was first seen done
         self._snap_installs = 0  # snapshots loaded; a writer older than one is void
-        self._compact_checked: tuple[int, bool] = (-1, False)  # (log size, short of disk) of the last "not yet"
+        self._compact_checked: tuple[int, bool] = (-1, False)  # (log size, short of disk) at the last check
+        self._compact_check_at = 0.0  # when that check may be repeated with the log unchanged
+        self._compact_after = 0.0  # no compaction for disk space before this (a dump failed)
+        self._snap_ratio = 1.0  # snapshot file bytes per state byte, at the last snapshot written
         self.journal = StorageJournal(
             group_id, host.storage, host.batch, host.durable_batch, memory_bytes=timing.log_memory_bytes
         )
@@ -1200,31 +1212,36 @@ class RaftGroup:
     def _maybe_compact(self, short_of_disk: bool) -> None:
         """Ask pysyncobj for a snapshot when it is due (driver thread, after
         ``doTick``): the log outgrew its bound (``tick`` checks that) and the
-        state; or, ``short_of_disk``, when a snapshot frees disk (see
+        state; or, ``short_of_disk``, when a snapshot gives disk back (see
         SHORT_OF_DISK_GAIN_BYTES).  Not while one is being written: the log
         is still long then, and pysyncobj keeps the request until the next
         tick with no snapshot in progress, so asking again would dump the
-        whole shard a second time right after the first is in.  Once a
-        check says "not yet", the next one waits for the log to change: a
-        shard whose state outweighs its log is not looked up every tick."""
+        whole shard a second time right after the first is in.  A check is
+        repeated once the log changed, or after COMPACT_CHECK_S: a shard
+        whose state outweighs its log is not looked up every tick, and a
+        request pysyncobj does not act on (nothing applied since its last
+        snapshot) is not repeated every tick either."""
         if self._snap is not None:
             return
         size = self.journal.bytes
-        if (size, short_of_disk) == self._compact_checked:
+        now = time.monotonic()
+        if (size, short_of_disk) == self._compact_checked and now < self._compact_check_at:
             return
+        self._compact_checked = (size, short_of_disk)
+        self._compact_check_at = now + COMPACT_CHECK_S
         state = self.host.storage.reader(self.group_id).size_bytes()
-        if short_of_disk:
-            held = size + self._snapshot_bytes()
-            due = held - state > max(SHORT_OF_DISK_GAIN_BYTES, state)
-        else:
-            due = size > state
-        if due:
-            if short_of_disk:
-                log.info("group %s: compacting its log to free disk (log %s B, snapshot and log %s B, state %s B)",
-                         self.group_id, size, held, state)
+        if not short_of_disk:
+            if size > state:
+                self.sync.forceLogCompaction()
+            return
+        if now < self._compact_after:
+            return
+        new = int(state * self._snap_ratio)
+        held = size + self._snapshot_bytes()
+        if held - new > max(SHORT_OF_DISK_GAIN_BYTES, new // 8) and new + SHORT_OF_DISK_GAIN_BYTES <= self.host.disk_free:
+            log.info("group %s: compacting its log to give disk back (log and snapshot %s B, a new snapshot about "
+                     "%s B, %s B free)", self.group_id, held, new, self.host.disk_free)
             self.sync.forceLogCompaction()
-        else:
-            self._compact_checked = (size, short_of_disk)
 
     def _snapshot_bytes(self) -> int:
         try:
@@ -1762,7 +1779,11 @@ class RaftGroup:
                 os.unlink(part)
             if not self.destroyed:
                 log.warning("group %s: snapshot not written (log kept): %s", self.group_id, err)
+            self._compact_after = time.monotonic() + COMPACT_RETRY_S
             return int(SERIALIZER_STATE.FAILED)
+        state = self.host.storage.reader(self.group_id).size_bytes()
+        if state:
+            self._snap_ratio = max(1.0, self._snapshot_bytes() / state)
         self.snapshots_written += 1
         log.info("group %s: snapshot at index %s written", self.group_id, fut.result())
         return int(SERIALIZER_STATE.SUCCESS)

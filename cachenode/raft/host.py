@@ -129,8 +129,11 @@ class GroupHost:
         self.short_of_disk = False
         """True while this node's disk is below its reserve (set by
         :meth:`set_short_of_disk`; read by every group's tick): each group
-        then compacts a log that holds more than its state, so that deletes
-        give back the journal's disk space (see RaftGroup.tick)."""
+        then compacts its log as soon as that gives disk back, so that
+        deletes give back the journal's disk space (see RaftGroup._maybe_compact)."""
+        self.disk_free = 0
+        """Free bytes on the data directory's disk at the last look (0: not
+        known): a group short of disk compacts only if its snapshot fits."""
         self.every(news_period_s, self._say_news)
         self.every(RECLAIM_PERIOD_S, self._reclaim)
 
@@ -189,12 +192,13 @@ class GroupHost:
         self._news_due = True
         self.mux.wake()
 
-    def set_short_of_disk(self, short: bool) -> None:
-        """This node's disk is below its reserve (True) or has room again
-        (the server's ``DiskSpace`` calls it on each change).  Any thread:
-        one attribute, which every group reads at its next tick (within
-        ``tick_interval``, also when idle), and the storage's journal turns
-        thrifty (``Storage.set_short_of_disk``)."""
+    def set_short_of_disk(self, short: bool, free: int = 0) -> None:
+        """This node's disk is below its reserve (True) or has room, with
+        ``free`` bytes free (0: not known); the server's ``DiskSpace`` calls
+        it after every look.  Any thread: two attributes, which every group
+        reads at its next tick (within ``tick_interval``, also when idle),
+        and the storage's journal turns thrifty (``Storage.set_short_of_disk``)."""
+        self.disk_free = free
         self.short_of_disk = short
         self.storage.set_short_of_disk(short)
 

@@ -116,12 +116,14 @@ class DiskSpace:
     def __init__(self, path: str, reserve: DiskReserve, node_id: str,
                  statvfs: Callable[[str], os.statvfs_result] = os.statvfs, interval: float = 0.5,
                  tell: Callable[[dict[str, Any]], None] | None = None,
-                 on_judged: Callable[[bool], None] | None = None) -> None:
+                 on_judged: Callable[[bool, int], None] | None = None) -> None:
         """``tell``: says this node's disk state to its peers (the node
         passes ``GroupHost.tell_peers``; None: they are not told).
-        ``on_judged``: called with :attr:`full` each time it is set (the node
-        passes ``GroupHost.set_short_of_disk``, so that its groups compact
-        their logs while the disk is below the reserve)."""
+        ``on_judged``: called with :attr:`full` and the free bytes (0: not
+        known) after every look and every fault injected or lifted (the node
+        passes ``GroupHost.set_short_of_disk``: its groups compact their logs
+        while the disk is below the reserve, each only while the free space
+        holds its snapshot)."""
         self.path = path
         self.reserve = reserve
         self.node_id = node_id
@@ -161,7 +163,14 @@ class DiskSpace:
         """Look at the filesystem once and update :attr:`full`; returns it.
         Called by :meth:`start` and the ``disk-space`` thread (one at a time)."""
         with self._judging:
-            return self._check()
+            full = self._check()
+            self._judged()
+            return full
+
+    def _judged(self) -> None:
+        if self.on_judged is not None:
+            r = self.last
+            self.on_judged(self.full, r.free if r is not None and not self._unreadable else 0)
 
     def _check(self) -> bool:
         if self._forced:
@@ -208,13 +217,12 @@ class DiskSpace:
                 if not self._check():
                     self._set_full(False, self.last)
                 log.warning("node %s judges its disk as measured again (fault injection ended)", self.node_id)
+            self._judged()
 
     def _set_full(self, full: bool, reading: Reading | None) -> None:
         with self._lock:
             self.full = full
             self.blocked = full or bool(self.full_peers)
-        if self.on_judged is not None:
-            self.on_judged(full)
         if self.tell is not None and self._told is not full:
             self._told = full
             said = None if reading is None else (reading.free, reading.capacity, reading.reserve)
@@ -265,7 +273,7 @@ class DiskSpace:
                 return DiskFull(
                     f"shard {shard} has a replica on node {node}, which is below its disk reserve{_said(reading)}, "
                     f"so the shard takes no writes that add data; nothing was applied. Delete keys (deletes are "
-                    f"taken, and give their disk back), free disk space on {node}{resume}, give it a larger disk, "
+                    f"taken, and the node compacts its logs to give their space back), free disk space on {node}{resume}, give it a larger disk, "
                     f"lower its --disk-reserve, or move the replica to a node with room (cachectl operator add "
                     f"move-replica --shard {shard} --from {node} --to NODE); reads still work"
                 )
@@ -282,7 +290,7 @@ class DiskSpace:
         resume = show_size(resume_at(reading.reserve)) if reading is not None else "its reserve"
         return DiskFull(
             f"{state}, so it takes no writes that add data; nothing was applied. Delete keys (deletes are "
-            f"taken, and give their disk back), free disk space on {self.node_id} (writes resume once {resume} "
+            f"taken, and the node compacts its logs to give their space back), free disk space on {self.node_id} (writes resume once {resume} "
             f"is free), give it a larger disk, or lower --disk-reserve; reads still work"
         )
 

@@ -64,7 +64,8 @@ live bytes plus four segments, a batch copies the oldest segment's live
 entries forward (``REWRITE_BYTES`` per batch at most): replaying the copy
 replaces the original, and the old file can go.  While the node is short of
 disk (:attr:`WriteAheadLog.thrifty`), one sealed segment is enough, and a
-batch with nothing of its own copies too.
+batch with nothing of its own copies too, as long as the copy fits in the
+current segment.
 
 Threads: one writer, the storage's batch owner (the Raft driver thread):
 :meth:`WriteAheadLog.writer`, :meth:`WalBatch.write`, :meth:`sync`,
@@ -99,6 +100,11 @@ SEGMENT_BYTES = 16 << 20
 REWRITE_BYTES = 1 << 20
 """Live entries copied forward out of the oldest segment per batch, at most."""
 REWRITE_EVERY_S = 0.5
+THRIFTY_SLACK_BYTES = 64 * 1024
+"""A thrifty log copies a segment's live entries forward only while they fit,
+with this much to spare (an eighth of a segment if less), in the room
+already allocated to the current segment: starting a new one would take
+disk the node is short of."""
 """How often a batch checks whether the oldest segment should be copied forward."""
 
 _MAGIC = b"CNWAL1\0\0"
@@ -316,7 +322,8 @@ class WriteAheadLog:
         copied forward without waiting for a second sealed segment, also by
         a batch that writes nothing else (the host opens one every second
         then), so that a few live entries of an idle group do not keep 16
-        MiB of disk."""
+        MiB of disk; only while the copy fits in the current segment's
+        allocated room (THRIFTY_SLACK_BYTES)."""
         self._pending: WalBatch | None = None  # written, not yet published
         self._pending_at: tuple[_Segment, int] | None = None
         self._next_rewrite = 0.0
@@ -504,6 +511,10 @@ class WriteAheadLog:
         old = self._segments[0]
         if not old.sealed or old.entries == 0:
             return None
+        if self.thrifty:
+            cur = self._segments[-1]
+            if old.live + min(THRIFTY_SLACK_BYTES, self.segment_bytes // 8) > cur.size - cur.end:
+                return None  # the copy would start a new segment: disk the node is short of
         if old.live > self.segment_bytes // 4:
             total = sum(s.end for s in self._segments)
             live = sum(s.live for s in self._segments)
