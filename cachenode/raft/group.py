@@ -1238,7 +1238,8 @@ class RaftGroup:
             return
         new = int(state * self._snap_ratio)
         held = size + self._snapshot_bytes()
-        if held - new > max(SHORT_OF_DISK_GAIN_BYTES, new // 8) and new + SHORT_OF_DISK_GAIN_BYTES <= self.host.disk_free:
+        gives_back = held - new > max(SHORT_OF_DISK_GAIN_BYTES, new // 8)
+        if gives_back and new + SHORT_OF_DISK_GAIN_BYTES <= self.host.disk_free:
             log.info("group %s: compacting its log to give disk back (log and snapshot %s B, a new snapshot about "
                      "%s B, %s B free)", self.group_id, held, new, self.host.disk_free)
             self.sync.forceLogCompaction()
@@ -1287,12 +1288,11 @@ class RaftGroup:
             self._election_gate()
         if self._role == 2 and len(self._members) == 1:
             self._commit_alone()
-        if self.destroyed:
-            pass
-        elif self.host.short_of_disk:
-            self._maybe_compact(True)
-        elif self.journal.bytes > self._timing.log_compaction_bytes:
-            self._maybe_compact(False)
+        if not self.destroyed:
+            if self.host.short_of_disk:
+                self._maybe_compact(True)
+            elif self.journal.bytes > self._timing.log_compaction_bytes:
+                self._maybe_compact(False)
         if self._ri_wait:
             self._finish_rounds()
 

@@ -273,9 +273,10 @@ class DiskSpace:
                 return DiskFull(
                     f"shard {shard} has a replica on node {node}, which is below its disk reserve{_said(reading)}, "
                     f"so the shard takes no writes that add data; nothing was applied. Delete keys (deletes are "
-                    f"taken, and the node compacts its logs to give their space back), free disk space on {node}{resume}, give it a larger disk, "
-                    f"lower its --disk-reserve, or move the replica to a node with room (cachectl operator add "
-                    f"move-replica --shard {shard} --from {node} --to NODE); reads still work"
+                    f"taken, and the node compacts its logs to give their space back), free disk space on "
+                    f"{node}{resume}, give it a larger disk, lower its --disk-reserve, or move the replica to a "
+                    f"node with room (cachectl operator add move-replica --shard {shard} --from {node} --to NODE); "
+                    f"reads still work"
                 )
         return None
 
@@ -290,8 +291,9 @@ class DiskSpace:
         resume = show_size(resume_at(reading.reserve)) if reading is not None else "its reserve"
         return DiskFull(
             f"{state}, so it takes no writes that add data; nothing was applied. Delete keys (deletes are "
-            f"taken, and the node compacts its logs to give their space back), free disk space on {self.node_id} (writes resume once {resume} "
-            f"is free), give it a larger disk, or lower --disk-reserve; reads still work"
+            f"taken, and the node compacts its logs to give their space back), free disk space on "
+            f"{self.node_id} (writes resume once {resume} is free), give it a larger disk, or lower "
+            f"--disk-reserve; reads still work"
         )
 
     def _state(self, r: Reading | None) -> str:

@@ -162,12 +162,12 @@ _TORN = "state.torn"
 MIGRATE_FRAME_BYTES = 64 << 20
 """A legacy journal moves into the write-ahead log in frames of about this size."""
 SYNC_EVERY_S = 30.0
+"""How often the state is synced in the background (see LmdbStorage._sync_loop)."""
 COMPACT_AT_OPEN_BYTES = 64 << 20
 """At open, the state's file is copied without its free pages when at least
 this much of it, and at least half of it, is free (see
 :meth:`LmdbStorage._compact_if_mostly_free`)."""
 _COMPACT_SUFFIX = ".compact"
-"""How often the state is synced in the background (see LmdbStorage._sync_loop)."""
 
 _APPLIED = b"applied"
 _STATS = b"stats"

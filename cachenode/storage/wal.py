@@ -100,12 +100,12 @@ SEGMENT_BYTES = 16 << 20
 REWRITE_BYTES = 1 << 20
 """Live entries copied forward out of the oldest segment per batch, at most."""
 REWRITE_EVERY_S = 0.5
+"""How often a batch checks whether the oldest segment should be copied forward."""
 THRIFTY_SLACK_BYTES = 64 * 1024
 """A thrifty log copies a segment's live entries forward only while they fit,
 with this much to spare (an eighth of a segment if less), in the room
 already allocated to the current segment: starting a new one would take
 disk the node is short of."""
-"""How often a batch checks whether the oldest segment should be copied forward."""
 
 _MAGIC = b"CNWAL1\0\0"
 _HEADER = struct.Struct(">8sQQB")  # magic, seq, sealed_end, closed cleanly
