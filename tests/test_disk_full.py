@@ -82,6 +82,25 @@ def _refused_raw(stub: object, call: str, req: object) -> grpc.RpcError:
     return info.value
 
 
+def _fill_until_refused(client: CacheClient, prefix: str, disk: Path) -> tuple[dict[bytes, bytes], DiskFull]:
+    """Set 256 KiB values until a leader refuses one: (what was acknowledged, the refusal)."""
+    acked: dict[bytes, bytes] = {}
+    for i in range(2 * DISK_MIB * MiB // VALUE_BYTES):
+        key = f"{prefix}-{i}".encode()
+        try:
+            client.set(key, _value(i))
+        except DiskFull as e:
+            return acked, e
+        acked[key] = _value(i)
+    raise AssertionError(f"{len(acked)} sets of 256 KiB and the disk never filled ({_free(disk)} B free)")
+
+
+def _takes_writes(client: CacheClient, probes: dict[bytes, bytes]) -> bool:
+    with contextlib.suppress(DiskFull):
+        return client.mset(probes) == len(probes)
+    return False
+
+
 def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_again_with_room(small_disk: Path) -> None:
     with local_cluster(small_disk / "c", nodes=3, shards=4, extra=[f"--disk-reserve={RESERVE}"]) as c, \
             CacheClient(c.endpoints.split(","), timeout=10) as client:
@@ -92,17 +111,7 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
         first_answer = c.cache(c.node_ids[0]).Set(first_ask, timeout=10)
         assert first_answer.applied
         # Fill the disk through the smart client until a leader refuses.
-        acked: dict[bytes, bytes] = {}
-        refusal: DiskFull | None = None
-        for i in range(2 * DISK_MIB * MiB // VALUE_BYTES):
-            key = f"fill-{i}".encode()
-            try:
-                client.set(key, _value(i))
-            except DiskFull as e:
-                refusal = e
-                break
-            acked[key] = _value(i)
-        assert refusal is not None, f"{len(acked)} sets of 256 KiB and the disk never filled ({_free(small_disk)} B free)"
+        acked, refusal = _fill_until_refused(client, "fill", small_disk)
         assert acked, "the first write was refused: the disk had no room to begin with"
         # The leader's own disk, or a follower's that told the leader first.
         assert re.search(r"below its reserve of 96\.0 MiB \(--disk-reserve 96\.0 MiB\)"
@@ -170,29 +179,12 @@ def test_a_full_disk_refuses_writes_keeps_acknowledged_ones_and_takes_writes_aga
 
         probes = {k: b"x" for k in per_shard.values()}  # every shard: every leader's judgement
 
-        def takes_writes() -> bool:
-            with contextlib.suppress(DiskFull):
-                return client.mset(probes) == len(probes)
-            return False
-
-        wait_for(takes_writes, timeout=10, what="every leader to take writes again")
+        wait_for(lambda: _takes_writes(client, probes), timeout=10, what="every leader to take writes again")
         assert client.set(first, b"after")
         assert client.mset({b"other": b"x", b"more": b"y"}) == 2
         assert client.incr(b"counter") == 1
         assert client.get(first).value == b"after"
         assert all(pid_alive(p) for p in pids)
-
-
-def _fill_until_refused(client: CacheClient, prefix: str, disk: Path) -> dict[bytes, bytes]:
-    acked: dict[bytes, bytes] = {}
-    for i in range(2 * DISK_MIB * MiB // VALUE_BYTES):
-        key = f"{prefix}-{i}".encode()
-        try:
-            client.set(key, _value(i))
-        except DiskFull:
-            return acked
-        acked[key] = _value(i)
-    raise AssertionError(f"{len(acked)} sets of 256 KiB and the disk never filled ({_free(disk)} B free)")
 
 
 def test_deleting_keys_gives_the_disk_back_and_writes_are_taken_again(small_disk: Path) -> None:
@@ -206,19 +198,14 @@ def test_deleting_keys_gives_the_disk_back_and_writes_are_taken_again(small_disk
     with local_cluster(small_disk / "c", nodes=3, shards=4, extra=[f"--disk-reserve={RESERVE}"]) as c, \
             CacheClient(c.endpoints.split(","), timeout=10) as client:
         pids = [int(n["pid"]) for n in c.info()["nodes"]]
-        acked = _fill_until_refused(client, "fill", small_disk)
+        acked, _ = _fill_until_refused(client, "fill", small_disk)
         assert len(acked) > 4, "the disk had no room to begin with: the test's sizes are wrong"
         kept = dict(list(acked.items())[:4])
         for key in list(acked)[4:]:
             assert client.delete(key)
         probes = {f"probe-{i}".encode(): b"x" for i in range(40)}  # every shard
 
-        def takes_writes() -> bool:
-            with contextlib.suppress(DiskFull):
-                return client.mset(probes) == len(probes)
-            return False
-
-        wait_for(takes_writes, timeout=30, what="writes to be taken again after the deletes")
+        wait_for(lambda: _takes_writes(client, probes), timeout=30, what="writes to be taken again after the deletes")
         got = client.mget(list(kept))
         assert {k: r.value if r else None for k, r in got.items()} == kept
         assert all(pid_alive(p) for p in pids), "a node stopped on the full disk"
@@ -228,7 +215,7 @@ def test_deleting_keys_gives_the_disk_back_and_writes_are_taken_again(small_disk
         # and refuse once the disk is short again, and none stops.  How many
         # depends on where the journal's 16 MiB segments start (the three
         # nodes share this one small disk), so only that some are taken.
-        again = _fill_until_refused(client, "again", small_disk)
+        again, _ = _fill_until_refused(client, "again", small_disk)
         assert again, "no write was taken after the deletes gave the disk back"
         assert all(pid_alive(p) for p in pids)
 

@@ -1364,8 +1364,9 @@ class LmdbStorage:
         if limit <= 0:
             return 0
         env = self._env
-        psize = int(env.stat()["psize"])
-        used = 2 + _pages(env.stat())  # the two meta pages, the main database (it names the others)
+        main = env.stat()
+        psize = int(main["psize"])
+        used = 2 + _pages(main)  # the two meta pages, the main database (it names the others)
         with env.begin() as txn:
             used += sum(_pages(txn.stat(db)) for db in self._dbs.all)
         size = (int(env.info()["last_pgno"]) + 1) * psize
